@@ -1,0 +1,120 @@
+"""Chunk pool: the budget is never exceeded, refcounts decide when memory is returned,
+pre-creation keeps chunks ready, and bad configurations are refused with the fix."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from vllm_vtensor.pool import ChunkPool, VTensorOutOfMemory, parse_bytes
+from vllm_vtensor.vmm.host import HostBackend
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def backend():
+    b = HostBackend()
+    yield b
+    b.close()
+
+
+def test_budget_is_enforced_with_a_clear_error(backend):
+    pool = ChunkPool(backend, 4 * MiB, MiB)
+    chunks = pool.acquire(3)
+    with pytest.raises(VTensorOutOfMemory, match="2 chunk.*1 free.*raise the budget"):
+        pool.acquire(2)  # all or none
+    assert pool.stats().chunks_in_use == 3
+    chunks += pool.acquire(1)
+    assert not pool.can_acquire(1)
+    for c in chunks:
+        pool.release(c)
+    assert pool.can_acquire(4)
+
+
+def test_refcount_keeps_shared_chunks_alive(backend):
+    pool = ChunkPool(backend, 4 * MiB, MiB)
+    (c,) = pool.acquire(1)
+    pool.retain(c)
+    assert pool.stats().shared_bytes == MiB and pool.stats().mapped_bytes == 2 * MiB
+    pool.release(c)
+    assert backend.resident_bytes() == MiB and pool.refcount(c) == 1
+    pool.release(c)
+    assert backend.resident_bytes() == 0 and pool.stats().resident_bytes == 0
+
+
+def test_released_chunks_are_reused_up_to_the_high_watermark(backend):
+    pool = ChunkPool(backend, 8 * MiB, MiB, low_watermark=0, high_watermark=2)
+    chunks = pool.acquire(4)
+    for c in chunks:
+        pool.release(c)
+    s = pool.stats()
+    assert s.chunks_cached == 2 and s.chunks_released == 2 and backend.resident_bytes() == 2 * MiB
+    again = pool.acquire(2)
+    assert set(again) <= set(chunks) and pool.stats().chunks_created == 4
+    for c in again:
+        pool.release(c)
+    pool.close()
+    assert backend.resident_bytes() == 0
+
+
+def test_background_precreation_fills_to_high_watermark(backend):
+    pool = ChunkPool(backend, 16 * MiB, MiB, low_watermark=2, high_watermark=4)
+    deadline = time.monotonic() + 10
+    while pool.stats().chunks_cached < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pool.stats().chunks_cached == 4
+    got = pool.acquire(3)  # served from the cache, then the thread refills
+    while pool.stats().chunks_cached < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    s = pool.stats()
+    assert s.chunks_cached == 4 and s.chunks_in_use == 3 and s.resident_bytes <= s.budget_bytes
+    for c in got:
+        pool.release(c)
+    pool.close()
+    assert backend.resident_bytes() == 0
+
+
+def test_precreation_never_exceeds_the_budget(backend):
+    pool = ChunkPool(backend, 4 * MiB, MiB, low_watermark=3, high_watermark=4)
+    got = []
+    for _ in range(4):
+        got += pool.acquire(1)
+    time.sleep(0.05)
+    assert pool.stats().resident_bytes == 4 * MiB == backend.resident_bytes()
+    with pytest.raises(VTensorOutOfMemory):
+        pool.acquire(1)
+    for c in got:
+        pool.release(c)
+    pool.close()
+
+
+@pytest.mark.parametrize(
+    "budget, chunk, message",
+    [
+        (MiB // 2, MiB, "below one chunk"),
+        (4 * MiB, 1000, "multiple of the cpu granularity"),
+        (4 * MiB, 0, "positive multiple"),
+    ],
+)
+def test_bad_configuration(backend, budget, chunk, message):
+    with pytest.raises(ValueError, match=message):
+        ChunkPool(backend, budget, chunk)
+
+
+def test_bad_watermarks(backend):
+    with pytest.raises(ValueError, match="watermarks"):
+        ChunkPool(backend, 4 * MiB, MiB, low_watermark=3, high_watermark=1)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("1.5GiB", 3 << 29), ("800MB", 800_000_000), ("2M", 2_000_000), ("4096", 4096), (123, 123), ("2 MiB", 2 * MiB)],
+)
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+def test_parse_bytes_rejects_garbage():
+    with pytest.raises(ValueError, match="KiB/MiB/GiB"):
+        parse_bytes("lots")

@@ -1,0 +1,231 @@
+"""Physical chunk pool: a byte budget, refcounts, reuse and pre-creation.
+
+Knows nothing of torch or vLLM.  A chunk id is the backend's handle.  A
+chunk's refcount is the number of virtual places it is mapped at (plus one
+while it is being handed out), so a prefix shared by three requests is one
+chunk with refcount 3.
+
+Invariants (asserted):
+* ``created == in_use + cached``, and ``created <= budget_chunks``;
+* a chunk is in the cache only with refcount 0, and in use only with refcount >= 1.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+
+from .vmm.base import VMMBackend
+
+DEFAULT_CHUNK_BYTES = 2 << 20  # the CUDA VMM granularity on stock drivers
+
+
+class VTensorOutOfMemory(MemoryError):
+    """The pool's physical budget is used up.  Callers preempt or refuse; never crash."""
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    chunk_bytes: int
+    budget_bytes: int
+    chunks_in_use: int
+    chunks_cached: int  # created, unmapped, kept for reuse
+    resident_bytes: int  # physical bytes created (in use + cached)
+    mapped_bytes: int  # virtual bytes backed by a chunk (a shared chunk counts per mapping)
+    shared_bytes: int  # physical bytes mapped at more than one place
+    maps: int
+    unmaps: int
+    chunks_created: int
+    chunks_released: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_bytes(value: int | str) -> int:
+    """``"1.5GiB"``, ``"800MB"``, ``"2M"`` or an int -> bytes."""
+    if isinstance(value, int):
+        return value
+    units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+             "ki": 1 << 10, "kib": 1 << 10, "mi": 1 << 20, "mib": 1 << 20, "gi": 1 << 30, "gib": 1 << 30}
+    text = str(value).strip().lower().replace(" ", "")
+    num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(num):]
+    if not num or unit not in units:
+        raise ValueError(f"cannot read {value!r} as a size: use bytes or a number with KiB/MiB/GiB/KB/MB/GB")
+    return int(float(num) * units[unit])
+
+
+class ChunkPool:
+    """Hands out physical chunks of ``chunk_bytes`` up to ``budget_bytes``.
+
+    ``low_watermark``/``high_watermark`` (in chunks): when fewer than ``low``
+    unmapped chunks are cached, a background thread creates chunks until
+    ``high`` are cached, so creating physical memory (~0.2 ms per 2 MiB on a
+    GPU) stays off the critical path.  Released chunks are cached up to
+    ``high_watermark`` and given back to the system beyond it.
+    """
+
+    def __init__(
+        self,
+        backend: VMMBackend,
+        budget_bytes: int | str,
+        chunk_bytes: int | str = DEFAULT_CHUNK_BYTES,
+        *,
+        low_watermark: int = 0,
+        high_watermark: int = 0,
+    ):
+        budget_bytes, chunk_bytes = parse_bytes(budget_bytes), parse_bytes(chunk_bytes)
+        gran = backend.granularity
+        if chunk_bytes <= 0 or chunk_bytes % gran:
+            raise ValueError(f"chunk size {chunk_bytes} must be a positive multiple of the {backend.device} granularity {gran}")
+        if budget_bytes < chunk_bytes:
+            raise ValueError(f"budget {budget_bytes} bytes is below one chunk ({chunk_bytes} bytes): raise the budget")
+        if not 0 <= low_watermark <= high_watermark:
+            raise ValueError(f"watermarks must satisfy 0 <= low ({low_watermark}) <= high ({high_watermark})")
+        self.backend = backend
+        self.chunk_bytes = chunk_bytes
+        self.budget_chunks = budget_bytes // chunk_bytes
+        self.low, self.high = low_watermark, min(high_watermark, self.budget_chunks)
+        self._ref: dict[int, int] = {}  # chunk -> refcount (in use)
+        self._cache: list[int] = []  # refcount-0 chunks kept for reuse
+        self._pending = 0  # chunks the background thread is creating right now
+        self._maps = self._unmaps = self._created = self._released = 0
+        self._lock = threading.Condition()
+        self._closed = False
+        self._thread = None
+        if self.high > 0:
+            self._thread = threading.Thread(target=self._refill_loop, name="vtensor-chunk-precreate", daemon=True)
+            self._thread.start()
+
+    # -- accounting ----------------------------------------------------
+    @property
+    def device(self) -> str:
+        return self.backend.device
+
+    def _created_now(self) -> int:
+        return len(self._ref) + len(self._cache) + self._pending
+
+    def num_free_chunks(self) -> int:
+        """Chunks that :meth:`acquire` can still hand out (cached or creatable)."""
+        with self._lock:
+            return self.budget_chunks - len(self._ref)
+
+    def can_acquire(self, n: int) -> bool:
+        return n <= self.num_free_chunks()
+
+    def acquire(self, n: int = 1) -> list[int]:
+        """``n`` chunks with refcount 1 each, all or none."""
+        with self._lock:
+            free = self.budget_chunks - len(self._ref)
+            if n > free:
+                raise VTensorOutOfMemory(
+                    f"vTensor pool exhausted: {n} chunk(s) of {self.chunk_bytes} bytes wanted, {free} free of a "
+                    f"{self.budget_chunks * self.chunk_bytes}-byte budget; free requests or raise the budget"
+                )
+            while len(self._cache) < n and len(self._ref) + self._pending + n > self.budget_chunks:
+                self._lock.wait()  # the refill thread is creating the last chunks of the budget
+            take = min(n, len(self._cache))
+            chunks = [self._cache.pop() for _ in range(take)]
+            need = n - take
+            self._pending += need
+        try:
+            chunks += [self.backend.create_chunk(self.chunk_bytes) for _ in range(need)]
+        except BaseException:
+            with self._lock:
+                self._pending -= need
+                self._cache.extend(chunks)
+                self._lock.notify_all()
+            raise
+        with self._lock:
+            self._pending -= need
+            self._created += need
+            for c in chunks:
+                assert c not in self._ref
+                self._ref[c] = 1
+            self._lock.notify_all()  # wakes the refill thread if the cache fell below low
+        return chunks
+
+    def retain(self, chunk: int) -> None:
+        with self._lock:
+            assert self._ref[chunk] >= 1, "retain of a chunk that is not in use"
+            self._ref[chunk] += 1
+
+    def release(self, chunk: int) -> None:
+        with self._lock:
+            left = self._ref[chunk] - 1
+            if left:
+                self._ref[chunk] = left
+                return
+            del self._ref[chunk]
+            if len(self._cache) < self.high and not self._closed:
+                self._cache.append(chunk)
+                return
+            self._released += 1
+        self.backend.release_chunk(chunk)
+
+    def refcount(self, chunk: int) -> int:
+        with self._lock:
+            return self._ref.get(chunk, 0)
+
+    def note_maps(self, maps: int = 0, unmaps: int = 0) -> None:
+        with self._lock:
+            self._maps += maps
+            self._unmaps += unmaps
+
+    def stats(self) -> PoolStats:
+        with self._lock:
+            refs = self._ref.values()
+            created = len(self._ref) + len(self._cache)
+            return PoolStats(
+                chunk_bytes=self.chunk_bytes,
+                budget_bytes=self.budget_chunks * self.chunk_bytes,
+                chunks_in_use=len(self._ref),
+                chunks_cached=len(self._cache),
+                resident_bytes=created * self.chunk_bytes,
+                mapped_bytes=sum(refs) * self.chunk_bytes,
+                shared_bytes=sum(1 for r in refs if r > 1) * self.chunk_bytes,
+                maps=self._maps,
+                unmaps=self._unmaps,
+                chunks_created=self._created,
+                chunks_released=self._released,
+            )
+
+    # -- cache management ----------------------------------------------
+    def trim(self) -> None:
+        """Give every cached (unmapped) chunk back to the system."""
+        with self._lock:
+            chunks, self._cache = self._cache, []
+            self._released += len(chunks)
+        for c in chunks:
+            self.backend.release_chunk(c)
+
+    def _refill_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and (len(self._cache) >= self.low or self._created_now() >= self.budget_chunks):
+                    self._lock.wait()
+                if self._closed:
+                    return
+                want = min(self.high - len(self._cache), self.budget_chunks - self._created_now())
+                self._pending += want
+            made = []
+            try:
+                for _ in range(want):
+                    made.append(self.backend.create_chunk(self.chunk_bytes))
+            finally:
+                with self._lock:
+                    self._pending -= want
+                    self._created += len(made)
+                    self._cache.extend(made)
+                    self._lock.notify_all()
+            if len(made) < want:
+                return  # creation failed (device memory taken by others): stop pre-creating
+
+    def close(self) -> None:
+        """Stop the refill thread and give cached chunks back (chunks in use stay valid)."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        self.trim()

@@ -1,0 +1,21 @@
+"""Virtual-memory backends: one interface, a host (memfd) and a CUDA (VMM) implementation."""
+from __future__ import annotations
+
+from .base import VirtualRange, VMMBackend, VMMError
+
+
+def make_backend(device: str = "cpu") -> VMMBackend:
+    """The backend for ``device`` (``"cpu"``, ``"cuda"`` or ``"cuda:N"``)."""
+    if device == "cpu":
+        from .host import HostBackend
+
+        return HostBackend()
+    if device.startswith("cuda"):
+        from .cuda import CudaBackend
+
+        index = int(device.split(":")[1]) if ":" in device else 0
+        return CudaBackend(index)
+    raise ValueError(f"unsupported device {device!r}: use 'cpu' or 'cuda[:N]'")
+
+
+__all__ = ["VirtualRange", "VMMBackend", "VMMError", "make_backend"]

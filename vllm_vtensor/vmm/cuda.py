@@ -1,0 +1,203 @@
+"""CUDA backend: the driver's virtual memory management through ``cuda-python``.
+
+* ``cuMemAddressReserve`` reserves a range; ``cuMemCreate`` makes a physical
+  chunk; ``cuMemMap`` + ``cuMemSetAccess`` put it in a range; ``cuMemUnmap`` and
+  ``cuMemRelease`` undo that.
+* One **zero chunk** (a granule of zeros) is mapped read-only over every
+  granule of a range that holds no real chunk, so every address of a live
+  reservation is readable: padded kernel reads are safe and addresses captured
+  by CUDA graphs stay valid.
+* Unmapping is preceded by :meth:`synchronize` (the caller batches it), since a
+  kernel may still be reading the chunk.
+"""
+from __future__ import annotations
+
+import threading
+
+from .base import VirtualRange, VMMBackend, VMMError
+
+try:  # cuda-python >= 12.6 names the module cuda.bindings.driver
+    from cuda.bindings import driver as cu
+except ImportError:  # pragma: no cover - older cuda-python
+    try:
+        from cuda import cuda as cu  # type: ignore[no-redef]
+    except ImportError:
+        cu = None
+
+
+def _ok(result, what: str):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if err != cu.CUresult.CUDA_SUCCESS:
+        _, name = cu.cuGetErrorName(err)
+        hint = " (GPU memory exhausted: lower the vTensor budget)" if err == cu.CUresult.CUDA_ERROR_OUT_OF_MEMORY else ""
+        raise VMMError(f"{what} failed: {name.decode() if isinstance(name, bytes) else name}{hint}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+class _CudaArray:
+    """Minimal ``__cuda_array_interface__`` so torch can view a raw device pointer."""
+
+    def __init__(self, ptr: int, nbytes: int):
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3}
+
+
+class CudaBackend(VMMBackend):
+    def __init__(self, device_index: int = 0):
+        if cu is None:
+            raise VMMError("the CUDA VMM backend needs cuda-python: pip install 'vllm-vtensor[cuda]'")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise VMMError("the CUDA VMM backend needs a CUDA GPU; use the host backend on CPU")
+        self.index = device_index
+        self.device = f"cuda:{device_index}"
+        torch.cuda.init()
+        torch.empty(1, device=self.device)  # make torch create and bind the primary context
+        _ok(cu.cuInit(0), "cuInit")
+        dev = _ok(cu.cuDeviceGet(device_index), "cuDeviceGet")
+        self._ctx = _ok(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+        self._tls = threading.local()
+        self._bind()
+
+        prop = cu.CUmemAllocationProp()
+        prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        prop.location.id = device_index
+        self._prop = prop
+        self._gran = _ok(
+            cu.cuMemGetAllocationGranularity(prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM),
+            "cuMemGetAllocationGranularity",
+        )
+        self._rw, self._ro = cu.CUmemAccessDesc(), cu.CUmemAccessDesc()
+        for desc, flag in ((self._rw, "PROT_READWRITE"), (self._ro, "PROT_READ")):
+            desc.location.type = prop.location.type
+            desc.location.id = device_index
+            desc.flags = getattr(cu.CUmemAccess_flags, f"CU_MEM_ACCESS_FLAGS_{flag}")
+        self._sizes: dict[int, int] = {}  # handle key -> bytes
+        self._handles: dict[int, object] = {}  # handle key -> CUmemGenericAllocationHandle
+        self._lock = threading.Lock()
+        self._zero = self._create(self._gran)
+        scratch = _ok(cu.cuMemAddressReserve(self._gran, 0, 0, 0), "cuMemAddressReserve")
+        self._map_raw(int(scratch), self._gran, self._zero, self._rw)
+        _ok(cu.cuMemsetD8(scratch, 0, self._gran), "cuMemsetD8(zero chunk)")
+        self.synchronize()
+        _ok(cu.cuMemUnmap(scratch, self._gran), "cuMemUnmap")
+        _ok(cu.cuMemAddressFree(scratch, self._gran), "cuMemAddressFree")
+        self._free_ranges: dict[int, list[VirtualRange]] = {}
+        self._ranges: list[VirtualRange] = []
+
+    def _bind(self) -> None:
+        # Driver calls from another thread (the pool's pre-creation thread) need the context current.
+        if not getattr(self._tls, "bound", False):
+            _ok(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+            self._tls.bound = True
+
+    @property
+    def granularity(self) -> int:
+        return int(self._gran)
+
+    def _create(self, size: int) -> int:
+        handle = _ok(cu.cuMemCreate(size, self._prop, 0), f"cuMemCreate({size} bytes)")
+        key = int(handle)
+        with self._lock:
+            self._sizes[key] = size
+            self._handles[key] = handle
+        return key
+
+    def _map_raw(self, addr: int, size: int, key: int, access) -> None:
+        handle = self._handles[key]
+        _ok(cu.cuMemMap(addr, size, 0, handle, 0), "cuMemMap")
+        _ok(cu.cuMemSetAccess(addr, size, [access], 1), "cuMemSetAccess")
+
+    def _map_zero(self, addr: int, size: int) -> None:
+        g = self._gran
+        for off in range(0, size, g):
+            self._map_raw(addr + off, g, self._zero, self._ro)
+
+    # -- virtual ranges -------------------------------------------------
+    def reserve(self, size: int) -> VirtualRange:
+        if size <= 0 or size % self._gran:
+            raise ValueError(f"reserve size {size} must be a positive multiple of the CUDA granularity {self._gran}")
+        self._bind()
+        with self._lock:
+            cached = self._free_ranges.get(size)
+            if cached:
+                return cached.pop()
+        addr = int(_ok(cu.cuMemAddressReserve(size, self._gran, 0, 0), f"cuMemAddressReserve({size})"))
+        self._map_zero(addr, size)
+        vr = VirtualRange(addr, size)
+        with self._lock:
+            self._ranges.append(vr)
+        return vr
+
+    def free_range(self, vr: VirtualRange) -> None:
+        # Kept reserved and zero-mapped for reuse: stale views and captured graphs never fault.
+        with self._lock:
+            self._free_ranges.setdefault(vr.size, []).append(vr)
+
+    # -- physical chunks ------------------------------------------------
+    def create_chunk(self, size: int) -> int:
+        if size % self._gran:
+            raise ValueError(f"chunk size {size} is not a multiple of the CUDA granularity {self._gran}")
+        self._bind()
+        return self._create(size)
+
+    def release_chunk(self, handle: int) -> None:
+        self._bind()
+        with self._lock:
+            h = self._handles.pop(handle)
+            self._sizes.pop(handle)
+        _ok(cu.cuMemRelease(h), "cuMemRelease")
+
+    def copy_chunk(self, dst: int, src: int, size: int) -> None:
+        self._bind()
+        scratch = int(_ok(cu.cuMemAddressReserve(2 * size, self._gran, 0, 0), "cuMemAddressReserve"))
+        try:
+            self._map_raw(scratch, size, src, self._rw)
+            self._map_raw(scratch + size, size, dst, self._rw)
+            _ok(cu.cuMemcpyDtoD(scratch + size, scratch, size), "cuMemcpyDtoD")
+            self.synchronize()
+            _ok(cu.cuMemUnmap(scratch, 2 * size), "cuMemUnmap")
+        finally:
+            _ok(cu.cuMemAddressFree(scratch, 2 * size), "cuMemAddressFree")
+
+    # -- mapping -------------------------------------------------------
+    def map(self, vr: VirtualRange, offset: int, handle: int, size: int) -> None:
+        self._bind()
+        addr = vr.addr + offset
+        _ok(cu.cuMemUnmap(addr, size), "cuMemUnmap(zero chunk)")
+        self._map_raw(addr, size, handle, self._rw)
+
+    def unmap(self, vr: VirtualRange, offset: int, size: int) -> None:
+        self._bind()
+        addr = vr.addr + offset
+        _ok(cu.cuMemUnmap(addr, size), "cuMemUnmap")
+        self._map_zero(addr, size)
+
+    # -- access --------------------------------------------------------
+    def as_tensor(self, addr: int, nbytes: int):
+        import torch
+
+        return torch.as_tensor(_CudaArray(addr, nbytes), device=self.device)
+
+    def synchronize(self) -> None:
+        self._bind()
+        _ok(cu.cuCtxSynchronize(), "cuCtxSynchronize")
+
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return sum(self._sizes.values()) - self._gran  # the zero chunk is fixed overhead
+
+    def close(self) -> None:
+        self._bind()
+        self.synchronize()
+        with self._lock:
+            for vr in self._ranges:
+                cu.cuMemUnmap(vr.addr, vr.size)
+                cu.cuMemAddressFree(vr.addr, vr.size)
+            self._ranges.clear()
+            self._free_ranges.clear()
+            for h in self._handles.values():
+                cu.cuMemRelease(h)
+            self._handles.clear()
+            self._sizes.clear()
