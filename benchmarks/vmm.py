@@ -1,0 +1,158 @@
+"""VMM micro-benchmark: per-chunk map / unmap / share latency, and growth cost vs copy-on-grow.
+
+    python benchmarks/vmm.py                    # host (memfd) backend
+    python benchmarks/vmm.py --device cuda      # CUDA VMM backend on a GPU machine
+
+Prints a table and writes JSON (default ``benchmarks/results/vmm-<device>.json``).
+The claim under test: growing a VTensor by N chunks costs the same whatever its
+current size, while growing a plain tensor (allocate a bigger one, copy) costs
+time linear in the current size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vllm_vtensor.pool import ChunkPool  # noqa: E402
+from vllm_vtensor.vmm import make_backend  # noqa: E402
+from vllm_vtensor.vtensor import VTensor  # noqa: E402
+
+MiB = 1 << 20
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def per_chunk_latency(backend, chunk: int, reps: int) -> dict:
+    vr = backend.reserve(reps * chunk)
+    handles = [backend.create_chunk(chunk) for _ in range(reps)]
+    maps, unmaps = [], []
+    for i, h in enumerate(handles):
+        t = time.perf_counter()
+        backend.map(vr, i * chunk, h, chunk)
+        maps.append(time.perf_counter() - t)
+    for i in range(reps):
+        t = time.perf_counter()
+        backend.unmap(vr, i * chunk, chunk)
+        unmaps.append(time.perf_counter() - t)
+    for h in handles:
+        backend.release_chunk(h)
+    backend.free_range(vr)
+    return {"map": maps, "unmap": unmaps}
+
+
+def share_latency(pool: ChunkPool, reps: int) -> list[float]:
+    src = VTensor(pool, pool.chunk_bytes)
+    src.grow(pool.chunk_bytes)
+    out = []
+    for _ in range(reps):
+        dst = VTensor(pool, pool.chunk_bytes)
+        t = time.perf_counter()
+        dst.share_prefix(src, pool.chunk_bytes)
+        out.append(time.perf_counter() - t)
+        dst.free()
+    src.free()
+    return out
+
+
+def grow_vs_copy(pool: ChunkPool, device: str, sizes_mib: list[int], grow_chunks: int, reps: int) -> list[dict]:
+    chunk = pool.chunk_bytes
+    delta = grow_chunks * chunk
+    rows = []
+    for size_mib in sizes_mib:
+        base = size_mib * MiB
+        vt = VTensor(pool, base + delta)
+        vt.grow(base)
+        vt.view()[:base].fill_(1)
+        v_times, c_times = [], []
+        for _ in range(reps):
+            _sync(device)
+            t = time.perf_counter()
+            vt.grow(base + delta)
+            vt.view()[base : base + delta].fill_(2)  # touch the new memory, as a KV write would
+            _sync(device)
+            v_times.append(time.perf_counter() - t)
+            vt.shrink(base)  # chunks return to the pool's cache
+
+            old = torch.ones(base, dtype=torch.uint8, device=device)
+            _sync(device)
+            t = time.perf_counter()
+            new = torch.empty(base + delta, dtype=torch.uint8, device=device)
+            new[:base].copy_(old)
+            new[base:].fill_(2)
+            _sync(device)
+            c_times.append(time.perf_counter() - t)
+            del old, new
+        vt.free()
+        rows.append({
+            "current_mib": size_mib,
+            "grow_mib": delta // MiB,
+            "vtensor_ms": statistics.median(v_times) * 1e3,
+            "copy_on_grow_ms": statistics.median(c_times) * 1e3,
+        })
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--chunk-mib", type=int, default=2)
+    p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--sizes-mib", default="16,64,256,1024")
+    p.add_argument("--grow-chunks", type=int, default=8)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    backend = make_backend(args.device)
+    chunk = args.chunk_mib * MiB
+    sizes = [int(s) for s in args.sizes_mib.split(",")]
+    lat = per_chunk_latency(backend, chunk, args.reps)
+    budget = max(sizes) * MiB + (args.grow_chunks + 4) * chunk
+    pool = ChunkPool(backend, budget, chunk, high_watermark=args.grow_chunks)
+    lat["share"] = share_latency(pool, args.reps)
+    grow = grow_vs_copy(pool, args.device, sizes, args.grow_chunks, reps=5)
+    pool.close()
+    backend.close()
+
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    print(f"\nVMM latency per {args.chunk_mib} MiB chunk on {args.device} ({device_name}), {args.reps} reps")
+    print(f"{'op':<8}{'median us':>12}{'p99 us':>12}")
+    summary = {}
+    for op, xs in lat.items():
+        summary[op] = {"median_us": statistics.median(xs) * 1e6, "p99_us": pct(xs, 0.99) * 1e6}
+        print(f"{op:<8}{summary[op]['median_us']:>12.1f}{summary[op]['p99_us']:>12.1f}")
+    print(f"\nGrowing by {args.grow_chunks} chunks ({args.grow_chunks * args.chunk_mib} MiB), median of 5")
+    print(f"{'current MiB':>12}{'vtensor ms':>12}{'copy-on-grow ms':>17}{'speedup':>9}")
+    for r in grow:
+        r["speedup"] = r["copy_on_grow_ms"] / r["vtensor_ms"]
+        print(f"{r['current_mib']:>12}{r['vtensor_ms']:>12.2f}{r['copy_on_grow_ms']:>17.2f}{r['speedup']:>8.1f}x")
+
+    out = Path(args.out or Path(__file__).parent / "results" / f"vmm-{args.device.replace(':', '')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "command": "python benchmarks/vmm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": args.device, "device_name": device_name, "chunk_bytes": chunk,
+        "latency": summary, "grow": grow, "torch": torch.__version__,
+    }, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
