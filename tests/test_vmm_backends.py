@@ -134,3 +134,17 @@ def test_unknown_device_is_refused():
 def test_cuda_backend_without_gpu_names_the_fix():
     with pytest.raises(VMMError, match="needs"):
         make_backend("cuda")
+
+
+def test_zero_chunk(backend):
+    g = backend.granularity
+    vr = backend.reserve(g)
+    h = backend.create_chunk(g)
+    backend.map(vr, 0, h, g)
+    view = backend.as_tensor(vr.addr, g)
+    view.fill_(3)
+    backend.synchronize()
+    backend.zero_chunk(h, g)
+    assert int(view.count_nonzero()) == 0
+    view[:4] = 1  # still mapped and writable afterwards
+    assert int(view.sum()) == 4

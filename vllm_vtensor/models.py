@@ -6,7 +6,7 @@ transformers into a Hugging Face bf16 safetensors folder (weights, config,
 tokenizer, chat template) and caches it.  ``tiny-llama`` writes a small
 random-weight llama with SmolLM2's tokenizer for fast tests.
 
-The cache lives in ``$VLLM_VTENSOR_CACHE`` (default ``~/.cache/vllm-vtensor``).
+The cache lives in ``$VTENSOR_CACHE`` (default ``~/.cache/vllm-vtensor``).
 Every folder is verified before it is handed out; a missing or damaged one
 raises :class:`ModelCacheError` naming the command that rebuilds it.
 """
@@ -34,7 +34,7 @@ class ModelCacheError(RuntimeError):
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    path = Path(override or os.environ.get("VLLM_VTENSOR_CACHE") or Path.home() / ".cache" / "vllm-vtensor")
+    path = Path(override or os.environ.get("VTENSOR_CACHE") or Path.home() / ".cache" / "vllm-vtensor")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -196,7 +196,7 @@ def build_tiny_llama(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vllm_vtensor.models", description=__doc__.split("\n\n")[0])
-    p.add_argument("--cache-dir", default=None, help="cache folder (default $VLLM_VTENSOR_CACHE or ~/.cache/vllm-vtensor)")
+    p.add_argument("--cache-dir", default=None, help="cache folder (default $VTENSOR_CACHE or ~/.cache/vllm-vtensor)")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("smollm2", help="fetch + convert SmolLM2-135M-Instruct; print its folder")
     s.add_argument("--force", action="store_true", help="rebuild even if cached")

@@ -20,4 +20,8 @@ def register() -> None:
     if _registered:
         return
     _registered = True
+    from . import patches, stats
+
+    stats.ensure_stats_path()
+    patches.apply_all()
     logger.info("vllm-vtensor plugin registered in pid %d (%s)", os.getpid(), multiprocessing.current_process().name)

@@ -60,6 +60,10 @@ class VMMBackend(abc.ABC):
     def copy_chunk(self, dst: int, src: int, size: int) -> None:
         """Copy the contents of chunk ``src`` into chunk ``dst``."""
 
+    @abc.abstractmethod
+    def zero_chunk(self, handle: int, size: int) -> None:
+        """Fill chunk ``handle`` with zeros."""
+
     # -- mapping -------------------------------------------------------
     @abc.abstractmethod
     def map(self, vr: VirtualRange, offset: int, handle: int, size: int) -> None:

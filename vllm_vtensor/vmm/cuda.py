@@ -149,17 +149,26 @@ class CudaBackend(VMMBackend):
             self._sizes.pop(handle)
         _ok(cu.cuMemRelease(h), "cuMemRelease")
 
+    def _with_scratch(self, handles: list[int], size: int, op) -> None:
+        """Map ``handles`` side by side at a scratch range, run ``op(addr)``, unmap."""
+        total = size * len(handles)
+        scratch = int(_ok(cu.cuMemAddressReserve(total, self._gran, 0, 0), "cuMemAddressReserve"))
+        try:
+            for i, h in enumerate(handles):
+                self._map_raw(scratch + i * size, size, h, self._rw)
+            op(scratch)
+            self.synchronize()
+            _ok(cu.cuMemUnmap(scratch, total), "cuMemUnmap")
+        finally:
+            _ok(cu.cuMemAddressFree(scratch, total), "cuMemAddressFree")
+
     def copy_chunk(self, dst: int, src: int, size: int) -> None:
         self._bind()
-        scratch = int(_ok(cu.cuMemAddressReserve(2 * size, self._gran, 0, 0), "cuMemAddressReserve"))
-        try:
-            self._map_raw(scratch, size, src, self._rw)
-            self._map_raw(scratch + size, size, dst, self._rw)
-            _ok(cu.cuMemcpyDtoD(scratch + size, scratch, size), "cuMemcpyDtoD")
-            self.synchronize()
-            _ok(cu.cuMemUnmap(scratch, 2 * size), "cuMemUnmap")
-        finally:
-            _ok(cu.cuMemAddressFree(scratch, 2 * size), "cuMemAddressFree")
+        self._with_scratch([src, dst], size, lambda a: _ok(cu.cuMemcpyDtoD(a + size, a, size), "cuMemcpyDtoD"))
+
+    def zero_chunk(self, handle: int, size: int) -> None:
+        self._bind()
+        self._with_scratch([handle], size, lambda a: _ok(cu.cuMemsetD8(a, 0, size), "cuMemsetD8"))
 
     # -- mapping -------------------------------------------------------
     def map(self, vr: VirtualRange, offset: int, handle: int, size: int) -> None:

@@ -125,6 +125,12 @@ class HostBackend(VMMBackend):
         data = os.pread(self._fd, size, src * self._slot_size)
         os.pwrite(self._fd, data, dst * self._slot_size)
 
+    def zero_chunk(self, handle: int, size: int) -> None:
+        # Punching the hole drops the pages; allocating again gives zeroed ones, no writes needed.
+        off = handle * self._slot_size
+        _check(self._libc.fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, size), "fallocate(punch hole)")
+        _check(self._libc.fallocate(self._fd, 0, off, size), "fallocate(zero chunk)")
+
     # -- mapping -------------------------------------------------------
     def map(self, vr: VirtualRange, offset: int, handle: int, size: int) -> None:
         flags = MAP_SHARED | MAP_FIXED | (MAP_POPULATE if self._populate else 0)

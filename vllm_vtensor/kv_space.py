@@ -1,0 +1,232 @@
+"""KVSpace: every request's KV cache as one contiguous virtual range.
+
+vLLM's scheduler keeps deciding *physical* blocks (its unmodified block pool:
+admission, prefix caching, preemption, all its accounting).  A physical block
+here is one chunk holding that block's pages of *all* layers.  The worker
+never shows physical ids to the model: each running request owns a *slot* of
+``blocks_per_slot`` virtual blocks, and its j-th physical block is mapped at
+virtual block ``slot * blocks_per_slot + j``.  So a request's whole KV cache,
+all layers, is one contiguous virtual range, and a prefix shared with another
+request is the same physical chunk mapped into both ranges.
+
+Virtual layout (bytes)::
+
+    [slot 0: block 0 [layer 0 page][layer 1 page]...][block 1 ...]...][slot 1 ...]
+
+Layer ``l``'s KV tensor is a strided view: virtual block ``v`` of layer ``l``
+starts at ``v * chunk_bytes + l * page_bytes``.
+
+Refcounts (in the :class:`ChunkPool`): a physical block's chunk holds one
+reference while the block has content worth keeping (it is live, or a full
+block that vLLM's prefix cache may hand out again), plus one per virtual
+mapping.  Pure bookkeeping: no torch or vLLM imports here beyond the backend.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .pool import ChunkPool
+from .vmm.base import VMMBackend
+
+
+class KVSpaceError(RuntimeError):
+    """The worker's view of blocks disagrees with the scheduler's (a bug), or a limit was hit."""
+
+
+@dataclass
+class _RequestKV:
+    slot: int
+    blocks: list[int] = field(default_factory=list)  # physical block ids, in order
+    chunks: list[int] = field(default_factory=list)  # the chunk mapped at each virtual block
+    num_tokens: int = 0  # tokens with KV written (computed + scheduled)
+
+
+@dataclass(frozen=True)
+class KVSpaceStats:
+    chunk_bytes: int
+    budget_bytes: int
+    resident_bytes: int  # physical memory held (live + kept for the prefix cache)
+    mapped_bytes: int  # virtual bytes backed by a chunk, summed over requests
+    shared_bytes: int  # physical bytes mapped into more than one request
+    cached_bytes: int  # physical bytes held only for vLLM's prefix cache
+    prefix_hit_bytes: int  # bytes of cached prefix mapped into new requests (total, never copied)
+    copied_bytes: int  # bytes copied by copy-on-write of partial prefix hits (total)
+    maps: int
+    unmaps: int
+    running_requests: int
+    preemptions: int
+
+
+class KVSpace:
+    def __init__(
+        self,
+        backend: VMMBackend,
+        *,
+        num_blocks: int,
+        num_slots: int,
+        blocks_per_slot: int,
+        block_bytes: int,
+        block_size: int,
+        keep_full_blocks: bool,
+    ):
+        if min(num_blocks, num_slots, blocks_per_slot, block_bytes, block_size) <= 0:
+            raise ValueError("KVSpace sizes must be positive")
+        gran = backend.granularity
+        self.backend = backend
+        self.chunk_bytes = math.ceil(block_bytes / gran) * gran  # a block of all layers, padded to the granularity
+        self.block_size = block_size
+        self.num_slots = num_slots
+        self.blocks_per_slot = blocks_per_slot
+        self.keep_full_blocks = keep_full_blocks
+        self.pool = ChunkPool(backend, num_blocks * self.chunk_bytes, self.chunk_bytes)
+        self.range = backend.reserve(num_slots * blocks_per_slot * self.chunk_bytes)
+        self._phys: dict[int, int] = {}  # physical block -> chunk, for blocks with content worth keeping
+        self._free_slots = list(range(num_slots - 1, -1, -1))
+        self._reqs: dict[str, _RequestKV] = {}
+        self._prefix_hit_bytes = self._copied_bytes = self._preemptions = 0
+
+    # -- the virtual address space -------------------------------------
+    def as_tensor(self):
+        """The whole reservation as ``uint8`` (unmapped parts read as zeros)."""
+        return self.backend.as_tensor(self.range.addr, self.range.size)
+
+    def virtual_block(self, slot: int, j: int) -> int:
+        return slot * self.blocks_per_slot + j
+
+    @property
+    def num_virtual_blocks(self) -> int:
+        return self.num_slots * self.blocks_per_slot
+
+    def slot_of(self, req_id: str) -> int:
+        return self._reqs[req_id].slot
+
+    def request_range(self, req_id: str) -> tuple[int, int]:
+        """``(address, mapped bytes)`` of a request's contiguous KV range."""
+        r = self._reqs[req_id]
+        return self.range.addr + r.slot * self.blocks_per_slot * self.chunk_bytes, len(r.chunks) * self.chunk_bytes
+
+    # -- physical blocks -----------------------------------------------
+    def _chunk(self, block: int) -> int:
+        chunk = self._phys.get(block)
+        if chunk is None:
+            (chunk,) = self.pool.acquire(1)  # the "content" reference
+            self._phys[block] = chunk
+        return chunk
+
+    def _drop(self, block: int) -> None:
+        chunk = self._phys.pop(block, None)
+        if chunk is not None:
+            self.pool.release(chunk)
+
+    def zero_blocks(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.backend.zero_chunk(self._chunk(b), self.chunk_bytes)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """``(src, dst)`` physical block copies (vLLM's copy-on-write of a partial prefix hit)."""
+        if pairs:
+            self.backend.synchronize()
+        for src, dst in pairs:
+            if src not in self._phys:
+                raise KVSpaceError(f"copy from physical block {src}, which holds no content here")
+            self.backend.copy_chunk(self._chunk(dst), self._phys[src], self.chunk_bytes)
+            self._copied_bytes += self.chunk_bytes
+
+    # -- requests ------------------------------------------------------
+    def _map(self, r: _RequestKV, blocks: list[int]) -> list[int]:
+        start = len(r.chunks)
+        if start + len(blocks) > self.blocks_per_slot:
+            raise KVSpaceError(
+                f"a request needs {start + len(blocks)} blocks but a slot holds {self.blocks_per_slot}; "
+                "raise max_model_len so the vTensor slots are sized for it"
+            )
+        for j, b in enumerate(blocks, start=start):
+            chunk = self._chunk(b)
+            self.pool.retain(chunk)
+            self.backend.map(self.range, self.virtual_block(r.slot, j) * self.chunk_bytes, chunk, self.chunk_bytes)
+            r.blocks.append(b)
+            r.chunks.append(chunk)
+        self.pool.note_maps(maps=len(blocks))
+        return [self.virtual_block(r.slot, j) for j in range(start, start + len(blocks))]
+
+    def add_request(self, req_id: str, blocks: list[int], num_cached_tokens: int = 0) -> list[int]:
+        """Give a new (or resumed) request a slot and map its blocks; return their virtual ids.
+
+        The first ``num_cached_tokens // block_size`` blocks are prefix-cache hits:
+        their content must already be here, and is mapped, not copied.
+        """
+        if req_id in self._reqs:
+            self.remove_request(req_id, preempted=True)
+        if not self._free_slots:
+            raise KVSpaceError(f"all {self.num_slots} vTensor slots are in use: raise max_num_seqs")
+        hits = num_cached_tokens // self.block_size
+        for b in blocks[:hits]:
+            if b not in self._phys:
+                raise KVSpaceError(f"prefix-cache hit on physical block {b}, whose content was not kept")
+        r = _RequestKV(slot=self._free_slots.pop(), num_tokens=num_cached_tokens)
+        self._reqs[req_id] = r
+        self._prefix_hit_bytes += min(hits, len(blocks)) * self.chunk_bytes
+        return self._map(r, blocks)
+
+    def append_blocks(self, req_id: str, blocks: list[int]) -> list[int]:
+        return self._map(self._reqs[req_id], blocks)
+
+    def note_tokens(self, req_id: str, num_tokens: int) -> None:
+        r = self._reqs.get(req_id)
+        if r is not None:
+            r.num_tokens = max(r.num_tokens, num_tokens)
+
+    def remove_request(self, req_id: str, *, preempted: bool = False) -> None:
+        """Unmap a finished or preempted request and free its slot.
+
+        Full blocks stay resident when vLLM's prefix cache may hand them out
+        again; every other block's physical memory is given back.
+        """
+        r = self._reqs.pop(req_id, None)
+        if r is None:
+            return
+        if preempted:
+            self._preemptions += 1
+        if r.chunks:
+            self.backend.synchronize()  # the last forward pass may still read this range
+            self.backend.unmap(self.range, self.virtual_block(r.slot, 0) * self.chunk_bytes, len(r.chunks) * self.chunk_bytes)
+            self.pool.note_maps(unmaps=len(r.chunks))
+        full = r.num_tokens // self.block_size if self.keep_full_blocks else 0
+        for j, (b, chunk) in enumerate(zip(r.blocks, r.chunks)):
+            self.pool.release(chunk)
+            if j >= full and self._phys.get(b) == chunk and self.pool.refcount(chunk) == 1:
+                self._drop(b)  # nobody maps it and no cache wants it: memory goes back
+        self._free_slots.append(r.slot)
+
+    def reset_cache(self) -> None:
+        """Give back every block that only the prefix cache was holding."""
+        mapped = {c for r in self._reqs.values() for c in r.chunks}
+        for b, chunk in list(self._phys.items()):
+            if chunk not in mapped:
+                self._drop(b)
+
+    def stats(self) -> KVSpaceStats:
+        p = self.pool.stats()
+        mapped = {c for r in self._reqs.values() for c in r.chunks}
+        cached = sum(1 for c in self._phys.values() if c not in mapped)
+        return KVSpaceStats(
+            chunk_bytes=self.chunk_bytes,
+            budget_bytes=p.budget_bytes,
+            resident_bytes=p.resident_bytes,
+            mapped_bytes=sum(len(r.chunks) for r in self._reqs.values()) * self.chunk_bytes,
+            shared_bytes=sum(1 for c in mapped if self.pool.refcount(c) > 2) * self.chunk_bytes,
+            cached_bytes=cached * self.chunk_bytes,
+            prefix_hit_bytes=self._prefix_hit_bytes,
+            copied_bytes=self._copied_bytes,
+            maps=p.maps,
+            unmaps=p.unmaps,
+            running_requests=len(self._reqs),
+            preemptions=self._preemptions,
+        )
+
+    def close(self) -> None:
+        for req_id in list(self._reqs):
+            self.remove_request(req_id)
+        self.reset_cache()
+        self.pool.close()

@@ -1,0 +1,65 @@
+"""Allocator figures from the worker, readable by the API server's metrics.
+
+The KV space lives in vLLM's worker process; ``/metrics`` is served by the API
+server process.  The worker writes its figures as JSON to the file named by
+``VTENSOR_STATS_FILE`` (set by the plugin in the first vLLM process, and
+inherited by the engine and worker processes it spawns), at most every
+``_MIN_INTERVAL_S``; readers load the latest snapshot.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+
+ENV = "VTENSOR_STATS_FILE"
+_MIN_INTERVAL_S = 0.2
+_last_write = 0.0
+_attached = None
+
+
+def ensure_stats_path() -> str:
+    """Choose the snapshot file once, in the first process; children inherit it."""
+    path = os.environ.get(ENV)
+    if not path:
+        path = os.path.join(tempfile.gettempdir(), f"vllm-vtensor-stats-{os.getpid()}.json")
+        os.environ[ENV] = path
+    return path
+
+
+def attach(kv) -> None:
+    global _attached
+    _attached = kv
+    publish(kv, force=True)
+
+
+def attached():
+    """The KV space of this process (the worker), or None."""
+    return _attached
+
+
+def publish(kv, force: bool = False) -> None:
+    global _last_write
+    path = os.environ.get(ENV)
+    now = time.monotonic()
+    if not path or (not force and now - _last_write < _MIN_INTERVAL_S):
+        return
+    _last_write = now
+    data = dataclasses.asdict(kv.stats())
+    data["pid"] = os.getpid()
+    data["time"] = time.time()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def read() -> dict | None:
+    path = os.environ.get(ENV)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (TypeError, OSError, ValueError):
+        return None

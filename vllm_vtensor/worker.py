@@ -1,0 +1,126 @@
+"""Worker side of the VTENSOR KV cache: allocation and block-id translation.
+
+Two hooks (installed by :mod:`vllm_vtensor.patches`):
+
+* :func:`allocate_kv_cache` builds a :class:`KVSpace` instead of vLLM's flat
+  preallocated buffer and returns each layer's KV tensor as a strided view of
+  the virtual range.  No physical memory is committed until blocks are used.
+* :func:`translate_scheduler_output` runs at the start of every step, before
+  the runner applies the scheduler's decisions: it maps the physical blocks
+  the scheduler handed out into each request's slot, unmaps finished and
+  preempted requests, performs the scheduler's block zeroing and copies on the
+  physical chunks, and rewrites the block ids the runner sees into virtual
+  ones.  From then on the runner, its block table, its slot mapping and the
+  attention kernel only ever see virtual block ids.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import stats as vt_stats
+from . import BACKEND_NAME
+from .kv_space import KVSpace
+from .log import get_logger
+from .vmm import make_backend
+
+logger = get_logger(__name__)
+
+
+class VTensorConfigError(ValueError):
+    """A configuration VTENSOR cannot run; the message names the fix."""
+
+
+def is_vtensor(vllm_config) -> bool:
+    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    return backend is not None and getattr(backend, "name", str(backend)) == BACKEND_NAME
+
+
+def _the_attention_group(kv_cache_config):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, FullAttentionSpec):
+        kinds = [type(g.kv_cache_spec).__name__ for g in groups]
+        raise VTensorConfigError(
+            f"--attention-backend VTENSOR supports models whose layers all use full attention "
+            f"(one KV cache group); this model has {kinds}. Run it without VTENSOR."
+        )
+    return groups[0]
+
+
+def allocate_kv_cache(runner, kv_cache_config) -> dict[str, torch.Tensor]:
+    """Per-layer KV views over a fresh :class:`KVSpace`, stored on ``runner``."""
+    from vllm.v1.kv_cache_interface import compute_layer_kv_cache_shape_bytes
+
+    vllm_config = runner.vllm_config
+    group = _the_attention_group(kv_cache_config)
+    spec = group.kv_cache_spec
+    layers = list(group.layer_names)
+    page = spec.page_size_bytes
+    _, heads, tokens, content = compute_layer_kv_cache_shape_bytes(spec, 1)
+    if heads * tokens * content != page:
+        raise VTensorConfigError(f"VTENSOR needs dense KV pages; got page {page} for shape {(heads, tokens, content)}")
+    device = str(runner.device)
+    backend = make_backend("cpu" if device == "cpu" else device)
+    kv = KVSpace(
+        backend,
+        num_blocks=kv_cache_config.num_blocks,
+        num_slots=vllm_config.scheduler_config.max_num_seqs,
+        blocks_per_slot=math.ceil(vllm_config.model_config.max_model_len / spec.block_size) + 1,
+        block_bytes=page * len(layers),
+        block_size=spec.block_size,
+        keep_full_blocks=bool(vllm_config.cache_config.enable_prefix_caching),
+    )
+    runner._vtensor_kv = kv
+    vt_stats.attach(kv)
+    raw = kv.as_tensor()
+    num_virtual = kv.num_virtual_blocks
+    views = {}
+    for l, name in enumerate(layers):
+        view = torch.as_strided(
+            raw,
+            size=(num_virtual, heads, tokens, content),
+            stride=(kv.chunk_bytes, tokens * content, content, 1),
+            storage_offset=l * page,
+        )
+        views[name] = view.view(spec.dtype)
+    logger.info(
+        "VTENSOR KV cache: %d layers, %d slots x %d blocks of %d tokens, chunk %.2f MiB (all layers of one block), "
+        "physical budget %.2f GiB (%d blocks), virtual %.1f GiB, nothing committed yet",
+        len(layers), kv.num_slots, kv.blocks_per_slot, spec.block_size, kv.chunk_bytes / 2**20,
+        kv_cache_config.num_blocks * kv.chunk_bytes / 2**30, kv_cache_config.num_blocks, kv.range.size / 2**30,
+    )
+    return views
+
+
+def translate_scheduler_output(kv: KVSpace, so) -> None:
+    """Apply the scheduler's block decisions to ``kv`` and make ``so``'s block ids virtual."""
+    membership_changed = bool(so.finished_req_ids or so.preempted_req_ids or so.scheduled_new_reqs)
+    for req_id in so.finished_req_ids:
+        kv.remove_request(req_id)
+    for req_id in so.preempted_req_ids or ():
+        kv.remove_request(req_id, preempted=True)
+    if so.new_block_ids_to_zero:
+        kv.zero_blocks(so.new_block_ids_to_zero)
+        so.new_block_ids_to_zero = None  # done on the physical chunks; the runner would index virtual ids
+    if so.kv_cache_block_copies:
+        kv.copy_blocks([(c.src_block_id, c.dst_block_id) for c in so.kv_cache_block_copies])
+        so.kv_cache_block_copies = None
+    scheduled = so.num_scheduled_tokens
+    for new in so.scheduled_new_reqs:
+        (blocks,) = new.block_ids
+        new.block_ids = (kv.add_request(new.req_id, blocks, new.num_computed_tokens),)
+        kv.note_tokens(new.req_id, new.num_computed_tokens + scheduled.get(new.req_id, 0))
+    cached = so.scheduled_cached_reqs
+    for i, req_id in enumerate(cached.req_ids):
+        new_blocks = cached.new_block_ids[i]
+        if req_id in cached.resumed_req_ids:
+            (blocks,) = new_blocks
+            cached.new_block_ids[i] = (kv.add_request(req_id, blocks, cached.num_computed_tokens[i]),)
+        elif new_blocks is not None:
+            (blocks,) = new_blocks
+            cached.new_block_ids[i] = (kv.append_blocks(req_id, blocks),)
+        kv.note_tokens(req_id, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
+    vt_stats.publish(kv, force=membership_changed or bool(cached.resumed_req_ids))
