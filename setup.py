@@ -32,5 +32,9 @@ setup(
             "vtensor = vllm_vtensor.plugin:register",
             "flexoffload = flexoffload.plugin:register",
         ],
+        # Loaded by vLLM's API server: allocator figures in /metrics and the periodic log.
+        "vllm.stat_logger_plugins": [
+            "vtensor = vllm_vtensor.metrics:VTensorStatLogger",
+        ],
     },
 )

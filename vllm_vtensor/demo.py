@@ -21,7 +21,7 @@ from pathlib import Path
 from vllm_vtensor.models import build_smollm2
 
 # Flags this plugin adds to `vllm serve`; each appears here once it works.
-PLUGIN_FLAGS: list[str] = []
+PLUGIN_FLAGS: list[str] = ["--attention-backend", "VTENSOR"]
 
 
 def free_port() -> int:
@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nQ: {args.question}\nA: {answer}\n")
         print(f"latency {time.monotonic() - t1:.2f}s, {reply.usage.completion_tokens} tokens")
         print(f"server process tree RSS: {server.tree_rss_bytes() / 2**30:.2f} GiB")
-        for line in _metric_lines(server.metrics(), ("vllm:kv_cache_usage_perc", "vllm_vtensor", "flexoffload")):
+        for line in _metric_lines(server.metrics(), ("vllm:kv_cache_usage_perc", "vllm_vtensor_resident", "vllm_vtensor_mapped", "vllm_vtensor_budget",
+                                                          "vllm_vtensor_prefix", "vllm_vtensor_map_op", "flexoffload")):
             print("metric", line)
     return 0 if answer else 1
 

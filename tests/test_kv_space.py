@@ -1,0 +1,128 @@
+"""KVSpace: a request's blocks land consecutively in its own slot; a prefix-cache hit maps the
+same physical chunk (no copy); finished requests give memory back unless the prefix cache
+may reuse a full block; limits fail with errors that name the fix."""
+from __future__ import annotations
+
+import pytest
+
+from vllm_vtensor.kv_space import KVSpace, KVSpaceError
+from vllm_vtensor.vmm.host import HostBackend
+
+PAGE = 4096  # one block of all layers (tiny, for speed)
+B = 16  # tokens per block
+
+
+@pytest.fixture
+def backend():
+    b = HostBackend()
+    yield b
+    b.close()
+
+
+def make(backend, keep=True, blocks=8, slots=3, per_slot=4):
+    return KVSpace(backend, num_blocks=blocks, num_slots=slots, blocks_per_slot=per_slot, block_bytes=PAGE,
+                   block_size=B, keep_full_blocks=keep)
+
+
+def block_bytes(kv, virtual_block):
+    return kv.as_tensor()[virtual_block * kv.chunk_bytes : (virtual_block + 1) * kv.chunk_bytes]
+
+
+def test_blocks_are_consecutive_in_the_requests_slot(backend):
+    kv = make(backend)
+    v = kv.add_request("a", [5, 2])
+    slot = kv.slot_of("a")
+    assert v == [slot * 4, slot * 4 + 1]
+    assert kv.append_blocks("a", [7]) == [slot * 4 + 2]
+    addr, size = kv.request_range("a")
+    assert size == 3 * kv.chunk_bytes and addr == kv.range.addr + slot * 4 * kv.chunk_bytes
+    block_bytes(kv, v[1]).fill_(9)  # write through the virtual view
+    assert kv.stats().mapped_bytes == 3 * kv.chunk_bytes == kv.stats().resident_bytes
+
+
+def test_prefix_hit_maps_the_same_chunk(backend):
+    kv = make(backend)
+    va = kv.add_request("a", [1, 2])
+    block_bytes(kv, va[0]).fill_(7)
+    vb = kv.add_request("b", [1, 3], num_cached_tokens=B)  # block 1 is a cache hit
+    assert kv.slot_of("b") != kv.slot_of("a")
+    assert int(block_bytes(kv, vb[0]).min()) == 7  # same memory, nothing copied
+    block_bytes(kv, va[0])[0] = 1
+    assert int(block_bytes(kv, vb[0])[0]) == 1
+    s = kv.stats()
+    assert s.shared_bytes == kv.chunk_bytes and s.prefix_hit_bytes == kv.chunk_bytes and s.copied_bytes == 0
+    assert s.resident_bytes == 3 * kv.chunk_bytes and s.mapped_bytes == 4 * kv.chunk_bytes
+
+
+def test_finished_requests_keep_only_full_blocks_for_the_cache(backend):
+    kv = make(backend, keep=True)
+    v = kv.add_request("a", [1, 2])
+    kv.note_tokens("a", B + 3)  # block 1 full, block 2 partial
+    block_bytes(kv, v[0]).fill_(5)
+    kv.remove_request("a")
+    s = kv.stats()
+    assert s.mapped_bytes == 0 and s.resident_bytes == s.cached_bytes == kv.chunk_bytes
+    vb = kv.add_request("b", [1], num_cached_tokens=B)  # a later hit finds the content
+    assert int(block_bytes(kv, vb[0]).min()) == 5
+    kv.remove_request("b")
+    kv.reset_cache()
+    assert kv.stats().resident_bytes == 0 and backend.resident_bytes() == 0
+
+
+def test_without_prefix_caching_everything_is_given_back(backend):
+    kv = make(backend, keep=False)
+    kv.add_request("a", [1, 2, 3])
+    kv.note_tokens("a", 3 * B)
+    kv.remove_request("a", preempted=True)
+    s = kv.stats()
+    assert s.resident_bytes == 0 == backend.resident_bytes() and s.preemptions == 1
+    assert s.maps == s.unmaps == 3
+
+
+def test_shared_block_outlives_the_first_owner(backend):
+    kv = make(backend, keep=False)
+    va = kv.add_request("a", [4])
+    block_bytes(kv, va[0]).fill_(3)
+    vb = kv.add_request("b", [4], num_cached_tokens=0)  # same physical block (e.g. a hit vLLM resolved)
+    kv.remove_request("a")
+    assert int(block_bytes(kv, vb[0]).min()) == 3
+    kv.remove_request("b")
+    assert kv.stats().resident_bytes == 0
+
+
+def test_copy_and_zero_blocks(backend):
+    kv = make(backend)
+    v = kv.add_request("a", [1, 2])
+    block_bytes(kv, v[0]).fill_(8)
+    kv.copy_blocks([(1, 2)])
+    assert int(block_bytes(kv, v[1]).min()) == 8 and kv.stats().copied_bytes == kv.chunk_bytes
+    kv.zero_blocks([2])
+    assert int(block_bytes(kv, v[1]).count_nonzero()) == 0
+    with pytest.raises(KVSpaceError, match="holds no content"):
+        kv.copy_blocks([(6, 1)])
+
+
+def test_resumed_request_is_remapped_from_scratch(backend):
+    kv = make(backend)
+    kv.add_request("a", [1, 2])
+    v = kv.add_request("a", [3])  # resumed after preemption with new blocks
+    assert v == [kv.slot_of("a") * 4] and kv.stats().mapped_bytes == kv.chunk_bytes
+    assert kv.stats().preemptions == 1
+
+
+def test_limits_name_the_fix(backend):
+    kv = make(backend, slots=1, per_slot=2)
+    kv.add_request("a", [1, 2])
+    with pytest.raises(KVSpaceError, match="raise max_model_len"):
+        kv.append_blocks("a", [3])
+    with pytest.raises(KVSpaceError, match="raise max_num_seqs"):
+        kv.add_request("b", [4])
+    kv.remove_request("a")
+    with pytest.raises(KVSpaceError, match="content was not kept"):
+        kv.add_request("c", [5], num_cached_tokens=B)
+
+
+def test_chunk_is_padded_to_the_granularity(backend):
+    kv = KVSpace(backend, num_blocks=2, num_slots=1, blocks_per_slot=2, block_bytes=PAGE + 100, block_size=B,
+                 keep_full_blocks=False)
+    assert kv.chunk_bytes == 2 * PAGE

@@ -1,0 +1,83 @@
+"""Entry point ``vllm.stat_logger_plugins: vtensor``: allocator figures in ``/metrics`` and the log.
+
+vLLM loads stat-logger plugins in the API server.  The figures come from the
+worker's snapshot (:mod:`vllm_vtensor.stats`) and are read at scrape time, so
+``/metrics`` is current even while the engine is idle.
+"""
+from __future__ import annotations
+
+import time
+
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from . import stats
+from .log import get_logger
+from .worker import is_vtensor
+
+logger = get_logger(__name__)
+
+# name -> (snapshot key, help)
+GAUGES = {
+    "vllm_vtensor_resident_bytes": ("resident_bytes", "Physical KV memory held by the vTensor allocator"),
+    "vllm_vtensor_mapped_bytes": ("mapped_bytes", "Virtual KV bytes backed by physical chunks, over running requests"),
+    "vllm_vtensor_shared_bytes": ("shared_bytes", "Physical KV bytes mapped into more than one request"),
+    "vllm_vtensor_cached_bytes": ("cached_bytes", "Physical KV bytes held only for the prefix cache"),
+    "vllm_vtensor_budget_bytes": ("budget_bytes", "Physical KV budget"),
+    "vllm_vtensor_prefix_hit_bytes": ("prefix_hit_bytes", "Cached-prefix bytes mapped into new requests (cumulative)"),
+    "vllm_vtensor_copied_bytes": ("copied_bytes", "Bytes copied by copy-on-write of partial prefix hits (cumulative)"),
+    "vllm_vtensor_map_operations": ("maps", "Chunk map operations (cumulative)"),
+    "vllm_vtensor_unmap_operations": ("unmaps", "Chunk unmap operations (cumulative)"),
+    "vllm_vtensor_preemptions": ("preemptions", "Requests unmapped by preemption (cumulative)"),
+    "vllm_vtensor_running_requests": ("running_requests", "Requests with a mapped KV range"),
+}
+
+_gauges = None
+_snapshot: tuple[float, dict | None] = (0.0, None)
+
+
+def _read_cached(max_age: float = 0.1) -> dict | None:
+    global _snapshot
+    now = time.monotonic()
+    if now - _snapshot[0] > max_age:
+        _snapshot = (now, stats.read())
+    return _snapshot[1]
+
+
+def _register_gauges() -> None:
+    global _gauges
+    if _gauges is not None:
+        return
+    from prometheus_client import Gauge
+
+    _gauges = {}
+    for name, (key, doc) in GAUGES.items():
+        gauge = Gauge(name, doc)
+        gauge.set_function(lambda key=key: float((_read_cached() or {}).get(key, 0)))
+        _gauges[name] = gauge
+
+
+class VTensorStatLogger(StatLoggerBase):
+    def __init__(self, vllm_config, engine_index: int = 0):
+        self.enabled = is_vtensor(vllm_config)
+        if self.enabled:
+            _register_gauges()
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+        pass  # figures are read from the worker's snapshot at scrape and log time
+
+    def log_engine_initialized(self):
+        self.log()
+
+    def log(self):
+        snap = stats.read() if self.enabled else None
+        if snap is None:
+            return
+        mib = 1 << 20
+        logger.info(
+            "vTensor KV: resident %.1f MiB of %.1f MiB budget, mapped %.1f MiB for %d requests, shared %.1f MiB, "
+            "cached %.1f MiB, prefix hits %.1f MiB mapped (%.1f MiB copied), %d maps / %d unmaps, %d preemptions",
+            snap["resident_bytes"] / mib, snap["budget_bytes"] / mib, snap["mapped_bytes"] / mib,
+            snap["running_requests"], snap["shared_bytes"] / mib, snap["cached_bytes"] / mib,
+            snap["prefix_hit_bytes"] / mib, snap["copied_bytes"] / mib, snap["maps"], snap["unmaps"],
+            snap["preemptions"],
+        )
