@@ -28,6 +28,11 @@ def tiny_llama_path():
 
 
 @pytest.fixture(scope="session")
+def sliding_window_llama_path():
+    return str(build_tiny_llama(sliding_window=64))
+
+
+@pytest.fixture(scope="session")
 def vanilla_llm(smollm2_path):
     """One vanilla vLLM engine on SmolLM2 (float32, eager), shared by all tests."""
     from vllm import LLM

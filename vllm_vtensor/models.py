@@ -149,15 +149,22 @@ def build_tiny_llama(
     num_kv_heads: int = 2,
     hidden_size: int | None = None,
     intermediate_size: int = 512,
+    sliding_window: int | None = None,
     seed: int = 0,
     force: bool = False,
 ) -> Path:
-    """A random-weight llama with SmolLM2's tokenizer (deterministic for a seed)."""
+    """A random-weight llama with SmolLM2's tokenizer (deterministic for a seed).
+
+    ``sliding_window`` makes every other layer a sliding-window layer (a hybrid
+    model, as Gemma-style configs declare with ``layer_types``).
+    """
     if head_dim not in (32, 64, 128):
         raise ValueError(f"head_dim={head_dim}: vLLM's CPU attention needs 32, 64 or 128 here")
     hidden_size = hidden_size or head_dim * num_heads
     root = cache_dir(cache)
     name = f"tiny-llama-d{head_dim}-l{num_layers}-h{num_heads}-kv{num_kv_heads}-s{hidden_size}-i{intermediate_size}-seed{seed}"
+    if sliding_window:
+        name += f"-swa{sliding_window}"
     final = root / name
     hint = "python -m vllm_vtensor.models tiny-llama --force"
     if not force and (final / _COMPLETE).exists():
@@ -183,6 +190,9 @@ def build_tiny_llama(
         tie_word_embeddings=True,
         dtype="bfloat16",
     )
+    if sliding_window:
+        config.sliding_window = sliding_window
+        config.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
     with tempfile.TemporaryDirectory(dir=root) as work:

@@ -1,0 +1,32 @@
+"""Configurations VTENSOR cannot run fail at start-up with a message that names the fix."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def _start(model: str, extra: str) -> subprocess.CompletedProcess:
+    code = textwrap.dedent(f"""
+        from vllm import LLM
+        if __name__ == "__main__":
+            LLM(model={model!r}, dtype="float32", enforce_eager=True, attention_backend="VTENSOR", {extra})
+    """)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_budget_below_one_request_of_max_model_len(smollm2_path):
+    run = _start(smollm2_path, "max_model_len=2048, kv_cache_memory_bytes=32 << 20")
+    assert run.returncode != 0
+    assert "max_model_len" in run.stderr and "KV cache" in run.stderr
+
+
+def test_model_with_sliding_window_layers_is_refused(sliding_window_llama_path):
+    run = _start(sliding_window_llama_path, "max_model_len=512, kv_cache_memory_bytes=64 << 20")
+    assert run.returncode != 0
+    assert "VTENSOR supports models whose layers all use full attention" in run.stderr
+    assert "Run it without VTENSOR" in run.stderr

@@ -1,0 +1,64 @@
+"""The OpenAI server with `--attention-backend VTENSOR`: chat and completions, streaming and not,
+answers equal to vanilla greedy decoding, and the allocator's figures in /metrics."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from vllm_vtensor.demo import Server
+
+pytestmark = pytest.mark.e2e
+
+ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--kv-cache-memory-bytes", "256M"]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with Server(smollm2_path, [*ARGS, "--attention-backend", "VTENSOR"], log_path=str(log)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key="unused")
+
+
+def _model(client):
+    return client.models.list().data[0].id
+
+
+def test_chat_completion(client):
+    reply = client.chat.completions.create(
+        model=_model(client), messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0.0, max_tokens=32,
+    )
+    assert "Paris" in reply.choices[0].message.content
+
+
+def test_streaming_chat_equals_non_streaming(client):
+    kw = dict(model=_model(client), messages=[{"role": "user", "content": "Name three fruits."}],
+              temperature=0.0, max_tokens=24)
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+    assert len(pieces) > 3 and "".join(pieces) == whole
+
+
+def test_completions_streaming_and_not(client):
+    kw = dict(model=_model(client), prompt="The capital of France is", temperature=0.0, max_tokens=8)
+    whole = client.completions.create(**kw).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))
+    assert streamed == whole and "Paris" in whole
+
+
+def test_metrics_expose_the_allocator(server, client):
+    client.completions.create(model=_model(client), prompt="Once upon a time " * 60, max_tokens=4)
+    text = server.metrics()
+    values = dict(re.findall(r"^(vllm_vtensor_\w+) (\S+)$", text, re.M))
+    assert float(values["vllm_vtensor_budget_bytes"]) > 0
+    assert float(values["vllm_vtensor_map_operations"]) >= 2  # the 300-token prompt needed 3 blocks
+    assert float(values["vllm_vtensor_resident_bytes"]) <= float(values["vllm_vtensor_budget_bytes"])
+    assert "vllm:" in text  # vLLM's own metrics are still there
