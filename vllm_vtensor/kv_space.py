@@ -55,6 +55,7 @@ class KVSpaceStats:
     maps: int
     unmaps: int
     running_requests: int
+    live_tokens: int  # tokens with KV written, over running requests
     preemptions: int
 
 
@@ -222,6 +223,7 @@ class KVSpace:
             maps=p.maps,
             unmaps=p.unmaps,
             running_requests=len(self._reqs),
+            live_tokens=sum(r.num_tokens for r in self._reqs.values()),
             preemptions=self._preemptions,
         )
 

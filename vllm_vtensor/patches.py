@@ -191,7 +191,7 @@ PATCHES: tuple[Patch, ...] = (
         "cpu-platform-backend",
         "vllm.platforms.cpu:CpuPlatform.get_attn_backend_cls",
         "CpuPlatform returns CPU_ATTN whatever backend was selected, so a plugin backend can never run on CPU.",
-        "0001-cpu-platform-honour-selected-backend.diff",
+        "0002-cpu-platform-honour-selected-backend.diff",
         _patch_cpu_platform,
     ),
     Patch(
@@ -199,7 +199,7 @@ PATCHES: tuple[Patch, ...] = (
         "vllm.v1.attention.backends.registry:AttentionBackendEnum.__reduce_ex__",
         "The engine process unpickles the config before loading plugins; a plugin-registered enum member then "
         "fails with 'not a valid AttentionBackendEnum'. Our member pickles as a call that registers it first.",
-        "0002-registry-pickle-dynamic-backends.diff",
+        "0001-registry-pickle-dynamic-backends.diff",
         _patch_enum_pickle,
     ),
     Patch(
@@ -207,7 +207,7 @@ PATCHES: tuple[Patch, ...] = (
         "vllm.v1.worker.gpu_model_runner:GPUModelRunner.initialize_kv_cache_tensors",
         "vLLM allocates one flat preallocated KV buffer with no hook for the allocator; VTENSOR needs views over "
         "a reserved virtual range that is mapped on demand.",
-        "0003-runner-kv-allocator-hook.diff",
+        "0003-backend-kv-allocation-and-step-hooks.diff",
         _patch_runner_allocation,
     ),
     Patch(
@@ -215,7 +215,7 @@ PATCHES: tuple[Patch, ...] = (
         "vllm.v1.worker.gpu_model_runner:GPUModelRunner._update_states",
         "The scheduler's physical block ids must be mapped into each request's contiguous slot, and replaced "
         "by virtual ids, before the runner builds block tables and slot mappings from them.",
-        "0004-runner-scheduler-output-hook.diff",
+        "0003-backend-kv-allocation-and-step-hooks.diff",
         _patch_runner_update_states,
     ),
 )

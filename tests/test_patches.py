@@ -1,0 +1,69 @@
+"""Monkeypatches: one table, each with its reason and an upstream diff that applies cleanly to
+the installed vLLM; applying is idempotent; a different vLLM version is refused, not skipped."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vllm_vtensor import patches
+
+ROOT = Path(__file__).resolve().parents[1]
+DIFFS = sorted((ROOT / "patches").glob("*.diff"))
+
+
+def test_every_patch_names_an_existing_diff_and_a_reason():
+    assert len(patches.PATCHES) == 4
+    for p in patches.PATCHES:
+        assert (ROOT / "patches" / p.upstream).is_file(), p.upstream
+        assert len(p.why) > 40 and ":" in p.target
+
+
+@pytest.mark.parametrize("diff", DIFFS, ids=[d.name for d in DIFFS])
+def test_upstream_diff_applies_cleanly_to_installed_vllm(diff, tmp_path):
+    import vllm
+
+    site = Path(vllm.__file__).resolve().parents[1]
+    for rel in re.findall(r"^--- a/(\S+)", diff.read_text(), re.M):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(site / rel, tmp_path / rel)
+    run = subprocess.run(["git", "apply", "--check", "-p1", str(diff)], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    subprocess.run(["git", "apply", "-p1", str(diff)], cwd=tmp_path, check=True)
+    for rel in re.findall(r"^\+\+\+ b/(\S+)", diff.read_text(), re.M):
+        compile((tmp_path / rel).read_text(), rel, "exec")  # the patched file is valid Python
+
+
+def test_apply_all_is_idempotent_and_marks_targets():
+    patches.apply_all()
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    first = GPUModelRunner._update_states
+    patches.apply_all()
+    assert GPUModelRunner._update_states is first
+    assert patches._is_ours(first) and patches._is_ours(CpuPlatform.get_attn_backend_cls.__func__)
+
+
+def test_backend_member_pickles_across_processes():
+    import pickle
+
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    patches.apply_all()
+    member = AttentionBackendEnum["VTENSOR"]
+    fn, args = member.__reduce_ex__(4)
+    assert fn is patches.restore_backend_member and args == ("VTENSOR",)
+    assert pickle.loads(pickle.dumps(member)) is member
+    assert pickle.loads(pickle.dumps(AttentionBackendEnum.CPU_ATTN)) is AttentionBackendEnum.CPU_ATTN
+
+
+def test_another_vllm_version_is_refused(monkeypatch):
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    with pytest.raises(patches.PatchError, match="install vllm==0.32.0"):
+        patches.check_version()
