@@ -63,7 +63,12 @@ def allocate_kv_cache(runner, kv_cache_config) -> dict[str, torch.Tensor]:
     if heads * tokens * content != page:
         raise VTensorConfigError(f"VTENSOR needs dense KV pages; got page {page} for shape {(heads, tokens, content)}")
     device = str(runner.device)
-    backend = make_backend("cpu" if device == "cpu" else device)
+    if device != "cpu":
+        raise VTensorConfigError(
+            f"--attention-backend VTENSOR runs on CPU in this release; on {device} its Triton kernels are not "
+            "wired into vLLM yet. Run without --attention-backend VTENSOR on GPUs."
+        )
+    backend = make_backend("cpu")
     kv = KVSpace(
         backend,
         num_blocks=kv_cache_config.num_blocks,
