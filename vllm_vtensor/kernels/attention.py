@@ -1,0 +1,325 @@
+"""Triton attention over contiguous virtual KV: prefix-prefill and (split-K) decode.
+
+Every request's KV is one contiguous virtual range, so key tile ``j`` of
+request ``r`` is found by arithmetic, never by loading a block table:
+
+    token t of request r, kv-head h  ->  K + (kv_start_block[r] + t // B) * stride_b
+                                           + (t % B) * stride_t + h * stride_h
+
+``[blocks, H, B, D]`` caches with any strides work: vLLM's interleaved CPU
+layout, a per-layer packed layout, or a single block per request (``B`` as
+large as the context, so ``t // B == 0``).
+
+Runs compiled on CUDA and under ``TRITON_INTERPRET=1`` on CPU tensors (where
+bf16/fp16 loads are converted to fp32 first: the interpreter computes them
+wrongly).  The same signatures are implemented in :mod:`.reference`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_NEG = -1.0e30  # finite "minus infinity": a fully masked tile never produces NaN
+
+
+# ----------------------------------------------------------------------------- helpers
+@triton.jit
+def _kv_tile_ptrs(base, start_block, offs_n, offs_d, kv_head, stride_b, stride_t, stride_h,
+                  BLOCK_SIZE: tl.constexpr):
+    """Pointers to a [BLOCK_D, BLOCK_N] tile of one request's keys (or values, transposed)."""
+    blk = start_block + offs_n // BLOCK_SIZE
+    within = offs_n % BLOCK_SIZE
+    return base + blk[None, :] * stride_b + within[None, :] * stride_t + kv_head * stride_h + offs_d[:, None]
+
+
+# ----------------------------------------------------------------------------- prefix-prefill
+@triton.jit
+def _context_attention_kernel(
+    Q, K, V, O,  # Q, O: [T, Hq, D]; K, V: [blocks, Hkv, B, D]
+    QSL,  # [R + 1] query start offsets
+    SEQ,  # [R] context length (prefix + new tokens)
+    KV0,  # [R] first block of each request's range
+    scale, window,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb: tl.int64, stride_kt: tl.int64, stride_kh: tl.int64,
+    stride_vb: tl.int64, stride_vt: tl.int64, stride_vh: tl.int64,
+    GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, CAST_F32: tl.constexpr,
+):
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    m = tl.program_id(2)
+    q_start = tl.load(QSL + r)
+    q_len = tl.load(QSL + r + 1) - q_start
+    if m * BLOCK_M >= q_len:
+        return
+    seq = tl.load(SEQ + r)
+    kv0 = tl.load(KV0 + r).to(tl.int64)
+    prefix = seq - q_len
+    kvh = h // GQA
+
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < q_len
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = Q + (q_start + offs_m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if CAST_F32:
+        q = q.to(tl.float32)
+    pos = prefix + offs_m  # absolute position of each query row
+
+    m_i = tl.full([BLOCK_M], _NEG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    hi = tl.minimum(seq, prefix + (m + 1) * BLOCK_M)  # causal: no key past the tile's last query
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(0, prefix + m * BLOCK_M - window + 1)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seq
+        k = tl.load(_kv_tile_ptrs(K, kv0, offs_n, offs_d, kvh, stride_kb, stride_kt, stride_kh, BLOCK_SIZE),
+                    mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        if CAST_F32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, k) * scale
+        allowed = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
+        if USE_WINDOW:
+            allowed = allowed & (offs_n[None, :] > pos[:, None] - window)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(_kv_tile_ptrs(V, kv0, offs_n, offs_d, kvh, stride_vb, stride_vt, stride_vh, BLOCK_SIZE),
+                    mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        if CAST_F32:
+            v = v.to(tl.float32)
+        else:
+            p = p.to(v.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p, tl.trans(v))
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = O + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- decode
+@triton.jit
+def _decode_kernel(
+    Q, K, V, O,  # Q, O: [R, Hq, D]
+    PART_ACC, PART_ML,  # [R, Hq, S, D], [R, Hq, S, 2] (used when NUM_SPLITS > 1)
+    SEQ, KV0, scale, window,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb: tl.int64, stride_kt: tl.int64, stride_kh: tl.int64,
+    stride_vb: tl.int64, stride_vt: tl.int64, stride_vh: tl.int64,
+    GQA: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    USE_WINDOW: tl.constexpr, CAST_F32: tl.constexpr,
+):
+    """One program = one request x one kv head (all its GQA query heads) x one split of the keys."""
+    r = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = tl.load(SEQ + r)
+    kv0 = tl.load(KV0 + r).to(tl.int64)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_ok = offs_g < GQA
+    d_ok = offs_d < HEAD_DIM
+    heads = kvh * GQA + offs_g
+    q = tl.load(Q + r * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    if CAST_F32:
+        q = q.to(tl.float32)
+
+    per_split = tl.cdiv(tl.cdiv(seq, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(seq, lo + per_split)
+    if USE_WINDOW:
+        lo = tl.maximum(lo, ((seq - window) // BLOCK_N) * BLOCK_N)
+
+    m_i = tl.full([BLOCK_G], _NEG, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        if USE_WINDOW:
+            n_ok = n_ok & (offs_n > seq - 1 - window)
+        k = tl.load(_kv_tile_ptrs(K, kv0, offs_n, offs_d, kvh, stride_kb, stride_kt, stride_kh, BLOCK_SIZE),
+                    mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        if CAST_F32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, k) * scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(_kv_tile_ptrs(V, kv0, offs_n, offs_d, kvh, stride_vb, stride_vt, stride_vh, BLOCK_SIZE),
+                    mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        if CAST_F32:
+            v = v.to(tl.float32)
+        else:
+            p = p.to(v.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p, tl.trans(v))
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(O + r * stride_ot + heads[:, None] * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=g_ok[:, None] & d_ok[None, :])
+    else:
+        hq = tl.num_programs(1) * GQA
+        row = (r * hq + heads) * NUM_SPLITS + split  # [BLOCK_G]
+        tl.store(PART_ACC + row[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :], acc,
+                 mask=g_ok[:, None] & d_ok[None, :])
+        tl.store(PART_ML + row * 2, m_i, mask=g_ok)
+        tl.store(PART_ML + row * 2 + 1, l_i, mask=g_ok)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    O, PART_ACC, PART_ML, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Combine the splits of one (request, query head): flash-decoding's log-sum-exp merge."""
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    hq = tl.num_programs(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < NUM_SPLITS
+    d_ok = offs_d < HEAD_DIM
+    row = (r * hq + h) * NUM_SPLITS + offs_s
+    m = tl.load(PART_ML + row * 2, mask=s_ok, other=_NEG)
+    l = tl.load(PART_ML + row * 2 + 1, mask=s_ok, other=0.0)
+    acc = tl.load(PART_ACC + row[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
+                  mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.exp(m - m_max)
+    total = tl.sum(l * w, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(O + r * stride_ot + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check(q, k_cache, v_cache, out):
+    if q.device.type == "cpu" and not _interpreting():
+        raise RuntimeError("Triton kernels need a CUDA device, or TRITON_INTERPRET=1 for CPU tensors "
+                           "(slow; vllm_vtensor.kernels.reference is the CPU fallback)")
+    assert q.dim() == 3 and out.shape == q.shape, (q.shape, out.shape)
+    assert k_cache.dim() == 4 and v_cache.shape == k_cache.shape, (k_cache.shape, v_cache.shape)
+    assert q.shape[2] == k_cache.shape[3], "head dims of q and the cache differ"
+    assert q.shape[1] % k_cache.shape[1] == 0, "query heads must be a multiple of kv heads"
+    assert q.stride(2) == 1 and out.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, \
+        "the head dimension must be contiguous"
+
+
+def _common(q, k_cache, v_cache, sliding_window):
+    head_dim = q.shape[2]
+    return dict(
+        GQA=q.shape[1] // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_SIZE=k_cache.shape[2], USE_WINDOW=sliding_window is not None,
+        CAST_F32=_interpreting() or q.dtype == torch.float32,
+    )
+
+
+def context_attention(
+    *,
+    q: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [blocks, Hkv, B, D], any strides but the last
+    v_cache: torch.Tensor,  # [blocks, Hkv, B, D]
+    out: torch.Tensor,  # [T, Hq, D]
+    query_start_loc: torch.Tensor,  # [R + 1] int32
+    seq_lens: torch.Tensor,  # [R] int32: prefix + new tokens
+    kv_start_block: torch.Tensor,  # [R] int32/int64: first block of each request's range
+    scale: float,
+    sliding_window: int | None = None,
+    max_query_len: int | None = None,
+) -> torch.Tensor:
+    """Chunked prefill (and mixed prefill/decode): new tokens attend to their cached prefix and causally to each other."""
+    _check(q, k_cache, v_cache, out)
+    num_reqs = seq_lens.shape[0]
+    if num_reqs == 0 or q.shape[0] == 0:
+        return out
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    small = _interpreting()
+    block_m, block_n = (32, 32) if small else (64, 64)
+    grid = (num_reqs, q.shape[1], triton.cdiv(max(max_query_len, 1), block_m))
+    _context_attention_kernel[grid](
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, kv_start_block, scale, sliding_window or 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(2), v_cache.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, **_common(q, k_cache, v_cache, sliding_window),
+    )
+    return out
+
+
+def _default_splits(num_reqs: int, kv_heads: int, max_seq: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = num_reqs * kv_heads
+    if programs >= sms or max_seq <= 1024:
+        return 1
+    return int(min(triton.cdiv(max_seq, 512), triton.cdiv(2 * sms, programs), 64))
+
+
+def decode_attention(
+    *,
+    q: torch.Tensor,  # [R, Hq, D]: one new token per request
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,  # [R, Hq, D]
+    seq_lens: torch.Tensor,  # [R] int32, including the new token
+    kv_start_block: torch.Tensor,  # [R]
+    scale: float,
+    sliding_window: int | None = None,
+    num_splits: int | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """Decode over long contexts; with ``num_splits > 1`` keys are split (flash-decoding) and merged."""
+    _check(q, k_cache, v_cache, out)
+    num_reqs, hq, head_dim = q.shape
+    if num_reqs == 0:
+        return out
+    kv_heads = k_cache.shape[1]
+    if num_splits is None:
+        max_seq = max_seq_len if max_seq_len is not None else int(seq_lens.max())
+        num_splits = _default_splits(num_reqs, kv_heads, max_seq, q.device)
+    common = _common(q, k_cache, v_cache, sliding_window)
+    block_n = 32 if _interpreting() else 64
+    if num_splits > 1:
+        part_acc = torch.empty(num_reqs, hq, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(num_reqs, hq, num_splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused
+    _decode_kernel[(num_reqs, kv_heads, num_splits)](
+        q, k_cache, v_cache, out, part_acc, part_ml, seq_lens, kv_start_block, scale, sliding_window or 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(2), v_cache.stride(1),
+        BLOCK_G=max(16, triton.next_power_of_2(common["GQA"])), BLOCK_N=block_n, NUM_SPLITS=num_splits, **common,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_reqs, hq)](
+            out, part_acc, part_ml, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=common["BLOCK_D"], NUM_SPLITS=num_splits,
+            BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        )
+    return out
