@@ -1,0 +1,63 @@
+"""FlexInfer options, from ``--model-loader-extra-config`` (one frozen dataclass, validated once)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from vllm_vtensor.pool import parse_bytes
+
+POLICIES = ("flexinfer", "attention_first", "ffn_first", "no_balance")
+
+
+class FlexConfigError(ValueError):
+    """A bad ``model_loader_extra_config``; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class FlexConfig:
+    memory_budget: str | int | float  # "1.5GiB", "800MB", bytes, or a fraction (0, 1] of the weight bytes
+    prefetch_window: int = 3  # layers read ahead of the one computing (0: synchronous reads)
+    io_threads: int = 2
+    direct_io: bool = True  # O_DIRECT reads: no page cache, so streamed bytes do not count twice
+    policy: str = "flexinfer"  # or an ablation: attention_first, ffn_first, no_balance
+    lock_memory: bool = True  # mlock resident weights and buffers where the limit allows
+    cache_dir: str | None = None  # where the aligned weight store is written
+
+    @classmethod
+    def from_extra(cls, extra: dict | None) -> "FlexConfig":
+        extra = dict(extra or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise FlexConfigError(f"unknown flexinfer option(s) {unknown}; valid options: {sorted(known)}")
+        if "memory_budget" not in extra:
+            raise FlexConfigError('flexinfer needs a memory budget: --model-loader-extra-config \'{"memory_budget": "1GiB"}\'')
+        cfg = cls(**extra)
+        if cfg.prefetch_window < 0 or cfg.io_threads < 1:
+            raise FlexConfigError("prefetch_window must be >= 0 and io_threads >= 1")
+        if cfg.policy not in POLICIES:
+            raise FlexConfigError(f"policy {cfg.policy!r} is not one of {POLICIES}")
+        cfg.budget_bytes(1)  # validates the budget's form
+        return cfg
+
+    def budget_bytes(self, weight_bytes: int) -> int:
+        b = self.memory_budget
+        if isinstance(b, float) or (isinstance(b, str) and b.strip().endswith("%")):
+            frac = float(str(b).strip().rstrip("%")) / (100 if str(b).strip().endswith("%") else 1)
+            if not 0 < frac <= 1:
+                raise FlexConfigError(f"memory_budget fraction {b!r} must be in (0, 1] (or 0-100%)")
+            return int(frac * weight_bytes)
+        try:
+            n = parse_bytes(b)
+        except ValueError as e:
+            raise FlexConfigError(f"memory_budget {b!r}: {e}") from e
+        if n <= 0:
+            raise FlexConfigError(f"memory_budget {b!r} must be positive")
+        return n
+
+    def store_dir(self) -> Path:
+        base = self.cache_dir or os.environ.get("VTENSOR_CACHE") or Path.home() / ".cache" / "vllm-vtensor"
+        path = Path(base) / "flexinfer"
+        path.mkdir(parents=True, exist_ok=True)
+        return path

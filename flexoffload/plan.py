@@ -1,0 +1,305 @@
+"""The FlexInfer plan: which weight tensors stay resident under one memory budget.
+
+Budget layout::
+
+    budget = small tensors (norms)            always resident
+           + head (embedding / lm_head)       resident, or streamed when it does not fit
+           + stream arena                     holds the layers being read ahead (and the head)
+           + resident layer tensors           chosen by the policy below
+
+Policies (``flexinfer`` is the paper's; the others are its ablations):
+
+* ``flexinfer`` - flexible tensor preservation (Algorithm 1): keep all FFN tensors of
+  every layer if the rest still leaves room for two attention matrices per layer,
+  else the two (then one) largest FFN tensors per layer; fill what is left with
+  attention tensors, then FFN.  A tensor kind that fits only in some layers is
+  spread evenly over the layers (balanced memory locking), so every layer
+  streams the same bytes, give or take one tensor.
+* ``ffn_first`` - FFN tensors first with no room kept for attention.
+* ``attention_first`` - attention tensors first.
+* ``no_balance`` - whole layers resident from the first one on (what a plain
+  "offload the rest" does), so late layers stream everything.
+
+``python -m flexoffload.plan MODEL --budget 1GiB`` prints a plan for a checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+_ATTN = ("self_attn", "attention")
+_FFN = ("mlp", "feed_forward")
+
+
+class BudgetError(ValueError):
+    """The budget cannot run the model; the message says the minimum."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    nbytes: int
+    layer: int | None = None  # decoder layer, or None (embedding, final norm, lm_head)
+    kind: str = "small"  # "attn", "ffn", "head" or "small"
+
+
+def classify(name: str, nbytes: int, ndim: int) -> TensorInfo:
+    m = _LAYER.search(name)
+    if m is None:
+        kind = "head" if ndim >= 2 else "small"
+        return TensorInfo(name, nbytes, None, kind)
+    layer = int(m.group(1))
+    if ndim < 2:
+        return TensorInfo(name, nbytes, layer, "small")
+    if any(k in name for k in _ATTN):
+        return TensorInfo(name, nbytes, layer, "attn")
+    if any(k in name for k in _FFN):
+        return TensorInfo(name, nbytes, layer, "ffn")
+    return TensorInfo(name, nbytes, layer, "small")
+
+
+@dataclass
+class Plan:
+    budget: int
+    policy: str
+    window: int
+    num_layers: int
+    resident: set[str] = field(default_factory=set)
+    streamed: dict[int, list[str]] = field(default_factory=dict)  # layer -> tensor names, in order
+    head_streamed: bool = False
+    head_names: list[str] = field(default_factory=list)
+    arena_bytes: int = 0
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self.sizes[n] for n in self.resident)
+
+    def layer_streamed_bytes(self, layer: int) -> int:
+        return sum(self.sizes[n] for n in self.streamed.get(layer, []))
+
+    @property
+    def streamed_bytes_per_forward(self) -> int:
+        head = sum(self.sizes[n] for n in self.head_names) if self.head_streamed else 0
+        return sum(self.layer_streamed_bytes(i) for i in range(self.num_layers)) + head
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.sizes.values())
+
+    def predicted_tokens_per_s(self, disk_bytes_per_s: float, mem_bytes_per_s: float) -> float:
+        """Decode bound: t >= max(weights touched / memory bandwidth, streamed bytes / disk bandwidth)."""
+        t = max(self.total_bytes / mem_bytes_per_s, self.streamed_bytes_per_forward / disk_bytes_per_s)
+        return 1.0 / t
+
+    def table(self, disk_bps: float | None = None, mem_bps: float | None = None) -> str:
+        mib = 1 << 20
+        lines = [
+            f"policy {self.policy}, budget {self.budget / mib:.1f} MiB, prefetch window {self.window} layers",
+            f"  resident weights {self.resident_bytes / mib:.1f} MiB + stream arena {self.arena_bytes / mib:.1f} MiB "
+            f"= {(self.resident_bytes + self.arena_bytes) / mib:.1f} MiB of {self.total_bytes / mib:.1f} MiB weights",
+            f"  head (embedding/lm_head) {'streamed' if self.head_streamed else 'resident'}; "
+            f"streamed per forward pass {self.streamed_bytes_per_forward / mib:.1f} MiB",
+            f"  {'layer':>5} {'resident MiB':>13} {'streamed MiB':>13}  streamed tensors",
+        ]
+        for i in range(self.num_layers):
+            names = self.streamed.get(i, [])
+            res = sum(s for n, s in self.sizes.items() if n in self.resident and _layer_of(n) == i)
+            short = ", ".join(n.split(f"layers.{i}.")[-1] for n in names) or "-"
+            lines.append(f"  {i:>5} {res / mib:>13.2f} {self.layer_streamed_bytes(i) / mib:>13.2f}  {short}")
+        if disk_bps and mem_bps:
+            lines.append(f"  predicted decode bound: {self.predicted_tokens_per_s(disk_bps, mem_bps):.2f} forward passes/s "
+                         f"(disk {disk_bps / 1e9:.2f} GB/s, memory {mem_bps / 1e9:.2f} GB/s)")
+        return "\n".join(lines)
+
+
+def _layer_of(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _spread(k: int, n: int) -> list[int]:
+    """``k`` of ``n`` layers, evenly spaced."""
+    return sorted({(i * n) // k for i in range(k)}) if k else []
+
+
+def ffn_tier(room: int, ffn_sizes: list[int], attn_matrix: int, n: int) -> int:
+    """Algorithm 1: how many FFN tensors (largest first) to keep in every layer.
+
+    All of them if ``room`` also leaves two attention matrices per layer; else the
+    largest ``j`` that fit in every layer.
+    """
+    if room >= sum(ffn_sizes) * n + 2 * attn_matrix * n:
+        return len(ffn_sizes)
+    for j in range(len(ffn_sizes) - 1, 0, -1):
+        if room >= sum(ffn_sizes[:j]) * n:
+            return j
+    return 0
+
+
+def make_plan(tensors: list[TensorInfo], budget: int, *, window: int = 3, policy: str = "flexinfer") -> Plan:
+    layers = sorted({t.layer for t in tensors if t.layer is not None})
+    n = len(layers)
+    if n == 0 or layers != list(range(n)):
+        raise BudgetError("flexinfer needs a decoder whose layers are named '...layers.<i>....'")
+    by_layer: dict[int, list[TensorInfo]] = {i: [] for i in range(n)}
+    small, head = [], []
+    for t in tensors:
+        if t.kind == "small":
+            small.append(t)
+        elif t.kind == "head":
+            head.append(t)
+        else:
+            by_layer[t.layer].append(t)
+    sizes = {t.name: t.nbytes for t in tensors}
+    plan = Plan(budget=budget, policy=policy, window=window, num_layers=n, sizes=sizes, head_names=[t.name for t in head])
+    plan.resident |= {t.name for t in small}
+    small_bytes = sum(t.nbytes for t in small)
+    head_bytes = sum(t.nbytes for t in head)
+    layer_full = max(sum(t.nbytes for t in ts) for ts in by_layer.values())
+
+    def arena(max_unit: int, head_streamed: bool) -> int:
+        a = (window + 1) * max_unit
+        return max(a, max_unit + head_bytes) if head_streamed else a
+
+    if budget >= sum(sizes.values()):  # everything fits: nothing streams, no buffers, no slowdown
+        plan.resident = set(sizes)
+        return plan
+    minimum = small_bytes + arena(layer_full, True)
+    if budget < minimum:
+        raise BudgetError(
+            f"memory_budget {budget / 2**20:.1f} MiB is below the minimum {minimum / 2**20:.1f} MiB for this model "
+            f"(norms {small_bytes / 2**20:.1f} MiB + buffers for {window + 1} layers and the embedding/lm_head); "
+            f"raise the budget or lower prefetch_window"
+        )
+    # head resident if it fits next to the worst-case arena
+    plan.head_streamed = budget - small_bytes - arena(layer_full, False) < head_bytes
+    if not plan.head_streamed:
+        plan.resident |= set(plan.head_names)
+    fixed = small_bytes + (0 if plan.head_streamed else head_bytes)
+
+    # Representative layer (llama layers are uniform): tensor kinds sorted largest first.
+    proto = by_layer[0]
+    ffn = sorted([t for t in proto if t.kind == "ffn"], key=lambda t: -t.nbytes)
+    attn = sorted([t for t in proto if t.kind == "attn"], key=lambda t: -t.nbytes)
+    suffix = lambda t: t.name.split(f"layers.{t.layer}.", 1)[1]  # noqa: E731
+    o_proj = next((t.nbytes for t in attn if "o_proj" in t.name), min((t.nbytes for t in attn), default=0))
+
+    def choose(room: int) -> dict[str, list[int]]:
+        """suffix -> layers where it stays resident."""
+        keep: dict[str, list[int]] = {}
+
+        def fill(order):
+            nonlocal room
+            for t in order:
+                s = suffix(t)
+                if s in keep:
+                    continue
+                k = min(n, room // t.nbytes) if t.nbytes else n
+                if k <= 0:
+                    continue
+                keep[s] = _spread(k, n)
+                room -= k * t.nbytes
+
+        if policy == "no_balance":
+            for i in range(n):
+                for t in sorted(by_layer[i], key=lambda t: -t.nbytes):
+                    if t.nbytes <= room:
+                        keep.setdefault(suffix(t), []).append(i)
+                        room -= t.nbytes
+            return keep
+        if policy == "attention_first":
+            fill(attn + ffn)
+            return keep
+        if policy == "ffn_first":
+            fill(ffn + attn)
+            return keep
+        # flexinfer: Algorithm 1's tiers over the FFN tensors
+        tier = ffn[: ffn_tier(room, [t.nbytes for t in ffn], o_proj, n)]
+        for t in tier:
+            keep[suffix(t)] = list(range(n))
+            room -= t.nbytes * n
+        fill(attn + ffn)  # then attention, then what FFN is left, balanced
+        return keep
+
+    def apply(room: int) -> None:
+        keep = choose(room)
+        plan.resident -= {t.name for ts in by_layer.values() for t in ts}
+        plan.streamed = {}
+        for i, ts in by_layer.items():
+            for t in ts:
+                if i in keep.get(suffix(t), ()):
+                    plan.resident.add(t.name)
+                else:
+                    plan.streamed.setdefault(i, []).append(t.name)
+
+    plan.arena_bytes = arena(layer_full, plan.head_streamed)
+    apply(budget - fixed - plan.arena_bytes)
+    # The arena only needs to hold what is actually streamed; give the difference back once.
+    max_unit = max((plan.layer_streamed_bytes(i) for i in range(n)), default=0)
+    smaller = arena(max_unit, plan.head_streamed) if (max_unit or plan.head_streamed) else 0
+    if smaller < plan.arena_bytes:
+        plan.arena_bytes = smaller
+        apply(budget - fixed - smaller)
+        max_unit = max((plan.layer_streamed_bytes(i) for i in range(n)), default=0)
+        plan.arena_bytes = arena(max_unit, plan.head_streamed) if (max_unit or plan.head_streamed) else 0
+    assert plan.resident_bytes + plan.arena_bytes <= budget, "plan exceeds its budget"
+    return plan
+
+
+# ---------------------------------------------------------------------------- checkpoint tables
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "U8": 1}
+
+
+def checkpoint_tensors(model_dir: str | Path, dtype_bytes: int | None = None) -> list[TensorInfo]:
+    """Tensor table from a folder's safetensors headers (sizes converted to ``dtype_bytes`` per element)."""
+    out = []
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (hlen,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(hlen))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            numel = 1
+            for d in meta["shape"]:
+                numel *= d
+            elt = dtype_bytes or _DTYPE_BYTES.get(meta["dtype"], 2)
+            out.append(classify(name, numel * elt, len(meta["shape"])))
+    if not out:
+        raise BudgetError(f"no safetensors weights in {model_dir}: flexinfer streams safetensors checkpoints only")
+    return out
+
+
+def main(argv=None) -> int:
+    from .config import FlexConfig
+
+    p = argparse.ArgumentParser(prog="python -m flexoffload.plan", description="Print a FlexInfer plan for a checkpoint")
+    p.add_argument("model", help="a Hugging Face folder with *.safetensors")
+    p.add_argument("--budget", required=True, help='"1GiB", "800MB", bytes, or a fraction like 0.5')
+    p.add_argument("--dtype-bytes", type=int, default=4, help="bytes per element when served (4: float32)")
+    p.add_argument("--window", type=int, default=3)
+    p.add_argument("--policy", default="flexinfer")
+    p.add_argument("--disk-gbps", type=float, default=0.54, help="disk read bandwidth for the prediction")
+    p.add_argument("--mem-gbps", type=float, default=9.5, help="memory bandwidth for the prediction")
+    args = p.parse_args(argv)
+    tensors = checkpoint_tensors(args.model, args.dtype_bytes)
+    budget_value = float(args.budget) if re.fullmatch(r"0?\.\d+|1(\.0)?", args.budget) else args.budget
+    budget = FlexConfig(memory_budget=budget_value).budget_bytes(sum(t.nbytes for t in tensors))
+    try:
+        plan = make_plan(tensors, budget, window=args.window, policy=args.policy)
+    except BudgetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(plan.table(args.disk_gbps * 1e9, args.mem_gbps * 1e9))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

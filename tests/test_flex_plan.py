@@ -1,0 +1,134 @@
+"""FlexInfer planner: the plan never exceeds its budget, follows Algorithm 1 at its thresholds,
+balances the resident share across layers, and refuses budgets below the minimum (saying it)."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from flexoffload.config import FlexConfig, FlexConfigError
+from flexoffload.plan import BudgetError, TensorInfo, checkpoint_tensors, ffn_tier, make_plan
+
+MiB = 1 << 20
+
+
+def llama_table(n=8, ffn=4 * MiB, attn=MiB, head=0, small=4096):
+    """llama.cpp-style granularity: 3 equal FFN matrices, q/o of size attn, k/v a quarter of it."""
+    t = []
+    for i in range(n):
+        p = f"model.layers.{i}."
+        t += [TensorInfo(p + f"mlp.{m}.weight", ffn, i, "ffn") for m in ("gate_proj", "up_proj", "down_proj")]
+        t += [TensorInfo(p + "self_attn.q_proj.weight", attn, i, "attn"), TensorInfo(p + "self_attn.o_proj.weight", attn, i, "attn"),
+              TensorInfo(p + "self_attn.k_proj.weight", attn // 4, i, "attn"), TensorInfo(p + "self_attn.v_proj.weight", attn // 4, i, "attn"),
+              TensorInfo(p + "input_layernorm.weight", small, i, "small")]
+    if head:
+        t.append(TensorInfo("model.embed_tokens.weight", head, None, "head"))
+    return t
+
+
+def ffn_kept_everywhere(plan, n=8):
+    kinds = ("gate_proj", "up_proj", "down_proj")
+    return sum(all(f"model.layers.{i}.mlp.{k}.weight" in plan.resident for i in range(n)) for k in kinds)
+
+
+@pytest.mark.parametrize(
+    "room, kept",
+    [
+        (3 * 4 * 8 + 2 * 1 * 8, 3),  # all FFN plus two attention matrices per layer
+        (3 * 4 * 8 + 2 * 1 * 8 - 1, 2),  # all FFN would fit, but no room for attention: keep 2
+        (2 * 4 * 8, 2),
+        (2 * 4 * 8 - 1, 1),
+        (1 * 4 * 8, 1),
+        (1 * 4 * 8 - 1, 0),
+    ],
+)
+def test_algorithm1_thresholds(room, kept):
+    assert ffn_tier(room, [4, 4, 4], 1, 8) == kept
+
+
+def test_flexinfer_keeps_two_ffn_and_attention_where_ffn_first_keeps_three():
+    """Between the top thresholds FlexInfer prefers 2 FFN + attention over 3 FFN + none."""
+    table = llama_table(8, 4 * MiB, MiB)
+    budget = 112 * MiB  # room ~ 3 FFN x 8 layers (96 MiB) + a little: below the +2 attention threshold
+    p = make_plan(table, budget, window=0)
+    assert ffn_kept_everywhere(p) == 2 and any("q_proj" in x or "o_proj" in x for x in p.resident)
+    p2 = make_plan(table, budget, window=0, policy="ffn_first")
+    assert ffn_kept_everywhere(p2) == 3
+
+
+def test_attention_first_keeps_attention_before_ffn():
+    table = llama_table()
+    p = make_plan(table, 40 * MiB, window=1, policy="attention_first")
+    assert all(f"model.layers.{i}.self_attn.q_proj.weight" in p.resident for i in range(8))
+
+
+def test_no_balance_fills_early_layers_first():
+    table = llama_table()
+    p = make_plan(table, 60 * MiB, window=1, policy="no_balance")
+    assert p.layer_streamed_bytes(0) == 0 and p.layer_streamed_bytes(7) > p.layer_streamed_bytes(0)
+
+
+def test_full_budget_streams_nothing():
+    table = llama_table(head=10 * MiB)
+    p = make_plan(table, sum(t.nbytes for t in table))
+    assert p.streamed_bytes_per_forward == 0 and p.arena_bytes == 0 and not p.head_streamed
+
+
+def test_head_streams_when_it_does_not_fit():
+    table = llama_table(head=40 * MiB)
+    p = make_plan(table, 60 * MiB, window=1)
+    assert p.head_streamed and p.arena_bytes >= 40 * MiB
+    assert p.resident_bytes + p.arena_bytes <= p.budget
+
+
+def test_budget_below_minimum_says_the_minimum():
+    with pytest.raises(BudgetError, match=r"below the minimum \d+\.\d MiB"):
+        make_plan(llama_table(), 10 * MiB)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(1, 12), ffn=st.integers(1, 64), attn=st.integers(1, 32), head=st.integers(0, 200),
+    window=st.integers(0, 4), frac=st.floats(0.0, 1.2),
+    policy=st.sampled_from(["flexinfer", "ffn_first", "attention_first", "no_balance"]),
+)
+def test_plans_respect_budget_and_cover_every_tensor(n, ffn, attn, head, window, frac, policy):
+    table = llama_table(n, ffn * 65536, attn * 65536, head * 65536)
+    total = sum(t.nbytes for t in table)
+    budget = int(frac * total)
+    try:
+        p = make_plan(table, budget, window=window, policy=policy)
+    except BudgetError:
+        return
+    assert p.resident_bytes + p.arena_bytes <= budget
+    streamed = {x for names in p.streamed.values() for x in names}
+    layer_tensors = {t.name for t in table if t.layer is not None and t.kind != "small"}
+    assert streamed.isdisjoint(p.resident) and layer_tensors <= streamed | p.resident
+    if p.streamed:
+        biggest = max(p.layer_streamed_bytes(i) for i in range(n))
+        assert p.arena_bytes >= (window + 1) * biggest
+    if policy == "flexinfer":  # balanced: a kind's resident count differs by at most one across layers
+        per_layer = [sum(t.nbytes for t in table if t.layer == i and t.name in p.resident) for i in range(n)]
+        kinds = {t.name.split(f"layers.{t.layer}.")[1]: t.nbytes for t in table if t.layer is not None}
+        assert max(per_layer) - min(per_layer) <= sum(kinds.values())
+        streams = [p.layer_streamed_bytes(i) for i in range(n)]
+        assert max(streams) - min(streams) <= sum(kinds.values())
+
+
+def test_config_validation():
+    with pytest.raises(FlexConfigError, match="needs a memory budget"):
+        FlexConfig.from_extra({})
+    with pytest.raises(FlexConfigError, match="unknown flexinfer option"):
+        FlexConfig.from_extra({"memory_budget": "1GiB", "prefetch": 2})
+    with pytest.raises(FlexConfigError, match=r"in \(0, 1\]"):
+        FlexConfig.from_extra({"memory_budget": 1.5})
+    with pytest.raises(FlexConfigError, match="KiB/MiB/GiB"):
+        FlexConfig.from_extra({"memory_budget": "lots"})
+    cfg = FlexConfig.from_extra({"memory_budget": 0.5})
+    assert cfg.budget_bytes(1000) == 500 and FlexConfig.from_extra({"memory_budget": "25%"}).budget_bytes(1000) == 250
+    assert FlexConfig.from_extra({"memory_budget": "800MB"}).budget_bytes(1) == 800_000_000
+
+
+def test_checkpoint_table_of_smollm2(smollm2_path):
+    table = checkpoint_tensors(smollm2_path, dtype_bytes=4)
+    assert sum(t.kind == "ffn" for t in table) == 90 and sum(t.kind == "attn" for t in table) == 120
+    assert [t.name for t in table if t.kind == "head"] == ["model.embed_tokens.weight"]
