@@ -16,4 +16,5 @@ def register() -> None:
     if _registered:
         return
     _registered = True
+    from . import loader  # noqa: F401  (registers --load-format flexinfer)
     logger.info("flexoffload plugin registered in pid %d (%s)", os.getpid(), multiprocessing.current_process().name)

@@ -1,4 +1,5 @@
-"""The OpenAI server with `--attention-backend VTENSOR`: chat and completions, streaming and not,
+"""The OpenAI server with `--attention-backend VTENSOR` and `--load-format flexinfer` (50% budget):
+chat and completions, streaming and not,
 answers equal to vanilla greedy decoding, and the allocator's figures in /metrics."""
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from vllm_vtensor.demo import Server
 
 pytestmark = pytest.mark.e2e
 
-ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--kv-cache-memory-bytes", "256M"]
+ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--kv-cache-memory-bytes", "256M",
+        "--load-format", "flexinfer", "--model-loader-extra-config", '{"memory_budget": 0.5}']
 
 
 @pytest.fixture(scope="module")

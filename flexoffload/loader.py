@@ -1,0 +1,237 @@
+"""``--load-format flexinfer``: a memory-budgeted vLLM model loader (FlexInfer).
+
+Load path: the model is built and loaded by vLLM's default loader, its
+tensors (in their final dtype, before CPU weight packing) are written once to
+an aligned weight store, the plan picks what stays resident, then streamed
+tensors are dropped from memory and the decoder layers get hooks that swap
+each layer's streamed tensors in from the prefetch arena while it computes.
+Steady-state weight memory is resident tensors + arena <= ``memory_budget``.
+Loading itself needs the whole model in memory once (as vLLM's loader does).
+
+Supported: CPU, llama-style decoders (``model.model.layers``), eager mode
+(``--enforce-eager``: forward hooks must run on every pass).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from vllm.config import ModelConfig, VllmConfig
+from vllm.model_executor.model_loader import register_model_loader
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.model_executor.model_loader.utils import process_weights_after_loading
+from vllm.utils.torch_utils import set_default_torch_dtype
+
+from vllm_vtensor.log import get_logger
+
+from .config import FlexConfig, FlexConfigError
+from .plan import classify, make_plan
+from .runtime import Streamer, Unit, mlock
+from .store import WeightStore, aligned, store_key
+
+logger = get_logger(__name__)
+STATS_ENV = "FLEXOFFLOAD_STATS_FILE"
+
+
+@register_model_loader("flexinfer")
+class FlexInferLoader(BaseModelLoader):
+    def __init__(self, load_config):
+        super().__init__(load_config)
+        self.cfg = FlexConfig.from_extra(load_config.model_loader_extra_config)
+        inner = dataclasses.replace(load_config, load_format="auto", model_loader_extra_config={})
+        self.inner = DefaultModelLoader(inner)
+        self.streamer: Streamer | None = None
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        self.inner.download_model(model_config)
+
+    def load_weights(self, model, model_config: ModelConfig) -> None:
+        self.inner.load_weights(model, model_config)
+
+    def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> torch.nn.Module:
+        if vllm_config.device_config.device.type != "cpu":
+            raise FlexConfigError("--load-format flexinfer streams weights on CPU in this release; "
+                                  "use vLLM's --cpu-offload-gb on GPUs")
+        from vllm.config import CompilationMode
+
+        if vllm_config.compilation_config.mode != CompilationMode.NONE:
+            raise FlexConfigError("--load-format flexinfer needs --enforce-eager (its per-layer hooks must run on "
+                                  "every forward pass; compiled graphs skip them)")
+        if vllm_config.parallel_config.world_size != 1:
+            raise FlexConfigError("--load-format flexinfer supports tensor/pipeline parallel size 1 only")
+        t0 = time.perf_counter()
+        target = torch.device(vllm_config.device_config.device)
+        with set_default_torch_dtype(model_config.dtype), target:
+            model = self.create_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+        self.load_weights(model, model_config)
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if layers is None:
+            raise FlexConfigError(f"flexinfer supports llama-style decoders (model.model.layers); "
+                                  f"{type(model).__name__} has none")
+        params = dict(model.named_parameters())  # tied lm_head/embedding appear once
+        tensors = [classify(n, aligned(p.numel() * p.element_size()), p.dim()) for n, p in params.items()]
+        weight_bytes = sum(t.nbytes for t in tensors)  # the plan's (4096-aligned) sizes: 100% streams nothing
+        budget = self.cfg.budget_bytes(weight_bytes)
+        plan = make_plan(tensors, budget, window=max(self.cfg.prefetch_window, 0), policy=self.cfg.policy)
+        logger.info("flexinfer plan (weights %.1f MiB):\n%s", weight_bytes / 2**20, plan.table())
+
+        streamed = [n for names in plan.streamed.values() for n in names] + (plan.head_names if plan.head_streamed else [])
+        if streamed:
+            key = store_key(model_config.model, model_config.dtype, list(params))
+            path = self.cfg.store_dir() / f"{key}.bin"
+            if not WeightStore.exists(path):
+                logger.info("flexinfer: writing the aligned weight store %s (once per checkpoint and dtype)", path)
+                WeightStore.write(path, {n: params[n].data for n in params})
+            store = WeightStore.open(path, self.cfg.direct_io)
+
+        for name in streamed:  # dropped before CPU GEMM packing, so only resident weights get packed copies
+            module_name, _, attr = name.rpartition(".")
+            getattr(model.get_submodule(module_name), attr).data = torch.empty(0, dtype=params[name].dtype)
+        del params
+        process_weights_after_loading(model, model_config, target)
+        if streamed:
+            self._install(model, layers, plan, store, streamed)
+        _give_back_freed_memory()
+        if self.cfg.lock_memory:
+            locked = sum(mlock(p.data_ptr(), p.numel() * p.element_size()) for n, p in model.named_parameters()
+                         if n in plan.resident and p.numel())
+            logger.info("flexinfer: mlocked %d resident tensors", locked)
+        logger.info("flexinfer: loaded in %.1fs; resident %.1f MiB + arena %.1f MiB <= budget %.1f MiB; "
+                    "streaming %.1f MiB per forward pass", time.perf_counter() - t0, plan.resident_bytes / 2**20,
+                    plan.arena_bytes / 2**20, budget / 2**20, plan.streamed_bytes_per_forward / 2**20)
+        model.flexinfer_plan = plan
+        if os.environ.get(STATS_ENV) and os.path.exists(os.environ[STATS_ENV]):
+            os.remove(os.environ[STATS_ENV])  # a fresh snapshot per engine
+        _write_stats(os.environ.get(STATS_ENV), {
+            "budget_bytes": budget, "weight_bytes": weight_bytes, "resident_bytes": plan.resident_bytes,
+            "arena_bytes": plan.arena_bytes, "streamed_bytes_per_forward": plan.streamed_bytes_per_forward,
+            "head_streamed": plan.head_streamed, "policy": plan.policy, "forwards": 0, "bytes_streamed": 0})
+        return model.eval()
+
+    # -- runtime wiring ----------------------------------------------------
+    def _install(self, model, layers, plan, store: WeightStore, streamed: list[str]) -> None:
+        units = [Unit(f"layer.{i}", plan.streamed[i]) for i in range(plan.num_layers) if plan.streamed.get(i)]
+        head_unit = None
+        if plan.head_streamed:
+            head_unit = len(units)
+            units.append(Unit("head", list(plan.head_names)))
+        streamer = Streamer(store, units, plan.arena_bytes, window=self.cfg.prefetch_window,
+                            io_threads=self.cfg.io_threads, lock_memory=self.cfg.lock_memory)
+        self.streamer = streamer
+
+        placeholders = {}
+        for name in streamed:
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            param = getattr(module, attr)
+            placeholders[name] = (param, param.data)  # already an empty placeholder
+        # Every module using a streamed weight (a tied lm_head too) computes its GEMM on whatever
+        # weight is swapped in, instead of a packed copy made at load time.
+        streamed_ids = {id(p) for p, _ in placeholders.values()}
+        for module in model.modules():
+            if any(id(p) in streamed_ids for p in module._parameters.values() if p is not None):
+                module.cpu_linear = lambda x, weight, bias: F.linear(x, weight, bias)
+
+        def swap_in(slot):
+            for name, t in streamer.tensors(slot).items():
+                placeholders[name][0].data = t
+
+        def swap_out(slot):
+            for name in units[slot.unit].names:
+                param, empty = placeholders[name]
+                param.data = empty
+            streamer.release(slot)
+
+        stats_path = os.environ.get(STATS_ENV)
+        active: dict[int, object] = {}
+        last_log = [time.monotonic()]
+
+        def pre(unit_idx):
+            def hook(module, args):
+                slot = streamer.acquire(unit_idx)
+                active[unit_idx] = slot
+                swap_in(slot)
+            return hook
+
+        def post(unit_idx):
+            def hook(module, args, output):
+                swap_out(active.pop(unit_idx))
+                if unit_idx == len(units) - 1:
+                    streamer.stats.forwards += 1
+                    _report(streamer, stats_path, last_log)
+            return hook
+
+        for u_idx, unit in enumerate(units):
+            if unit.key.startswith("layer."):
+                layer = layers[int(unit.key.split(".")[1])]
+                layer.register_forward_pre_hook(pre(u_idx))
+                layer.register_forward_hook(post(u_idx))
+        if head_unit is not None:
+            model.logits_processor.register_forward_pre_hook(pre(head_unit))
+            model.logits_processor.register_forward_hook(post(head_unit))
+            self._stream_embedding_rows(model, plan, store, placeholders)
+
+    @staticmethod
+    def _stream_embedding_rows(model, plan, store: WeightStore, placeholders) -> None:
+        """The embedding lookup reads only the rows it needs (a few KB per token) from the store."""
+        embed = model.model.embed_tokens
+        name = next(n for n in plan.head_names if "embed" in n)
+        entry = store.index[name]
+        rows, hidden = entry.shape
+        row_bytes = entry.nbytes // rows
+        param, empty = placeholders[name]
+
+        def pre(module, args):
+            ids = args[0]
+            uniq, inverse = torch.unique(ids, return_inverse=True)
+            data = store.read_rows(name, uniq.tolist(), row_bytes)
+            param.data = torch.frombuffer(bytearray(data), dtype=entry.torch_dtype).view(len(uniq), hidden)
+            return (inverse.view(ids.shape),) + tuple(args[1:])
+
+        def post(module, args, output):
+            param.data = empty
+
+        embed.register_forward_pre_hook(pre)
+        embed.register_forward_hook(post)
+
+
+def _give_back_freed_memory() -> None:
+    """Freed weights sit in malloc's free lists (glibc raises its mmap threshold); return them to the OS."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _write_stats(path: str | None, data: dict) -> None:
+    """Merge ``data`` into the JSON snapshot at ``path`` (tests and benchmarks read it)."""
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            data = {**json.load(f), **data}
+    except (OSError, ValueError):
+        pass
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def _report(streamer: Streamer, stats_path: str | None, last_log: list) -> None:
+    s = streamer.stats
+    now = time.monotonic()
+    _write_stats(stats_path, {**dataclasses.asdict(s), "overlap": s.overlap, "arena_locked": streamer.locked})
+    if now - last_log[0] > 10:
+        last_log[0] = now
+        logger.info("flexinfer: %d forwards, %.1f MiB streamed, I/O %.2fs, waited %.2fs (overlap %.0f%%)",
+                    s.forwards, s.bytes_streamed / 2**20, s.io_seconds, s.wait_seconds, 100 * s.overlap)

@@ -1,0 +1,195 @@
+"""Asynchronous prefetching of streamed weights into a fixed arena.
+
+Units (one per decoder layer with streamed tensors, plus the lm_head when it
+streams) are read in forward order, cyclically, by a producer thread into a
+FIFO ring inside one page-aligned arena of ``arena_bytes``: at most
+``window`` units ahead of the one computing, and never more than fits.  The
+consumer (the model's forward hooks) takes a unit when its layer starts and
+gives its space back when the layer ends.  With ``window == 0`` reads are
+synchronous (the ablation).
+
+Invariant: bytes of resident weights + ``arena_bytes`` <= the budget; the ring
+never allocates outside the arena.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_vtensor.log import get_logger
+
+from .store import WeightStore, aligned_buffer
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class Unit:
+    key: str  # "layer.<i>" or "head"
+    names: list[str]
+    nbytes: int = 0  # padded bytes in the arena
+
+
+@dataclass
+class _Slot:
+    seq: int
+    unit: int
+    start: int
+    size: int
+    ready: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+@dataclass
+class StreamStats:
+    bytes_streamed: int = 0
+    io_seconds: float = 0.0  # time the reads took
+    wait_seconds: float = 0.0  # time compute waited for reads (I/O not hidden)
+    units_read: int = 0
+    units_skipped: int = 0
+    forwards: int = 0
+
+    @property
+    def overlap(self) -> float:
+        return 0.0 if self.io_seconds == 0 else max(0.0, 1.0 - self.wait_seconds / self.io_seconds)
+
+
+def mlock(addr: int, nbytes: int) -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(nbytes)) == 0
+
+
+class Streamer:
+    def __init__(self, store: WeightStore, units: list[Unit], arena_bytes: int, *, window: int, io_threads: int,
+                 lock_memory: bool):
+        for u in units:
+            u.nbytes = sum(store.index[n].padded for n in u.names)
+        biggest = max(u.nbytes for u in units)
+        if arena_bytes < biggest:
+            raise ValueError(f"stream arena {arena_bytes} bytes cannot hold a unit of {biggest} bytes")
+        self.store, self.units, self.window = store, units, window
+        self.arena = aligned_buffer(arena_bytes)
+        self.capacity = len(self.arena)
+        self._addr = ctypes.addressof(ctypes.c_char.from_buffer(self.arena))
+        self.locked = lock_memory and mlock(self._addr, self.capacity)
+        self._view = memoryview(self.arena)
+        self._byte_tensor = torch.frombuffer(self.arena, dtype=torch.uint8)
+        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flexinfer-io")
+        self._ring: collections.deque[_Slot] = collections.deque()
+        self._cond = threading.Condition()
+        self._next_seq = 0
+        self._closed = False
+        self.stats = StreamStats()
+        self._thread = None
+        if window > 0:
+            self._thread = threading.Thread(target=self._produce_loop, name="flexinfer-prefetch", daemon=True)
+            self._thread.start()
+
+    # -- the ring ----------------------------------------------------------
+    def _place(self, size: int) -> int | None:
+        """Start offset for ``size`` bytes at the ring's tail, or None when it does not fit yet."""
+        if not self._ring:
+            return 0
+        head, tail = self._ring[0].start, self._ring[-1].start + self._ring[-1].size
+        if self._ring[-1].start >= head:  # not wrapped: free space is [tail, cap) and [0, head)
+            if tail + size <= self.capacity:
+                return tail
+            return 0 if size <= head else None
+        return tail if tail + size <= head else None  # wrapped: free space is [tail, head)
+
+    def _read(self, slot: _Slot) -> None:
+        t0 = time.perf_counter()
+        try:
+            off = slot.start
+            futures = []
+            for name in self.units[slot.unit].names:
+                e = self.store.index[name]
+                futures.append(self._pool.submit(self.store.read_into, name, self._view[off : off + e.padded]))
+                off += e.padded
+            n = sum(f.result() for f in futures)
+            with self._cond:
+                self.stats.bytes_streamed += n
+                self.stats.units_read += 1
+                self.stats.io_seconds += time.perf_counter() - t0
+        except BaseException as e:  # surfaced to the consumer, never lost in a thread
+            slot.error = e
+        slot.ready.set()
+
+    def _enqueue(self) -> _Slot | None:
+        """Reserve ring space for the next unit in cyclic order (caller holds the lock)."""
+        unit = self._next_seq % len(self.units)
+        start = self._place(self.units[unit].nbytes)
+        if start is None:
+            return None
+        slot = _Slot(self._next_seq, unit, start, self.units[unit].nbytes)
+        self._next_seq += 1
+        self._ring.append(slot)
+        return slot
+
+    def _produce_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and (len(self._ring) > self.window or self._place(
+                        self.units[self._next_seq % len(self.units)].nbytes) is None):
+                    self._cond.wait()
+                if self._closed:
+                    return
+                slot = self._enqueue()
+                self._cond.notify_all()  # a consumer may be waiting for this unit to appear
+            self._read(slot)
+
+    # -- the consumer ------------------------------------------------------
+    def acquire(self, unit: int) -> _Slot:
+        """The slot holding ``unit``, waiting for its read; older slots are dropped."""
+        t0 = time.perf_counter()
+        with self._cond:
+            while True:
+                while self._ring and self._ring[0].unit != unit:
+                    self._ring.popleft()  # a unit the model did not use this time (e.g. no logits)
+                    self.stats.units_skipped += 1
+                    self._cond.notify_all()
+                if self._ring:
+                    slot = self._ring[0]
+                    break
+                if self._thread is None:  # synchronous mode: read it now
+                    self._next_seq = unit
+                    slot = self._enqueue()
+                    break
+                self._cond.wait()
+        if self._thread is None:
+            self._read(slot)
+        slot.ready.wait()
+        with self._cond:
+            self.stats.wait_seconds += time.perf_counter() - t0
+        if slot.error is not None:
+            raise RuntimeError(f"flexinfer could not read {self.units[unit].key}") from slot.error
+        return slot
+
+    def tensors(self, slot: _Slot) -> dict[str, torch.Tensor]:
+        out, off = {}, slot.start
+        for name in self.units[slot.unit].names:
+            e = self.store.index[name]
+            out[name] = self._byte_tensor[off : off + e.nbytes].view(e.torch_dtype).view(e.shape)
+            off += e.padded
+        return out
+
+    def release(self, slot: _Slot) -> None:
+        with self._cond:
+            if self._ring and self._ring[0] is slot:
+                self._ring.popleft()
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._pool.shutdown(wait=True)

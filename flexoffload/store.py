@@ -1,0 +1,121 @@
+"""The weight store: a model's tensors, in their final in-memory form, at 4096-aligned offsets.
+
+Written once per (checkpoint, dtype) from the loaded model, so streamed reads
+need no conversion or fusing: a tensor's bytes go straight from disk into its
+buffer.  Aligned offsets and sizes allow ``O_DIRECT`` reads (no page cache, so
+streamed bytes are not held twice and do not count against a cgroup budget).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ALIGN = 4096
+_COMPLETE = "complete"
+
+
+def aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class Entry:
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def padded(self) -> int:
+        return aligned(self.nbytes)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype.replace("torch.", ""))
+
+
+def store_key(model_dir: str, dtype: torch.dtype, names: list[str]) -> str:
+    """Changes when the checkpoint files, the dtype or the parameter set change."""
+    h = hashlib.sha256(str(dtype).encode())
+    for p in sorted(Path(model_dir).glob("*.safetensors")):
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update("\n".join(sorted(names)).encode())
+    return h.hexdigest()[:20]
+
+
+class WeightStore:
+    def __init__(self, path: Path, index: dict[str, Entry], direct_io: bool):
+        self.path = path
+        self.index = index
+        flags = os.O_RDONLY | (os.O_DIRECT if direct_io else 0)
+        try:
+            self.fd = os.open(path, flags)
+        except OSError as e:
+            raise OSError(f"cannot open the flexinfer weight store {path} "
+                          f"({'O_DIRECT' if direct_io else 'buffered'}): {e}; try \"direct_io\": false") from e
+        self.direct_io = direct_io
+        self.row_fd = os.open(path, os.O_RDONLY)  # buffered, for small embedding-row reads
+
+    @staticmethod
+    def exists(path: Path) -> bool:
+        return (path.with_suffix(".json")).exists() and json.loads(path.with_suffix(".json").read_text()).get(_COMPLETE)
+
+    @classmethod
+    def write(cls, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        index, offset = {}, 0
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            for name, t in tensors.items():
+                data = t.detach().contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+                f.seek(offset)
+                f.write(data)
+                index[name] = {"offset": offset, "nbytes": len(data), "dtype": str(t.dtype), "shape": list(t.shape)}
+                offset += aligned(len(data))
+            f.truncate(offset)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        path.with_suffix(".json").write_text(json.dumps({"tensors": index, _COMPLETE: True}))
+
+    @classmethod
+    def open(cls, path: Path, direct_io: bool) -> "WeightStore":
+        raw = json.loads(path.with_suffix(".json").read_text())["tensors"]
+        index = {k: Entry(v["offset"], v["nbytes"], v["dtype"], tuple(v["shape"])) for k, v in raw.items()}
+        return cls(path, index, direct_io)
+
+    def read_into(self, name: str, buf: memoryview) -> int:
+        """Read tensor ``name`` into ``buf`` (page-aligned, at least ``padded`` bytes); return bytes read."""
+        e = self.index[name]
+        view = buf[: e.padded]
+        done = 0
+        while done < e.padded:
+            n = os.preadv(self.fd, [view[done:]], e.offset + done)
+            if n <= 0:
+                break
+            done += n
+        if done < e.nbytes:
+            raise OSError(f"short read of {name} from {self.path}: {done} of {e.nbytes} bytes (file damaged?)")
+        return e.nbytes
+
+    def read_rows(self, name: str, rows: list[int], row_bytes: int) -> bytes:
+        e = self.index[name]
+        return b"".join(os.pread(self.row_fd, row_bytes, e.offset + r * row_bytes) for r in rows)
+
+    def close(self) -> None:
+        for fd in (self.fd, self.row_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def aligned_buffer(nbytes: int) -> mmap.mmap:
+    """Page-aligned anonymous memory (what ``O_DIRECT`` needs)."""
+    return mmap.mmap(-1, max(aligned(nbytes), ALIGN), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
