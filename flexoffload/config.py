@@ -8,6 +8,7 @@ from pathlib import Path
 from vllm_vtensor.pool import parse_bytes
 
 POLICIES = ("flexinfer", "attention_first", "ffn_first", "no_balance")
+BASELINES = ("mmap",)  # every layer tensor a view of the mmap'd store: the OS pages it in and out (llama.cpp's way)
 
 
 class FlexConfigError(ValueError):
@@ -20,7 +21,7 @@ class FlexConfig:
     prefetch_window: int = 3  # layers read ahead of the one computing (0: synchronous reads)
     io_threads: int = 2
     direct_io: bool = True  # O_DIRECT reads: no page cache, so streamed bytes do not count twice
-    policy: str = "flexinfer"  # or an ablation: attention_first, ffn_first, no_balance
+    policy: str = "flexinfer"  # or an ablation: attention_first, ffn_first, no_balance; or the "mmap" baseline
     lock_memory: bool = True  # mlock resident weights and buffers where the limit allows
     cache_dir: str | None = None  # where the aligned weight store is written
 
@@ -36,8 +37,8 @@ class FlexConfig:
         cfg = cls(**extra)
         if cfg.prefetch_window < 0 or cfg.io_threads < 1:
             raise FlexConfigError("prefetch_window must be >= 0 and io_threads >= 1")
-        if cfg.policy not in POLICIES:
-            raise FlexConfigError(f"policy {cfg.policy!r} is not one of {POLICIES}")
+        if cfg.policy not in POLICIES + BASELINES:
+            raise FlexConfigError(f"policy {cfg.policy!r} is not one of {POLICIES + BASELINES}")
         cfg.budget_bytes(1)  # validates the budget's form
         return cfg
 

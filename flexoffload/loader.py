@@ -68,7 +68,6 @@ class FlexInferLoader(BaseModelLoader):
         target = torch.device(vllm_config.device_config.device)
         with set_default_torch_dtype(model_config.dtype), target:
             model = self.create_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
-        self.load_weights(model, model_config)
         layers = getattr(getattr(model, "model", None), "layers", None)
         if layers is None:
             raise FlexConfigError(f"flexinfer supports llama-style decoders (model.model.layers); "
@@ -77,17 +76,18 @@ class FlexInferLoader(BaseModelLoader):
         tensors = [classify(n, aligned(p.numel() * p.element_size()), p.dim()) for n, p in params.items()]
         weight_bytes = sum(t.nbytes for t in tensors)  # the plan's (4096-aligned) sizes: 100% streams nothing
         budget = self.cfg.budget_bytes(weight_bytes)
+        path = self.cfg.store_dir() / f"{store_key(model_config.model, model_config.dtype, list(params))}.bin"
+        if self.cfg.policy == "mmap":
+            self._fill(model, model_config, params, path, lambda n: ".layers." not in n or params[n].dim() < 2)
+            return self._load_mmap_baseline(model, model_config, target, params, path)
         plan = make_plan(tensors, budget, window=max(self.cfg.prefetch_window, 0), policy=self.cfg.policy)
         logger.info("flexinfer plan (weights %.1f MiB):\n%s", weight_bytes / 2**20, plan.table())
-
         streamed = [n for names in plan.streamed.values() for n in names] + (plan.head_names if plan.head_streamed else [])
         if streamed:
-            key = store_key(model_config.model, model_config.dtype, list(params))
-            path = self.cfg.store_dir() / f"{key}.bin"
-            if not WeightStore.exists(path):
-                logger.info("flexinfer: writing the aligned weight store %s (once per checkpoint and dtype)", path)
-                WeightStore.write(path, {n: params[n].data for n in params})
+            self._fill(model, model_config, params, path, lambda n: n in plan.resident)
             store = WeightStore.open(path, self.cfg.direct_io)
+        else:
+            self.load_weights(model, model_config)
 
         for name in streamed:  # dropped before CPU GEMM packing, so only resident weights get packed copies
             module_name, _, attr = name.rpartition(".")
@@ -111,6 +111,57 @@ class FlexInferLoader(BaseModelLoader):
             "budget_bytes": budget, "weight_bytes": weight_bytes, "resident_bytes": plan.resident_bytes,
             "arena_bytes": plan.arena_bytes, "streamed_bytes_per_forward": plan.streamed_bytes_per_forward,
             "head_streamed": plan.head_streamed, "policy": plan.policy, "forwards": 0, "bytes_streamed": 0})
+        return model.eval()
+
+    def _fill(self, model, model_config, params, path, wanted) -> None:
+        """Load the tensors ``wanted(name)`` selects.
+
+        With a weight store on disk, only those tensors are read from it: the others are never
+        materialised, so loading stays within the budget.  Without one, vLLM's loader fills the
+        whole model once and the store is written from it (the one time the full model is in memory).
+        """
+        if not WeightStore.exists(path):
+            logger.info("flexinfer: writing the aligned weight store %s (once per checkpoint and dtype)", path)
+            self.load_weights(model, model_config)
+            WeightStore.write(path, {n: p.data for n, p in params.items()})
+            return
+        store = WeightStore.open(path, direct_io=False)
+        missing = set(params) - set(store.index)
+        if missing:
+            raise FlexConfigError(f"the weight store {path} lacks {sorted(missing)[:3]}...: delete it to rebuild")
+        for name, p in params.items():
+            if wanted(name):
+                e = store.index[name]
+                dst = memoryview(p.data.view(torch.uint8).reshape(-1).numpy())
+                if os.preadv(store.row_fd, [dst], e.offset) != e.nbytes:
+                    raise OSError(f"short read of {name} from {path}")
+        store.close()
+
+    def _load_mmap_baseline(self, model, model_config, target, params, path) -> torch.nn.Module:
+        """Baseline: every decoder-layer tensor is a view of the read-only mmap'd store; the kernel
+        pages weights in on use and evicts them under memory pressure (no budget of its own)."""
+        import mmap
+
+        index = WeightStore.open(path, direct_io=False).index
+        with open(path, "rb") as f:
+            self._mmap = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        raw = torch.frombuffer(self._mmap, dtype=torch.uint8)  # read-only memory: never written
+        mapped = [n for n in params if ".layers." in n and params[n].dim() >= 2]
+        ids = {id(params[n]) for n in mapped}
+        for name in mapped:  # emptied first, so CPU GEMM packing makes no resident copies of them
+            params[name].data = torch.empty(0, dtype=params[name].dtype)
+        process_weights_after_loading(model, model_config, target)
+        for name in mapped:
+            e = index[name]
+            module_name, _, attr = name.rpartition(".")
+            getattr(model.get_submodule(module_name), attr).data = raw[e.offset : e.offset + e.nbytes].view(
+                e.torch_dtype).view(e.shape)
+        for module in model.modules():  # GEMMs read the mapped weights directly
+            if any(id(p) in ids for p in module._parameters.values() if p is not None):
+                module.cpu_linear = lambda x, weight, bias: F.linear(x, weight, bias)
+        del params
+        _give_back_freed_memory()
+        logger.info("flexinfer mmap baseline: %d layer tensors mapped from %s", len(mapped), path)
         return model.eval()
 
     # -- runtime wiring ----------------------------------------------------
