@@ -277,6 +277,43 @@ def checkpoint_tensors(model_dir: str | Path, dtype_bytes: int | None = None) ->
     return out
 
 
+def measure_disk_bandwidth(path: Path, nbytes: int = 256 << 20) -> float:
+    """``O_DIRECT`` sequential read bandwidth of ``path`` in bytes/s (buffered if O_DIRECT is refused)."""
+    import mmap
+    import os
+    import time
+
+    buf = mmap.mmap(-1, 4 << 20)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        done, t0 = 0, time.perf_counter()
+        while done < min(nbytes, os.fstat(fd).st_size - (4 << 20)):
+            n = os.preadv(fd, [buf], done)
+            if n <= 0:
+                break
+            done += n
+        return done / max(time.perf_counter() - t0, 1e-9)
+    finally:
+        os.close(fd)
+
+
+def measure_memory_bandwidth(nbytes: int = 256 << 20) -> float:
+    """Copy bandwidth (bytes read + written per second / 2) of a large buffer."""
+    import time
+
+    import numpy as np
+
+    a = np.ones(nbytes, dtype=np.uint8)
+    b = np.empty_like(a)
+    np.copyto(b, a)
+    t0 = time.perf_counter()
+    np.copyto(b, a)
+    return nbytes / (time.perf_counter() - t0)
+
+
 def main(argv=None) -> int:
     from .config import FlexConfig
 
@@ -286,9 +323,11 @@ def main(argv=None) -> int:
     p.add_argument("--dtype-bytes", type=int, default=4, help="bytes per element when served (4: float32)")
     p.add_argument("--window", type=int, default=3)
     p.add_argument("--policy", default="flexinfer")
-    p.add_argument("--disk-gbps", type=float, default=0.54, help="disk read bandwidth for the prediction")
-    p.add_argument("--mem-gbps", type=float, default=9.5, help="memory bandwidth for the prediction")
+    p.add_argument("--disk-gbps", type=float, default=None, help="disk read bandwidth (default: measured)")
+    p.add_argument("--mem-gbps", type=float, default=None, help="memory bandwidth (default: measured)")
     args = p.parse_args(argv)
+    disk = args.disk_gbps * 1e9 if args.disk_gbps else measure_disk_bandwidth(next(Path(args.model).glob("*.safetensors")))
+    mem = args.mem_gbps * 1e9 if args.mem_gbps else measure_memory_bandwidth()
     tensors = checkpoint_tensors(args.model, args.dtype_bytes)
     budget_value = float(args.budget) if re.fullmatch(r"0?\.\d+|1(\.0)?", args.budget) else args.budget
     budget = FlexConfig(memory_budget=budget_value).budget_bytes(sum(t.nbytes for t in tensors))
@@ -297,7 +336,7 @@ def main(argv=None) -> int:
     except BudgetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(plan.table(args.disk_gbps * 1e9, args.mem_gbps * 1e9))
+    print(plan.table(disk, mem))
     return 0
 
 
