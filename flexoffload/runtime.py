@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,18 @@ class StreamStats:
         return 0.0 if self.io_seconds == 0 else max(0.0, 1.0 - self.wait_seconds / self.io_seconds)
 
 
+def _io_thread_affinity() -> None:
+    """Let an I/O thread run on any core.
+
+    vLLM pins its CPU worker (and so every thread it starts) to the compute cores; prefetch
+    threads pinned there would steal compute time instead of overlapping with it.
+    """
+    try:
+        os.sched_setaffinity(threading.get_native_id(), range(os.cpu_count() or 1))
+    except (OSError, AttributeError):
+        pass
+
+
 def mlock(addr: int, nbytes: int) -> bool:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -81,7 +94,8 @@ class Streamer:
         self.locked = lock_memory and mlock(self._addr, self.capacity)
         self._view = memoryview(self.arena)
         self._byte_tensor = torch.frombuffer(self.arena, dtype=torch.uint8)
-        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flexinfer-io")
+        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flexinfer-io",
+                                        initializer=_io_thread_affinity)
         self._ring: collections.deque[_Slot] = collections.deque()
         self._cond = threading.Condition()
         self._next_seq = 0
@@ -134,6 +148,7 @@ class Streamer:
         return slot
 
     def _produce_loop(self) -> None:
+        _io_thread_affinity()
         while True:
             with self._cond:
                 while not self._closed and (len(self._ring) > self.window or self._place(
