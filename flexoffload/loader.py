@@ -89,11 +89,15 @@ class FlexInferLoader(BaseModelLoader):
         else:
             self.load_weights(model, model_config)
 
-        for name in streamed:  # dropped before CPU GEMM packing, so only resident weights get packed copies
-            module_name, _, attr = name.rpartition(".")
-            getattr(model.get_submodule(module_name), attr).data = torch.empty(0, dtype=params[name].dtype)
+        # When anything streams, resident layer weights are not repacked for CPU GEMMs either: packing
+        # copies each weight (a transient of twice the resident bytes) and the budget must hold.
+        kept = {n: params[n].data for n in plan.resident if streamed and ".layers." in n and params[n].dim() >= 2}
+        _drop(model, streamed + list(kept))
         del params
         process_weights_after_loading(model, model_config, target)
+        for name, data in kept.items():
+            _param(model, name).data = data
+        _gemm_on_live_weights(model, list(kept))
         if streamed:
             self._install(model, layers, plan, store, streamed)
         _give_back_freed_memory()
@@ -147,18 +151,12 @@ class FlexInferLoader(BaseModelLoader):
             self._mmap = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
         raw = torch.frombuffer(self._mmap, dtype=torch.uint8)  # read-only memory: never written
         mapped = [n for n in params if ".layers." in n and params[n].dim() >= 2]
-        ids = {id(params[n]) for n in mapped}
-        for name in mapped:  # emptied first, so CPU GEMM packing makes no resident copies of them
-            params[name].data = torch.empty(0, dtype=params[name].dtype)
+        _drop(model, mapped)
         process_weights_after_loading(model, model_config, target)
         for name in mapped:
             e = index[name]
-            module_name, _, attr = name.rpartition(".")
-            getattr(model.get_submodule(module_name), attr).data = raw[e.offset : e.offset + e.nbytes].view(
-                e.torch_dtype).view(e.shape)
-        for module in model.modules():  # GEMMs read the mapped weights directly
-            if any(id(p) in ids for p in module._parameters.values() if p is not None):
-                module.cpu_linear = lambda x, weight, bias: F.linear(x, weight, bias)
+            _param(model, name).data = raw[e.offset : e.offset + e.nbytes].view(e.torch_dtype).view(e.shape)
+        _gemm_on_live_weights(model, mapped)
         del params
         _give_back_freed_memory()
         logger.info("flexinfer mmap baseline: %d layer tensors mapped from %s", len(mapped), path)
@@ -175,18 +173,8 @@ class FlexInferLoader(BaseModelLoader):
                             io_threads=self.cfg.io_threads, lock_memory=self.cfg.lock_memory)
         self.streamer = streamer
 
-        placeholders = {}
-        for name in streamed:
-            module_name, _, attr = name.rpartition(".")
-            module = model.get_submodule(module_name)
-            param = getattr(module, attr)
-            placeholders[name] = (param, param.data)  # already an empty placeholder
-        # Every module using a streamed weight (a tied lm_head too) computes its GEMM on whatever
-        # weight is swapped in, instead of a packed copy made at load time.
-        streamed_ids = {id(p) for p, _ in placeholders.values()}
-        for module in model.modules():
-            if any(id(p) in streamed_ids for p in module._parameters.values() if p is not None):
-                module.cpu_linear = lambda x, weight, bias: F.linear(x, weight, bias)
+        placeholders = {name: (_param(model, name), _param(model, name).data) for name in streamed}  # emptied
+        _gemm_on_live_weights(model, streamed)
 
         def swap_in(slot):
             for name, t in streamer.tensors(slot).items():
@@ -251,6 +239,27 @@ class FlexInferLoader(BaseModelLoader):
         embed.register_forward_hook(post)
 
 
+def _param(model, name: str) -> torch.nn.Parameter:
+    module_name, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module_name), attr)
+
+
+def _drop(model, names: list[str]) -> None:
+    """Empty these parameters (before CPU GEMM packing, so no packed copies of them are made)."""
+    for name in names:
+        p = _param(model, name)
+        p.data = torch.empty(0, dtype=p.dtype)
+
+
+def _gemm_on_live_weights(model, names: list[str]) -> None:
+    """Modules using these weights (a tied lm_head too) run their GEMM on whatever tensor the
+    parameter holds at call time, instead of a packed copy made at load time."""
+    ids = {id(_param(model, n)) for n in names}
+    for module in model.modules():
+        if any(id(p) in ids for p in module._parameters.values() if p is not None):
+            module.cpu_linear = lambda x, weight, bias: F.linear(x, weight, bias)
+
+
 def _give_back_freed_memory() -> None:
     """Freed weights sit in malloc's free lists (glibc raises its mmap threshold); return them to the OS."""
     import ctypes
@@ -279,9 +288,10 @@ def _write_stats(path: str | None, data: dict) -> None:
 
 
 def _report(streamer: Streamer, stats_path: str | None, last_log: list) -> None:
+    """After each forward pass: the JSON snapshot, and a log line every 10 s."""
     s = streamer.stats
-    now = time.monotonic()
     _write_stats(stats_path, {**dataclasses.asdict(s), "overlap": s.overlap, "arena_locked": streamer.locked})
+    now = time.monotonic()
     if now - last_log[0] > 10:
         last_log[0] = now
         logger.info("flexinfer: %d forwards, %.1f MiB streamed, I/O %.2fs, waited %.2fs (overlap %.0f%%)",
