@@ -89,9 +89,9 @@ class FlexInferLoader(BaseModelLoader):
         else:
             self.load_weights(model, model_config)
 
-        # When anything streams, resident layer weights are not repacked for CPU GEMMs either: packing
-        # copies each weight (a transient of twice the resident bytes) and the budget must hold.
-        kept = {n: params[n].data for n in plan.resident if streamed and ".layers." in n and params[n].dim() >= 2}
+        # When anything streams, resident weights (the embedding/lm_head too) are not repacked for CPU
+        # GEMMs either: packing copies each weight, and the budget must hold.
+        kept = {n: params[n].data for n in plan.resident if streamed and params[n].dim() >= 2}
         _drop(model, streamed + list(kept))
         del params
         process_weights_after_loading(model, model_config, target)
