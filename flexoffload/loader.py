@@ -93,7 +93,6 @@ class FlexInferLoader(BaseModelLoader):
         # GEMMs either: packing copies each weight, and the budget must hold.
         kept = {n: params[n].data for n in plan.resident if streamed and params[n].dim() >= 2}
         _drop(model, streamed + list(kept))
-        del params
         process_weights_after_loading(model, model_config, target)
         for name, data in kept.items():
             _param(model, name).data = data
@@ -157,7 +156,6 @@ class FlexInferLoader(BaseModelLoader):
             e = index[name]
             _param(model, name).data = raw[e.offset : e.offset + e.nbytes].view(e.torch_dtype).view(e.shape)
         _gemm_on_live_weights(model, mapped)
-        del params
         _give_back_freed_memory()
         logger.info("flexinfer mmap baseline: %d layer tensors mapped from %s", len(mapped), path)
         return model.eval()

@@ -12,6 +12,7 @@ Only this package knows about CUDA or operating-system calls.
 from __future__ import annotations
 
 import abc
+import threading
 from dataclasses import dataclass
 
 
@@ -33,6 +34,11 @@ class VMMBackend(abc.ABC):
     #: ``"cpu"`` or ``"cuda:N"``; tensors viewed over this backend's ranges live there.
     device: str
 
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._ranges: list[VirtualRange] = []  # every reservation made, released by close()
+        self._free_ranges: dict[int, list[VirtualRange]] = {}  # size -> freed ranges kept for reuse
+
     @property
     @abc.abstractmethod
     def granularity(self) -> int:
@@ -40,12 +46,33 @@ class VMMBackend(abc.ABC):
 
     # -- virtual ranges -------------------------------------------------
     @abc.abstractmethod
+    def _reserve_new(self, size: int) -> int:
+        """Reserve a fresh range of ``size`` bytes that reads as zeros; return its address."""
+
     def reserve(self, size: int) -> VirtualRange:
         """Reserve ``size`` bytes (a multiple of the granularity) that read as zeros."""
+        if size <= 0 or size % self.granularity:
+            raise ValueError(f"reserve size {size} must be a positive multiple of the {self.device} "
+                             f"granularity {self.granularity}")
+        with self._lock:
+            cached = self._free_ranges.get(size)
+            if cached:
+                return cached.pop()
+        vr = VirtualRange(self._reserve_new(size), size)
+        with self._lock:
+            self._ranges.append(vr)
+        return vr
 
-    @abc.abstractmethod
     def free_range(self, vr: VirtualRange) -> None:
-        """Give a reservation back.  Every chunk must have been unmapped first."""
+        """Give a reservation back.  Every chunk must have been unmapped first.
+
+        The range stays reserved (reading as zeros) and is reused by the next
+        reservation of its size: a tensor view that outlives its VTensor, or an
+        address captured by a CUDA graph, never faults; it only reads zeros or a
+        later owner's data.
+        """
+        with self._lock:
+            self._free_ranges.setdefault(vr.size, []).append(vr)
 
     # -- physical chunks ------------------------------------------------
     @abc.abstractmethod

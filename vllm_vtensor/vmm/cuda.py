@@ -47,6 +47,7 @@ class CudaBackend(VMMBackend):
             raise VMMError("the CUDA VMM backend needs cuda-python: pip install 'vllm-vtensor[cuda]'")
         import torch
 
+        super().__init__()
         if not torch.cuda.is_available():
             raise VMMError("the CUDA VMM backend needs a CUDA GPU; use the host backend on CPU")
         self.index = device_index
@@ -75,7 +76,6 @@ class CudaBackend(VMMBackend):
             desc.flags = getattr(cu.CUmemAccess_flags, f"CU_MEM_ACCESS_FLAGS_{flag}")
         self._sizes: dict[int, int] = {}  # handle key -> bytes
         self._handles: dict[int, object] = {}  # handle key -> CUmemGenericAllocationHandle
-        self._lock = threading.Lock()
         self._zero = self._create(self._gran)
         scratch = _ok(cu.cuMemAddressReserve(self._gran, 0, 0, 0), "cuMemAddressReserve")
         self._map_raw(int(scratch), self._gran, self._zero, self._rw)
@@ -83,8 +83,6 @@ class CudaBackend(VMMBackend):
         self.synchronize()
         _ok(cu.cuMemUnmap(scratch, self._gran), "cuMemUnmap")
         _ok(cu.cuMemAddressFree(scratch, self._gran), "cuMemAddressFree")
-        self._free_ranges: dict[int, list[VirtualRange]] = {}
-        self._ranges: list[VirtualRange] = []
 
     def _bind(self) -> None:
         # Driver calls from another thread (the pool's pre-creation thread) need the context current.
@@ -115,25 +113,11 @@ class CudaBackend(VMMBackend):
             self._map_raw(addr + off, g, self._zero, self._ro)
 
     # -- virtual ranges -------------------------------------------------
-    def reserve(self, size: int) -> VirtualRange:
-        if size <= 0 or size % self._gran:
-            raise ValueError(f"reserve size {size} must be a positive multiple of the CUDA granularity {self._gran}")
+    def _reserve_new(self, size: int) -> int:
         self._bind()
-        with self._lock:
-            cached = self._free_ranges.get(size)
-            if cached:
-                return cached.pop()
         addr = int(_ok(cu.cuMemAddressReserve(size, self._gran, 0, 0), f"cuMemAddressReserve({size})"))
         self._map_zero(addr, size)
-        vr = VirtualRange(addr, size)
-        with self._lock:
-            self._ranges.append(vr)
-        return vr
-
-    def free_range(self, vr: VirtualRange) -> None:
-        # Kept reserved and zero-mapped for reuse: stale views and captured graphs never fault.
-        with self._lock:
-            self._free_ranges.setdefault(vr.size, []).append(vr)
+        return addr
 
     # -- physical chunks ------------------------------------------------
     def create_chunk(self, size: int) -> int:

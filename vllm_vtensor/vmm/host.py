@@ -17,7 +17,6 @@ import errno
 import mmap
 import os
 import sys
-import threading
 
 from .base import VirtualRange, VMMBackend, VMMError
 
@@ -57,15 +56,13 @@ class HostBackend(VMMBackend):
     device = "cpu"
 
     def __init__(self, populate: bool = True):
+        super().__init__()
         self._libc = _load_libc()
         self._populate = populate
         self._fd = os.memfd_create("vllm-vtensor-kv", os.MFD_CLOEXEC)
         self._file_slots = 0  # file length in slots of the first chunk size seen
         self._slot_size: int | None = None
         self._free_slots: list[int] = []
-        self._lock = threading.Lock()
-        self._free_ranges: dict[int, list[VirtualRange]] = {}
-        self._ranges: list[VirtualRange] = []
 
     @property
     def granularity(self) -> int:
@@ -79,24 +76,8 @@ class HostBackend(VMMBackend):
         _check(self._libc.madvise(ret, size, MADV_DONTFORK), "madvise(MADV_DONTFORK)")
         return ret
 
-    def reserve(self, size: int) -> VirtualRange:
-        if size <= 0 or size % self.granularity:
-            raise ValueError(f"reserve size {size} must be a positive multiple of {self.granularity}")
-        with self._lock:
-            cached = self._free_ranges.get(size)
-            if cached:
-                return cached.pop()
-        vr = VirtualRange(self._reserve_at(0, size, fixed=False), size)
-        with self._lock:
-            self._ranges.append(vr)
-        return vr
-
-    def free_range(self, vr: VirtualRange) -> None:
-        # The range stays reserved (reading as zeros) and is reused by the next
-        # reservation of its size: a tensor view that outlives its VTensor can
-        # never fault, it only reads zeros or a later owner's data.
-        with self._lock:
-            self._free_ranges.setdefault(vr.size, []).append(vr)
+    def _reserve_new(self, size: int) -> int:
+        return self._reserve_at(0, size, fixed=False)
 
     # -- physical chunks ------------------------------------------------
     def create_chunk(self, size: int) -> int:
