@@ -35,6 +35,31 @@ def _kv_tile_ptrs(base, start_block, offs_n, offs_d, kv_head, stride_b, stride_t
     return base + blk[None, :] * stride_b + within[None, :] * stride_t + kv_head * stride_h + offs_d[:, None]
 
 
+@triton.jit
+def _load_tile(base, start_block, offs_n, offs_d, kv_head, n_ok, d_ok, stride_b, stride_t, stride_h,
+               BLOCK_SIZE: tl.constexpr, CAST_F32: tl.constexpr):
+    """A masked [BLOCK_D, BLOCK_N] K or V tile (fp32 when CAST_F32)."""
+    t = tl.load(_kv_tile_ptrs(base, start_block, offs_n, offs_d, kv_head, stride_b, stride_t, stride_h, BLOCK_SIZE),
+                mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+    if CAST_F32:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32: tl.constexpr):
+    """Fold one tile of masked scores ``s`` [M, N] and values ``v`` [D, N] into the running
+    row max ``m_i``, row sum ``l_i`` and unnormalised output ``acc``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if not CAST_F32:
+        p = p.to(v.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p, tl.trans(v))
+    return m_new, l_i, acc
+
+
 # ----------------------------------------------------------------------------- prefix-prefill
 @triton.jit
 def _context_attention_kernel(
@@ -83,27 +108,14 @@ def _context_attention_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seq
-        k = tl.load(_kv_tile_ptrs(K, kv0, offs_n, offs_d, kvh, stride_kb, stride_kt, stride_kh, BLOCK_SIZE),
-                    mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        if CAST_F32:
-            k = k.to(tl.float32)
+        k = _load_tile(K, kv0, offs_n, offs_d, kvh, n_ok, d_ok, stride_kb, stride_kt, stride_kh, BLOCK_SIZE, CAST_F32)
         s = tl.dot(q, k) * scale
         allowed = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
         if USE_WINDOW:
             allowed = allowed & (offs_n[None, :] > pos[:, None] - window)
         s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(_kv_tile_ptrs(V, kv0, offs_n, offs_d, kvh, stride_vb, stride_vt, stride_vh, BLOCK_SIZE),
-                    mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        if CAST_F32:
-            v = v.to(tl.float32)
-        else:
-            p = p.to(v.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p, tl.trans(v))
-        m_i = m_new
+        v = _load_tile(V, kv0, offs_n, offs_d, kvh, n_ok, d_ok, stride_vb, stride_vt, stride_vh, BLOCK_SIZE, CAST_F32)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = O + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :]
@@ -154,24 +166,10 @@ def _decode_kernel(
         n_ok = offs_n < hi
         if USE_WINDOW:
             n_ok = n_ok & (offs_n > seq - 1 - window)
-        k = tl.load(_kv_tile_ptrs(K, kv0, offs_n, offs_d, kvh, stride_kb, stride_kt, stride_kh, BLOCK_SIZE),
-                    mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        if CAST_F32:
-            k = k.to(tl.float32)
-        s = tl.dot(q, k) * scale
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(_kv_tile_ptrs(V, kv0, offs_n, offs_d, kvh, stride_vb, stride_vt, stride_vh, BLOCK_SIZE),
-                    mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        if CAST_F32:
-            v = v.to(tl.float32)
-        else:
-            p = p.to(v.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p, tl.trans(v))
-        m_i = m_new
+        k = _load_tile(K, kv0, offs_n, offs_d, kvh, n_ok, d_ok, stride_kb, stride_kt, stride_kh, BLOCK_SIZE, CAST_F32)
+        s = tl.where(n_ok[None, :], tl.dot(q, k) * scale, float("-inf"))
+        v = _load_tile(V, kv0, offs_n, offs_d, kvh, n_ok, d_ok, stride_vb, stride_vt, stride_vh, BLOCK_SIZE, CAST_F32)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
