@@ -1,17 +1,22 @@
 """Kernel benchmark: vTensor prefix-prefill / decode vs vLLM's Triton kernels on identical inputs.
 
     python benchmarks/kernels.py                          # CPU: correctness sweep only (interpreter)
-    python benchmarks/kernels.py --vllm-src /path/to/src  # CUDA: timings vs vLLM's kernels
+    python benchmarks/vllm_kernels.py --copy /tmp/vk      # where vLLM is installed: copy its kernel files
+    python benchmarks/kernels.py --vllm-src /tmp/vk       # CUDA: timings vs vLLM's kernels
 
-On a CUDA GPU it times ``context_attention`` (chunks > 1) and
-``decode_attention`` (chunk 1) against vLLM 0.32's ``unified_attention``
-(triton_unified_attention.py), same lengths and data: vLLM's kernel reads the
-same KV through a block table whose rows are the requests' consecutive blocks.
-(A comparison with ``context_attention_fwd`` is not written yet: it takes the
-new tokens' K/V apart from a differently laid out paged cache.)  The GPU path
-has not been run yet; no GPU numbers are committed.  ``--vllm-src`` is a folder holding the ``vllm``
-package source (a checkout, or the installed package copied over); without it
-only the SDPA reference is timed.  Outputs are compared before timing.
+On a CUDA GPU it times ``context_attention`` (chunks > 1) against vLLM 0.32's
+``context_attention_fwd`` (prefix_prefill.py: new tokens' K/V passed apart,
+the prefix read through a block table from its paged ``[blocks, H, D/x, B, x]``
+/ ``[blocks, H, D, B]`` caches) and both of ours against ``unified_attention``
+(triton_unified_attention.py, chunked prefill and decode, ``[blocks, B, H, D]``
+through a block table).  Same lengths and values everywhere; vLLM's block tables
+list each request's consecutive blocks.  Outputs are checked against the SDPA
+reference before timing.  ``--vllm-src`` is a folder holding vLLM's kernel files
+(see benchmarks/vllm_kernels.py; no vLLM install needed); without it, an
+installed vLLM is used if there is one, else only ours is timed.
+
+On CPU (no timing: the interpreter's speed means nothing) it runs the
+correctness sweep, vLLM's kernels included when they can be loaded.
 Prints a table and writes JSON to benchmarks/results/kernels-<device>.json.
 """
 from __future__ import annotations
@@ -73,19 +78,63 @@ def reference(inp, out):
     return lambda: context_attention_ref(out=out, **kw)
 
 
-def vllm_kernel(inp, out):
-    """vLLM's ``unified_attention`` on the same data, through its block table (needs --vllm-src on a GPU).
+def vllm_unified(unified_attention, inp, out):
+    """vLLM's ``unified_attention`` on the same data, through its block table.
 
     It serves both chunked prefill (``max_seqlen_q`` = chunk) and decode; its cache layout is
     ``[blocks, B, H, D]``, a transposed view of ours (same memory).
     """
-    from vllm.v1.attention.ops.triton_unified_attention import unified_attention
-
     return lambda: unified_attention(
         q=inp["q"], k=inp["k_cache"].transpose(1, 2), v=inp["v_cache"].transpose(1, 2), out=out,
         cu_seqlens_q=inp["query_start_loc"], max_seqlen_q=inp["chunk"], seqused_k=inp["seq_lens"],
         max_seqlen_k=inp["seq"], softmax_scale=inp["scale"], causal=True, window_size=(-1, -1),
         block_table=inp["block_table"], softcap=0, q_descale=None, k_descale=None, v_descale=None)
+
+
+def paged_inputs(inp):
+    """``context_attention_fwd``'s inputs for the same data: the new tokens' K/V as ``[T, H, D]`` and the
+    cache in its paged layouts, K ``[blocks, H, D/x, B, x]`` (x = 16 bytes of elements), V ``[blocks, H, D, B]``."""
+    k, v = inp["k_cache"], inp["v_cache"]
+    blocks, heads, block, dim = k.shape
+    x = 16 // k.element_size()
+    new_k, new_v = [], []
+    for r in range(len(inp["seq_lens"])):
+        seq = int(inp["seq_lens"][r])
+        n = int(inp["query_start_loc"][r + 1] - inp["query_start_loc"][r])
+        t = torch.arange(seq - n, seq, device=k.device)
+        b = int(inp["kv_start_block"][r]) + t // block
+        new_k.append(k[b, :, t % block])
+        new_v.append(v[b, :, t % block])
+    return dict(
+        k=torch.cat(new_k), v=torch.cat(new_v),
+        k_cache=k.view(blocks, heads, block, dim // x, x).permute(0, 1, 3, 2, 4).contiguous(),
+        v_cache=v.permute(0, 1, 3, 2).contiguous(),
+    )
+
+
+def vllm_prefix_prefill(context_attention_fwd, inp, out):
+    """vLLM's ``context_attention_fwd`` on the same data (prefix from its paged cache, new K/V apart)."""
+    paged = paged_inputs(inp)
+    one = torch.ones(1, dtype=torch.float32, device=inp["q"].device)
+    return lambda: context_attention_fwd(
+        q=inp["q"], k=paged["k"], v=paged["v"], o=out, kv_cache_dtype="auto", k_cache=paged["k_cache"],
+        v_cache=paged["v_cache"], b_loc=inp["block_table"], b_start_loc=inp["query_start_loc"],
+        b_seq_len=inp["seq_lens"], max_seq_len=inp["seq"], max_input_len=inp["chunk"], k_scale=one, v_scale=one,
+        sm_scale=inp["scale"])
+
+
+def load_vllm(src):
+    """vLLM's kernels from ``src`` (see vllm_kernels.py), else from the installed vLLM's files, else None."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import vllm_kernels
+
+    try:
+        return vllm_kernels.load(src)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--vllm-src: {e}") from None
+    except ImportError as e:
+        print(f"vLLM's kernels are not available ({e}): pass --vllm-src; timing ours only")
+        return None
 
 
 def bench(fn, reps=20) -> float:
@@ -100,17 +149,26 @@ def bench(fn, reps=20) -> float:
     return start.elapsed_time(end) / reps
 
 
-def correctness_sweep() -> list[dict]:
+def correctness_sweep(kernels) -> list[dict]:
+    """Max abs error of ours, and of vLLM's kernels when loaded, against the SDPA reference (fp32 for
+    vLLM's: the interpreter computes bf16 wrongly, and its kernels do not cast for it as ours do)."""
     rows = []
     for batch, prefix, chunk in [(1, 0, 33), (2, 17, 16), (3, 40, 1), (2, 100, 1), (4, 5, 9)]:
         for dtype in (torch.float32, torch.bfloat16):
             inp = make_inputs(batch, prefix, chunk, heads=4, kv_heads=1, dim=64, dtype=dtype)
-            a, b = torch.zeros_like(inp["q"]), torch.zeros_like(inp["q"])
-            ours(inp, a)()
-            reference(inp, b)()
-            err = (a.float() - b.float()).abs().max().item()
-            rows.append({"batch": batch, "prefix": prefix, "chunk": chunk, "dtype": str(dtype).split(".")[-1],
-                         "max_abs_err": err})
+            ref = torch.zeros_like(inp["q"])
+            reference(inp, ref)()
+            row = {"batch": batch, "prefix": prefix, "chunk": chunk, "dtype": str(dtype).split(".")[-1]}
+            runs = [("ours", ours)]
+            if kernels and dtype == torch.float32:
+                runs.append(("vllm_unified", lambda i, o: vllm_unified(kernels[1], i, o)))
+                if chunk > 1:
+                    runs.append(("vllm_prefix_prefill", lambda i, o: vllm_prefix_prefill(kernels[0], i, o)))
+            for name, make in runs:
+                got = torch.zeros_like(inp["q"])
+                make(inp, got)()
+                row[f"{name}_max_abs_err"] = (got.float() - ref.float()).abs().max().item()
+            rows.append(row)
     return rows
 
 
@@ -122,19 +180,24 @@ def main(argv=None) -> int:
     out_path = Path(args.out or Path(__file__).parent / "results" / f"kernels-{DEVICE}.json")
     result = {"command": "python benchmarks/kernels.py " + " ".join(argv or sys.argv[1:]), "device": DEVICE}
 
+    kernels = load_vllm(args.vllm_src)
     if not ON_GPU:
         print("No CUDA GPU: timing needs one; running the correctness sweep under the Triton interpreter.")
-        rows = correctness_sweep()
-        print(f"{'batch':>6}{'prefix':>8}{'chunk':>7}{'dtype':>10}{'max abs err':>14}")
+        rows = correctness_sweep(kernels)
+        cols = ["ours", "vllm_unified", "vllm_prefix_prefill"]
+        print(f"{'batch':>6}{'prefix':>8}{'chunk':>7}{'dtype':>10}" + "".join(f"{c + ' err':>24}" for c in cols))
         for r in rows:
-            print(f"{r['batch']:>6}{r['prefix']:>8}{r['chunk']:>7}{r['dtype']:>10}{r['max_abs_err']:>14.2e}")
+            errs = "".join(f"{r[c + '_max_abs_err']:>24.2e}" if c + "_max_abs_err" in r else f"{'-':>24}" for c in cols)
+            print(f"{r['batch']:>6}{r['prefix']:>8}{r['chunk']:>7}{r['dtype']:>10}" + errs)
         result["correctness"] = rows
     else:
-        if args.vllm_src:
-            sys.path.insert(0, args.vllm_src)
         result["card"] = torch.cuda.get_device_name()
+        result["triton"] = __import__("triton").__version__
+        result["torch"] = torch.__version__
         rows = []
         cases = [(b, p, c) for b in (1, 8, 64) for p, c in ((0, 2048), (4096, 512), (16384, 128), (4096, 1))]
+        print(f"{'batch':>6}{'prefix':>7}{'chunk':>6}{'ours ms':>10}{'TFLOP/s':>9}"
+              f"{'prefix_prefill ms':>19}{'speedup':>9}{'unified ms':>12}{'speedup':>9}")
         for batch, prefix, chunk in cases:
             inp = make_inputs(batch, prefix, chunk)
             mine, ref = torch.empty_like(inp["q"]), torch.empty_like(inp["q"])
@@ -143,14 +206,22 @@ def main(argv=None) -> int:
             torch.testing.assert_close(mine.float(), ref.float(), atol=3e-2, rtol=3e-2)
             row = {"batch": batch, "prefix": prefix, "chunk": chunk, "ours_ms": bench(ours(inp, mine))}
             row["ours_tflops"] = flops(batch, prefix, chunk, 32, 128) / row["ours_ms"] / 1e9
-            if args.vllm_src:
-                theirs = torch.empty_like(mine)
-                vllm_kernel(inp, theirs)()
+            others = []
+            if kernels and chunk > 1:
+                others.append(("prefix_prefill", torch.empty_like(mine), lambda o: vllm_prefix_prefill(kernels[0], inp, o)))
+            if kernels:
+                others.append(("unified", torch.empty_like(mine), lambda o: vllm_unified(kernels[1], inp, o)))
+            for name, theirs, make in others:
+                fn = make(theirs)
+                fn()
                 torch.testing.assert_close(theirs.float(), ref.float(), atol=3e-2, rtol=3e-2)
-                row["vllm_ms"] = bench(vllm_kernel(inp, theirs))
-                row["speedup"] = row["vllm_ms"] / row["ours_ms"]
+                row[f"{name}_ms"] = bench(fn)
+                row[f"speedup_vs_{name}"] = row[f"{name}_ms"] / row["ours_ms"]
             rows.append(row)
-            print(row)
+            cell = lambda k, f: f"{row[k]:{f}}" if k in row else "-"
+            print(f"{batch:>6}{prefix:>7}{chunk:>6}{row['ours_ms']:>10.3f}{row['ours_tflops']:>9.1f}"
+                  f"{cell('prefix_prefill_ms', '>19.3f'):>19}{cell('speedup_vs_prefix_prefill', '>9.2f'):>9}"
+                  f"{cell('unified_ms', '>12.3f'):>12}{cell('speedup_vs_unified', '>9.2f'):>9}", flush=True)
         result["timings"] = rows
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2))

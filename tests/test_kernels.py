@@ -125,3 +125,27 @@ def test_decode_equals_context_attention_with_one_token_queries():
     qsl = torch.arange(3, dtype=torch.int32, device=DEVICE)
     context_attention(out=b, query_start_loc=qsl, **batch)
     torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+def test_benchmark_feeds_vllm_kernels_the_same_data(tmp_path):
+    """benchmarks/kernels.py's adapters (block tables, vLLM's paged x-layout for context_attention_fwd,
+    the new tokens' K/V apart) give vLLM's own Triton kernels the same attention problem as ours: both
+    match the SDPA reference under the interpreter, loaded from the installed vLLM's kernel files the
+    way a GPU machine without vLLM loads them.  (A subprocess: the loader needs one without vllm imported.)"""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "k.json"
+    subprocess.run([sys.executable, str(root / "benchmarks/kernels.py"), "--out", str(out)], check=True,
+                   capture_output=True, text=True, timeout=600)
+    rows = json.loads(out.read_text())["correctness"]
+    fp32 = [r for r in rows if r["dtype"] == "float32"]
+    assert fp32 and all("vllm_unified_max_abs_err" in r for r in fp32)
+    assert any("vllm_prefix_prefill_max_abs_err" in r for r in fp32)
+    for r in rows:
+        for key, err in r.items():
+            if key.endswith("_max_abs_err"):
+                assert err < (2e-5 if r["dtype"] == "float32" else 3e-2), (key, r)

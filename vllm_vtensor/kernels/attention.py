@@ -47,7 +47,7 @@ def _load_tile(base, start_block, offs_n, offs_d, kv_head, n_ok, d_ok, stride_b,
 
 
 @triton.jit
-def _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32: tl.constexpr):
+def _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32: tl.constexpr, DOT_PREC: tl.constexpr):
     """Fold one tile of masked scores ``s`` [M, N] and values ``v`` [D, N] into the running
     row max ``m_i``, row sum ``l_i`` and unnormalised output ``acc``."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -56,7 +56,7 @@ def _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32: tl.constexpr):
     l_i = l_i * alpha + tl.sum(p, 1)
     if not CAST_F32:
         p = p.to(v.dtype)
-    acc = acc * alpha[:, None] + tl.dot(p, tl.trans(v))
+    acc = acc * alpha[:, None] + tl.dot(p, tl.trans(v), input_precision=DOT_PREC)
     return m_new, l_i, acc
 
 
@@ -73,6 +73,7 @@ def _context_attention_kernel(
     stride_vb: tl.int64, stride_vt: tl.int64, stride_vh: tl.int64,
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, CAST_F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     r = tl.program_id(0)
     h = tl.program_id(1)
@@ -109,13 +110,13 @@ def _context_attention_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seq
         k = _load_tile(K, kv0, offs_n, offs_d, kvh, n_ok, d_ok, stride_kb, stride_kt, stride_kh, BLOCK_SIZE, CAST_F32)
-        s = tl.dot(q, k) * scale
+        s = tl.dot(q, k, input_precision=DOT_PREC) * scale
         allowed = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
         if USE_WINDOW:
             allowed = allowed & (offs_n[None, :] > pos[:, None] - window)
         s = tl.where(allowed, s, float("-inf"))
         v = _load_tile(V, kv0, offs_n, offs_d, kvh, n_ok, d_ok, stride_vb, stride_vt, stride_vh, BLOCK_SIZE, CAST_F32)
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32, DOT_PREC)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = O + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :]
@@ -133,7 +134,7 @@ def _decode_kernel(
     stride_vb: tl.int64, stride_vt: tl.int64, stride_vh: tl.int64,
     GQA: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    USE_WINDOW: tl.constexpr, CAST_F32: tl.constexpr,
+    USE_WINDOW: tl.constexpr, CAST_F32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """One program = one request x one kv head (all its GQA query heads) x one split of the keys."""
     r = tl.program_id(0)
@@ -167,9 +168,9 @@ def _decode_kernel(
         if USE_WINDOW:
             n_ok = n_ok & (offs_n > seq - 1 - window)
         k = _load_tile(K, kv0, offs_n, offs_d, kvh, n_ok, d_ok, stride_kb, stride_kt, stride_kh, BLOCK_SIZE, CAST_F32)
-        s = tl.where(n_ok[None, :], tl.dot(q, k) * scale, float("-inf"))
+        s = tl.where(n_ok[None, :], tl.dot(q, k, input_precision=DOT_PREC) * scale, float("-inf"))
         v = _load_tile(V, kv0, offs_n, offs_d, kvh, n_ok, d_ok, stride_vb, stride_vt, stride_vh, BLOCK_SIZE, CAST_F32)
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32, DOT_PREC)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -232,6 +233,8 @@ def _common(q, k_cache, v_cache, sliding_window):
         GQA=q.shape[1] // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_SIZE=k_cache.shape[2], USE_WINDOW=sliding_window is not None,
         CAST_F32=_interpreting() or q.dtype == torch.float32,
+        # fp32 models get fp32 products (Triton's default would round them to TF32 on GPUs)
+        DOT_PREC="ieee" if _interpreting() or q.dtype == torch.float32 else "tf32",
     )
 
 
