@@ -18,7 +18,9 @@ class FlexConfigError(ValueError):
 @dataclass(frozen=True)
 class FlexConfig:
     memory_budget: str | int | float  # "1.5GiB", "800MB", bytes, or a fraction (0, 1] of the weight bytes
-    prefetch_window: int = 3  # layers read ahead of the one computing (0: synchronous reads)
+    # layers read ahead of the one computing (0: synchronous reads); None: 3, or fewer where the
+    # budget cannot hold that many layer buffers
+    prefetch_window: int | None = None
     io_threads: int = 2
     direct_io: bool = True  # O_DIRECT reads: no page cache, so streamed bytes do not count twice
     policy: str = "flexinfer"  # or an ablation: attention_first, ffn_first, no_balance; or the "mmap" baseline
@@ -35,7 +37,7 @@ class FlexConfig:
         if "memory_budget" not in extra:
             raise FlexConfigError('flexinfer needs a memory budget: --model-loader-extra-config \'{"memory_budget": "1GiB"}\'')
         cfg = cls(**extra)
-        if cfg.prefetch_window < 0 or cfg.io_threads < 1:
+        if (cfg.prefetch_window is not None and cfg.prefetch_window < 0) or cfg.io_threads < 1:
             raise FlexConfigError("prefetch_window must be >= 0 and io_threads >= 1")
         if cfg.policy not in POLICIES + BASELINES:
             raise FlexConfigError(f"policy {cfg.policy!r} is not one of {POLICIES + BASELINES}")

@@ -143,7 +143,25 @@ def ffn_tier(room: int, ffn_sizes: list[int], attn_matrix: int, n: int) -> int:
     return 0
 
 
-def make_plan(tensors: list[TensorInfo], budget: int, *, window: int = 3, policy: str = "flexinfer") -> Plan:
+DEFAULT_WINDOW = 3  # layers read ahead when the user names no prefetch_window
+
+
+def plan_for_budget(tensors: list[TensorInfo], budget: int, *, window: int | None = None,
+                    policy: str = "flexinfer") -> Plan:
+    """``make_plan`` with the default window (None) shrunk until its buffers fit the budget: a tight budget
+    reads fewer layers ahead rather than failing.  An explicit window is kept as given."""
+    if window is not None:
+        return make_plan(tensors, budget, window=window, policy=policy)
+    for w in range(DEFAULT_WINDOW, 0, -1):
+        try:
+            return make_plan(tensors, budget, window=w, policy=policy)
+        except BudgetError:
+            continue
+    return make_plan(tensors, budget, window=0, policy=policy)
+
+
+def make_plan(tensors: list[TensorInfo], budget: int, *, window: int = DEFAULT_WINDOW,
+              policy: str = "flexinfer") -> Plan:
     layers = sorted({t.layer for t in tensors if t.layer is not None})
     n = len(layers)
     if n == 0 or layers != list(range(n)):
@@ -239,16 +257,20 @@ def make_plan(tensors: list[TensorInfo], budget: int, *, window: int = 3, policy
                 else:
                     plan.streamed.setdefault(i, []).append(t.name)
 
-    plan.arena_bytes = arena(layer_full, plan.head_streamed)
-    apply(budget - fixed - plan.arena_bytes)
-    # The arena only needs to hold what is actually streamed; give the difference back once.
-    max_unit = max((plan.layer_streamed_bytes(i) for i in range(n)), default=0)
-    smaller = arena(max_unit, plan.head_streamed) if (max_unit or plan.head_streamed) else 0
-    if smaller < plan.arena_bytes:
-        plan.arena_bytes = smaller
-        apply(budget - fixed - smaller)
+    def needed_arena() -> int:
         max_unit = max((plan.layer_streamed_bytes(i) for i in range(n)), default=0)
-        plan.arena_bytes = arena(max_unit, plan.head_streamed) if (max_unit or plan.head_streamed) else 0
+        return arena(max_unit, plan.head_streamed) if (max_unit or plan.head_streamed) else 0
+
+    worst = arena(layer_full, plan.head_streamed)
+    apply(budget - fixed - worst)
+    # The arena only needs to hold what is actually streamed; give the difference back once, unless
+    # the new choice streams a bigger unit (a tier or spread change) and no longer fits.
+    smaller = needed_arena()
+    if smaller < worst:
+        apply(budget - fixed - smaller)
+        if plan.resident_bytes + needed_arena() > budget:
+            apply(budget - fixed - worst)
+    plan.arena_bytes = needed_arena()
     assert plan.resident_bytes + plan.arena_bytes <= budget, "plan exceeds its budget"
     return plan
 
@@ -321,7 +343,8 @@ def main(argv=None) -> int:
     p.add_argument("model", help="a Hugging Face folder with *.safetensors")
     p.add_argument("--budget", required=True, help='"1GiB", "800MB", bytes, or a fraction like 0.5')
     p.add_argument("--dtype-bytes", type=int, default=4, help="bytes per element when served (4: float32)")
-    p.add_argument("--window", type=int, default=3)
+    p.add_argument("--window", type=int, default=None,
+                   help=f"layers read ahead (default {DEFAULT_WINDOW}, fewer where the budget cannot hold the buffers)")
     p.add_argument("--policy", default="flexinfer")
     p.add_argument("--disk-gbps", type=float, default=None, help="disk read bandwidth (default: measured)")
     p.add_argument("--mem-gbps", type=float, default=None, help="memory bandwidth (default: measured)")
@@ -332,7 +355,7 @@ def main(argv=None) -> int:
     budget_value = float(args.budget) if re.fullmatch(r"0?\.\d+|1(\.0)?", args.budget) else args.budget
     budget = FlexConfig(memory_budget=budget_value).budget_bytes(sum(t.nbytes for t in tensors))
     try:
-        plan = make_plan(tensors, budget, window=args.window, policy=args.policy)
+        plan = plan_for_budget(tensors, budget, window=args.window, policy=args.policy)
     except BudgetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from flexoffload.config import FlexConfig, FlexConfigError
-from flexoffload.plan import BudgetError, TensorInfo, checkpoint_tensors, ffn_tier, make_plan
+from flexoffload.plan import BudgetError, TensorInfo, checkpoint_tensors, ffn_tier, make_plan, plan_for_budget
 
 MiB = 1 << 20
 
@@ -83,6 +83,18 @@ def test_head_streams_when_it_does_not_fit():
 def test_budget_below_minimum_says_the_minimum():
     with pytest.raises(BudgetError, match=r"below the minimum \d+\.\d MiB"):
         make_plan(llama_table(), 10 * MiB)
+
+
+def test_default_window_shrinks_to_fit_a_tight_budget_but_an_explicit_one_is_kept():
+    table = llama_table(8, 4 * MiB, MiB)  # a layer: 14.5 MiB; 4 layer buffers (window 3) need 58 MiB
+    budget = 40 * MiB  # holds the buffers of window 1 (29 MiB) plus some resident tensors
+    p = plan_for_budget(table, budget)
+    assert p.window == 1 and p.resident_bytes + p.arena_bytes <= budget
+    assert plan_for_budget(table, 200 * MiB).window == 3  # room: the default window
+    with pytest.raises(BudgetError, match="lower prefetch_window"):
+        plan_for_budget(table, budget, window=3)
+    with pytest.raises(BudgetError, match=r"buffers for 1 layers"):  # below window 0's minimum: the smallest is named
+        plan_for_budget(table, 10 * MiB)
 
 
 @settings(max_examples=200, deadline=None)
