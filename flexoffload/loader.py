@@ -30,7 +30,7 @@ from vllm.utils.torch_utils import set_default_torch_dtype
 from vllm_vtensor.log import get_logger
 
 from .config import FlexConfig, FlexConfigError
-from .plan import classify, make_plan
+from .plan import classify, plan_for_budget
 from .runtime import Streamer, Unit, mlock
 from .store import WeightStore, aligned, store_key
 
@@ -78,9 +78,11 @@ class FlexInferLoader(BaseModelLoader):
         budget = self.cfg.budget_bytes(weight_bytes)
         path = self.cfg.store_dir() / f"{store_key(model_config.model, model_config.dtype, list(params))}.bin"
         if self.cfg.policy == "mmap":
-            self._fill(model, model_config, params, path, lambda n: ".layers." not in n or params[n].dim() < 2)
-            return self._load_mmap_baseline(model, model_config, target, params, path)
-        plan = make_plan(tensors, budget, window=max(self.cfg.prefetch_window, 0), policy=self.cfg.policy)
+            mapped = [n for n, p in params.items() if p.dim() >= 2]
+            self._fill(model, model_config, params, path, lambda n: n not in mapped)
+            del params  # see below: no reference may outlive CPU weight packing
+            return self._load_mmap_baseline(model, model_config, target, mapped, path)
+        plan = plan_for_budget(tensors, budget, window=self.cfg.prefetch_window, policy=self.cfg.policy)
         logger.info("flexinfer plan (weights %.1f MiB):\n%s", weight_bytes / 2**20, plan.table())
         streamed = [n for names in plan.streamed.values() for n in names] + (plan.head_names if plan.head_streamed else [])
         if streamed:
@@ -92,6 +94,9 @@ class FlexInferLoader(BaseModelLoader):
         # When anything streams, resident weights (the embedding/lm_head too) are not repacked for CPU
         # GEMMs either: packing copies each weight, and the budget must hold.
         kept = {n: params[n].data for n in plan.resident if streamed and params[n].dim() >= 2}
+        # CPU weight packing replaces packed layers' Parameters: a reference kept here would hold
+        # every original weight alive beside its packed copy (a second model's worth of memory).
+        del params
         _drop(model, streamed + list(kept))
         process_weights_after_loading(model, model_config, target)
         for name, data in kept.items():
@@ -140,16 +145,16 @@ class FlexInferLoader(BaseModelLoader):
                     raise OSError(f"short read of {name} from {path}")
         store.close()
 
-    def _load_mmap_baseline(self, model, model_config, target, params, path) -> torch.nn.Module:
-        """Baseline: every decoder-layer tensor is a view of the read-only mmap'd store; the kernel
-        pages weights in on use and evicts them under memory pressure (no budget of its own)."""
+    def _load_mmap_baseline(self, model, model_config, target, mapped: list[str], path) -> torch.nn.Module:
+        """Baseline: every matrix (decoder layers, embedding, lm_head) is a view of the read-only
+        mmap'd store; the kernel pages weights in on use and evicts them under memory pressure
+        (no budget of its own), as llama.cpp does.  Only the norms are loaded."""
         import mmap
 
         index = WeightStore.open(path, direct_io=False).index
         with open(path, "rb") as f:
             self._mmap = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
         raw = torch.frombuffer(self._mmap, dtype=torch.uint8)  # read-only memory: never written
-        mapped = [n for n in params if ".layers." in n and params[n].dim() >= 2]
         _drop(model, mapped)
         process_weights_after_loading(model, model_config, target)
         for name in mapped:
@@ -157,7 +162,7 @@ class FlexInferLoader(BaseModelLoader):
             _param(model, name).data = raw[e.offset : e.offset + e.nbytes].view(e.torch_dtype).view(e.shape)
         _gemm_on_live_weights(model, mapped)
         _give_back_freed_memory()
-        logger.info("flexinfer mmap baseline: %d layer tensors mapped from %s", len(mapped), path)
+        logger.info("flexinfer mmap baseline: %d tensors mapped from %s", len(mapped), path)
         return model.eval()
 
     # -- runtime wiring ----------------------------------------------------
@@ -167,7 +172,7 @@ class FlexInferLoader(BaseModelLoader):
         if plan.head_streamed:
             head_unit = len(units)
             units.append(Unit("head", list(plan.head_names)))
-        streamer = Streamer(store, units, plan.arena_bytes, window=self.cfg.prefetch_window,
+        streamer = Streamer(store, units, plan.arena_bytes, window=plan.window,
                             io_threads=self.cfg.io_threads, lock_memory=self.cfg.lock_memory)
         self.streamer = streamer
 
