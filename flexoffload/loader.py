@@ -28,6 +28,7 @@ from vllm.model_executor.model_loader.utils import process_weights_after_loading
 from vllm.utils.torch_utils import set_default_torch_dtype
 
 from vllm_vtensor.log import get_logger
+from vllm_vtensor.stats import write_json_atomic
 
 from .config import FlexConfig, FlexConfigError
 from .plan import classify, plan_for_budget
@@ -284,10 +285,7 @@ def _write_stats(path: str | None, data: dict) -> None:
             data = {**json.load(f), **data}
     except (OSError, ValueError):
         pass
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 def _report(streamer: Streamer, stats_path: str | None, last_log: list) -> None:

@@ -1,14 +1,20 @@
 """Shared fixtures: the real model, a tiny model, and one vLLM engine per session."""
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET once, early (importing vLLM is enough): set it before any test module
+# is collected, so the kernel tests run under the interpreter whatever was imported first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from vllm_vtensor.models import build_smollm2, build_tiny_llama
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")

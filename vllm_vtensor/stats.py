@@ -50,6 +50,11 @@ def publish(kv, force: bool = False) -> None:
     data = dataclasses.asdict(kv.stats())
     data["pid"] = os.getpid()
     data["time"] = time.time()
+    write_json_atomic(path, data)
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    """Replace ``path`` with ``data`` as JSON; readers never see a half-written file."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(data, f)
