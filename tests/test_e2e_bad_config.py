@@ -30,3 +30,24 @@ def test_model_with_sliding_window_layers_is_refused(sliding_window_llama_path):
     assert run.returncode != 0
     assert "VTENSOR supports models whose layers all use full attention" in run.stderr
     assert "Run it without VTENSOR" in run.stderr
+
+
+@pytest.fixture(scope="module")
+def head48_llama_path():
+    from vllm_vtensor.models import build_tiny_llama
+
+    return str(build_tiny_llama(head_dim=48, num_heads=2, num_kv_heads=1))
+
+
+def test_unsupported_head_size_is_refused(head48_llama_path):
+    run = _start(head48_llama_path, "max_model_len=512, kv_cache_memory_bytes=64 << 20")
+    assert run.returncode != 0
+    out = run.stdout + run.stderr  # the worker process logs the error to stdout
+    assert "VTENSOR cannot serve this model: head size 48 is not supported" in out
+    assert "Run it without --attention-backend VTENSOR" in out
+
+
+def test_fp8_kv_cache_is_refused(tiny_llama_path):
+    run = _start(tiny_llama_path, "max_model_len=512, kv_cache_memory_bytes=64 << 20, kv_cache_dtype='fp8'")
+    assert run.returncode != 0
+    assert "kv_cache_dtype='fp8' is not supported" in run.stdout + run.stderr

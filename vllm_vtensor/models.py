@@ -159,8 +159,8 @@ def build_tiny_llama(
     ``sliding_window`` makes every other layer a sliding-window layer (a hybrid
     model, as Gemma-style configs declare with ``layer_types``).
     """
-    if head_dim not in (32, 64, 128):
-        raise ValueError(f"head_dim={head_dim}: vLLM's CPU attention needs 32, 64 or 128 here")
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"head_dim={head_dim} must be a positive even number (rotary embeddings pair dimensions)")
     hidden_size = hidden_size or head_dim * num_heads
     root = cache_dir(cache)
     name = f"tiny-llama-d{head_dim}-l{num_layers}-h{num_heads}-kv{num_kv_heads}-s{hidden_size}-i{intermediate_size}-seed{seed}"

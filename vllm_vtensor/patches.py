@@ -101,8 +101,9 @@ def _patch_cpu_platform() -> None:
     @_mark
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
         if selected_backend is not None and selected_backend.name == BACKEND_NAME:
-            if attn_selector_config.use_mla or attn_selector_config.use_sparse:
-                raise ValueError("--attention-backend VTENSOR does not support MLA or sparse attention models")
+            from .backend import check_supported
+
+            check_supported(attn_selector_config)
             return BACKEND_PATH
         return original.__func__(cls, selected_backend, attn_selector_config, num_heads)
 

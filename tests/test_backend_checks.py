@@ -1,0 +1,37 @@
+"""VTENSOR's start-up checks name what it cannot serve and the fix (no engine needed)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.selector import AttentionSelectorConfig
+
+from vllm_vtensor.backend import check_supported
+
+
+def cfg(**kw):
+    base = dict(head_size=64, dtype=torch.float32, kv_cache_dtype="auto", block_size=128)
+    return AttentionSelectorConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_size", [32, 64, 128])
+def test_supported_configs_pass(dtype, head_size):
+    check_supported(cfg(dtype=dtype, head_size=head_size))
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(head_size=48), "head size 48 is not supported"),
+        (dict(dtype=torch.float64), "dtype float64 is not supported"),
+        (dict(kv_cache_dtype="fp8"), "kv_cache_dtype='fp8' is not supported"),
+        (dict(use_mla=True), "MLA and sparse attention models are not supported"),
+        (dict(attn_type=AttentionType.ENCODER_ONLY), "only decoder self-attention"),
+    ],
+)
+def test_unsupported_configs_name_the_problem_and_the_fix(kw, message):
+    with pytest.raises(ValueError, match="VTENSOR cannot serve this model") as e:
+        check_supported(cfg(**kw))
+    assert message in str(e.value) and "Run it without --attention-backend VTENSOR" in str(e.value)
