@@ -71,15 +71,18 @@ def _engine(model, stats_file, **kw):
 
 
 def _stats(path, timeout=20.0):
-    """The worker's figures once it has cleared finished requests.
+    """The worker's figures once it has cleared finished requests and given freed memory back.
 
     vLLM tells the worker about finished requests in one more engine step after
-    the outputs are returned, so the snapshot settles shortly afterwards.
+    the outputs are returned; freed chunks then linger for reuse for
+    ``VTENSOR_CHUNK_LINGER_S`` (1 s) before the reaper gives them back and
+    republishes, so the snapshot settles shortly afterwards.
     """
     deadline = time.monotonic() + timeout
     while True:
         stats = json.loads(path.read_text())
-        if stats["running_requests"] == 0 or time.monotonic() > deadline:
+        settled = stats["running_requests"] == 0 and stats["lingering_bytes"] == 0
+        if settled or time.monotonic() > deadline:
             return stats
         time.sleep(0.1)
 

@@ -126,3 +126,26 @@ def test_chunk_is_padded_to_the_granularity(backend):
     kv = KVSpace(backend, num_blocks=2, num_slots=1, blocks_per_slot=2, block_bytes=PAGE + 100, block_size=B,
                  keep_full_blocks=False)
     assert kv.chunk_bytes == 2 * PAGE
+
+
+def test_freed_blocks_linger_for_reuse_then_memory_goes_back(backend):
+    """A block freed by a finished request and wanted again within linger_s reuses its chunk (no new
+    memory created); otherwise the reaper gives it back and the figures are republished."""
+    import time
+
+    published = []
+    kv = KVSpace(backend, num_blocks=8, num_slots=3, blocks_per_slot=4, block_bytes=PAGE, block_size=B,
+                 keep_full_blocks=False, linger_s=0.3, on_release=lambda k: published.append(k.stats()))
+    kv.add_request("a", [1, 2])
+    kv.remove_request("a")
+    s = kv.stats()
+    assert s.mapped_bytes == 0 and s.lingering_bytes == s.resident_bytes == 2 * kv.chunk_bytes
+    kv.add_request("b", [3, 4, 5])  # two chunks come back from the lingering set, one is new
+    assert kv.stats().chunks_created == 3 and kv.stats().lingering_bytes == 0
+    kv.remove_request("b")
+    deadline = time.monotonic() + 10
+    while backend.resident_bytes() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert backend.resident_bytes() == 0 and kv.stats().resident_bytes == 0
+    assert published and published[-1].resident_bytes == 0 == published[-1].lingering_bytes
+    kv.close()

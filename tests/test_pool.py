@@ -58,6 +58,43 @@ def test_released_chunks_are_reused_up_to_the_high_watermark(backend):
     assert backend.resident_bytes() == 0
 
 
+def test_released_chunks_linger_are_reused_then_given_back(backend):
+    """With linger_s, a released chunk is handed out again without being created anew if it is wanted
+    soon; otherwise the reaper gives it back to the system and reports it."""
+    reported = []
+    pool = ChunkPool(backend, 8 * MiB, MiB, linger_s=0.3, on_release=lambda: reported.append(pool.stats()))
+    chunks = pool.acquire(3)
+    for c in chunks:
+        pool.release(c)
+    s = pool.stats()
+    assert s.chunks_lingering == 3 and s.resident_bytes == 3 * MiB == backend.resident_bytes()
+    again = pool.acquire(4)  # three lingering ones first (no creation), then one new
+    assert set(chunks) <= set(again) and pool.stats().chunks_created == 4
+    with pytest.raises(VTensorOutOfMemory):
+        pool.acquire(5)  # lingering chunks count against the budget like any other
+    for c in again:
+        pool.release(c)
+    deadline = time.monotonic() + 10
+    while backend.resident_bytes() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    s = pool.stats()
+    assert backend.resident_bytes() == 0 and s.resident_bytes == 0 and s.chunks_lingering == 0
+    assert s.chunks_released == 4 and reported and reported[-1].resident_bytes == 0
+    pool.close()
+
+
+def test_lingering_chunks_never_push_creation_past_the_budget(backend):
+    pool = ChunkPool(backend, 4 * MiB, MiB, linger_s=60)
+    for c in pool.acquire(4):
+        pool.release(c)
+    got = pool.acquire(4)  # all four come back from the lingering set
+    assert pool.stats().chunks_created == 4 and backend.resident_bytes() == 4 * MiB
+    for c in got:
+        pool.release(c)
+    pool.close()  # gives lingering chunks back at once
+    assert backend.resident_bytes() == 0
+
+
 def test_background_precreation_fills_to_high_watermark(backend):
     pool = ChunkPool(backend, 16 * MiB, MiB, low_watermark=2, high_watermark=4)
     deadline = time.monotonic() + 10
@@ -105,6 +142,8 @@ def test_bad_configuration(backend, budget, chunk, message):
 def test_bad_watermarks(backend):
     with pytest.raises(ValueError, match="watermarks"):
         ChunkPool(backend, 4 * MiB, MiB, low_watermark=3, high_watermark=1)
+    with pytest.raises(ValueError, match="linger_s"):
+        ChunkPool(backend, 4 * MiB, MiB, linger_s=-1)
 
 
 @pytest.mark.parametrize(

@@ -19,11 +19,17 @@ starts at ``v * chunk_bytes + l * page_bytes``.
 Refcounts (in the :class:`ChunkPool`): a physical block's chunk holds one
 reference while the block has content worth keeping (it is live, or a full
 block that vLLM's prefix cache may hand out again), plus one per virtual
-mapping.  Pure bookkeeping: no torch or vLLM imports here beyond the backend.
+mapping.  A chunk nobody holds lingers for ``linger_s`` before its memory is
+given back, so a block freed and wanted again soon (requests coming and going)
+skips zeroing, releasing and re-creating memory.  Pure bookkeeping: no torch or
+vLLM imports here beyond the backend.  Thread-safe: the pool's reaper thread
+reads the figures while the worker updates them.
 """
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .pool import ChunkPool
@@ -46,10 +52,11 @@ class _RequestKV:
 class KVSpaceStats:
     chunk_bytes: int
     budget_bytes: int
-    resident_bytes: int  # physical memory held (live + kept for the prefix cache)
+    resident_bytes: int  # physical memory held (live + kept for the prefix cache + lingering)
     mapped_bytes: int  # virtual bytes backed by a chunk, summed over requests
     shared_bytes: int  # physical bytes mapped into more than one request
     cached_bytes: int  # physical bytes held only for vLLM's prefix cache
+    lingering_bytes: int  # freed physical bytes not yet given back (reused if wanted within linger_s)
     prefix_hit_bytes: int  # bytes of cached prefix mapped into new requests (total, never copied)
     copied_bytes: int  # bytes copied by copy-on-write of partial prefix hits (total)
     maps: int
@@ -57,6 +64,8 @@ class KVSpaceStats:
     running_requests: int
     live_tokens: int  # tokens with KV written, over running requests
     preemptions: int
+    chunks_created: int  # physical chunks created (first use of memory), total
+    step_seconds: float  # time the worker spent applying block decisions before steps, total
 
 
 class KVSpace:
@@ -70,6 +79,8 @@ class KVSpace:
         block_bytes: int,
         block_size: int,
         keep_full_blocks: bool,
+        linger_s: float = 0.0,
+        on_release: Callable[["KVSpace"], None] | None = None,
     ):
         if min(num_blocks, num_slots, blocks_per_slot, block_bytes, block_size) <= 0:
             raise ValueError("KVSpace sizes must be positive")
@@ -80,12 +91,20 @@ class KVSpace:
         self.num_slots = num_slots
         self.blocks_per_slot = blocks_per_slot
         self.keep_full_blocks = keep_full_blocks
-        self.pool = ChunkPool(backend, num_blocks * self.chunk_bytes, self.chunk_bytes)
+        self._lock = threading.RLock()
+        self.on_release = on_release  # called (from the reaper thread) after lingering memory is given back
+        self.pool = ChunkPool(backend, num_blocks * self.chunk_bytes, self.chunk_bytes, linger_s=linger_s,
+                              on_release=self._released)
         self.range = backend.reserve(num_slots * blocks_per_slot * self.chunk_bytes)
         self._phys: dict[int, int] = {}  # physical block -> chunk, for blocks with content worth keeping
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._reqs: dict[str, _RequestKV] = {}
         self._prefix_hit_bytes = self._copied_bytes = self._preemptions = 0
+        self.step_seconds = 0.0  # accumulated by the worker around each step's block updates
+
+    def _released(self) -> None:
+        if self.on_release is not None:
+            self.on_release(self)
 
     # -- the virtual address space -------------------------------------
     def as_tensor(self):
@@ -121,18 +140,20 @@ class KVSpace:
             self.pool.release(chunk)
 
     def zero_blocks(self, blocks: list[int]) -> None:
-        for b in blocks:
-            self.backend.zero_chunk(self._chunk(b), self.chunk_bytes)
+        with self._lock:
+            for b in blocks:
+                self.backend.zero_chunk(self._chunk(b), self.chunk_bytes)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """``(src, dst)`` physical block copies (vLLM's copy-on-write of a partial prefix hit)."""
-        if pairs:
-            self.backend.synchronize()
-        for src, dst in pairs:
-            if src not in self._phys:
-                raise KVSpaceError(f"copy from physical block {src}, which holds no content here")
-            self.backend.copy_chunk(self._chunk(dst), self._phys[src], self.chunk_bytes)
-            self._copied_bytes += self.chunk_bytes
+        with self._lock:
+            if pairs:
+                self.backend.synchronize()
+            for src, dst in pairs:
+                if src not in self._phys:
+                    raise KVSpaceError(f"copy from physical block {src}, which holds no content here")
+                self.backend.copy_chunk(self._chunk(dst), self._phys[src], self.chunk_bytes)
+                self._copied_bytes += self.chunk_bytes
 
     # -- requests ------------------------------------------------------
     def _map(self, r: _RequestKV, blocks: list[int]) -> list[int]:
@@ -157,26 +178,29 @@ class KVSpace:
         The first ``num_cached_tokens // block_size`` blocks are prefix-cache hits:
         their content must already be here, and is mapped, not copied.
         """
-        if req_id in self._reqs:
-            self.remove_request(req_id, preempted=True)
-        if not self._free_slots:
-            raise KVSpaceError(f"all {self.num_slots} vTensor slots are in use: raise max_num_seqs")
-        hits = num_cached_tokens // self.block_size
-        for b in blocks[:hits]:
-            if b not in self._phys:
-                raise KVSpaceError(f"prefix-cache hit on physical block {b}, whose content was not kept")
-        r = _RequestKV(slot=self._free_slots.pop(), num_tokens=num_cached_tokens)
-        self._reqs[req_id] = r
-        self._prefix_hit_bytes += min(hits, len(blocks)) * self.chunk_bytes
-        return self._map(r, blocks)
+        with self._lock:
+            if req_id in self._reqs:
+                self.remove_request(req_id, preempted=True)
+            if not self._free_slots:
+                raise KVSpaceError(f"all {self.num_slots} vTensor slots are in use: raise max_num_seqs")
+            hits = num_cached_tokens // self.block_size
+            for b in blocks[:hits]:
+                if b not in self._phys:
+                    raise KVSpaceError(f"prefix-cache hit on physical block {b}, whose content was not kept")
+            r = _RequestKV(slot=self._free_slots.pop(), num_tokens=num_cached_tokens)
+            self._reqs[req_id] = r
+            self._prefix_hit_bytes += min(hits, len(blocks)) * self.chunk_bytes
+            return self._map(r, blocks)
 
     def append_blocks(self, req_id: str, blocks: list[int]) -> list[int]:
-        return self._map(self._reqs[req_id], blocks)
+        with self._lock:
+            return self._map(self._reqs[req_id], blocks)
 
     def note_tokens(self, req_id: str, num_tokens: int) -> None:
-        r = self._reqs.get(req_id)
-        if r is not None:
-            r.num_tokens = max(r.num_tokens, num_tokens)
+        with self._lock:
+            r = self._reqs.get(req_id)
+            if r is not None:
+                r.num_tokens = max(r.num_tokens, num_tokens)
 
     def remove_request(self, req_id: str, *, preempted: bool = False) -> None:
         """Unmap a finished or preempted request and free its slot.
@@ -184,48 +208,54 @@ class KVSpace:
         Full blocks stay resident when vLLM's prefix cache may hand them out
         again; every other block's physical memory is given back.
         """
-        r = self._reqs.pop(req_id, None)
-        if r is None:
-            return
-        if preempted:
-            self._preemptions += 1
-        if r.chunks:
-            self.backend.synchronize()  # the last forward pass may still read this range
-            self.backend.unmap(self.range, self.virtual_block(r.slot, 0) * self.chunk_bytes, len(r.chunks) * self.chunk_bytes)
-            self.pool.note_maps(unmaps=len(r.chunks))
-        full = r.num_tokens // self.block_size if self.keep_full_blocks else 0
-        for j, (b, chunk) in enumerate(zip(r.blocks, r.chunks)):
-            self.pool.release(chunk)
-            if j >= full and self._phys.get(b) == chunk and self.pool.refcount(chunk) == 1:
-                self._drop(b)  # nobody maps it and no cache wants it: memory goes back
-        self._free_slots.append(r.slot)
+        with self._lock:
+            r = self._reqs.pop(req_id, None)
+            if r is None:
+                return
+            if preempted:
+                self._preemptions += 1
+            if r.chunks:
+                self.backend.synchronize()  # the last forward pass may still read this range
+                self.backend.unmap(self.range, self.virtual_block(r.slot, 0) * self.chunk_bytes, len(r.chunks) * self.chunk_bytes)
+                self.pool.note_maps(unmaps=len(r.chunks))
+            full = r.num_tokens // self.block_size if self.keep_full_blocks else 0
+            for j, (b, chunk) in enumerate(zip(r.blocks, r.chunks)):
+                self.pool.release(chunk)
+                if j >= full and self._phys.get(b) == chunk and self.pool.refcount(chunk) == 1:
+                    self._drop(b)  # nobody maps it and no cache wants it: memory goes back
+            self._free_slots.append(r.slot)
 
     def reset_cache(self) -> None:
         """Give back every block that only the prefix cache was holding."""
-        mapped = {c for r in self._reqs.values() for c in r.chunks}
-        for b, chunk in list(self._phys.items()):
-            if chunk not in mapped:
-                self._drop(b)
+        with self._lock:
+            mapped = {c for r in self._reqs.values() for c in r.chunks}
+            for b, chunk in list(self._phys.items()):
+                if chunk not in mapped:
+                    self._drop(b)
 
     def stats(self) -> KVSpaceStats:
-        p = self.pool.stats()
-        mapped = {c for r in self._reqs.values() for c in r.chunks}
-        cached = sum(1 for c in self._phys.values() if c not in mapped)
-        return KVSpaceStats(
-            chunk_bytes=self.chunk_bytes,
-            budget_bytes=p.budget_bytes,
-            resident_bytes=p.resident_bytes,
-            mapped_bytes=sum(len(r.chunks) for r in self._reqs.values()) * self.chunk_bytes,
-            shared_bytes=sum(1 for c in mapped if self.pool.refcount(c) > 2) * self.chunk_bytes,
-            cached_bytes=cached * self.chunk_bytes,
-            prefix_hit_bytes=self._prefix_hit_bytes,
-            copied_bytes=self._copied_bytes,
-            maps=p.maps,
-            unmaps=p.unmaps,
-            running_requests=len(self._reqs),
-            live_tokens=sum(r.num_tokens for r in self._reqs.values()),
-            preemptions=self._preemptions,
-        )
+        with self._lock:
+            p = self.pool.stats()
+            mapped = {c for r in self._reqs.values() for c in r.chunks}
+            cached = sum(1 for c in self._phys.values() if c not in mapped)
+            return KVSpaceStats(
+                chunk_bytes=self.chunk_bytes,
+                budget_bytes=p.budget_bytes,
+                resident_bytes=p.resident_bytes,
+                mapped_bytes=sum(len(r.chunks) for r in self._reqs.values()) * self.chunk_bytes,
+                shared_bytes=sum(1 for c in mapped if self.pool.refcount(c) > 2) * self.chunk_bytes,
+                cached_bytes=cached * self.chunk_bytes,
+                lingering_bytes=p.chunks_lingering * self.chunk_bytes,
+                prefix_hit_bytes=self._prefix_hit_bytes,
+                copied_bytes=self._copied_bytes,
+                maps=p.maps,
+                unmaps=p.unmaps,
+                running_requests=len(self._reqs),
+                live_tokens=sum(r.num_tokens for r in self._reqs.values()),
+                preemptions=self._preemptions,
+                chunks_created=p.chunks_created,
+                step_seconds=self.step_seconds,
+            )
 
     def close(self) -> None:
         for req_id in list(self._reqs):

@@ -22,6 +22,7 @@ GAUGES = {
     "vllm_vtensor_mapped_bytes": ("mapped_bytes", "Virtual KV bytes backed by physical chunks, over running requests"),
     "vllm_vtensor_shared_bytes": ("shared_bytes", "Physical KV bytes mapped into more than one request"),
     "vllm_vtensor_cached_bytes": ("cached_bytes", "Physical KV bytes held only for the prefix cache"),
+    "vllm_vtensor_lingering_bytes": ("lingering_bytes", "Freed physical KV bytes kept briefly for reuse"),
     "vllm_vtensor_budget_bytes": ("budget_bytes", "Physical KV budget"),
     "vllm_vtensor_prefix_hit_bytes": ("prefix_hit_bytes", "Cached-prefix bytes mapped into new requests (cumulative)"),
     "vllm_vtensor_copied_bytes": ("copied_bytes", "Bytes copied by copy-on-write of partial prefix hits (cumulative)"),
@@ -29,6 +30,8 @@ GAUGES = {
     "vllm_vtensor_unmap_operations": ("unmaps", "Chunk unmap operations (cumulative)"),
     "vllm_vtensor_preemptions": ("preemptions", "Requests unmapped by preemption (cumulative)"),
     "vllm_vtensor_running_requests": ("running_requests", "Requests with a mapped KV range"),
+    "vllm_vtensor_chunks_created": ("chunks_created", "Physical chunks created on first use (cumulative)"),
+    "vllm_vtensor_step_seconds": ("step_seconds", "Worker time spent mapping/unmapping before steps (cumulative)"),
 }
 
 _gauges = None

@@ -6,14 +6,18 @@ while it is being handed out), so a prefix shared by three requests is one
 chunk with refcount 3.
 
 Invariants (asserted):
-* ``created == in_use + cached``, and ``created <= budget_chunks``;
-* a chunk is in the cache only with refcount 0, and in use only with refcount >= 1.
+* ``created == in_use + cached + lingering``, and ``created <= budget_chunks``;
+* a chunk is cached or lingering only with refcount 0, and in use only with refcount >= 1.
 """
 from __future__ import annotations
 
+import collections
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from .log import get_logger
 from .vmm.base import VMMBackend
 
 DEFAULT_CHUNK_BYTES = 2 << 20  # the CUDA VMM granularity on stock drivers
@@ -29,7 +33,8 @@ class PoolStats:
     budget_bytes: int
     chunks_in_use: int
     chunks_cached: int  # created, unmapped, kept for reuse
-    resident_bytes: int  # physical bytes created (in use + cached)
+    chunks_lingering: int  # released, given back to the system after ``linger_s`` unless reused first
+    resident_bytes: int  # physical bytes created (in use + cached + lingering)
     mapped_bytes: int  # virtual bytes backed by a chunk (a shared chunk counts per mapping)
     shared_bytes: int  # physical bytes mapped at more than one place
     maps: int
@@ -62,7 +67,11 @@ class ChunkPool:
     unmapped chunks are cached, a background thread creates chunks until
     ``high`` are cached, so creating physical memory (~0.2 ms per 2 MiB on a
     GPU) stays off the critical path.  Released chunks are cached up to
-    ``high_watermark`` and given back to the system beyond it.
+    ``high_watermark`` and given back to the system beyond it: at once, or,
+    with ``linger_s > 0``, by a background thread once they have been unused
+    that long (a chunk released and wanted again soon, as requests come and
+    go, is then handed out again without being zeroed, released and created;
+    ``on_release`` is called after the thread gives chunks back).
     """
 
     def __init__(
@@ -73,6 +82,8 @@ class ChunkPool:
         *,
         low_watermark: int = 0,
         high_watermark: int = 0,
+        linger_s: float = 0.0,
+        on_release: Callable[[], None] | None = None,
     ):
         budget_bytes, chunk_bytes = parse_bytes(budget_bytes), parse_bytes(chunk_bytes)
         gran = backend.granularity
@@ -82,12 +93,16 @@ class ChunkPool:
             raise ValueError(f"budget {budget_bytes} bytes is below one chunk ({chunk_bytes} bytes): raise the budget")
         if not 0 <= low_watermark <= high_watermark:
             raise ValueError(f"watermarks must satisfy 0 <= low ({low_watermark}) <= high ({high_watermark})")
+        if linger_s < 0:
+            raise ValueError(f"linger_s={linger_s} must be >= 0 seconds")
         self.backend = backend
         self.chunk_bytes = chunk_bytes
         self.budget_chunks = budget_bytes // chunk_bytes
         self.low, self.high = low_watermark, min(high_watermark, self.budget_chunks)
         self._ref: dict[int, int] = {}  # chunk -> refcount (in use)
         self._cache: list[int] = []  # refcount-0 chunks kept for reuse
+        self.linger_s, self.on_release = linger_s, on_release
+        self._lingering: collections.OrderedDict[int, float] = collections.OrderedDict()  # chunk -> released at
         self._pending = 0  # chunks the background thread is creating right now
         self._maps = self._unmaps = self._created = self._released = 0
         self._lock = threading.Condition()
@@ -96,6 +111,10 @@ class ChunkPool:
         if self.high > 0:
             self._thread = threading.Thread(target=self._refill_loop, name="vtensor-chunk-precreate", daemon=True)
             self._thread.start()
+        self._reaper = None
+        if linger_s > 0:
+            self._reaper = threading.Thread(target=self._reap_loop, name="vtensor-chunk-reaper", daemon=True)
+            self._reaper.start()
 
     # -- accounting ----------------------------------------------------
     @property
@@ -103,7 +122,13 @@ class ChunkPool:
         return self.backend.device
 
     def _created_now(self) -> int:
-        return len(self._ref) + len(self._cache) + self._pending
+        return len(self._ref) + len(self._cache) + len(self._lingering) + self._pending
+
+    def _take_unused(self) -> int:
+        """A created, unused chunk: from the cache, else the most recently released lingering one."""
+        if self._cache:
+            return self._cache.pop()
+        return self._lingering.popitem(last=True)[0]
 
     def num_free_chunks(self) -> int:
         """Chunks that :meth:`acquire` can still hand out (cached or creatable)."""
@@ -122,10 +147,11 @@ class ChunkPool:
                     f"vTensor pool exhausted: {n} chunk(s) of {self.chunk_bytes} bytes wanted, {free} free of a "
                     f"{self.budget_chunks * self.chunk_bytes}-byte budget; free requests or raise the budget"
                 )
-            while len(self._cache) < n and len(self._ref) + self._pending + n > self.budget_chunks:
+            while (len(self._cache) + len(self._lingering) < n
+                   and len(self._ref) + self._pending + n > self.budget_chunks):
                 self._lock.wait()  # the refill thread is creating the last chunks of the budget
-            take = min(n, len(self._cache))
-            chunks = [self._cache.pop() for _ in range(take)]
+            take = min(n, len(self._cache) + len(self._lingering))
+            chunks = [self._take_unused() for _ in range(take)]
             need = n - take
             self._pending += need
         try:
@@ -160,6 +186,10 @@ class ChunkPool:
             if len(self._cache) < self.high and not self._closed:
                 self._cache.append(chunk)
                 return
+            if self.linger_s > 0 and not self._closed:
+                self._lingering[chunk] = time.monotonic()
+                self._lock.notify_all()
+                return
             self._released += 1
         self.backend.release_chunk(chunk)
 
@@ -175,12 +205,13 @@ class ChunkPool:
     def stats(self) -> PoolStats:
         with self._lock:
             refs = self._ref.values()
-            created = len(self._ref) + len(self._cache)
+            created = len(self._ref) + len(self._cache) + len(self._lingering)
             return PoolStats(
                 chunk_bytes=self.chunk_bytes,
                 budget_bytes=self.budget_chunks * self.chunk_bytes,
                 chunks_in_use=len(self._ref),
                 chunks_cached=len(self._cache),
+                chunks_lingering=len(self._lingering),
                 resident_bytes=created * self.chunk_bytes,
                 mapped_bytes=sum(refs) * self.chunk_bytes,
                 shared_bytes=sum(1 for r in refs if r > 1) * self.chunk_bytes,
@@ -192,9 +223,10 @@ class ChunkPool:
 
     # -- cache management ----------------------------------------------
     def trim(self) -> None:
-        """Give every cached (unmapped) chunk back to the system."""
+        """Give every cached or lingering (unmapped) chunk back to the system."""
         with self._lock:
-            chunks, self._cache = self._cache, []
+            chunks, self._cache = self._cache + list(self._lingering), []
+            self._lingering.clear()
             self._released += len(chunks)
         for c in chunks:
             self.backend.release_chunk(c)
@@ -221,11 +253,37 @@ class ChunkPool:
             if len(made) < want:
                 return  # creation failed (device memory taken by others): stop pre-creating
 
+    def _reap_loop(self) -> None:
+        """Give lingering chunks back once they have been unused for ``linger_s``."""
+        while True:
+            with self._lock:
+                while not self._closed and not self._lingering:
+                    self._lock.wait()
+                if self._closed:
+                    return
+                now = time.monotonic()
+                expired = [c for c, t in self._lingering.items() if now - t >= self.linger_s]
+                if not expired:
+                    oldest = next(iter(self._lingering.values()))
+                    self._lock.wait(self.linger_s - (now - oldest))
+                    continue
+                for c in expired:
+                    del self._lingering[c]
+                self._released += len(expired)
+            try:
+                for c in expired:
+                    self.backend.release_chunk(c)
+                if self.on_release is not None:
+                    self.on_release()
+            except Exception:  # keep reaping; the failure is logged, never lost in a dead thread
+                get_logger(__name__).exception("vTensor pool: giving lingering chunks back failed")
+
     def close(self) -> None:
-        """Stop the refill thread and give cached chunks back (chunks in use stay valid)."""
+        """Stop the background threads and give unused chunks back (chunks in use stay valid)."""
         with self._lock:
             self._closed = True
             self._lock.notify_all()
-        if self._thread is not None:
-            self._thread.join()
+        for thread in (self._thread, self._reaper):
+            if thread is not None:
+                thread.join()
         self.trim()

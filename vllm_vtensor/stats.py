@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import threading
 import time
 
 ENV = "VTENSOR_STATS_FILE"
@@ -55,7 +56,7 @@ def publish(kv, force: bool = False) -> None:
 
 def write_json_atomic(path: str, data: dict) -> None:
     """Replace ``path`` with ``data`` as JSON; readers never see a half-written file."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # the pool's reaper thread publishes too
     with open(tmp, "w") as f:
         json.dump(data, f)
     os.replace(tmp, path)

@@ -16,6 +16,8 @@ Two hooks (installed by :mod:`vllm_vtensor.patches`):
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import torch
 
@@ -50,6 +52,22 @@ def _the_attention_group(kv_cache_config):
     return groups[0]
 
 
+LINGER_ENV = "VTENSOR_CHUNK_LINGER_S"
+DEFAULT_LINGER_S = 1.0
+
+
+def linger_seconds() -> float:
+    """How long freed KV memory is kept for reuse before it is given back (``$VTENSOR_CHUNK_LINGER_S``)."""
+    raw = os.environ.get(LINGER_ENV, "")
+    try:
+        value = float(raw) if raw else DEFAULT_LINGER_S
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise VTensorConfigError(f"{LINGER_ENV}={raw!r}: give seconds >= 0 (0 gives freed memory back at once)")
+    return value
+
+
 def allocate_kv_cache(runner, kv_cache_config) -> dict[str, torch.Tensor]:
     """Per-layer KV views over a fresh :class:`KVSpace`, stored on ``runner``."""
     from vllm.v1.kv_cache_interface import compute_layer_kv_cache_shape_bytes
@@ -77,6 +95,8 @@ def allocate_kv_cache(runner, kv_cache_config) -> dict[str, torch.Tensor]:
         block_bytes=page * len(layers),
         block_size=spec.block_size,
         keep_full_blocks=bool(vllm_config.cache_config.enable_prefix_caching),
+        linger_s=linger_seconds(),
+        on_release=lambda space: vt_stats.publish(space, force=True),
     )
     runner._vtensor_kv = kv
     vt_stats.attach(kv)
@@ -102,6 +122,7 @@ def allocate_kv_cache(runner, kv_cache_config) -> dict[str, torch.Tensor]:
 
 def translate_scheduler_output(kv: KVSpace, so) -> None:
     """Apply the scheduler's block decisions to ``kv`` and make ``so``'s block ids virtual."""
+    t0 = time.perf_counter()
     membership_changed = bool(so.finished_req_ids or so.preempted_req_ids or so.scheduled_new_reqs)
     for req_id in so.finished_req_ids:
         kv.remove_request(req_id)
@@ -128,4 +149,5 @@ def translate_scheduler_output(kv: KVSpace, so) -> None:
             (blocks,) = new_blocks
             cached.new_block_ids[i] = (kv.append_blocks(req_id, blocks),)
         kv.note_tokens(req_id, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
+    kv.step_seconds += time.perf_counter() - t0
     vt_stats.publish(kv, force=membership_changed or bool(cached.resumed_req_ids))
