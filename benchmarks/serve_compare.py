@@ -5,11 +5,13 @@
 
 (A) offline throughput: 32 prompts of ~100 tokens, 128 output tokens each;
 (B) multi-turn chat: 8 conversations x 4 turns, time to first token per turn
-    (each turn's 8 requests as one batch, max_tokens=1, prefix caching on);
+    (each turn's 8 requests as one batch, max_tokens=1, prefix caching on),
+    the median over 3 rounds of fresh conversations;
 (C) KV memory: peak resident KV bytes against the bytes the live tokens need
     (sampled from the allocator during A; vanilla preallocates its whole space).
 
-Each engine runs in its own process, one after the other.  Prints a table,
+Each engine runs in its own process, one after the other, alternating vanilla
+and VTENSOR ``--repeats`` times (default 2); the figures are medians.  Prints a table,
 writes JSON and a PNG to benchmarks/results/.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,17 +82,22 @@ def run_engine(mode: str, args) -> dict:
     gen_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
 
-    # (B) multi-turn TTFT
-    convs = [[{"role": "user", "content": f"Tell me about {TOPICS[i]}."}] for i in range(args.conversations)]
-    ttft = []
-    for turn in range(args.turns):
-        t0 = time.perf_counter()
-        llm.chat(convs, SamplingParams(temperature=0.0, max_tokens=1))
-        ttft.append(time.perf_counter() - t0)
-        answers = llm.chat(convs, SamplingParams(temperature=0.0, max_tokens=32))
-        for conv, ans in zip(convs, answers):
-            conv += [{"role": "assistant", "content": ans.outputs[0].text},
-                     {"role": "user", "content": f"Tell me more, part {turn + 2}."}]
+    # (B) multi-turn TTFT: several rounds of fresh conversations; per turn, the median over rounds
+    rounds = []
+    for rnd in range(args.rounds):
+        convs = [[{"role": "user", "content": f"Round {rnd + 1}. Tell me about {TOPICS[i % len(TOPICS)]}."}]
+                 for i in range(args.conversations)]
+        ttft = []
+        for turn in range(args.turns):
+            t0 = time.perf_counter()
+            llm.chat(convs, SamplingParams(temperature=0.0, max_tokens=1))
+            ttft.append(time.perf_counter() - t0)
+            answers = llm.chat(convs, SamplingParams(temperature=0.0, max_tokens=32))
+            for conv, ans in zip(convs, answers):
+                conv += [{"role": "assistant", "content": ans.outputs[0].text},
+                         {"role": "user", "content": f"Tell me more, part {turn + 2}."}]
+        rounds.append(ttft)
+    ttft = [statistics.median(r[t] for r in rounds) for t in range(args.turns)]
 
     if mode == "vtensor" and samples:
         peak = max(samples, key=lambda s: s["resident_bytes"])
@@ -98,12 +106,18 @@ def run_engine(mode: str, args) -> dict:
     else:
         peak_resident = args.kv_bytes  # vanilla preallocates (and touches) its whole KV space
         peak_needed = None
+    allocator = None
+    if mode == "vtensor":  # the allocator's totals: chunks created, time spent mapping before steps
+        try:
+            allocator = json.loads(Path(os.environ["VTENSOR_STATS_FILE"]).read_text())
+        except (OSError, ValueError):
+            pass
     llm.llm_engine.engine_core.shutdown()
     return {
         "mode": mode, "startup_s": startup, "throughput_tok_s": gen_tokens / elapsed, "elapsed_s": elapsed,
-        "generated_tokens": gen_tokens, "prompt_tokens": prompt_tokens, "ttft_s": ttft,
+        "generated_tokens": gen_tokens, "prompt_tokens": prompt_tokens, "ttft_s": ttft, "ttft_rounds_s": rounds,
         "peak_resident_kv_bytes": peak_resident, "peak_needed_kv_bytes": peak_needed,
-        "kv_bytes_per_token": bytes_per_token,
+        "kv_bytes_per_token": bytes_per_token, "allocator": allocator,
     }
 
 
@@ -113,6 +127,24 @@ def _child(mode: str, argv: list[str]) -> dict:
         out = os.path.join(tmp, "result.json")
         subprocess.run([sys.executable, __file__, *argv, "--engine", mode, "--result", out], env=env, check=True)
         return json.loads(Path(out).read_text())
+
+
+def _merge(runs: list[dict]) -> dict:
+    """One engine's figures over its repeated runs: medians of throughput and of each turn's TTFT
+    (over every round of every run), the highest peak memory; the runs themselves are kept."""
+    med = statistics.median
+    first = runs[0]
+    ttft_rounds = [r for run in runs for r in run["ttft_rounds_s"]]
+    return {
+        **first,
+        "throughput_tok_s": med(r["throughput_tok_s"] for r in runs),
+        "ttft_s": [med(r[t] for r in ttft_rounds) for t in range(len(first["ttft_s"]))],
+        "ttft_rounds_s": ttft_rounds,
+        "peak_resident_kv_bytes": max(r["peak_resident_kv_bytes"] for r in runs),
+        "peak_needed_kv_bytes": None if first["peak_needed_kv_bytes"] is None
+        else max(r["peak_needed_kv_bytes"] for r in runs),
+        "runs": runs,
+    }
 
 
 def _plot(results: dict, path: Path) -> None:
@@ -150,15 +182,17 @@ def main(argv=None) -> int:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--conversations", type=int, default=8)
     p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of fresh conversations; TTFT is the median")
+    p.add_argument("--repeats", type=int, default=2, help="engine runs of each, alternating; medians over them")
     p.add_argument("--kv-bytes", type=int, default=512 << 20)
     p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--quick", action="store_true", help="8 prompts x 32 tokens, 4 conversations x 2 turns")
+    p.add_argument("--quick", action="store_true", help="8 prompts x 32 tokens, 4 conversations x 2 turns, 1 round")
     p.add_argument("--out", default=str(RESULTS / "serve_compare-cpu.json"))
     p.add_argument("--engine", choices=["vanilla", "vtensor"], help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.num_prompts, args.output_len, args.conversations, args.turns = 8, 32, 4, 2
+        args.num_prompts, args.output_len, args.conversations, args.turns, args.rounds = 8, 32, 4, 2, 1
 
     if args.engine:  # child process: one engine
         Path(args.result).write_text(json.dumps(run_engine(args.engine, args)))
@@ -166,8 +200,17 @@ def main(argv=None) -> int:
 
     child_argv = [a for a in argv if a not in ("--quick",)]
     if args.quick:
-        child_argv += ["--num-prompts", "8", "--output-len", "32", "--conversations", "4", "--turns", "2"]
-    results = {mode: _child(mode, child_argv) for mode in ("vanilla", "vtensor")}
+        args.repeats = 1
+    if args.quick:
+        child_argv += ["--num-prompts", "8", "--output-len", "32", "--conversations", "4", "--turns", "2",
+                       "--rounds", "1"]
+    # Engines alternate (vanilla, vtensor, vanilla, vtensor, ...): this VM's speed drifts between
+    # processes by several percent, so one run of each would compare the drift, not the engines.
+    runs = {"vanilla": [], "vtensor": []}
+    for _ in range(args.repeats):
+        for mode in runs:
+            runs[mode].append(_child(mode, child_argv))
+    results = {mode: _merge(rs) for mode, rs in runs.items()}
     van, vt = results["vanilla"], results["vtensor"]
     mib = 1 << 20
     summary = {
