@@ -1,13 +1,23 @@
 """FlexInfer offload benchmark: decode tokens/s against the memory budget, each run in a cgroup.
 
-    python benchmarks/offload.py                       # SmolLM2-135M (float32), budgets 25/50/75/100%
-    python benchmarks/offload.py --budgets 0.5 --configs flexinfer,vanilla --tokens 16
+    python benchmarks/offload.py                       # 1.65 GB random llama (float32), budgets 25/50/75/100%
+    python benchmarks/offload.py --model smollm2 --budgets 0.5 --configs flexinfer,vanilla --tokens 16
 
-Every run is held to its budget by a cgroup v1 memory limit of ``budget + the
-engine's fixed overhead`` (measured first: an unlimited flexinfer run's peak at
-the smallest budget, minus that budget, plus 64 MiB headroom), page cache included.  Configurations: ``flexinfer``; its
+Every run is held to its budget by a cgroup v1 memory limit, page cache included:
+once the engine has loaded and warmed up, the limit is set to ``budget + the
+engine's steady overhead`` (an unlimited flexinfer run at the smallest budget:
+its anonymous, shared and mapped memory after warm-up minus its weights and
+buffers, plus 64 MiB of headroom).  At 100% the limit is vanilla vLLM's own
+steady footprint (its CPU weight packing holds more than the weights), so that
+column compares speed at equal memory.  Loading itself runs unlimited, since vLLM's
+CPU weight packing briefly holds two copies of every packed weight whatever the
+loader (each run's load peak is recorded).  Tightening the limit after loading
+matters for the mmap baseline: the page cache may then keep only what the
+budget covers.  A run whose memory cannot be brought under the limit (the
+kernel refuses to lower it) or that is killed by it is reported as over the
+limit.  Every run starts with the page cache dropped.  Configurations: ``flexinfer``; its
 ablations ``sync`` (no prefetch), ``no_balance``, ``attention_first``,
-``ffn_first``; ``mmap`` (layer weights mapped from the store, paged by the
+``ffn_first``; ``mmap`` (every matrix mapped from the store, paged by the
 kernel: the llama.cpp way); ``vanilla`` (vLLM's default loader).  The I/O
 bound is measured disk bandwidth / bytes streamed per token.  Needs root.
 Prints a table, writes JSON and a PNG to benchmarks/results/.
@@ -37,7 +47,7 @@ CONFIGS = {
 
 
 def child(args) -> None:
-    """One engine: load, warm up, decode ``--tokens`` tokens for one prompt, report."""
+    """One engine: load, warm up, wait for the parent's go (it tightens the limit), decode, report."""
     from vllm import LLM, SamplingParams
 
     extra = json.loads(args.extra) if args.extra != "null" else None
@@ -46,6 +56,13 @@ def child(args) -> None:
               kv_cache_memory_bytes=32 << 20, **kw)
     prompt = [{"role": "user", "content": "Tell me a long story about a lighthouse."}]
     llm.chat(prompt, SamplingParams(max_tokens=2))
+    Path(args.result + ".loaded").touch()
+    go = Path(args.result + ".go")
+    deadline = time.monotonic() + 600
+    while not go.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit("no go from the parent")
+        time.sleep(0.05)
     t0 = time.perf_counter()
     out = llm.chat(prompt, SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True))
     elapsed = time.perf_counter() - t0
@@ -54,21 +71,68 @@ def child(args) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
-def run_in_cgroup(name: str, limit: int | None, argv: list[str], env: dict) -> dict:
+def _memory(cg: Path) -> dict:
+    """The cgroup's anonymous, shared-memory and mapped-file bytes (what it cannot drop without
+    faulting it back; mapped files include vLLM's mmap'd checkpoint while it is still mapped)."""
+    stat = dict(line.split() for line in (cg / "memory.stat").read_text().splitlines())
+    return {k: int(stat[f"total_{k}"]) for k in ("rss", "shmem", "mapped_file")}
+
+
+def _kill_all(cg: Path) -> None:
+    """SIGKILL every process in the cgroup (vLLM's engine and worker processes too, not just the child)."""
+    for _ in range(50):
+        pids = [int(p) for p in (cg / "cgroup.procs").read_text().split()]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
+def run_in_cgroup(name: str, limits: tuple[int | None, int | None], argv: list[str], env: dict,
+                  result: Path) -> dict:
+    """Run the child in a fresh cgroup: ``limits[0]`` while it loads, ``limits[1]`` once it has."""
     cg = CGROUP / f"vllm-vtensor-bench-{name}"
     if cg.exists():
         cg.rmdir()
     cg.mkdir()
+    load_limit, steady_limit = limits
+    info = {"over_steady_limit": False}
     try:
-        (cg / "memory.limit_in_bytes").write_text(str(limit) if limit else "-1")
+        (cg / "memory.limit_in_bytes").write_text(str(load_limit) if load_limit else "-1")
         cmd = f'echo $$ > {cg}/cgroup.procs && exec "$0" "$@"'
-        proc = subprocess.run(["sh", "-c", cmd, sys.executable, *argv], env=env, capture_output=True, text=True,
-                              timeout=1200)
+        with tempfile.TemporaryFile("w+") as log:
+            proc = subprocess.Popen(["sh", "-c", cmd, sys.executable, *argv], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, text=True)
+            loaded = Path(str(result) + ".loaded")
+            deadline = time.monotonic() + 1200
+            while proc.poll() is None and not loaded.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if proc.poll() is None and loaded.exists():
+                info["memory_after_load"] = mem = _memory(cg)
+                info["needed_after_load_bytes"] = sum(mem.values())
+                try:
+                    if steady_limit:
+                        (cg / "memory.limit_in_bytes").write_text(str(steady_limit))
+                    Path(str(result) + ".go").touch()
+                except OSError:  # EBUSY: its memory cannot be brought under the limit
+                    info["over_steady_limit"] = True
+                    _kill_all(cg)
+            try:
+                proc.wait(timeout=1200)
+            except subprocess.TimeoutExpired:
+                _kill_all(cg)
+                proc.wait()
+            log.seek(0)
+            tail = log.read()[-1500:]
         peak = int((cg / "memory.max_usage_in_bytes").read_text())
-        ooms = int((cg / "memory.failcnt").read_text())
-        return {"returncode": proc.returncode, "peak_bytes": peak, "limit_hits": ooms,
-                "log_tail": (proc.stdout + proc.stderr)[-1500:]}
+        hits = int((cg / "memory.failcnt").read_text())
+        return {"returncode": proc.returncode, "peak_bytes": peak, "limit_hits": hits, **info, "log_tail": tail}
     finally:
+        _kill_all(cg)  # engine processes a killed child left behind
         for _ in range(50):
             try:
                 cg.rmdir()
@@ -77,40 +141,64 @@ def run_in_cgroup(name: str, limit: int | None, argv: list[str], env: dict) -> d
                 time.sleep(0.2)
 
 
-def disk_bandwidth(path: Path, limit_bytes: int = 512 << 20) -> float:
-    """O_DIRECT sequential read bandwidth of ``path`` (bytes/s)."""
-    import mmap
+def disk_bandwidth(path: Path, threads: int = 2) -> float:
+    """O_DIRECT read bandwidth of the weight store ``path`` (bytes/s) through the prefetcher's own read
+    path: each decoder-layer tensor read whole by ``threads`` readers (flexinfer's default io_threads)
+    into mlocked page-aligned buffers (unlocked buffers read ~1.5x slower here).  Best of five: this
+    VM's disk varies by up to 2x from one measurement to the next."""
+    import ctypes
+    from concurrent.futures import ThreadPoolExecutor
 
-    buf = mmap.mmap(-1, 8 << 20)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    from flexoffload.runtime import mlock
+    from flexoffload.store import WeightStore, aligned_buffer
+
+    store = WeightStore.open(path, direct_io=True)
+    names = [n for n in store.index if ".layers." in n]
+    bufs = [aligned_buffer(max(store.index[n].padded for n in names)) for _ in range(threads)]
+    for b in bufs:
+        mlock(ctypes.addressof(ctypes.c_char.from_buffer(b)), len(b))
+    views = [memoryview(b) for b in bufs]
+
+    def reader(i: int) -> int:
+        return sum(store.read_into(n, views[i]) for n in names[i::threads])
+
     best = 0.0
     try:
-        for _ in range(3):  # best of three: the runs re-read the same file, warm below the page cache
-            done, t0 = 0, time.perf_counter()
-            while done < min(limit_bytes, path.stat().st_size):
-                n = os.preadv(fd, [buf], done)
-                if n <= 0:
-                    break
-                done += n
-            best = max(best, done / (time.perf_counter() - t0))
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in range(5):
+                t0 = time.perf_counter()
+                done = sum(pool.map(reader, range(threads)))
+                best = max(best, done / (time.perf_counter() - t0))
         return best
     finally:
-        os.close(fd)
+        del views
+        store.close()
 
 
-def run_config(model, cfg_name, fraction, limit, tokens, tmp) -> dict:
+def drop_page_cache() -> None:
+    """Start every run cold.  Page cache is charged to the cgroup that first read it, and a removed
+    cgroup's pages move to the root: without this, the mmap baseline would map weights an earlier run
+    cached and never pay for them under its own limit."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("1")
+
+
+def run_config(model, cfg_name, fraction, limits, tokens, tmp) -> dict:
     extra = CONFIGS[cfg_name]
     extra = None if extra is None else {"memory_budget": fraction, **extra}
     result, stats = Path(tmp) / f"{cfg_name}-{fraction}.json", Path(tmp) / f"{cfg_name}-{fraction}-stats.json"
+    for leftover in (result, stats, Path(f"{result}.loaded"), Path(f"{result}.go")):
+        leftover.unlink(missing_ok=True)
     env = {**os.environ, "FLEXOFFLOAD_STATS_FILE": str(stats)}
     argv = [__file__, "--child", "--model", model, "--extra", json.dumps(extra), "--tokens", str(tokens),
             "--result", str(result)]
-    run = run_in_cgroup(f"{cfg_name}-{int(fraction * 100)}", limit, argv, env)
-    row = {"config": cfg_name, "fraction": fraction, "limit_bytes": limit, **run}
+    drop_page_cache()
+    run = run_in_cgroup(f"{cfg_name}-{int(fraction * 100)}", limits, argv, env, result)
+    row = {"config": cfg_name, "fraction": fraction, "load_limit_bytes": limits[0], "limit_bytes": limits[1], **run}
     if result.exists():
         row.update(json.loads(result.read_text()))
     else:
-        row["tok_s"] = None  # failed: usually killed by the memory limit
+        row["tok_s"] = None  # failed: killed by the memory limit, or over the steady limit after loading
     if stats.exists():
         row["flexinfer"] = json.loads(stats.read_text())
     return row
@@ -118,7 +206,8 @@ def run_config(model, cfg_name, fraction, limit, tokens, tmp) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None)
+    p.add_argument("--model", default="bench-llama",
+                   help="bench-llama (1.65 GB random-weight llama, the default), smollm2, or a model folder")
     p.add_argument("--budgets", default="0.25,0.5,0.75,1.0")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--tokens", type=int, default=32)
@@ -134,38 +223,49 @@ def main(argv=None) -> int:
         raise SystemExit("this benchmark needs root and the cgroup v1 memory controller at /sys/fs/cgroup/memory")
 
     from flexoffload.plan import checkpoint_tensors
-    from vllm_vtensor.models import build_smollm2
+    from vllm_vtensor.models import build_bench_llama, build_smollm2
 
-    model = args.model or str(build_smollm2())
+    builders = {"bench-llama": build_bench_llama, "smollm2": build_smollm2}
+    model = str(builders[args.model]()) if args.model in builders else args.model
+    title = f"{Path(model).name} float32 ({{:.0f}} MiB weights)"
     weight_bytes = sum(t.nbytes for t in checkpoint_tensors(model, dtype_bytes=4))
     budgets = [float(b) for b in args.budgets.split(",")]
     configs = args.configs.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        # The engine's fixed overhead: the peak of an unlimited flexinfer run at the smallest budget
-        # (it holds at most that budget of weights, and loads only those), minus that budget.  The
-        # first flexinfer run also writes the weight store, outside any limit.  (vanilla's peak would
-        # include load-time copies of the whole model and leave the other runs slack to cache it.)
-        base = run_config(model, "vanilla", 1.0, None, args.tokens, tmp)
-        run_config(model, "flexinfer", min(budgets), None, 2, tmp)
-        probe = run_config(model, "flexinfer", min(budgets), None, 2, tmp)
+        # The engine's fixed overhead, after warm-up, from unlimited runs: the larger of vanilla's and of a
+        # flexinfer run at the smallest budget (anonymous + shared + mapped memory minus its weights and
+        # buffers).  The first flexinfer run writes the weight store.
+        base = run_config(model, "vanilla", 1.0, (None, None), args.tokens, tmp)
+        run_config(model, "flexinfer", min(budgets), (None, None), 2, tmp)  # writes the weight store
+        probe = run_config(model, "flexinfer", min(budgets), (None, None), 2, tmp)
+        weights_held = probe["flexinfer"]["resident_bytes"] + probe["flexinfer"]["arena_bytes"]
         # + 64 MiB of headroom: run-to-run noise (allocator, page cache of small files) must not decide OOMs
-        overhead = probe["peak_bytes"] - int(min(budgets) * weight_bytes) + (64 << 20)
+        overhead = probe["needed_after_load_bytes"] - weights_held + (64 << 20)
+        # At 100% the limit is what vanilla vLLM itself holds after loading: its CPU weight packing keeps
+        # more than the weights (a packed copy of the tied lm_head beside the embedding, padded oneDNN
+        # layouts, load-time leftovers), so "the whole model" means vanilla's own footprint there.
+        # Its anonymous + shared memory, plus the probe's mapped files (libraries; vanilla still maps
+        # its checkpoint, which the limit may evict).
+        van = base["memory_after_load"]
+        full_limit = van["rss"] + van["shmem"] + probe["memory_after_load"]["mapped_file"] + (64 << 20)
         store = max((Path(os.environ.get("VTENSOR_CACHE", Path.home() / ".cache/vllm-vtensor")) / "flexinfer")
                     .glob("*.bin"), key=lambda q: q.stat().st_mtime)
         bw = disk_bandwidth(store)
         rows = []
+        partial = Path(args.out).with_suffix(".partial.json")
         for fraction in budgets:
-            limit = int(fraction * weight_bytes) + overhead
+            limit = int(fraction * weight_bytes) + overhead if fraction < 1 else max(full_limit, weight_bytes + overhead)
+            limits = (None, limit)
             for cfg in configs:
-                row = run_config(model, cfg, fraction, limit, args.tokens, tmp)
+                row = run_config(model, cfg, fraction, limits, args.tokens, tmp)
                 streamed = (row.get("flexinfer") or {}).get("streamed_bytes_per_forward")
                 row["io_bound_tok_s"] = bw / streamed if streamed else None
                 rows.append(row)
+                partial.write_text(json.dumps(rows))  # survives a crash of this script
                 print(f"{cfg:>16} {fraction:>5.0%} limit {limit / 2**20:7.0f} MiB: "
-                      + (f"{row['tok_s']:7.2f} tok/s" if row["tok_s"] else "  failed (memory limit)"), flush=True)
+                      + (f"{row['tok_s']:7.2f} tok/s" if row["tok_s"] else "  over the memory limit"), flush=True)
 
-    print(f"\nSmolLM2-135M float32 ({weight_bytes / 2**20:.0f} MiB weights), engine overhead "
-          f"{overhead / 2**20:.0f} MiB, disk O_DIRECT {bw / 1e9:.2f} GB/s; decode tok/s (cgroup limit = budget + overhead)")
+    print(f"\n{title.format(weight_bytes / 2**20)}, engine overhead {overhead / 2**20:.0f} MiB, disk O_DIRECT {bw / 1e9:.2f} GB/s (2 readers, mlocked buffers); decode tok/s (cgroup limit = budget + steady overhead)")
     print(f"{'config':>16}" + "".join(f"{b:>9.0%}" for b in budgets))
     for cfg in configs + ["io_bound"]:
         cells = []
@@ -174,17 +274,47 @@ def main(argv=None) -> int:
             v = None if r is None else (r.get("io_bound_tok_s") if cfg == "io_bound" else r["tok_s"])
             cells.append(f"{v:>9.2f}" if v else f"{'OOM' if cfg != 'io_bound' and r else '-':>9}")
         print(f"{cfg:>16}" + "".join(cells))
+    ratios = _ratios(rows, budgets)
+    for line in ratios["lines"]:
+        print(line)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": "python benchmarks/offload.py " + " ".join(argv or sys.argv[1:]),
-                               "weight_bytes": weight_bytes, "overhead_bytes": overhead, "disk_bytes_per_s": bw,
-                               "baseline_unlimited": base, "rows": rows}, indent=2))
-    _plot(rows, budgets, configs, out.with_suffix(".png"))
+                               "weight_bytes": weight_bytes, "overhead_bytes": overhead,
+                               "limit_at_100_bytes": full_limit, "disk_bytes_per_s": bw,
+                               "model": model, "baseline_unlimited": base, "ratios": ratios["values"],
+                               "rows": rows}, indent=2))
+    _plot(rows, budgets, configs, out.with_suffix(".png"), title.format(weight_bytes / 2**20))
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 
-def _plot(rows, budgets, configs, path) -> None:
+def _ratios(rows, budgets) -> dict:
+    """The issue's goals as ratios of runs made side by side: flexinfer vs the mmap baseline,
+    vs the I/O bound, and vs vanilla vLLM at 100%.  A run killed by its limit gives no ratio."""
+    def tok(cfg, b):
+        r = next((r for r in rows if r["config"] == cfg and r["fraction"] == b), None)
+        return r and r["tok_s"], r
+    values, lines = {}, ["", "ratios (flexinfer / other, same budget):"]
+    for b in budgets:
+        flex, row = tok("flexinfer", b)
+        for other, key in (("mmap", "vs_mmap"), ("vanilla", "vs_vanilla"), ("io_bound", "vs_io_bound")):
+            if other == "io_bound":
+                ref = row and row.get("io_bound_tok_s")
+            else:
+                ref, ref_row = tok(other, b)
+                if ref_row is None:
+                    continue
+            if flex and ref:
+                values[f"{key}@{b:g}"] = flex / ref
+                lines.append(f"  {b:>4.0%} {key:<12} {flex / ref:6.2f}x")
+            elif flex and other != "io_bound":
+                lines.append(f"  {b:>4.0%} {key:<12}  {other} failed under the limit")
+    return {"values": values, "lines": lines}
+
+
+def _plot(rows, budgets, configs, path, title) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,7 +332,7 @@ def _plot(rows, budgets, configs, path) -> None:
     ax.set_ylabel("decode tokens/s")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    ax.set_title("SmolLM2-135M fp32 under a cgroup memory limit")
+    ax.set_title(f"{title} under a cgroup memory limit", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
