@@ -123,6 +123,16 @@ def vllm_prefix_prefill(context_attention_fwd, inp, out):
         sm_scale=inp["scale"])
 
 
+def vllm_runs(kernels, chunk):
+    """(name, make(inp, out)) for each of vLLM's kernels that serves this chunk size: context_attention_fwd
+    for chunked prefill (chunk > 1), unified_attention always."""
+    if not kernels:
+        return []
+    context_attention_fwd, unified_attention = kernels
+    runs = [("prefix_prefill", lambda i, o: vllm_prefix_prefill(context_attention_fwd, i, o))] if chunk > 1 else []
+    return runs + [("unified", lambda i, o: vllm_unified(unified_attention, i, o))]
+
+
 def load_vllm(src):
     """vLLM's kernels from ``src`` (see vllm_kernels.py), else from the installed vLLM's files, else None."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -160,10 +170,8 @@ def correctness_sweep(kernels) -> list[dict]:
             reference(inp, ref)()
             row = {"batch": batch, "prefix": prefix, "chunk": chunk, "dtype": str(dtype).split(".")[-1]}
             runs = [("ours", ours)]
-            if kernels and dtype == torch.float32:
-                runs.append(("vllm_unified", lambda i, o: vllm_unified(kernels[1], i, o)))
-                if chunk > 1:
-                    runs.append(("vllm_prefix_prefill", lambda i, o: vllm_prefix_prefill(kernels[0], i, o)))
+            if dtype == torch.float32:
+                runs += [(f"vllm_{name}", make) for name, make in vllm_runs(kernels, chunk)]
             for name, make in runs:
                 got = torch.zeros_like(inp["q"])
                 make(inp, got)()
@@ -206,13 +214,9 @@ def main(argv=None) -> int:
             torch.testing.assert_close(mine.float(), ref.float(), atol=3e-2, rtol=3e-2)
             row = {"batch": batch, "prefix": prefix, "chunk": chunk, "ours_ms": bench(ours(inp, mine))}
             row["ours_tflops"] = flops(batch, prefix, chunk, 32, 128) / row["ours_ms"] / 1e9
-            others = []
-            if kernels and chunk > 1:
-                others.append(("prefix_prefill", torch.empty_like(mine), lambda o: vllm_prefix_prefill(kernels[0], inp, o)))
-            if kernels:
-                others.append(("unified", torch.empty_like(mine), lambda o: vllm_unified(kernels[1], inp, o)))
-            for name, theirs, make in others:
-                fn = make(theirs)
+            for name, make in vllm_runs(kernels, chunk):
+                theirs = torch.empty_like(mine)
+                fn = make(inp, theirs)
                 fn()
                 torch.testing.assert_close(theirs.float(), ref.float(), atol=3e-2, rtol=3e-2)
                 row[f"{name}_ms"] = bench(fn)

@@ -92,17 +92,14 @@ def _kill_all(cg: Path) -> None:
         time.sleep(0.1)
 
 
-def run_in_cgroup(name: str, limits: tuple[int | None, int | None], argv: list[str], env: dict,
-                  result: Path) -> dict:
-    """Run the child in a fresh cgroup: ``limits[0]`` while it loads, ``limits[1]`` once it has."""
+def run_in_cgroup(name: str, limit: int | None, argv: list[str], env: dict, result: Path) -> dict:
+    """Run the child in a fresh cgroup, unlimited while it loads, held to ``limit`` once it has."""
     cg = CGROUP / f"vllm-vtensor-bench-{name}"
     if cg.exists():
         cg.rmdir()
     cg.mkdir()
-    load_limit, steady_limit = limits
     info = {"over_steady_limit": False}
     try:
-        (cg / "memory.limit_in_bytes").write_text(str(load_limit) if load_limit else "-1")
         cmd = f'echo $$ > {cg}/cgroup.procs && exec "$0" "$@"'
         with tempfile.TemporaryFile("w+") as log:
             proc = subprocess.Popen(["sh", "-c", cmd, sys.executable, *argv], env=env, stdout=log,
@@ -115,8 +112,8 @@ def run_in_cgroup(name: str, limits: tuple[int | None, int | None], argv: list[s
                 info["memory_after_load"] = mem = _memory(cg)
                 info["needed_after_load_bytes"] = sum(mem.values())
                 try:
-                    if steady_limit:
-                        (cg / "memory.limit_in_bytes").write_text(str(steady_limit))
+                    if limit:
+                        (cg / "memory.limit_in_bytes").write_text(str(limit))
                     Path(str(result) + ".go").touch()
                 except OSError:  # EBUSY: its memory cannot be brought under the limit
                     info["over_steady_limit"] = True
@@ -183,7 +180,7 @@ def drop_page_cache() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("1")
 
 
-def run_config(model, cfg_name, fraction, limits, tokens, tmp) -> dict:
+def run_config(model, cfg_name, fraction, limit, tokens, tmp) -> dict:
     extra = CONFIGS[cfg_name]
     extra = None if extra is None else {"memory_budget": fraction, **extra}
     result, stats = Path(tmp) / f"{cfg_name}-{fraction}.json", Path(tmp) / f"{cfg_name}-{fraction}-stats.json"
@@ -193,8 +190,8 @@ def run_config(model, cfg_name, fraction, limits, tokens, tmp) -> dict:
     argv = [__file__, "--child", "--model", model, "--extra", json.dumps(extra), "--tokens", str(tokens),
             "--result", str(result)]
     drop_page_cache()
-    run = run_in_cgroup(f"{cfg_name}-{int(fraction * 100)}", limits, argv, env, result)
-    row = {"config": cfg_name, "fraction": fraction, "load_limit_bytes": limits[0], "limit_bytes": limits[1], **run}
+    run = run_in_cgroup(f"{cfg_name}-{int(fraction * 100)}", limit, argv, env, result)
+    row = {"config": cfg_name, "fraction": fraction, "limit_bytes": limit, **run}
     if result.exists():
         row.update(json.loads(result.read_text()))
     else:
@@ -232,12 +229,12 @@ def main(argv=None) -> int:
     budgets = [float(b) for b in args.budgets.split(",")]
     configs = args.configs.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        # The engine's fixed overhead, after warm-up, from unlimited runs: the larger of vanilla's and of a
-        # flexinfer run at the smallest budget (anonymous + shared + mapped memory minus its weights and
-        # buffers).  The first flexinfer run writes the weight store.
-        base = run_config(model, "vanilla", 1.0, (None, None), args.tokens, tmp)
-        run_config(model, "flexinfer", min(budgets), (None, None), 2, tmp)  # writes the weight store
-        probe = run_config(model, "flexinfer", min(budgets), (None, None), 2, tmp)
+        # The engine's fixed overhead, after warm-up, from an unlimited flexinfer run at the smallest
+        # budget: anonymous + shared + mapped memory minus its weights and buffers.  The first flexinfer
+        # run writes the weight store.
+        base = run_config(model, "vanilla", 1.0, None, args.tokens, tmp)
+        run_config(model, "flexinfer", min(budgets), None, 2, tmp)  # writes the weight store
+        probe = run_config(model, "flexinfer", min(budgets), None, 2, tmp)
         weights_held = probe["flexinfer"]["resident_bytes"] + probe["flexinfer"]["arena_bytes"]
         # + 64 MiB of headroom: run-to-run noise (allocator, page cache of small files) must not decide OOMs
         overhead = probe["needed_after_load_bytes"] - weights_held + (64 << 20)
@@ -255,9 +252,8 @@ def main(argv=None) -> int:
         partial = Path(args.out).with_suffix(".partial.json")
         for fraction in budgets:
             limit = int(fraction * weight_bytes) + overhead if fraction < 1 else max(full_limit, weight_bytes + overhead)
-            limits = (None, limit)
             for cfg in configs:
-                row = run_config(model, cfg, fraction, limits, args.tokens, tmp)
+                row = run_config(model, cfg, fraction, limit, args.tokens, tmp)
                 streamed = (row.get("flexinfer") or {}).get("streamed_bytes_per_forward")
                 row["io_bound_tok_s"] = bw / streamed if streamed else None
                 rows.append(row)

@@ -186,24 +186,19 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="engine runs of each, alternating; medians over them")
     p.add_argument("--kv-bytes", type=int, default=512 << 20)
     p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--quick", action="store_true", help="8 prompts x 32 tokens, 4 conversations x 2 turns, 1 round")
+    p.add_argument("--quick", action="store_true", help="8 prompts x 32 tokens, 4 conversations x 2 turns, 1 round, 1 run each")
     p.add_argument("--out", default=str(RESULTS / "serve_compare-cpu.json"))
     p.add_argument("--engine", choices=["vanilla", "vtensor"], help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.num_prompts, args.output_len, args.conversations, args.turns, args.rounds = 8, 32, 4, 2, 1
+        args.num_prompts, args.output_len, args.conversations, args.turns, args.rounds, args.repeats = 8, 32, 4, 2, 1, 1
 
     if args.engine:  # child process: one engine
         Path(args.result).write_text(json.dumps(run_engine(args.engine, args)))
         return 0
 
-    child_argv = [a for a in argv if a not in ("--quick",)]
-    if args.quick:
-        args.repeats = 1
-    if args.quick:
-        child_argv += ["--num-prompts", "8", "--output-len", "32", "--conversations", "4", "--turns", "2",
-                       "--rounds", "1"]
+    child_argv = argv  # a child parses --quick the same way
     # Engines alternate (vanilla, vtensor, vanilla, vtensor, ...): this VM's speed drifts between
     # processes by several percent, so one run of each would compare the drift, not the engines.
     runs = {"vanilla": [], "vtensor": []}
