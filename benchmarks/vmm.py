@@ -120,6 +120,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     backend = make_backend(args.device)
+    backend_facts = {"granularity": backend.granularity,
+                     "zero_read_only": getattr(backend, "zero_read_only", None)}  # CUDA: zero granules read-only?
     chunk = args.chunk_mib * MiB
     sizes = [int(s) for s in args.sizes_mib.split(",")]
     lat = per_chunk_latency(backend, chunk, args.reps)
@@ -148,7 +150,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({
         "command": "python benchmarks/vmm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": args.device, "device_name": device_name, "chunk_bytes": chunk,
-        "latency": summary, "grow": grow, "torch": torch.__version__,
+        "latency": summary, "grow": grow, "torch": torch.__version__, **backend_facts,
     }, indent=2))
     print(f"\nwrote {out}")
     return 0

@@ -86,6 +86,50 @@ def test_context_attention_sliding_window():
     check(context_attention, context_attention_ref, batch, torch.float32, sliding_window=24)
 
 
+def test_launch_config_overrides_tiles_and_rejects_unknown_keys():
+    batch = make_batch(*MIXED, 4, 2, 64, 16, torch.float32, "packed")
+    check(context_attention, context_attention_ref, batch, torch.float32,
+          launch_config={"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2})
+    dec = _decode_batch([3, 70], 4, 2, 64, 16, torch.float32, "packed")
+    check(decode_attention, decode_attention_ref, dec, torch.float32, num_splits=2,
+          launch_config={"BLOCK_N": 16, "num_warps": 2})
+    with pytest.raises(ValueError, match="unknown launch_config keys"):
+        context_attention(out=torch.empty_like(batch["q"]), **batch, launch_config={"BLOCK_K": 32})
+
+
+@pytest.mark.gpu
+def test_tiles_too_big_for_shared_memory_fall_back_to_smaller_ones():
+    """fp32, head dim 128, 128x128 tiles in 4 stages exceed an H100's shared memory: the launcher
+    retries with fewer stages and smaller tiles instead of failing."""
+    batch = make_batch(*MIXED, 4, 1, 128, 16, torch.float32, "packed")
+    check(context_attention, context_attention_ref, batch, torch.float32,
+          launch_config={"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 4})
+
+
+def test_shared_memory_fallback_order():
+    from triton.runtime.errors import OutOfResources
+
+    from vllm_vtensor.kernels import attention
+
+    class Kernel:  # stands in for a JIT function whose launch fails while the tiles are too big
+        def __init__(self):
+            self.launched = []
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                if kw["BLOCK_N"] * kw["num_stages"] > 32:
+                    raise OutOfResources(kw["BLOCK_N"] * kw["num_stages"] * 1024, 32 * 1024, "shared memory")
+                self.launched.append((grid, kw))
+            return launch
+
+    k = Kernel()
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
+    for _ in range(2):
+        attention._launch(k, lambda c: (c["BLOCK_M"],), (), cfg, {"X": 1})
+    assert [kw for _, kw in k.launched] == [{"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "X": 1}] * 2
+    assert attention._shrink({"BLOCK_M": 16, "BLOCK_N": 16, "num_stages": 1}) is None
+
+
 def test_empty_batch_leaves_output_untouched():
     batch = make_batch([], [], 4, 2, 64, 16, torch.float32, "packed")
     out = torch.empty(0, 4, 64, device=DEVICE)

@@ -48,6 +48,21 @@ def test_map_write_unmap_reads_zero_again(backend):
     backend.release_chunk(h)
 
 
+def test_chunk_of_several_granules(backend):
+    g = backend.granularity
+    vr = backend.reserve(4 * g)
+    h = backend.create_chunk(2 * g)
+    backend.map(vr, g, h, 2 * g)  # replaces two granules of zeros
+    view = backend.as_tensor(vr.addr, vr.size)
+    view[g : 3 * g].fill_(7)
+    assert int(view.count_nonzero()) == 2 * g
+    backend.synchronize()
+    backend.unmap(vr, g, 2 * g)
+    assert int(view.count_nonzero()) == 0
+    backend.release_chunk(h)
+    assert backend.resident_bytes() == 0
+
+
 def test_one_chunk_at_two_addresses_is_one_memory(backend):
     g = backend.granularity
     a, b = backend.reserve(2 * g), backend.reserve(2 * g)

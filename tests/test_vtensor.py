@@ -11,7 +11,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from vllm_vtensor.pool import ChunkPool, VTensorOutOfMemory
 from vllm_vtensor.vmm import make_backend
-from vllm_vtensor.vmm.host import HostBackend
 from vllm_vtensor.vtensor import VTensor, VTensorFreedError
 
 BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -115,16 +114,18 @@ def test_freed_range_is_reused_and_stale_views_read_zeros(pool):
     assert int(stale.count_nonzero()) == 0  # reads zeros, never faults
 
 
-# ---- property-based: random operation sequences against a plain model (host backend) ----
+# ---- property-based: random operation sequences against a plain model (host and CUDA backends) ----
 CAP = 6  # chunks per VTensor
 
 
 class VTensorMachine(RuleBasedStateMachine):
     """Model: per VTensor, a byte array of contents and a mask of bytes with known values."""
 
+    DEVICE = "cpu"
+
     def __init__(self):
         super().__init__()
-        self.backend = HostBackend()
+        self.backend = make_backend(self.DEVICE)
         self.g = self.backend.granularity
         self.pool = ChunkPool(self.backend, 10 * self.g, self.g)
         self.vts = [VTensor(self.pool, CAP * self.g) for _ in range(3)]
@@ -191,7 +192,7 @@ class VTensorMachine(RuleBasedStateMachine):
     @invariant()
     def contents_match_the_model(self):
         for i, vt in enumerate(self.vts):
-            view = vt.view().numpy()  # the whole reservation: unmapped parts must read as zeros
+            view = vt.view().cpu().numpy()  # the whole reservation: unmapped parts must read as zeros
             assert vt.view().data_ptr() == self.ptrs[i]
             assert vt.num_chunks == self.mapped[i]
             k = self.known[i]
@@ -216,3 +217,13 @@ class VTensorMachine(RuleBasedStateMachine):
 
 VTensorMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 TestVTensorProperties = VTensorMachine.TestCase
+
+
+class CudaVTensorMachine(VTensorMachine):
+    """The same sequences on the CUDA VMM backend (2 MiB granules: fewer, shorter runs)."""
+
+    DEVICE = "cuda"
+
+
+CudaVTensorMachine.TestCase.settings = settings(max_examples=20, stateful_step_count=25, deadline=None)
+TestVTensorPropertiesCuda = pytest.mark.gpu(CudaVTensorMachine.TestCase)

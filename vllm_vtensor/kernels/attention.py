@@ -21,8 +21,10 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
-_NEG = -1.0e30  # finite "minus infinity": a fully masked tile never produces NaN
+_NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked tile never produces NaN
+_LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in base 2 (exp2 is one instruction on GPUs)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -48,11 +50,11 @@ def _load_tile(base, start_block, offs_n, offs_d, kv_head, n_ok, d_ok, stride_b,
 
 @triton.jit
 def _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Fold one tile of masked scores ``s`` [M, N] and values ``v`` [D, N] into the running
+    """Fold one tile of masked base-2 scores ``s`` [M, N] and values ``v`` [D, N] into the running
     row max ``m_i``, row sum ``l_i`` and unnormalised output ``acc``."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp(s - m_new[:, None])
-    alpha = tl.exp(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if not CAST_F32:
         p = p.to(v.dtype)
@@ -101,16 +103,27 @@ def _context_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
+    qk_scale = scale * _LOG2E
     hi = tl.minimum(seq, prefix + (m + 1) * BLOCK_M)  # causal: no key past the tile's last query
     lo = 0
+    full_hi = 0  # keys below this are seen by every query row of the tile: no mask needed
     if USE_WINDOW:
         lo = tl.maximum(0, prefix + m * BLOCK_M - window + 1)
         lo = (lo // BLOCK_N) * BLOCK_N
-    for n0 in range(lo, hi, BLOCK_N):
+    else:
+        full_hi = ((prefix + m * BLOCK_M) // BLOCK_N) * BLOCK_N
+    all_n = tl.full([BLOCK_N], 1, tl.int1)
+    for n0 in range(0, full_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = _load_tile(K, kv0, offs_n, offs_d, kvh, all_n, d_ok, stride_kb, stride_kt, stride_kh, BLOCK_SIZE, CAST_F32)
+        s = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale
+        v = _load_tile(V, kv0, offs_n, offs_d, kvh, all_n, d_ok, stride_vb, stride_vt, stride_vh, BLOCK_SIZE, CAST_F32)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32, DOT_PREC)
+    for n0 in range(tl.maximum(lo, full_hi), hi, BLOCK_N):  # the diagonal (and window edge): masked
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seq
         k = _load_tile(K, kv0, offs_n, offs_d, kvh, n_ok, d_ok, stride_kb, stride_kt, stride_kh, BLOCK_SIZE, CAST_F32)
-        s = tl.dot(q, k, input_precision=DOT_PREC) * scale
+        s = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale
         allowed = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
         if USE_WINDOW:
             allowed = allowed & (offs_n[None, :] > pos[:, None] - window)
@@ -168,7 +181,7 @@ def _decode_kernel(
         if USE_WINDOW:
             n_ok = n_ok & (offs_n > seq - 1 - window)
         k = _load_tile(K, kv0, offs_n, offs_d, kvh, n_ok, d_ok, stride_kb, stride_kt, stride_kh, BLOCK_SIZE, CAST_F32)
-        s = tl.where(n_ok[None, :], tl.dot(q, k, input_precision=DOT_PREC) * scale, float("-inf"))
+        s = tl.where(n_ok[None, :], tl.dot(q, k, input_precision=DOT_PREC) * (scale * _LOG2E), float("-inf"))
         v = _load_tile(V, kv0, offs_n, offs_d, kvh, n_ok, d_ok, stride_vb, stride_vt, stride_vh, BLOCK_SIZE, CAST_F32)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32, DOT_PREC)
 
@@ -204,7 +217,7 @@ def _decode_reduce_kernel(
     acc = tl.load(PART_ACC + row[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
                   mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     m_max = tl.max(m, 0)
-    w = tl.exp(m - m_max)
+    w = tl.exp2(m - m_max)  # the splits' maxima are base-2 scores
     total = tl.sum(l * w, 0)
     out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(O + r * stride_ot + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
@@ -225,6 +238,60 @@ def _check(q, k_cache, v_cache, out):
     assert q.shape[1] % k_cache.shape[1] == 0, "query heads must be a multiple of kv heads"
     assert q.stride(2) == 1 and out.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, \
         "the head dimension must be contiguous"
+
+
+# Tile shapes and launch options on a GPU ("BLOCK_M"/"BLOCK_N" tiles, Triton's num_warps and
+# num_stages).  The interpreter uses small tiles.  ``launch_config=`` overrides them per call.
+# Picked from benchmarks/kernels.py's sweep on an H100 (benchmarks/results/kernels-cuda.json):
+# 64x64 tiles by default, 128x128 with 8 warps once the grid holds many programs (large batches),
+# and 16-row query tiles when 64-row ones would leave most SMs idle (one long-prefix request).
+CONTEXT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+CONTEXT_CONFIG_LARGE = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+CONTEXT_CONFIG_NARROW = {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
+DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
+
+
+def _launch_options(defaults: dict, override: dict | None) -> dict:
+    cfg = dict(_INTERPRETER_CONFIG if _interpreting() else defaults)
+    if override:
+        unknown = set(override) - set(defaults)
+        if unknown:
+            raise ValueError(f"unknown launch_config keys {sorted(unknown)}: use {', '.join(defaults)}")
+        cfg.update(override)
+    if _interpreting():
+        cfg.pop("num_warps", None), cfg.pop("num_stages", None)
+    return {k: v for k, v in cfg.items() if k in defaults}
+
+
+_FITTING: dict = {}  # (kernel, asked config, constants) -> the config that fit in shared memory
+
+
+def _shrink(cfg: dict) -> dict | None:
+    """A config needing less shared memory: fewer pipeline stages, then smaller key tiles, then query tiles."""
+    if cfg.get("num_stages", 1) > 1:
+        return {**cfg, "num_stages": 1}
+    if cfg.get("BLOCK_N", 16) > 16:
+        return {**cfg, "BLOCK_N": cfg["BLOCK_N"] // 2}
+    if cfg.get("BLOCK_M", 16) > 16:
+        return {**cfg, "BLOCK_M": cfg["BLOCK_M"] // 2}
+    return None
+
+
+def _launch(kernel, grid, args: tuple, cfg: dict, consts: dict) -> None:
+    """Launch ``kernel``; if its tiles need more shared memory than this GPU has (large head dims in
+    fp32, say), retry with a smaller config and remember the one that fits."""
+    key = (kernel, tuple(sorted(cfg.items())), tuple(sorted((k, str(v)) for k, v in consts.items())))
+    cfg = _FITTING.get(key, cfg)
+    while True:
+        try:
+            kernel[grid(cfg)](*args, **cfg, **consts)
+            return
+        except OutOfResources:
+            smaller = _shrink(cfg)
+            if smaller is None:
+                raise
+            _FITTING[key] = cfg = smaller
 
 
 def _common(q, k_cache, v_cache, sliding_window):
@@ -250,25 +317,38 @@ def context_attention(
     scale: float,
     sliding_window: int | None = None,
     max_query_len: int | None = None,
+    launch_config: dict | None = None,
 ) -> torch.Tensor:
-    """Chunked prefill (and mixed prefill/decode): new tokens attend to their cached prefix and causally to each other."""
+    """Chunked prefill (and mixed prefill/decode): new tokens attend to their cached prefix and causally to each other.
+
+    ``launch_config`` overrides :data:`CONTEXT_CONFIG` (tile sizes, warps, stages)."""
     _check(q, k_cache, v_cache, out)
     num_reqs = seq_lens.shape[0]
     if num_reqs == 0 or q.shape[0] == 0:
         return out
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
-    small = _interpreting()
-    block_m, block_n = (32, 32) if small else (64, 64)
-    grid = (num_reqs, q.shape[1], triton.cdiv(max(max_query_len, 1), block_m))
-    _context_attention_kernel[grid](
-        q, k_cache, v_cache, out, query_start_loc, seq_lens, kv_start_block, scale, sliding_window or 0,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
-        v_cache.stride(0), v_cache.stride(2), v_cache.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, **_common(q, k_cache, v_cache, sliding_window),
+    cfg = _launch_options(_context_defaults(num_reqs, q.shape[1], max_query_len, q.dtype, q.device), launch_config)
+    _launch(
+        _context_attention_kernel, lambda c: (num_reqs, q.shape[1], triton.cdiv(max(max_query_len, 1), c["BLOCK_M"])),
+        (q, k_cache, v_cache, out, query_start_loc, seq_lens, kv_start_block, scale, sliding_window or 0,
+         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+         k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
+         v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)),
+        cfg, _common(q, k_cache, v_cache, sliding_window),
     )
     return out
+
+
+def _context_defaults(num_reqs: int, heads: int, max_query_len: int, dtype: torch.dtype, device: torch.device) -> dict:
+    if device.type != "cuda" or dtype == torch.float32:  # fp32 tiles take twice the shared memory
+        return CONTEXT_CONFIG
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if num_reqs * heads * triton.cdiv(max_query_len, 64) < sms:
+        return CONTEXT_CONFIG_NARROW
+    if num_reqs * heads * triton.cdiv(max_query_len, 128) >= 8 * sms:
+        return CONTEXT_CONFIG_LARGE
+    return CONTEXT_CONFIG
 
 
 def _default_splits(num_reqs: int, kv_heads: int, max_seq: int, device: torch.device) -> int:
@@ -293,8 +373,11 @@ def decode_attention(
     sliding_window: int | None = None,
     num_splits: int | None = None,
     max_seq_len: int | None = None,
+    launch_config: dict | None = None,
 ) -> torch.Tensor:
-    """Decode over long contexts; with ``num_splits > 1`` keys are split (flash-decoding) and merged."""
+    """Decode over long contexts; with ``num_splits > 1`` keys are split (flash-decoding) and merged.
+
+    ``launch_config`` overrides :data:`DECODE_CONFIG` (key tile, warps, stages)."""
     _check(q, k_cache, v_cache, out)
     num_reqs, hq, head_dim = q.shape
     if num_reqs == 0:
@@ -304,18 +387,19 @@ def decode_attention(
         max_seq = max_seq_len if max_seq_len is not None else int(seq_lens.max())
         num_splits = _default_splits(num_reqs, kv_heads, max_seq, q.device)
     common = _common(q, k_cache, v_cache, sliding_window)
-    block_n = 32 if _interpreting() else 64
+    cfg = _launch_options(DECODE_CONFIG, launch_config)
     if num_splits > 1:
         part_acc = torch.empty(num_reqs, hq, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(num_reqs, hq, num_splits, 2, dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out  # unused
-    _decode_kernel[(num_reqs, kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_acc, part_ml, seq_lens, kv_start_block, scale, sliding_window or 0,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
-        v_cache.stride(0), v_cache.stride(2), v_cache.stride(1),
-        BLOCK_G=max(16, triton.next_power_of_2(common["GQA"])), BLOCK_N=block_n, NUM_SPLITS=num_splits, **common,
+    _launch(
+        _decode_kernel, lambda c: (num_reqs, kv_heads, num_splits),
+        (q, k_cache, v_cache, out, part_acc, part_ml, seq_lens, kv_start_block, scale, sliding_window or 0,
+         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+         k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
+         v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)),
+        cfg, dict(BLOCK_G=max(16, triton.next_power_of_2(common["GQA"])), NUM_SPLITS=num_splits, **common),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_reqs, hq)](

@@ -33,6 +33,7 @@ def context_attention_ref(
     scale: float,
     sliding_window: int | None = None,
     max_query_len: int | None = None,  # accepted for signature parity; not needed here
+    launch_config: dict | None = None,  # likewise (the Triton kernels' tiles)
 ) -> torch.Tensor:
     qsl, lens, starts = query_start_loc.tolist(), seq_lens.tolist(), kv_start_block.tolist()
     gqa = q.shape[1] // k_cache.shape[1]
@@ -56,10 +57,10 @@ def context_attention_ref(
 
 
 def decode_attention_ref(*, q, k_cache, v_cache, out, seq_lens, kv_start_block, scale, sliding_window=None,
-                         num_splits=None, max_seq_len=None):
+                         num_splits=None, max_seq_len=None, launch_config=None):
     """One query token per request: ``q`` and ``out`` are ``[R, Hq, D]``.
 
-    ``num_splits`` and ``max_seq_len`` tune the Triton kernel; accepted here for signature parity.
+    ``num_splits``, ``max_seq_len`` and ``launch_config`` tune the Triton kernel; accepted here for signature parity.
     """
     qsl = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
     return context_attention_ref(q=q, k_cache=k_cache, v_cache=v_cache, out=out, query_start_loc=qsl,

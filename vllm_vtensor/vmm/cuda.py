@@ -25,6 +25,11 @@ except ImportError:  # pragma: no cover - older cuda-python
         cu = None
 
 
+def _failed(result) -> bool:
+    err = result[0] if isinstance(result, tuple) else result
+    return err != cu.CUresult.CUDA_SUCCESS
+
+
 def _ok(result, what: str):
     err, *rest = result if isinstance(result, tuple) else (result,)
     if err != cu.CUresult.CUDA_SUCCESS:
@@ -70,6 +75,7 @@ class CudaBackend(VMMBackend):
             "cuMemGetAllocationGranularity",
         )
         self._rw, self._ro = cu.CUmemAccessDesc(), cu.CUmemAccessDesc()
+        self.zero_read_only = True  # False where the driver refuses read-only mappings (then read-write)
         for desc, flag in ((self._rw, "PROT_READWRITE"), (self._ro, "PROT_READ")):
             desc.location.type = prop.location.type
             desc.location.id = device_index
@@ -110,7 +116,19 @@ class CudaBackend(VMMBackend):
     def _map_zero(self, addr: int, size: int) -> None:
         g = self._gran
         for off in range(0, size, g):
-            self._map_raw(addr + off, g, self._zero, self._ro)
+            _ok(cu.cuMemMap(addr + off, g, 0, self._handles[self._zero], 0), "cuMemMap(zero chunk)")
+            if self.zero_read_only:
+                if not _failed(cu.cuMemSetAccess(addr + off, g, [self._ro], 1)):
+                    continue
+                # Some drivers refuse PROT_READ alone; nothing here ever writes through a zero mapping.
+                self.zero_read_only = False
+            _ok(cu.cuMemSetAccess(addr + off, g, [self._rw], 1), "cuMemSetAccess(zero chunk)")
+
+    def _unmap_pieces(self, addr: int, size: int, piece: int) -> None:
+        """Unmap ``size`` bytes mapped as consecutive ``piece``-byte mappings, one call per mapping
+        (cuMemUnmap takes whole mappings)."""
+        for off in range(0, size, piece):
+            _ok(cu.cuMemUnmap(addr + off, piece), "cuMemUnmap")
 
     # -- virtual ranges -------------------------------------------------
     def _reserve_new(self, size: int) -> int:
@@ -142,7 +160,7 @@ class CudaBackend(VMMBackend):
                 self._map_raw(scratch + i * size, size, h, self._rw)
             op(scratch)
             self.synchronize()
-            _ok(cu.cuMemUnmap(scratch, total), "cuMemUnmap")
+            self._unmap_pieces(scratch, total, size)
         finally:
             _ok(cu.cuMemAddressFree(scratch, total), "cuMemAddressFree")
 
@@ -158,7 +176,7 @@ class CudaBackend(VMMBackend):
     def map(self, vr: VirtualRange, offset: int, handle: int, size: int) -> None:
         self._bind()
         addr = vr.addr + offset
-        _ok(cu.cuMemUnmap(addr, size), "cuMemUnmap(zero chunk)")
+        self._unmap_pieces(addr, size, self._gran)  # the zero granules over this chunk's place
         self._map_raw(addr, size, handle, self._rw)
 
     def unmap(self, vr: VirtualRange, offset: int, size: int) -> None:
@@ -186,7 +204,9 @@ class CudaBackend(VMMBackend):
         self.synchronize()
         with self._lock:
             for vr in self._ranges:
-                cu.cuMemUnmap(vr.addr, vr.size)
+                if _failed(cu.cuMemUnmap(vr.addr, vr.size)):
+                    for off in range(0, vr.size, self._gran):  # best effort: granule by granule
+                        cu.cuMemUnmap(vr.addr + off, self._gran)
                 cu.cuMemAddressFree(vr.addr, vr.size)
             self._ranges.clear()
             self._free_ranges.clear()
