@@ -6,7 +6,8 @@
 #     .venv/bin/python benchmarks/vllm_kernels.py --copy .vllm-kernels
 # Run there from the repository root, carrying .vllm-kernels:
 #     OUT=/some/dir bash benchmarks/gpu_session.sh
-# Writes under $OUT: card.txt, gpu-tests.log, kernel-tests.log, vmm-cuda.json, kernels-cuda.json and a
+# Writes under $OUT: card.txt, gpu-tests.log, kernel-tests.log, vmm-cuda.json, offload_gpu-cuda.json,
+# kernels-cuda.json and a
 # log of each; copy the JSON files to benchmarks/results/ (the card and the command are inside them).
 # Each step has its own time limit so that one failure cannot eat the others' time.
 set -uo pipefail
@@ -19,19 +20,24 @@ PY=${PYTHON:-python3}
   $PY -m pip show cuda-bindings 2>/dev/null | grep -E '^(Name|Version)'
 } 2>&1 | tee "$OUT/card.txt"
 
-# 1. CUDA VMM backend + VTensor on CUDA (property tests included), and, alongside (CPU-bound Triton
-#    compiles), the kernel tests compiled, against the SDPA reference.
+# 1. CUDA VMM backend + VTensor on CUDA (property tests included), FlexInfer's CUDA staging (pinned
+#    host arena, side-stream copies), and, alongside (CPU-bound Triton compiles), the kernel tests
+#    compiled, against the SDPA reference.
 timeout 150 $PY -m pytest -q -p no:cacheprovider -n 4 tests/test_kernels.py -k "not benchmark_feeds" \
     >"$OUT/kernel-tests.log" 2>&1 &
 kt=$!
 timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_vmm_backends.py tests/test_vtensor.py \
+    tests/test_flex_runtime.py \
     2>&1 | tee "$OUT/gpu-tests.log"
 wait $kt; echo "kernel tests exit $?" >>"$OUT/kernel-tests.log"; tail -n 25 "$OUT/kernel-tests.log"
 
 # 2. map/unmap/share latency and growth vs copy-on-grow on the CUDA backend
-timeout 60 $PY benchmarks/vmm.py --device cuda --out "$OUT/vmm-cuda.json" 2>&1 | tee "$OUT/vmm.log"
+timeout 60 $PY benchmarks/vmm.py --device cuda --out "$OUT/vmm-cuda.json" 2>&1
 
-# 3. our kernels (default tiles and a small sweep) vs vLLM's context_attention_fwd and unified_attention
+# 3. FlexInfer's CUDA streaming runtime alone: prefetch into the pinned ring vs sync vs the bound
+timeout 90 $PY benchmarks/offload_gpu.py --out "$OUT/offload_gpu-cuda.json" 2>&1
+
+# 4. our kernels (default tiles and a small sweep) vs vLLM's context_attention_fwd and unified_attention
 #    (bf16, D 128, GQA 4); the JSON is rewritten after each case
-timeout ${KERNELS_TIMEOUT:-210} $PY benchmarks/kernels.py --vllm-src .vllm-kernels --out "$OUT/kernels-cuda.json" \
+timeout ${KERNELS_TIMEOUT:-150} $PY benchmarks/kernels.py --vllm-src .vllm-kernels --out "$OUT/kernels-cuda.json" \
     2>&1 | tee "$OUT/kernels.log"

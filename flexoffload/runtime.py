@@ -10,6 +10,16 @@ synchronous (the ablation).
 
 Invariant: bytes of resident weights + ``arena_bytes`` <= the budget; the ring
 never allocates outside the arena.
+
+On a CUDA device the host arena is pinned (``cudaHostRegister``) and mirrored
+by a device arena of the same size: after a unit's disk read lands in host
+slot ``[start, start + size)``, the producer copies it to the same offsets of
+the device arena on a side stream and records an event; the consumer's stream
+waits on that event (the host never blocks on the copy) and the layer computes
+on views of the device arena.  A device region is overwritten only after the
+compute stream has passed the release of its previous unit, and a host region
+is refilled only after its previous copy finished.  The device budget then
+holds resident weights + the device arena; the host arena is staging memory.
 """
 from __future__ import annotations
 
@@ -45,6 +55,7 @@ class _Slot:
     size: int
     ready: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    copied: object = None  # CUDA: event recorded after the host-to-device copy
 
 
 @dataclass
@@ -55,6 +66,7 @@ class StreamStats:
     units_read: int = 0
     units_skipped: int = 0
     forwards: int = 0
+    bytes_copied_to_device: int = 0  # CUDA: host-to-device bytes on the side stream
 
     @property
     def overlap(self) -> float:
@@ -79,9 +91,17 @@ def mlock(addr: int, nbytes: int) -> bool:
     return libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(nbytes)) == 0
 
 
+def _pin(addr: int, nbytes: int) -> bool:
+    """Page-lock host memory for CUDA (true asynchronous DMA copies); False if the driver refuses."""
+    try:
+        return int(torch.cuda.cudart().cudaHostRegister(addr, nbytes, 0)) == 0
+    except (AttributeError, RuntimeError):  # a PyTorch build without the binding
+        return False
+
+
 class Streamer:
     def __init__(self, store: WeightStore, units: list[Unit], arena_bytes: int, *, window: int, io_threads: int,
-                 lock_memory: bool):
+                 lock_memory: bool, device: str | torch.device = "cpu"):
         for u in units:
             u.nbytes = sum(store.index[n].padded for n in u.names)
         biggest = max(u.nbytes for u in units)
@@ -94,6 +114,22 @@ class Streamer:
         self.locked = lock_memory and mlock(self._addr, self.capacity)
         self._view = memoryview(self.arena)
         self._byte_tensor = torch.frombuffer(self.arena, dtype=torch.uint8)
+        self.device = torch.device(device)
+        self.pinned = False
+        self._dev_arena = None
+        if self.device.type == "cuda":
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            self.pinned = _pin(self._addr, self.capacity)
+            if not self.pinned:
+                logger.warning("flexinfer: cudaHostRegister refused the %d-byte staging arena; host-to-device "
+                               "copies will not overlap with compute", self.capacity)
+            self._dev_arena = torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
+            self._copy_stream = torch.cuda.Stream(self.device)
+            self._freed = None  # compute-stream event at the latest release: device space reusable after it
+            self._issued: list[_Slot] = []  # slots whose copies may still read host space (producer-owned)
+        elif self.device.type != "cpu":
+            raise ValueError(f"flexinfer streams to 'cpu' or 'cuda' devices, not {self.device}")
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flexinfer-io",
                                         initializer=_io_thread_affinity)
         self._ring: collections.deque[_Slot] = collections.deque()
@@ -119,6 +155,14 @@ class Streamer:
         return tail if tail + size <= head else None  # wrapped: free space is [tail, head)
 
     def _read(self, slot: _Slot) -> None:
+        if self._dev_arena is not None:  # host space still being copied out must not be overwritten
+            end, still = slot.start + slot.size, []
+            for old in self._issued:
+                if old.start < end and slot.start < old.start + old.size:
+                    old.copied.synchronize()
+                elif not old.copied.query():
+                    still.append(old)
+            self._issued = still
         t0 = time.perf_counter()
         try:
             off = slot.start
@@ -132,9 +176,25 @@ class Streamer:
                 self.stats.bytes_streamed += n
                 self.stats.units_read += 1
                 self.stats.io_seconds += time.perf_counter() - t0
+            if self._dev_arena is not None:
+                self._copy_to_device(slot)
         except BaseException as e:  # surfaced to the consumer, never lost in a thread
             slot.error = e
         slot.ready.set()
+
+    def _copy_to_device(self, slot: _Slot) -> None:
+        with self._cond:
+            freed = self._freed
+        with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
+            if freed is not None:
+                self._copy_stream.wait_event(freed)  # the region's previous unit has been computed
+            end = slot.start + slot.size
+            self._dev_arena[slot.start : end].copy_(self._byte_tensor[slot.start : end], non_blocking=self.pinned)
+            slot.copied = torch.cuda.Event()
+            slot.copied.record(self._copy_stream)
+        self._issued.append(slot)
+        with self._cond:
+            self.stats.bytes_copied_to_device += slot.size
 
     def _enqueue(self) -> _Slot | None:
         """Reserve ring space for the next unit in cyclic order (caller holds the lock)."""
@@ -185,18 +245,29 @@ class Streamer:
             self.stats.wait_seconds += time.perf_counter() - t0
         if slot.error is not None:
             raise RuntimeError(f"flexinfer could not read {self.units[unit].key}") from slot.error
+        if slot.copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(slot.copied)  # GPU-side wait; the host runs on
         return slot
 
     def tensors(self, slot: _Slot) -> dict[str, torch.Tensor]:
+        """Views of ``slot``'s tensors (in the device arena on CUDA), valid until :meth:`release`."""
+        arena = self._byte_tensor if self._dev_arena is None else self._dev_arena
         out, off = {}, slot.start
         for name in self.units[slot.unit].names:
             e = self.store.index[name]
-            out[name] = self._byte_tensor[off : off + e.nbytes].view(e.torch_dtype).view(e.shape)
+            out[name] = arena[off : off + e.nbytes].view(e.torch_dtype).view(e.shape)
             off += e.padded
         return out
 
     def release(self, slot: _Slot) -> None:
+        """Give ``slot``'s space back (call after the work that reads it has been issued)."""
+        freed = None
+        if self._dev_arena is not None:
+            freed = torch.cuda.Event()
+            freed.record(torch.cuda.current_stream(self.device))
         with self._cond:
+            if freed is not None:
+                self._freed = freed
             if self._ring and self._ring[0] is slot:
                 self._ring.popleft()
             self._cond.notify_all()
@@ -208,3 +279,8 @@ class Streamer:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._pool.shutdown(wait=True)
+        if self._dev_arena is not None:
+            self._copy_stream.synchronize()
+            if self.pinned:
+                torch.cuda.cudart().cudaHostUnregister(self._addr)
+                self.pinned = False

@@ -92,3 +92,44 @@ def test_truncated_store_is_reported(store):
     with pytest.raises(RuntimeError, match="could not read head"):
         s.acquire(4)
     s.close()
+
+
+def test_unknown_device_is_refused(store):
+    path, _ = store
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+        Streamer(WeightStore.open(path, False), units(), 1 << 20, window=1, io_threads=1, lock_memory=False,
+                 device="meta")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [0, 1, 3])
+def test_cuda_units_arrive_intact_while_the_gpu_lags(store, window):
+    """Streaming to a GPU: pinned staging, side-stream copies, the compute stream waiting on events.
+    The GPU is kept busy (spin kernels) so it runs far behind the host: were a device or host region
+    reused before the compute reading it (or the copy out of it) finished, checksums would differ."""
+    path, tensors = store
+    us = units()
+    arena = 2 * max(sum(aligned(tensors[n].numel() * 4) for n in u.names) for u in us)
+    s = Streamer(WeightStore.open(path, False), us, arena, window=window, io_threads=2, lock_memory=False,
+                 device="cuda")
+    assert s.pinned
+    sums, expected = [], []
+
+    def forward_passes():
+        rng = random.Random(window)
+        for step in range(12):
+            order = [u for u in range(5) if step < 2 or rng.random() > 0.2]
+            for u in order:
+                slot = s.acquire(u)
+                torch.cuda._sleep(2_000_000)  # ~1 ms of GPU time before the weights are read
+                for name, t in s.tensors(slot).items():
+                    assert t.is_cuda
+                    sums.append(t.double().sum())
+                    expected.append(tensors[name].double().sum())
+                s.release(slot)
+
+    run_with_timeout(forward_passes, 60)
+    torch.cuda.synchronize()
+    assert torch.stack(sums).cpu().tolist() == pytest.approx(torch.stack(expected).tolist(), rel=1e-9, abs=1e-9)
+    assert s.stats.bytes_copied_to_device >= s.stats.bytes_streamed > 0
+    s.close()
