@@ -214,8 +214,9 @@ def time_case(batch, prefix, chunk, kernels, tune: bool, tol=3e-2) -> dict:
         if "ours_ms" in row:  # the launcher's own default competes too
             from vllm_vtensor.kernels import attention
 
-            chosen = (attention._context_defaults(batch, inp["q"].shape[1], chunk, inp["q"].dtype, inp["q"].device) if chunk > 1
-                      else attention.DECODE_CONFIG)
+            q = inp["q"]
+            chosen = (attention._context_defaults(batch, q.shape[1], chunk, q.dtype, q.device) if chunk > 1
+                      else attention._decode_defaults(batch, inp["k_cache"].shape[1], q.device))
             tried.append({"config": "default " + str(chosen), "ms": row["ours_ms"]})
         ok = [t for t in tried if t.get("ms") is not None]
         if ok:

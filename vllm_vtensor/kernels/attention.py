@@ -242,13 +242,16 @@ def _check(q, k_cache, v_cache, out):
 
 # Tile shapes and launch options on a GPU ("BLOCK_M"/"BLOCK_N" tiles, Triton's num_warps and
 # num_stages).  The interpreter uses small tiles.  ``launch_config=`` overrides them per call.
-# Picked from benchmarks/kernels.py's sweep on an H100 (benchmarks/results/kernels-cuda.json):
-# 64x64 tiles by default, 128x128 with 8 warps once the grid holds many programs (large batches),
-# and 16-row query tiles when 64-row ones would leave most SMs idle (one long-prefix request).
+# Picked from benchmarks/kernels.py's sweeps on an H100 and an H200 (benchmarks/results/kernels-cuda*.json):
+# 16-bit prefill runs 128x128 tiles with 8 warps (within 5% of the best everywhere measured) unless
+# the grid would leave most SMs idle (one request with a short chunk: 64x128 with 4 warps); fp32
+# tiles take twice the shared memory and keep 64x64.  Decode uses 64-key tiles, or 32-key tiles with
+# 2 warps and a deeper pipeline once the grid has a few programs per SM (large batches).
 CONTEXT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 CONTEXT_CONFIG_LARGE = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
-CONTEXT_CONFIG_NARROW = {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
+CONTEXT_CONFIG_NARROW = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
 DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+DECODE_CONFIG_LARGE = {"BLOCK_N": 32, "num_warps": 2, "num_stages": 4}
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
 
 
@@ -321,7 +324,8 @@ def context_attention(
 ) -> torch.Tensor:
     """Chunked prefill (and mixed prefill/decode): new tokens attend to their cached prefix and causally to each other.
 
-    ``launch_config`` overrides :data:`CONTEXT_CONFIG` (tile sizes, warps, stages)."""
+    ``launch_config`` overrides the tile sizes, warps and stages chosen for the shape (see
+    :data:`CONTEXT_CONFIG`)."""
     _check(q, k_cache, v_cache, out)
     num_reqs = seq_lens.shape[0]
     if num_reqs == 0 or q.shape[0] == 0:
@@ -344,11 +348,16 @@ def _context_defaults(num_reqs: int, heads: int, max_query_len: int, dtype: torc
     if device.type != "cuda" or dtype == torch.float32:  # fp32 tiles take twice the shared memory
         return CONTEXT_CONFIG
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if num_reqs * heads * triton.cdiv(max_query_len, 64) < sms:
+    if 2 * num_reqs * heads * triton.cdiv(max_query_len, 128) < sms:
         return CONTEXT_CONFIG_NARROW
-    if num_reqs * heads * triton.cdiv(max_query_len, 128) >= 8 * sms:
-        return CONTEXT_CONFIG_LARGE
-    return CONTEXT_CONFIG
+    return CONTEXT_CONFIG_LARGE
+
+
+def _decode_defaults(num_reqs: int, kv_heads: int, device: torch.device) -> dict:
+    if device.type != "cuda":
+        return DECODE_CONFIG
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return DECODE_CONFIG_LARGE if num_reqs * kv_heads >= 2 * sms else DECODE_CONFIG
 
 
 def _default_splits(num_reqs: int, kv_heads: int, max_seq: int, device: torch.device) -> int:
@@ -377,7 +386,8 @@ def decode_attention(
 ) -> torch.Tensor:
     """Decode over long contexts; with ``num_splits > 1`` keys are split (flash-decoding) and merged.
 
-    ``launch_config`` overrides :data:`DECODE_CONFIG` (key tile, warps, stages)."""
+    ``launch_config`` overrides the key tile, warps and stages chosen for the shape (see
+    :data:`DECODE_CONFIG`)."""
     _check(q, k_cache, v_cache, out)
     num_reqs, hq, head_dim = q.shape
     if num_reqs == 0:
@@ -387,7 +397,7 @@ def decode_attention(
         max_seq = max_seq_len if max_seq_len is not None else int(seq_lens.max())
         num_splits = _default_splits(num_reqs, kv_heads, max_seq, q.device)
     common = _common(q, k_cache, v_cache, sliding_window)
-    cfg = _launch_options(DECODE_CONFIG, launch_config)
+    cfg = _launch_options(_decode_defaults(num_reqs, kv_heads, q.device), launch_config)
     if num_splits > 1:
         part_acc = torch.empty(num_reqs, hq, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(num_reqs, hq, num_splits, 2, dtype=torch.float32, device=q.device)
