@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_vtensor.log import get_logger
+from vllm_vtensor.threads import run_on_any_core
 
 from .store import WeightStore, aligned_buffer
 
@@ -71,18 +71,6 @@ class StreamStats:
     @property
     def overlap(self) -> float:
         return 0.0 if self.io_seconds == 0 else max(0.0, 1.0 - self.wait_seconds / self.io_seconds)
-
-
-def _io_thread_affinity() -> None:
-    """Let an I/O thread run on any core.
-
-    vLLM pins its CPU worker (and so every thread it starts) to the compute cores; prefetch
-    threads pinned there would steal compute time instead of overlapping with it.
-    """
-    try:
-        os.sched_setaffinity(threading.get_native_id(), range(os.cpu_count() or 1))
-    except (OSError, AttributeError):
-        pass
 
 
 def mlock(addr: int, nbytes: int) -> bool:
@@ -131,7 +119,7 @@ class Streamer:
         elif self.device.type != "cpu":
             raise ValueError(f"flexinfer streams to 'cpu' or 'cuda' devices, not {self.device}")
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flexinfer-io",
-                                        initializer=_io_thread_affinity)
+                                        initializer=run_on_any_core)
         self._ring: collections.deque[_Slot] = collections.deque()
         self._cond = threading.Condition()
         self._next_seq = 0
@@ -208,7 +196,7 @@ class Streamer:
         return slot
 
     def _produce_loop(self) -> None:
-        _io_thread_affinity()
+        run_on_any_core()
         while True:
             with self._cond:
                 while not self._closed and (len(self._ring) > self.window or self._place(

@@ -81,6 +81,7 @@ class KVSpace:
         keep_full_blocks: bool,
         linger_s: float = 0.0,
         on_release: Callable[["KVSpace"], None] | None = None,
+        precreate_bytes: int = 0,
     ):
         if min(num_blocks, num_slots, blocks_per_slot, block_bytes, block_size) <= 0:
             raise ValueError("KVSpace sizes must be positive")
@@ -93,8 +94,12 @@ class KVSpace:
         self.keep_full_blocks = keep_full_blocks
         self._lock = threading.RLock()
         self.on_release = on_release  # called (from the reaper thread) after lingering memory is given back
+        # A small reserve of ready chunks, refilled by a background thread, keeps making memory
+        # (allocating and clearing pages) off the step's critical path while requests grow.
+        high = min(precreate_bytes // self.chunk_bytes, num_blocks)
         self.pool = ChunkPool(backend, num_blocks * self.chunk_bytes, self.chunk_bytes, linger_s=linger_s,
-                              on_release=self._released)
+                              on_release=self._released, low_watermark=max(1, high // 2) if high else 0,
+                              high_watermark=high)
         self.range = backend.reserve(num_slots * blocks_per_slot * self.chunk_bytes)
         self._phys: dict[int, int] = {}  # physical block -> chunk, for blocks with content worth keeping
         self._free_slots = list(range(num_slots - 1, -1, -1))

@@ -68,6 +68,24 @@ def linger_seconds() -> float:
     return value
 
 
+PRECREATE_ENV = "VTENSOR_PRECREATE_BYTES"
+DEFAULT_PRECREATE_BYTES = 8 << 20
+
+
+def precreate_bytes() -> int:
+    """Bytes of ready KV chunks kept in reserve by a background thread (``$VTENSOR_PRECREATE_BYTES``)."""
+    from .pool import parse_bytes
+
+    raw = os.environ.get(PRECREATE_ENV, "")
+    try:
+        value = parse_bytes(raw) if raw else DEFAULT_PRECREATE_BYTES
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise VTensorConfigError(f"{PRECREATE_ENV}={raw!r}: give a size such as 8MiB, or 0 for no reserve")
+    return value
+
+
 def allocate_kv_cache(runner, kv_cache_config) -> dict[str, torch.Tensor]:
     """Per-layer KV views over a fresh :class:`KVSpace`, stored on ``runner``."""
     from vllm.v1.kv_cache_interface import compute_layer_kv_cache_shape_bytes
@@ -96,6 +114,7 @@ def allocate_kv_cache(runner, kv_cache_config) -> dict[str, torch.Tensor]:
         block_size=spec.block_size,
         keep_full_blocks=bool(vllm_config.cache_config.enable_prefix_caching),
         linger_s=linger_seconds(),
+        precreate_bytes=precreate_bytes(),
         on_release=lambda space: vt_stats.publish(space, force=True),
     )
     runner._vtensor_kv = kv
