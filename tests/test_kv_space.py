@@ -149,3 +149,98 @@ def test_freed_blocks_linger_for_reuse_then_memory_goes_back(backend):
     assert backend.resident_bytes() == 0 and kv.stats().resident_bytes == 0
     assert published and published[-1].resident_bytes == 0 == published[-1].lingering_bytes
     kv.close()
+
+
+# ---- parked slots: a finished request's full blocks stay mapped for the next request with that prefix ----
+def test_next_turn_reuses_the_parked_slot_and_maps_only_new_blocks(backend):
+    kv = make(backend)
+    va = kv.add_request("turn1", [1, 2])
+    kv.note_tokens("turn1", 2 * B)  # both blocks full: the prefix cache keeps them
+    block_bytes(kv, va[1]).fill_(6)
+    kv.remove_request("turn1")
+    s = kv.stats()
+    assert s.mapped_bytes == 0 and s.parked_bytes == 2 * kv.chunk_bytes and s.maps - s.unmaps == 2
+    assert s.resident_bytes == s.cached_bytes == 2 * kv.chunk_bytes  # parking holds no memory of its own
+    vb = kv.add_request("turn2", [1, 2, 3], num_cached_tokens=2 * B)
+    assert vb == va + [va[1] + 1]  # the same slot: the hits are already in place
+    assert int(block_bytes(kv, vb[1]).min()) == 6
+    s = kv.stats()
+    assert s.maps == 3 and s.slot_reuse_bytes == 2 * kv.chunk_bytes == s.prefix_hit_bytes
+    assert s.parked_bytes == 0 and s.mapped_bytes == 3 * kv.chunk_bytes
+
+
+def test_partial_match_keeps_only_the_common_prefix(backend):
+    kv = make(backend)
+    kv.add_request("a", [1, 2, 3])
+    kv.note_tokens("a", 3 * B)
+    kv.remove_request("a")
+    v = kv.add_request("b", [1, 4], num_cached_tokens=B)  # shares block 1 only
+    assert v[0] == kv.slot_of("b") * 4 and kv.stats().slot_reuse_bytes == kv.chunk_bytes
+    s = kv.stats()
+    assert s.parked_bytes == 0 and s.mapped_bytes == 2 * kv.chunk_bytes
+    assert s.resident_bytes == 4 * kv.chunk_bytes  # blocks 2 and 3 stay cached for vLLM's prefix cache
+    kv.remove_request("b")
+    kv.reset_cache()
+    assert kv.stats().resident_bytes == 0 == backend.resident_bytes() and kv.stats().parked_bytes == 0
+
+
+def test_parked_slots_give_way_when_no_slot_is_free(backend):
+    kv = make(backend, slots=2)
+    for name, block in (("a", 1), ("b", 2)):
+        kv.add_request(name, [block])
+        kv.note_tokens(name, B)
+        kv.remove_request(name)
+    assert kv.stats().parked_bytes == 2 * kv.chunk_bytes
+    kv.add_request("c", [3])  # no hit: takes the least recently parked slot ("a"'s)
+    kv.add_request("d", [2], num_cached_tokens=B)  # "b"'s slot, found by its block
+    s = kv.stats()
+    assert s.parked_bytes == 0 and s.slot_reuse_bytes == kv.chunk_bytes and s.running_requests == 2
+    with pytest.raises(KVSpaceError, match="raise max_num_seqs"):
+        kv.add_request("e", [4])
+
+
+def test_preempted_requests_are_not_parked(backend):
+    kv = make(backend)
+    kv.add_request("a", [1])
+    kv.note_tokens("a", B)
+    kv.remove_request("a", preempted=True)
+    assert kv.stats().parked_bytes == 0 and kv.stats().maps == kv.stats().unmaps
+
+
+def test_block_reused_while_parked_is_given_back_when_the_slot_goes(backend):
+    """vLLM may evict a cached block and hand it out as a partial block; once its new owner finishes
+    and the parked slot that still mapped it is evicted, its memory goes back."""
+    kv = make(backend, slots=2)
+    kv.add_request("a", [1])
+    kv.note_tokens("a", B)
+    kv.remove_request("a")  # parked, maps block 1
+    kv.add_request("q", [5, 1])  # block 1 handed out again, as q's partial second block
+    kv.note_tokens("q", B + 2)
+    kv.remove_request("q")  # block 1 unwanted now, but the parked slot still maps it
+    assert kv.stats().resident_bytes == 2 * kv.chunk_bytes
+    kv.add_request("x", [6])
+    kv.add_request("y", [7])  # evicts the parked slot of "a": block 1's memory goes back
+    s = kv.stats()
+    assert s.parked_bytes == 0 and s.resident_bytes == 3 * kv.chunk_bytes  # blocks 5 (cached), 6, 7
+
+
+def test_growth_expected_from_this_step_is_made_ready_beside_the_compute(backend):
+    import time
+
+    kv = KVSpace(backend, num_blocks=16, num_slots=2, blocks_per_slot=8, block_bytes=PAGE, block_size=B,
+                 keep_full_blocks=True, precreate_bytes=2 * PAGE)
+
+    def reserve_settles_at(n):
+        deadline = time.monotonic() + 10
+        while kv.stats().reserve_bytes != n * kv.chunk_bytes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return kv.stats().reserve_bytes // kv.chunk_bytes
+
+    assert reserve_settles_at(2) == 2  # the base reserve
+    kv.add_request("a", [1])
+    kv.note_tokens("a", B - 1 + 3 * B)  # this step scheduled 3 blocks' worth of tokens...
+    kv.expect_growth({"a": 3 * B})  # ...so the next one like it needs ceil((4B - 1 + 3B) / B) - 1 = 6 more
+    assert reserve_settles_at(6) == 6
+    kv.expect_growth({})
+    kv.remove_request("a")
+    kv.close()

@@ -2,6 +2,7 @@
 pre-creation keeps chunks ready, and bad configurations are refused with the fix."""
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -110,6 +111,33 @@ def test_background_precreation_fills_to_high_watermark(backend):
         pool.release(c)
     pool.close()
     assert backend.resident_bytes() == 0
+
+
+def test_expected_demand_is_created_ahead_then_forgotten(backend):
+    pool = ChunkPool(backend, 16 * MiB, MiB, low_watermark=1, high_watermark=2)
+    deadline = time.monotonic() + 10
+
+    def settle(n):
+        while pool.stats().chunks_cached != n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return pool.stats().chunks_cached
+
+    creators = []
+    create = backend.create_chunk
+    backend.create_chunk = lambda size: (creators.append(threading.current_thread().name), create(size))[1]
+    assert settle(2) == 2
+    pool.expect(6)  # requests about to grow by 6 chunks
+    assert settle(6) == 6
+    got = pool.acquire(6)  # all from the cache: nothing created on the caller's path
+    assert creators and threading.current_thread().name not in creators
+    pool.expect(0)
+    for c in got:
+        pool.release(c)  # back to caching only up to the high watermark
+    s = pool.stats()
+    assert s.chunks_cached == 2 and s.resident_bytes == 2 * MiB
+    pool.expect(100)  # capped by the budget
+    assert settle(16) == 16 and pool.stats().resident_bytes == 16 * MiB == backend.resident_bytes()
+    pool.close()
 
 
 def test_precreation_never_exceeds_the_budget(backend):

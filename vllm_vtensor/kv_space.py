@@ -21,7 +21,14 @@ reference while the block has content worth keeping (it is live, or a full
 block that vLLM's prefix cache may hand out again), plus one per virtual
 mapping.  A chunk nobody holds lingers for ``linger_s`` before its memory is
 given back, so a block freed and wanted again soon (requests coming and going)
-skips zeroing, releasing and re-creating memory.  Pure bookkeeping: no torch or
+skips zeroing, releasing and re-creating memory.
+
+A finished request's slot is *parked* with its leading full blocks still
+mapped (those the prefix cache keeps anyway, so parking holds no extra
+memory).  A later request whose prefix hits the same blocks - the next turn of
+a chat, or the same prompt again - gets that slot back and maps only what
+differs; a slot is taken from the parked ones (least recently parked first)
+only when no slot is free.  Pure bookkeeping: no torch or
 vLLM imports here beyond the backend.  Thread-safe: the pool's reaper thread
 reads the figures while the worker updates them.
 """
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -52,11 +60,12 @@ class _RequestKV:
 class KVSpaceStats:
     chunk_bytes: int
     budget_bytes: int
-    resident_bytes: int  # physical memory held (live + kept for the prefix cache + lingering)
+    resident_bytes: int  # physical memory held (live + kept for the prefix cache + reserve + lingering)
     mapped_bytes: int  # virtual bytes backed by a chunk, summed over requests
     shared_bytes: int  # physical bytes mapped into more than one request
     cached_bytes: int  # physical bytes held only for vLLM's prefix cache
     lingering_bytes: int  # freed physical bytes not yet given back (reused if wanted within linger_s)
+    reserve_bytes: int  # ready chunks kept for new blocks (pre-created beside the compute, or just freed)
     prefix_hit_bytes: int  # bytes of cached prefix mapped into new requests (total, never copied)
     copied_bytes: int  # bytes copied by copy-on-write of partial prefix hits (total)
     maps: int
@@ -64,6 +73,8 @@ class KVSpaceStats:
     running_requests: int
     live_tokens: int  # tokens with KV written, over running requests
     preemptions: int
+    parked_bytes: int  # mappings kept in the slots of finished requests for reuse (no memory of their own)
+    slot_reuse_bytes: int  # prefix bytes a new request found already mapped in a parked slot (total)
     chunks_created: int  # physical chunks created (first use of memory), total
     step_seconds: float  # time the worker spent applying block decisions before steps, total
 
@@ -104,7 +115,9 @@ class KVSpace:
         self._phys: dict[int, int] = {}  # physical block -> chunk, for blocks with content worth keeping
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._reqs: dict[str, _RequestKV] = {}
-        self._prefix_hit_bytes = self._copied_bytes = self._preemptions = 0
+        self._parked: OrderedDict[int, _RequestKV] = OrderedDict()  # slot -> kept mappings, oldest first
+        self._unwanted: set[int] = set()  # blocks whose memory goes back once nothing maps them
+        self._prefix_hit_bytes = self._copied_bytes = self._preemptions = self._slot_reuse_bytes = 0
         self.step_seconds = 0.0  # accumulated by the worker around each step's block updates
 
     def _released(self) -> None:
@@ -169,6 +182,7 @@ class KVSpace:
                 "raise max_model_len so the vTensor slots are sized for it"
             )
         for j, b in enumerate(blocks, start=start):
+            self._unwanted.discard(b)  # live again
             chunk = self._chunk(b)
             self.pool.retain(chunk)
             self.backend.map(self.range, self.virtual_block(r.slot, j) * self.chunk_bytes, chunk, self.chunk_bytes)
@@ -181,25 +195,96 @@ class KVSpace:
         """Give a new (or resumed) request a slot and map its blocks; return their virtual ids.
 
         The first ``num_cached_tokens // block_size`` blocks are prefix-cache hits:
-        their content must already be here, and is mapped, not copied.
+        their content must already be here, and is mapped, not copied - or found
+        already mapped in a parked slot with the same leading chunks.
         """
         with self._lock:
             if req_id in self._reqs:
                 self.remove_request(req_id, preempted=True)
-            if not self._free_slots:
-                raise KVSpaceError(f"all {self.num_slots} vTensor slots are in use: raise max_num_seqs")
-            hits = num_cached_tokens // self.block_size
+            hits = min(num_cached_tokens // self.block_size, len(blocks))
             for b in blocks[:hits]:
                 if b not in self._phys:
                     raise KVSpaceError(f"prefix-cache hit on physical block {b}, whose content was not kept")
-            r = _RequestKV(slot=self._free_slots.pop(), num_tokens=num_cached_tokens)
+            r = self._reuse_parked(blocks[:hits])
+            if r is None:
+                if not self._free_slots and self._parked:
+                    self._evict_parked(next(iter(self._parked)))
+                if not self._free_slots:
+                    raise KVSpaceError(f"all {self.num_slots} vTensor slots are in use: raise max_num_seqs")
+                r = _RequestKV(slot=self._free_slots.pop())
+            r.num_tokens = num_cached_tokens
             self._reqs[req_id] = r
-            self._prefix_hit_bytes += min(hits, len(blocks)) * self.chunk_bytes
-            return self._map(r, blocks)
+            self._prefix_hit_bytes += hits * self.chunk_bytes
+            kept = len(r.chunks)
+            self._slot_reuse_bytes += kept * self.chunk_bytes
+            self._map(r, blocks[kept:])
+            return [self.virtual_block(r.slot, j) for j in range(len(blocks))]
+
+    def _reuse_parked(self, hit_blocks: list[int]) -> _RequestKV | None:
+        """The parked slot whose leading chunks match the most of ``hit_blocks`` (trimmed to them)."""
+        if not hit_blocks or not self._parked:
+            return None
+        want = [self._phys[b] for b in hit_blocks]
+        best, best_n = None, 0
+        for slot, p in self._parked.items():
+            n = 0
+            for have, need in zip(p.chunks, want):
+                if have != need:
+                    break
+                n += 1
+            if n > best_n:
+                best, best_n = slot, n
+        if best is None:
+            return None
+        p = self._parked.pop(best)
+        self._unmap_tail(p, best_n)
+        return p
+
+    def _unmap_tail(self, r: _RequestKV, keep: int) -> None:
+        """Unmap ``r``'s blocks from position ``keep`` on and drop the references they held."""
+        if keep >= len(r.chunks):
+            return
+        self.backend.synchronize()  # the last forward pass may still read this range
+        self.backend.unmap(self.range, self.virtual_block(r.slot, keep) * self.chunk_bytes,
+                           (len(r.chunks) - keep) * self.chunk_bytes)
+        self.pool.note_maps(unmaps=len(r.chunks) - keep)
+        full = r.num_tokens // self.block_size if self.keep_full_blocks else 0
+        for j in range(keep, len(r.chunks)):
+            self.pool.release(r.chunks[j])
+            if j >= full:
+                self._unwanted.add(r.blocks[j])  # no cache wants its content
+        self._collect(r.blocks[keep:])
+        del r.blocks[keep:], r.chunks[keep:]
+
+    def _collect(self, blocks: list[int]) -> None:
+        """Give back the memory of unwanted blocks among ``blocks`` that nothing maps any more
+        (a parked slot may still map one that vLLM has since reused and freed)."""
+        for b in blocks:
+            if b in self._unwanted:
+                chunk = self._phys.get(b)
+                if chunk is None or self.pool.refcount(chunk) == 1:
+                    self._unwanted.discard(b)
+                    self._drop(b)
+
+    def _evict_parked(self, slot: int) -> None:
+        p = self._parked.pop(slot)
+        self._unmap_tail(p, 0)
+        self._free_slots.append(slot)
 
     def append_blocks(self, req_id: str, blocks: list[int]) -> list[int]:
         with self._lock:
             return self._map(self._reqs[req_id], blocks)
+
+    def expect_growth(self, scheduled: dict[str, int]) -> None:
+        """Have the chunks ready that the running requests will need if the next step schedules them
+        as many tokens as ``scheduled`` (this step's), created beside the compute meanwhile."""
+        with self._lock:
+            need = 0
+            for req_id, n in scheduled.items():
+                r = self._reqs.get(req_id)
+                if r is not None and n:
+                    need += max(0, -(-(r.num_tokens + n) // self.block_size) - len(r.chunks))
+            self.pool.expect(need)
 
     def note_tokens(self, req_id: str, num_tokens: int) -> None:
         with self._lock:
@@ -211,7 +296,9 @@ class KVSpace:
         """Unmap a finished or preempted request and free its slot.
 
         Full blocks stay resident when vLLM's prefix cache may hand them out
-        again; every other block's physical memory is given back.
+        again; every other block's physical memory is given back.  With prefix
+        caching, a finished request's leading full blocks stay mapped in its
+        parked slot for a later request with the same prefix.
         """
         with self._lock:
             r = self._reqs.pop(req_id, None)
@@ -219,20 +306,23 @@ class KVSpace:
                 return
             if preempted:
                 self._preemptions += 1
-            if r.chunks:
-                self.backend.synchronize()  # the last forward pass may still read this range
-                self.backend.unmap(self.range, self.virtual_block(r.slot, 0) * self.chunk_bytes, len(r.chunks) * self.chunk_bytes)
-                self.pool.note_maps(unmaps=len(r.chunks))
-            full = r.num_tokens // self.block_size if self.keep_full_blocks else 0
-            for j, (b, chunk) in enumerate(zip(r.blocks, r.chunks)):
-                self.pool.release(chunk)
-                if j >= full and self._phys.get(b) == chunk and self.pool.refcount(chunk) == 1:
-                    self._drop(b)  # nobody maps it and no cache wants it: memory goes back
-            self._free_slots.append(r.slot)
+            keep = 0
+            if self.keep_full_blocks and not preempted:
+                full = min(r.num_tokens // self.block_size, len(r.chunks))
+                while keep < full and self._phys.get(r.blocks[keep]) == r.chunks[keep]:
+                    keep += 1
+            self._unmap_tail(r, keep)
+            if keep:
+                r.num_tokens = keep * self.block_size
+                self._parked[r.slot] = r
+            else:
+                self._free_slots.append(r.slot)
 
     def reset_cache(self) -> None:
-        """Give back every block that only the prefix cache was holding."""
+        """Give back every block that only the prefix cache was holding (parked slots let go first)."""
         with self._lock:
+            for slot in list(self._parked):
+                self._evict_parked(slot)
             mapped = {c for r in self._reqs.values() for c in r.chunks}
             for b, chunk in list(self._phys.items()):
                 if chunk not in mapped:
@@ -241,16 +331,17 @@ class KVSpace:
     def stats(self) -> KVSpaceStats:
         with self._lock:
             p = self.pool.stats()
-            mapped = {c for r in self._reqs.values() for c in r.chunks}
-            cached = sum(1 for c in self._phys.values() if c not in mapped)
+            per_chunk = Counter(c for r in self._reqs.values() for c in r.chunks)
+            cached = sum(1 for c in self._phys.values() if c not in per_chunk)
             return KVSpaceStats(
                 chunk_bytes=self.chunk_bytes,
                 budget_bytes=p.budget_bytes,
                 resident_bytes=p.resident_bytes,
                 mapped_bytes=sum(len(r.chunks) for r in self._reqs.values()) * self.chunk_bytes,
-                shared_bytes=sum(1 for c in mapped if self.pool.refcount(c) > 2) * self.chunk_bytes,
+                shared_bytes=sum(1 for n in per_chunk.values() if n > 1) * self.chunk_bytes,
                 cached_bytes=cached * self.chunk_bytes,
                 lingering_bytes=p.chunks_lingering * self.chunk_bytes,
+                reserve_bytes=p.chunks_cached * self.chunk_bytes,
                 prefix_hit_bytes=self._prefix_hit_bytes,
                 copied_bytes=self._copied_bytes,
                 maps=p.maps,
@@ -258,6 +349,8 @@ class KVSpace:
                 running_requests=len(self._reqs),
                 live_tokens=sum(r.num_tokens for r in self._reqs.values()),
                 preemptions=self._preemptions,
+                parked_bytes=sum(len(r.chunks) for r in self._parked.values()) * self.chunk_bytes,
+                slot_reuse_bytes=self._slot_reuse_bytes,
                 chunks_created=p.chunks_created,
                 step_seconds=self.step_seconds,
             )

@@ -67,7 +67,8 @@ class ChunkPool:
     ``low_watermark``/``high_watermark`` (in chunks): when fewer than ``low``
     unmapped chunks are cached, a background thread creates chunks until
     ``high`` are cached, so creating physical memory (~0.2 ms per 2 MiB on a
-    GPU) stays off the critical path.  Released chunks are cached up to
+    GPU, ~0.5 ms on a CPU) stays off the critical path; :meth:`expect` raises
+    that target for a while (requests about to grow).  Released chunks are cached up to
     ``high_watermark`` and given back to the system beyond it: at once, or,
     with ``linger_s > 0``, by a background thread once they have been unused
     that long (a chunk released and wanted again soon, as requests come and
@@ -105,6 +106,7 @@ class ChunkPool:
         self.linger_s, self.on_release = linger_s, on_release
         self._lingering: collections.OrderedDict[int, float] = collections.OrderedDict()  # chunk -> released at
         self._pending = 0  # chunks the background thread is creating right now
+        self._expected = 0  # chunks callers expect to acquire soon (see expect())
         self._maps = self._unmaps = self._created = self._released = 0
         self._lock = threading.Condition()
         self._closed = False
@@ -172,6 +174,19 @@ class ChunkPool:
             self._lock.notify_all()  # wakes the refill thread if the cache fell below low
         return chunks
 
+    def expect(self, n: int) -> None:
+        """Callers expect to acquire about ``n`` chunks soon: with pre-creation on, the background
+        thread keeps that many ready (beyond ``high_watermark``) until the next call says otherwise."""
+        with self._lock:
+            if self._thread is None:
+                return
+            self._expected = max(0, min(n, self.budget_chunks))
+            if len(self._cache) < max(self.low, self._expected):
+                self._lock.notify_all()
+
+    def _target(self) -> int:
+        return max(self.high, self._expected)
+
     def retain(self, chunk: int) -> None:
         with self._lock:
             assert self._ref[chunk] >= 1, "retain of a chunk that is not in use"
@@ -184,7 +199,7 @@ class ChunkPool:
                 self._ref[chunk] = left
                 return
             del self._ref[chunk]
-            if len(self._cache) < self.high and not self._closed:
+            if len(self._cache) < self._target() and not self._closed:
                 self._cache.append(chunk)
                 return
             if self.linger_s > 0 and not self._closed:
@@ -236,11 +251,12 @@ class ChunkPool:
         run_on_any_core()  # creating chunks beside the compute, not on its core
         while True:
             with self._lock:
-                while not self._closed and (len(self._cache) >= self.low or self._created_now() >= self.budget_chunks):
+                while not self._closed and (len(self._cache) >= max(self.low, self._expected)
+                                            or self._created_now() >= self.budget_chunks):
                     self._lock.wait()
                 if self._closed:
                     return
-                want = min(self.high - len(self._cache), self.budget_chunks - self._created_now())
+                want = min(self._target() - len(self._cache), self.budget_chunks - self._created_now())
                 self._pending += want
             made = []
             try:

@@ -168,5 +168,6 @@ def translate_scheduler_output(kv: KVSpace, so) -> None:
             (blocks,) = new_blocks
             cached.new_block_ids[i] = (kv.append_blocks(req_id, blocks),)
         kv.note_tokens(req_id, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
+    kv.expect_growth(scheduled)  # blocks the next step will likely need, made while this one computes
     kv.step_seconds += time.perf_counter() - t0
     vt_stats.publish(kv, force=membership_changed or bool(cached.resumed_req_ids))
