@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_vtensor.log import get_logger
-from vllm_vtensor.threads import run_on_any_core
+from vllm_vtensor.threads import move_off_compute_cores
 
 from .store import WeightStore, aligned_buffer
 
@@ -119,7 +119,7 @@ class Streamer:
         elif self.device.type != "cpu":
             raise ValueError(f"flexinfer streams to 'cpu' or 'cuda' devices, not {self.device}")
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flexinfer-io",
-                                        initializer=run_on_any_core)
+                                        initializer=move_off_compute_cores)
         self._ring: collections.deque[_Slot] = collections.deque()
         self._cond = threading.Condition()
         self._next_seq = 0
@@ -196,7 +196,7 @@ class Streamer:
         return slot
 
     def _produce_loop(self) -> None:
-        run_on_any_core()
+        move_off_compute_cores()
         while True:
             with self._cond:
                 while not self._closed and (len(self._ring) > self.window or self._place(

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from .log import get_logger
-from .threads import run_on_any_core
+from .threads import move_off_compute_cores
 from .vmm.base import VMMBackend
 
 DEFAULT_CHUNK_BYTES = 2 << 20  # the CUDA VMM granularity on stock drivers
@@ -248,7 +248,7 @@ class ChunkPool:
             self.backend.release_chunk(c)
 
     def _refill_loop(self) -> None:
-        run_on_any_core()  # creating chunks beside the compute, not on its core
+        move_off_compute_cores()  # creating chunks beside the compute, not on its core
         while True:
             with self._lock:
                 while not self._closed and (len(self._cache) >= max(self.low, self._expected)
@@ -273,7 +273,7 @@ class ChunkPool:
 
     def _reap_loop(self) -> None:
         """Give lingering chunks back once they have been unused for ``linger_s``."""
-        run_on_any_core()
+        move_off_compute_cores()
         while True:
             with self._lock:
                 while not self._closed and not self._lingering:
