@@ -140,6 +140,19 @@ def test_expected_demand_is_created_ahead_then_forgotten(backend):
     pool.close()
 
 
+def test_create_ahead_without_a_standing_reserve(backend):
+    pool = ChunkPool(backend, 8 * MiB, MiB, create_ahead=True)
+    time.sleep(0.05)
+    assert pool.stats().resident_bytes == 0  # nothing kept while nothing is expected
+    pool.expect(3)
+    deadline = time.monotonic() + 10
+    while pool.stats().chunks_cached < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pool.stats().chunks_cached == 3
+    pool.close()
+    assert backend.resident_bytes() == 0
+
+
 def test_precreation_never_exceeds_the_budget(backend):
     pool = ChunkPool(backend, 4 * MiB, MiB, low_watermark=3, high_watermark=4)
     got = []

@@ -110,7 +110,7 @@ class KVSpace:
         high = min(precreate_bytes // self.chunk_bytes, num_blocks)
         self.pool = ChunkPool(backend, num_blocks * self.chunk_bytes, self.chunk_bytes, linger_s=linger_s,
                               on_release=self._released, low_watermark=max(1, high // 2) if high else 0,
-                              high_watermark=high)
+                              high_watermark=high, create_ahead=precreate_bytes > 0)
         self.range = backend.reserve(num_slots * blocks_per_slot * self.chunk_bytes)
         self._phys: dict[int, int] = {}  # physical block -> chunk, for blocks with content worth keeping
         self._free_slots = list(range(num_slots - 1, -1, -1))

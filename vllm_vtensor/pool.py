@@ -68,7 +68,8 @@ class ChunkPool:
     unmapped chunks are cached, a background thread creates chunks until
     ``high`` are cached, so creating physical memory (~0.2 ms per 2 MiB on a
     GPU, ~0.5 ms on a CPU) stays off the critical path; :meth:`expect` raises
-    that target for a while (requests about to grow).  Released chunks are cached up to
+    that target for a while (requests about to grow); ``create_ahead`` starts
+    the background thread for :meth:`expect` even without a standing reserve.  Released chunks are cached up to
     ``high_watermark`` and given back to the system beyond it: at once, or,
     with ``linger_s > 0``, by a background thread once they have been unused
     that long (a chunk released and wanted again soon, as requests come and
@@ -86,6 +87,7 @@ class ChunkPool:
         high_watermark: int = 0,
         linger_s: float = 0.0,
         on_release: Callable[[], None] | None = None,
+        create_ahead: bool = False,
     ):
         budget_bytes, chunk_bytes = parse_bytes(budget_bytes), parse_bytes(chunk_bytes)
         gran = backend.granularity
@@ -111,7 +113,7 @@ class ChunkPool:
         self._lock = threading.Condition()
         self._closed = False
         self._thread = None
-        if self.high > 0:
+        if self.high > 0 or create_ahead:
             self._thread = threading.Thread(target=self._refill_loop, name="vtensor-chunk-precreate", daemon=True)
             self._thread.start()
         self._reaper = None

@@ -69,11 +69,12 @@ def linger_seconds() -> float:
 
 
 PRECREATE_ENV = "VTENSOR_PRECREATE_BYTES"
-DEFAULT_PRECREATE_BYTES = 8 << 20
+DEFAULT_PRECREATE_BYTES = 4 << 20
 
 
 def precreate_bytes() -> int:
-    """Bytes of ready KV chunks kept in reserve by a background thread (``$VTENSOR_PRECREATE_BYTES``)."""
+    """Bytes of ready KV chunks kept in reserve by a background thread (``$VTENSOR_PRECREATE_BYTES``;
+    0 turns creating chunks ahead off altogether, the reserve and the next step's growth alike)."""
     from .pool import parse_bytes
 
     raw = os.environ.get(PRECREATE_ENV, "")
