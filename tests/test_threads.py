@@ -1,0 +1,34 @@
+"""Helper threads leave the cores the worker computes on (when there are other cores)."""
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from vllm_vtensor.threads import move_off_compute_cores
+
+
+def _affinity_after_move(pinned: set[int]) -> set[int]:
+    seen = {}
+
+    def helper():
+        os.sched_setaffinity(threading.get_native_id(), pinned)  # as if started by a pinned worker
+        move_off_compute_cores()
+        seen["cores"] = os.sched_getaffinity(0)
+
+    t = threading.Thread(target=helper)
+    t.start()
+    t.join()
+    return seen["cores"]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
+def test_pinned_helper_moves_to_the_other_cores():
+    cores = sorted(os.sched_getaffinity(0))
+    assert _affinity_after_move({cores[0]}) == set(cores) - {cores[0]}
+
+
+def test_unpinned_helper_may_run_anywhere():
+    every = os.sched_getaffinity(0)
+    assert _affinity_after_move(every) == every
