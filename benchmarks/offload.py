@@ -243,8 +243,10 @@ def main(argv=None) -> int:
         # layouts, load-time leftovers), so "the whole model" means vanilla's own footprint there.
         # Its anonymous + shared memory, plus the probe's mapped files (libraries; vanilla still maps
         # its checkpoint, which the limit may evict).
+        # 256 MiB of headroom there: vanilla's footprint after loading varies by ~300 MiB between runs
+        # (3.47 vs 3.81 GiB RSS measured), and at 100% the limit must bind neither loader.
         van = base["memory_after_load"]
-        full_limit = van["rss"] + van["shmem"] + probe["memory_after_load"]["mapped_file"] + (64 << 20)
+        full_limit = van["rss"] + van["shmem"] + probe["memory_after_load"]["mapped_file"] + (256 << 20)
         store = max((Path(os.environ.get("VTENSOR_CACHE", Path.home() / ".cache/vllm-vtensor")) / "flexinfer")
                     .glob("*.bin"), key=lambda q: q.stat().st_mtime)
         bw = disk_bandwidth(store)
