@@ -54,22 +54,26 @@ def _the_attention_group(kv_cache_config):
 
 LINGER_ENV = "VTENSOR_CHUNK_LINGER_S"
 DEFAULT_LINGER_S = 1.0
+PRECREATE_ENV = "VTENSOR_PRECREATE_BYTES"
+DEFAULT_PRECREATE_BYTES = 4 << 20
+
+
+def _env_setting(name: str, parse, default, fix: str):
+    """``$name`` read by ``parse`` (``default`` when unset); a value that does not parse or is
+    negative raises naming ``fix``."""
+    raw = os.environ.get(name, "")
+    try:
+        value = parse(raw) if raw else default
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise VTensorConfigError(f"{name}={raw!r}: {fix}")
+    return value
 
 
 def linger_seconds() -> float:
     """How long freed KV memory is kept for reuse before it is given back (``$VTENSOR_CHUNK_LINGER_S``)."""
-    raw = os.environ.get(LINGER_ENV, "")
-    try:
-        value = float(raw) if raw else DEFAULT_LINGER_S
-    except ValueError:
-        value = -1.0
-    if value < 0:
-        raise VTensorConfigError(f"{LINGER_ENV}={raw!r}: give seconds >= 0 (0 gives freed memory back at once)")
-    return value
-
-
-PRECREATE_ENV = "VTENSOR_PRECREATE_BYTES"
-DEFAULT_PRECREATE_BYTES = 4 << 20
+    return _env_setting(LINGER_ENV, float, DEFAULT_LINGER_S, "give seconds >= 0 (0 gives freed memory back at once)")
 
 
 def precreate_bytes() -> int:
@@ -77,14 +81,8 @@ def precreate_bytes() -> int:
     0 turns creating chunks ahead off altogether, the reserve and the next step's growth alike)."""
     from .pool import parse_bytes
 
-    raw = os.environ.get(PRECREATE_ENV, "")
-    try:
-        value = parse_bytes(raw) if raw else DEFAULT_PRECREATE_BYTES
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise VTensorConfigError(f"{PRECREATE_ENV}={raw!r}: give a size such as 8MiB, or 0 for no reserve")
-    return value
+    return _env_setting(PRECREATE_ENV, parse_bytes, DEFAULT_PRECREATE_BYTES,
+                        "give a size such as 8MiB, or 0 for no reserve")
 
 
 def allocate_kv_cache(runner, kv_cache_config) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ wrongly).  The same signatures are implemented in :mod:`.reference`.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -284,8 +285,10 @@ def _shrink(cfg: dict) -> dict | None:
 def _launch(kernel, grid, args: tuple, cfg: dict, consts: dict) -> None:
     """Launch ``kernel``; if its tiles need more shared memory than this GPU has (large head dims in
     fp32, say), retry with a smaller config and remember the one that fits."""
-    key = (kernel, tuple(sorted(cfg.items())), tuple(sorted((k, str(v)) for k, v in consts.items())))
-    cfg = _FITTING.get(key, cfg)
+    key = None  # built only once some launch has needed a fallback: launches are a hot path
+    if _FITTING:
+        key = _fitting_key(kernel, cfg, consts)
+        cfg = _FITTING.get(key, cfg)
     while True:
         try:
             kernel[grid(cfg)](*args, **cfg, **consts)
@@ -294,7 +297,12 @@ def _launch(kernel, grid, args: tuple, cfg: dict, consts: dict) -> None:
             smaller = _shrink(cfg)
             if smaller is None:
                 raise
+            key = key or _fitting_key(kernel, cfg, consts)
             _FITTING[key] = cfg = smaller
+
+
+def _fitting_key(kernel, cfg: dict, consts: dict) -> tuple:
+    return kernel, tuple(sorted(cfg.items())), tuple(sorted((k, str(v)) for k, v in consts.items()))
 
 
 def _common(q, k_cache, v_cache, sliding_window):
@@ -344,10 +352,15 @@ def context_attention(
     return out
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _context_defaults(num_reqs: int, heads: int, max_query_len: int, dtype: torch.dtype, device: torch.device) -> dict:
     if device.type != "cuda" or dtype == torch.float32:  # fp32 tiles take twice the shared memory
         return CONTEXT_CONFIG
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device)
     if 2 * num_reqs * heads * triton.cdiv(max_query_len, 128) < sms:
         return CONTEXT_CONFIG_NARROW
     return CONTEXT_CONFIG_LARGE
@@ -356,14 +369,14 @@ def _context_defaults(num_reqs: int, heads: int, max_query_len: int, dtype: torc
 def _decode_defaults(num_reqs: int, kv_heads: int, device: torch.device) -> dict:
     if device.type != "cuda":
         return DECODE_CONFIG
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device)
     return DECODE_CONFIG_LARGE if num_reqs * kv_heads >= 2 * sms else DECODE_CONFIG
 
 
 def _default_splits(num_reqs: int, kv_heads: int, max_seq: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device)
     programs = num_reqs * kv_heads
     if programs >= sms or max_seq <= 1024:
         return 1
