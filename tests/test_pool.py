@@ -153,6 +153,63 @@ def test_create_ahead_without_a_standing_reserve(backend):
     assert backend.resident_bytes() == 0
 
 
+def _record_creators(backend, fail_off_main=False):
+    """Record which thread creates each chunk (optionally failing on any other thread)."""
+    creators = []
+    create = backend.create_chunk
+
+    def recording(size):
+        name = threading.current_thread().name
+        if fail_off_main and name != "MainThread":
+            raise MemoryError("no memory for the helper")
+        time.sleep(0.002)  # a creation that takes as long as a real 5.9 MB chunk, so both threads get work
+        creators.append(name)
+        return create(size)
+
+    backend.create_chunk = recording
+    return creators
+
+
+def test_a_burst_is_created_half_by_the_background_thread(backend):
+    pool = ChunkPool(backend, 32 * MiB, MiB, create_ahead=True)
+    creators = _record_creators(backend)
+    got = pool.acquire(10)  # nothing cached: a burst of new requests
+    assert len(set(got)) == 10 and all(pool.refcount(c) == 1 for c in got)
+    assert creators.count("MainThread") == 5 and creators.count("vtensor-chunk-precreate") == 5
+    s = pool.stats()
+    assert s.chunks_in_use == 10 and s.chunks_cached == 0 and s.chunks_created == 10
+    assert s.resident_bytes == 10 * MiB == backend.resident_bytes()
+    assert pool.acquire(1) and pool.stats().chunks_created == 11  # one chunk alone is made in place
+    pool.close()
+
+
+def test_a_burst_is_made_in_place_when_the_background_thread_fails(backend):
+    pool = ChunkPool(backend, 32 * MiB, MiB, create_ahead=True)
+    creators = _record_creators(backend, fail_off_main=True)
+    got = pool.acquire(6)  # the helper's first creation fails: the caller makes its share
+    assert len(set(got)) == 6 and creators == ["MainThread"] * 6
+    assert pool.acquire(4) and creators == ["MainThread"] * 10  # no more help asked for
+    s = pool.stats()
+    assert s.chunks_in_use == 10 and s.resident_bytes == 10 * MiB == backend.resident_bytes()
+    pool.expect(3)  # pre-creation stays off, without error
+    time.sleep(0.05)
+    assert pool.stats().chunks_cached == 0
+    pool.close()
+
+
+def test_bursts_never_exceed_the_budget(backend):
+    pool = ChunkPool(backend, 8 * MiB, MiB, low_watermark=2, high_watermark=3)
+    _record_creators(backend)
+    got = pool.acquire(8)  # cached reserve + both threads, exactly the budget
+    assert len(set(got)) == 8 and pool.stats().resident_bytes == 8 * MiB == backend.resident_bytes()
+    with pytest.raises(VTensorOutOfMemory):
+        pool.acquire(1)
+    for c in got:
+        pool.release(c)
+    pool.close()
+    assert backend.resident_bytes() == 0
+
+
 def test_precreation_never_exceeds_the_budget(backend):
     pool = ChunkPool(backend, 4 * MiB, MiB, low_watermark=3, high_watermark=4)
     got = []

@@ -74,7 +74,9 @@ class ChunkPool:
     with ``linger_s > 0``, by a background thread once they have been unused
     that long (a chunk released and wanted again soon, as requests come and
     go, is then handed out again without being zeroed, released and created;
-    ``on_release`` is called after the thread gives chunks back).
+    ``on_release`` is called after the thread gives chunks back).  When an
+    :meth:`acquire` must create several chunks at once (a burst of new
+    requests), the background thread makes half of them alongside.
     """
 
     def __init__(
@@ -107,7 +109,11 @@ class ChunkPool:
         self._cache: list[int] = []  # refcount-0 chunks kept for reuse
         self.linger_s, self.on_release = linger_s, on_release
         self._lingering: collections.OrderedDict[int, float] = collections.OrderedDict()  # chunk -> released at
-        self._pending = 0  # chunks the background thread is creating right now
+        self._pending = 0  # chunks being created right now (by acquire or the background thread)
+        self._urgent = 0  # chunks an acquire asked the background thread for, not started yet
+        self._held = 0  # chunks an acquire in progress has in hand (not yet in _ref)
+        self._handover: list[int] = []  # chunks the background thread made for a waiting acquire
+        self._helper_failed = False  # the background thread could not create a chunk and stopped
         self._expected = 0  # chunks callers expect to acquire soon (see expect())
         self._maps = self._unmaps = self._created = self._released = 0
         self._lock = threading.Condition()
@@ -127,7 +133,8 @@ class ChunkPool:
         return self.backend.device
 
     def _created_now(self) -> int:
-        return len(self._ref) + len(self._cache) + len(self._lingering) + self._pending
+        return (len(self._ref) + len(self._cache) + len(self._lingering) + self._held + self._pending
+                + self._urgent + len(self._handover))
 
     def _take_unused(self) -> int:
         """A created, unused chunk: from the cache, else the most recently released lingering one."""
@@ -144,7 +151,12 @@ class ChunkPool:
         return n <= self.num_free_chunks()
 
     def acquire(self, n: int = 1) -> list[int]:
-        """``n`` chunks with refcount 1 each, all or none."""
+        """``n`` chunks with refcount 1 each, all or none.
+
+        Chunks that must be created now (none cached or lingering) are made in two places at once
+        when there are several and pre-creation is on: half here, half by the background thread
+        (on another core), so a burst of new requests waits for about half the page clearing.
+        """
         with self._lock:
             free = self.budget_chunks - len(self._ref)
             if n > free:
@@ -153,28 +165,69 @@ class ChunkPool:
                     f"{self.budget_chunks * self.chunk_bytes}-byte budget; free requests or raise the budget"
                 )
             while (len(self._cache) + len(self._lingering) < n
-                   and len(self._ref) + self._pending + n > self.budget_chunks):
+                   and len(self._ref) + self._held + self._pending + self._urgent + n > self.budget_chunks):
                 self._lock.wait()  # the refill thread is creating the last chunks of the budget
             take = min(n, len(self._cache) + len(self._lingering))
             chunks = [self._take_unused() for _ in range(take)]
+            self._held += take
             need = n - take
-            self._pending += need
+            helped = need // 2 if need > 1 and self._helper_alive() else 0
+            self._urgent += helped  # the background thread makes these and hands them over
+            self._pending += need - helped
+            if helped:
+                self._lock.notify_all()
         try:
-            chunks += [self.backend.create_chunk(self.chunk_bytes) for _ in range(need)]
+            self._create_into(chunks, need - helped)
+            self._collect_handover(chunks, helped)
         except BaseException:
             with self._lock:
-                self._pending -= need
+                self._held -= len(chunks)
                 self._cache.extend(chunks)
                 self._lock.notify_all()
             raise
         with self._lock:
-            self._pending -= need
-            self._created += need
+            self._held -= n
             for c in chunks:
                 assert c not in self._ref
                 self._ref[c] = 1
             self._lock.notify_all()  # wakes the refill thread if the cache fell below low
         return chunks
+
+    def _create_into(self, chunks: list[int], k: int) -> None:
+        """Create ``k`` chunks (already counted in ``_pending``) onto ``chunks``."""
+        for i in range(k):
+            try:
+                c = self.backend.create_chunk(self.chunk_bytes)
+            except BaseException:
+                with self._lock:
+                    self._pending -= k - i
+                raise
+            chunks.append(c)
+            with self._lock:
+                self._pending -= 1
+                self._held += 1
+                self._created += 1
+
+    def _collect_handover(self, chunks: list[int], k: int) -> None:
+        """Take the ``k`` chunks the background thread was asked for (made here if it stopped)."""
+        if not k:
+            return
+        with self._lock:
+            while k:
+                if self._handover:
+                    chunks.append(self._handover.pop())
+                    self._held += 1
+                    k -= 1
+                elif not self._helper_alive():
+                    self._urgent -= k
+                    self._pending += k
+                    break
+                else:
+                    self._lock.wait()
+        self._create_into(chunks, k)
+
+    def _helper_alive(self) -> bool:
+        return self._thread is not None and not self._helper_failed and not self._closed
 
     def expect(self, n: int) -> None:
         """Callers expect to acquire about ``n`` chunks soon: with pre-creation on, the background
@@ -223,12 +276,13 @@ class ChunkPool:
     def stats(self) -> PoolStats:
         with self._lock:
             refs = self._ref.values()
-            created = len(self._ref) + len(self._cache) + len(self._lingering)
+            cached = len(self._cache) + len(self._handover)  # handed over: on their way to an acquire
+            created = len(self._ref) + cached + len(self._lingering)
             return PoolStats(
                 chunk_bytes=self.chunk_bytes,
                 budget_bytes=self.budget_chunks * self.chunk_bytes,
                 chunks_in_use=len(self._ref),
-                chunks_cached=len(self._cache),
+                chunks_cached=cached,
                 chunks_lingering=len(self._lingering),
                 resident_bytes=created * self.chunk_bytes,
                 mapped_bytes=sum(refs) * self.chunk_bytes,
@@ -243,35 +297,53 @@ class ChunkPool:
     def trim(self) -> None:
         """Give every cached or lingering (unmapped) chunk back to the system."""
         with self._lock:
-            chunks, self._cache = self._cache + list(self._lingering), []
+            chunks, self._cache = self._cache + list(self._lingering) + self._handover, []
             self._lingering.clear()
+            self._handover = []
             self._released += len(chunks)
         for c in chunks:
             self.backend.release_chunk(c)
 
     def _refill_loop(self) -> None:
+        """Create chunks beside the compute: first those an :meth:`acquire` is waiting for, then the
+        reserve (refilled from below ``max(low, expected)`` up to the target), one at a time so each is
+        usable as soon as it exists."""
         move_off_compute_cores()  # creating chunks beside the compute, not on its core
+        filling = False
         while True:
             with self._lock:
-                while not self._closed and (len(self._cache) >= max(self.low, self._expected)
-                                            or self._created_now() >= self.budget_chunks):
+                while True:
+                    if self._closed:
+                        return
+                    if self._urgent:
+                        urgent = True
+                        self._urgent -= 1
+                        break
+                    urgent = False
+                    if self._created_now() < self.budget_chunks:
+                        if len(self._cache) < max(self.low, self._expected):
+                            filling = True
+                        if filling and len(self._cache) < self._target():
+                            break
+                    filling = False
                     self._lock.wait()
-                if self._closed:
-                    return
-                want = min(self._target() - len(self._cache), self.budget_chunks - self._created_now())
-                self._pending += want
-            made = []
+                self._pending += 1
             try:
-                for _ in range(want):
-                    made.append(self.backend.create_chunk(self.chunk_bytes))
-            finally:
+                chunk = self.backend.create_chunk(self.chunk_bytes)
+            except Exception:  # device or host memory taken by others: stop pre-creating, never crash
                 with self._lock:
-                    self._pending -= want
-                    self._created += len(made)
-                    self._cache.extend(made)
+                    self._pending -= 1
+                    self._urgent += urgent  # the waiting acquire makes it itself
+                    self._helper_failed = True
                     self._lock.notify_all()
-            if len(made) < want:
-                return  # creation failed (device memory taken by others): stop pre-creating
+                get_logger(__name__).warning("vTensor pool: creating chunks ahead failed; they are made on demand "
+                                             "from now on", exc_info=True)
+                return
+            with self._lock:
+                self._pending -= 1
+                self._created += 1
+                (self._handover if urgent else self._cache).append(chunk)
+                self._lock.notify_all()
 
     def _reap_loop(self) -> None:
         """Give lingering chunks back once they have been unused for ``linger_s``."""
