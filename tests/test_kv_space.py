@@ -244,22 +244,3 @@ def test_growth_expected_from_this_step_is_made_ready_beside_the_compute(backend
     kv.expect_growth({})
     kv.remove_request("a")
     kv.close()
-
-
-def test_a_steps_new_blocks_are_acquired_together(backend):
-    kv = make(backend, blocks=8)
-    calls = []
-    acquire = kv.pool.acquire
-    kv.pool.acquire = lambda n=1: (calls.append(n), acquire(n))[1]
-    kv.add_request("a", [1, 2])
-    calls.clear()
-    kv.ensure_chunks([1, 4, 5, 4, 6])  # block 1 has content already; 4 is listed twice
-    assert calls == [3]
-    va = kv.add_request("b", [1, 4], num_cached_tokens=B)  # hit on 1, fresh 4: nothing more to acquire
-    vc = kv.add_request("c", [5, 6])
-    assert calls == [3] and kv.stats().resident_bytes == 5 * kv.chunk_bytes
-    block_bytes(kv, vc[1]).fill_(3)
-    assert int(block_bytes(kv, va[1]).max()) == 0  # distinct chunks for distinct blocks
-    kv.ensure_chunks([])
-    assert calls == [3]
-    assert kv.hits(2 * B + 1, 5) == 2 and kv.hits(3 * B, 2) == 2

@@ -152,19 +152,6 @@ class KVSpace:
             self._phys[block] = chunk
         return chunk
 
-    def ensure_chunks(self, blocks: list[int]) -> None:
-        """Give every block in ``blocks`` that has none a chunk, all in one go: a step's new blocks
-        are acquired together, so the pool can create several at once (half on another core)."""
-        with self._lock:
-            missing = list(dict.fromkeys(b for b in blocks if b not in self._phys))
-            if missing:
-                for b, chunk in zip(missing, self.pool.acquire(len(missing))):
-                    self._phys[b] = chunk  # the "content" reference
-
-    def hits(self, num_cached_tokens: int, num_blocks: int) -> int:
-        """How many of a new request's leading blocks are prefix-cache hits."""
-        return min(num_cached_tokens // self.block_size, num_blocks)
-
     def _drop(self, block: int) -> None:
         chunk = self._phys.pop(block, None)
         if chunk is not None:
@@ -214,7 +201,7 @@ class KVSpace:
         with self._lock:
             if req_id in self._reqs:
                 self.remove_request(req_id, preempted=True)
-            hits = self.hits(num_cached_tokens, len(blocks))
+            hits = min(num_cached_tokens // self.block_size, len(blocks))
             for b in blocks[:hits]:
                 if b not in self._phys:
                     raise KVSpaceError(f"prefix-cache hit on physical block {b}, whose content was not kept")

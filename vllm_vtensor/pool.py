@@ -74,9 +74,7 @@ class ChunkPool:
     with ``linger_s > 0``, by a background thread once they have been unused
     that long (a chunk released and wanted again soon, as requests come and
     go, is then handed out again without being zeroed, released and created;
-    ``on_release`` is called after the thread gives chunks back).  When an
-    :meth:`acquire` must create several chunks at once (a burst of new
-    requests), the background thread makes half of them alongside.
+    ``on_release`` is called after the thread gives chunks back).
     """
 
     def __init__(
@@ -110,10 +108,7 @@ class ChunkPool:
         self.linger_s, self.on_release = linger_s, on_release
         self._lingering: collections.OrderedDict[int, float] = collections.OrderedDict()  # chunk -> released at
         self._pending = 0  # chunks being created right now (by acquire or the background thread)
-        self._urgent = 0  # chunks an acquire asked the background thread for, not started yet
         self._held = 0  # chunks an acquire in progress has in hand (not yet in _ref)
-        self._handover: list[int] = []  # chunks the background thread made for a waiting acquire
-        self._helper_failed = False  # the background thread could not create a chunk and stopped
         self._expected = 0  # chunks callers expect to acquire soon (see expect())
         self._maps = self._unmaps = self._created = self._released = 0
         self._lock = threading.Condition()
@@ -133,8 +128,7 @@ class ChunkPool:
         return self.backend.device
 
     def _created_now(self) -> int:
-        return (len(self._ref) + len(self._cache) + len(self._lingering) + self._held + self._pending
-                + self._urgent + len(self._handover))
+        return len(self._ref) + len(self._cache) + len(self._lingering) + self._held + self._pending
 
     def _take_unused(self) -> int:
         """A created, unused chunk: from the cache, else the most recently released lingering one."""
@@ -151,12 +145,7 @@ class ChunkPool:
         return n <= self.num_free_chunks()
 
     def acquire(self, n: int = 1) -> list[int]:
-        """``n`` chunks with refcount 1 each, all or none.
-
-        Chunks that must be created now (none cached or lingering) are made in two places at once
-        when there are several and pre-creation is on: half here, half by the background thread
-        (on another core), so a burst of new requests waits for about half the page clearing.
-        """
+        """``n`` chunks with refcount 1 each, all or none."""
         with self._lock:
             free = self.budget_chunks - len(self._ref)
             if n > free:
@@ -165,20 +154,26 @@ class ChunkPool:
                     f"{self.budget_chunks * self.chunk_bytes}-byte budget; free requests or raise the budget"
                 )
             while (len(self._cache) + len(self._lingering) < n
-                   and len(self._ref) + self._held + self._pending + self._urgent + n > self.budget_chunks):
+                   and len(self._ref) + self._held + self._pending + n > self.budget_chunks):
                 self._lock.wait()  # the refill thread is creating the last chunks of the budget
             take = min(n, len(self._cache) + len(self._lingering))
             chunks = [self._take_unused() for _ in range(take)]
             self._held += take
             need = n - take
-            helped = need // 2 if need > 1 and self._helper_alive() else 0
-            self._urgent += helped  # the background thread makes these and hands them over
-            self._pending += need - helped
-            if helped:
-                self._lock.notify_all()
+            self._pending += need
         try:
-            self._create_into(chunks, need - helped)
-            self._collect_handover(chunks, helped)
+            for i in range(need):
+                try:
+                    c = self.backend.create_chunk(self.chunk_bytes)
+                except BaseException:
+                    with self._lock:
+                        self._pending -= need - i
+                    raise
+                chunks.append(c)
+                with self._lock:
+                    self._pending -= 1
+                    self._held += 1
+                    self._created += 1
         except BaseException:
             with self._lock:
                 self._held -= len(chunks)
@@ -192,42 +187,6 @@ class ChunkPool:
                 self._ref[c] = 1
             self._lock.notify_all()  # wakes the refill thread if the cache fell below low
         return chunks
-
-    def _create_into(self, chunks: list[int], k: int) -> None:
-        """Create ``k`` chunks (already counted in ``_pending``) onto ``chunks``."""
-        for i in range(k):
-            try:
-                c = self.backend.create_chunk(self.chunk_bytes)
-            except BaseException:
-                with self._lock:
-                    self._pending -= k - i
-                raise
-            chunks.append(c)
-            with self._lock:
-                self._pending -= 1
-                self._held += 1
-                self._created += 1
-
-    def _collect_handover(self, chunks: list[int], k: int) -> None:
-        """Take the ``k`` chunks the background thread was asked for (made here if it stopped)."""
-        if not k:
-            return
-        with self._lock:
-            while k:
-                if self._handover:
-                    chunks.append(self._handover.pop())
-                    self._held += 1
-                    k -= 1
-                elif not self._helper_alive():
-                    self._urgent -= k
-                    self._pending += k
-                    break
-                else:
-                    self._lock.wait()
-        self._create_into(chunks, k)
-
-    def _helper_alive(self) -> bool:
-        return self._thread is not None and not self._helper_failed and not self._closed
 
     def expect(self, n: int) -> None:
         """Callers expect to acquire about ``n`` chunks soon: with pre-creation on, the background
@@ -276,7 +235,7 @@ class ChunkPool:
     def stats(self) -> PoolStats:
         with self._lock:
             refs = self._ref.values()
-            cached = len(self._cache) + len(self._handover)  # handed over: on their way to an acquire
+            cached = len(self._cache)
             created = len(self._ref) + cached + len(self._lingering)
             return PoolStats(
                 chunk_bytes=self.chunk_bytes,
@@ -297,17 +256,15 @@ class ChunkPool:
     def trim(self) -> None:
         """Give every cached or lingering (unmapped) chunk back to the system."""
         with self._lock:
-            chunks, self._cache = self._cache + list(self._lingering) + self._handover, []
+            chunks, self._cache = self._cache + list(self._lingering), []
             self._lingering.clear()
-            self._handover = []
             self._released += len(chunks)
         for c in chunks:
             self.backend.release_chunk(c)
 
     def _refill_loop(self) -> None:
-        """Create chunks beside the compute: first those an :meth:`acquire` is waiting for, then the
-        reserve (refilled from below ``max(low, expected)`` up to the target), one at a time so each is
-        usable as soon as it exists."""
+        """Keep the reserve: refill from below ``max(low, expected)`` up to the target, one chunk at a
+        time so each is usable as soon as it exists."""
         move_off_compute_cores()  # creating chunks beside the compute, not on its core
         filling = False
         while True:
@@ -315,11 +272,6 @@ class ChunkPool:
                 while True:
                     if self._closed:
                         return
-                    if self._urgent:
-                        urgent = True
-                        self._urgent -= 1
-                        break
-                    urgent = False
                     if self._created_now() < self.budget_chunks:
                         if len(self._cache) < max(self.low, self._expected):
                             filling = True
@@ -333,8 +285,6 @@ class ChunkPool:
             except Exception:  # device or host memory taken by others: stop pre-creating, never crash
                 with self._lock:
                     self._pending -= 1
-                    self._urgent += urgent  # the waiting acquire makes it itself
-                    self._helper_failed = True
                     self._lock.notify_all()
                 get_logger(__name__).warning("vTensor pool: creating chunks ahead failed; they are made on demand "
                                              "from now on", exc_info=True)
@@ -342,7 +292,7 @@ class ChunkPool:
             with self._lock:
                 self._pending -= 1
                 self._created += 1
-                (self._handover if urgent else self._cache).append(chunk)
+                self._cache.append(chunk)
                 self._lock.notify_all()
 
     def _reap_loop(self) -> None:

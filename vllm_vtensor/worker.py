@@ -138,21 +138,6 @@ def allocate_kv_cache(runner, kv_cache_config) -> dict[str, torch.Tensor]:
     return views
 
 
-def _fresh_blocks(kv: KVSpace, so) -> list[int]:
-    """The physical blocks this step hands out with new content (everything but prefix-cache hits)."""
-    fresh = list(so.new_block_ids_to_zero or ())
-    for new in so.scheduled_new_reqs:
-        (blocks,) = new.block_ids
-        fresh += blocks[kv.hits(new.num_computed_tokens, len(blocks)):]
-    cached = so.scheduled_cached_reqs
-    for i, req_id in enumerate(cached.req_ids):
-        if cached.new_block_ids[i] is not None:
-            (blocks,) = cached.new_block_ids[i]
-            resumed = req_id in cached.resumed_req_ids
-            fresh += blocks[kv.hits(cached.num_computed_tokens[i], len(blocks)):] if resumed else blocks
-    return fresh
-
-
 def translate_scheduler_output(kv: KVSpace, so) -> None:
     """Apply the scheduler's block decisions to ``kv`` and make ``so``'s block ids virtual."""
     t0 = time.perf_counter()
@@ -161,7 +146,6 @@ def translate_scheduler_output(kv: KVSpace, so) -> None:
         kv.remove_request(req_id)
     for req_id in so.preempted_req_ids or ():
         kv.remove_request(req_id, preempted=True)
-    kv.ensure_chunks(_fresh_blocks(kv, so))  # one acquire for the step's new blocks
     if so.new_block_ids_to_zero:
         kv.zero_blocks(so.new_block_ids_to_zero)
         so.new_block_ids_to_zero = None  # done on the physical chunks; the runner would index virtual ids
