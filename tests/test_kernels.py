@@ -20,17 +20,19 @@ TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
 def make_cache(num_blocks, kv_heads, block, dim, dtype, layout, gen):
-    """K and V caches ``[blocks, H, B, D]`` in one of three physical layouts."""
+    """K and V caches ``[blocks, H, B, D]`` (views, strides kept on every device) in one of three physical layouts."""
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
     if layout == "packed":
-        k = torch.randn(num_blocks, kv_heads, block, dim, generator=gen)
-        v = torch.randn(num_blocks, kv_heads, block, dim, generator=gen)
-    elif layout == "vllm_cpu":  # per block and head: B key rows, then B value rows
-        kv = torch.randn(num_blocks, kv_heads, 2 * block, dim, generator=gen)
-        k, v = kv[:, :, :block], kv[:, :, block:]
-    else:  # "all_layers": a block holds every layer's page; this is layer 1 of 3
-        kv = torch.randn(num_blocks, 3, kv_heads, 2 * block, dim, generator=gen)
-        k, v = kv[:, 1, :, :block], kv[:, 1, :, block:]
-    return k.to(DEVICE, dtype), v.to(DEVICE, dtype)
+        return rand(num_blocks, kv_heads, block, dim), rand(num_blocks, kv_heads, block, dim)
+    if layout == "vllm_cpu":  # vLLM's CPU cache ("vec" ISA): per block and head, K as [D, B], then V as [B, D]
+        kv = rand(num_blocks, kv_heads, 2 * block * dim)
+        k = kv[:, :, : block * dim].unflatten(2, (dim, block)).transpose(2, 3)  # head dim strided by B
+        return k, kv[:, :, block * dim :].unflatten(2, (block, dim))
+    # "all_layers": a block holds every layer's page; this is layer 1 of 3
+    kv = rand(num_blocks, 3, kv_heads, 2 * block, dim)
+    return kv[:, 1, :, :block], kv[:, 1, :, block:]
 
 
 def make_batch(q_lens, seq_lens, heads, kv_heads, dim, block, dtype, layout, seed=0):

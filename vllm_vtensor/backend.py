@@ -2,22 +2,145 @@
 
 The model runner works in *virtual* block ids (see :mod:`vllm_vtensor.worker`):
 request r's j-th block is ``slot(r) * blocks_per_slot + j``, so its block
-table row is consecutive ids and its KV is one contiguous range.  On CPU,
-vLLM's own attention kernel reads that layout through the consecutive rows
-(the kernel honours the per-layer block stride), with no copy and no gather
-from scattered pages; the KV write path is vLLM's ``reshape_and_cache``
-addressed by the same virtual slots.
+table row is consecutive ids and its KV is one contiguous range.  The KV write
+path is vLLM's ``reshape_and_cache`` addressed by the same virtual slots.  The
+attention itself, chosen by ``$VTENSOR_ATTENTION`` in the worker:
 
-GPU: the Triton kernels of :mod:`vllm_vtensor.kernels` are not wired into a
-CUDA backend yet, so VTENSOR is refused on CUDA with a clear error.
+* ``cpu`` (default): vLLM's own CPU kernel reads that layout through the
+  consecutive rows (it honours the per-layer block stride), with no copy and
+  no gather from scattered pages;
+* ``triton``: this project's Triton kernels (:mod:`vllm_vtensor.kernels`),
+  given only each request's first virtual block - ``block_table[:, 0]`` -
+  and plain strides, never the block table; on a CPU they need
+  ``TRITON_INTERPRET=1`` (slow: for testing the wiring the GPU path will use);
+* ``reference``: the kernels' torch (SDPA) reference, same addressing.
+
+GPU: VTENSOR is refused on CUDA with a clear error (the CUDA VMM backend and
+the compiled kernels work on their own, but no GPU machine here has vLLM to
+run the backend with).
 """
 from __future__ import annotations
 
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+import functools
+import os
+
+import torch
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from . import BACKEND_NAME
 
 _FIX = "Run it without --attention-backend VTENSOR (attention_backend=\"VTENSOR\")."
+ATTENTION_ENV = "VTENSOR_ATTENTION"
+ATTENTION_KERNELS = ("cpu", "triton", "reference")
+
+
+def attention_kernel() -> str:
+    """The attention ``$VTENSOR_ATTENTION`` selects (default ``cpu``); anything else raises naming the choices."""
+    name = os.environ.get(ATTENTION_ENV, "") or "cpu"
+    if name not in ATTENTION_KERNELS:
+        raise ValueError(f"{ATTENTION_ENV}={name!r} is not an attention kernel VTENSOR has: use one of "
+                         f"{', '.join(ATTENTION_KERNELS)} (default cpu)")
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        raise ValueError(f"{ATTENTION_ENV}=triton on a CPU needs TRITON_INTERPRET=1 (Triton's interpreter: slow, "
+                         f"for testing); use {ATTENTION_ENV}=cpu for speed")
+    return name
+
+
+class VTensorCPUImpl(CPUAttentionBackendImpl):
+    """vLLM's CPU attention, or this project's kernels over the contiguous ranges ($VTENSOR_ATTENTION)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kernel = attention_kernel()
+        if self.kernel == "cpu":
+            return
+        unsupported = [what for what, present in (
+            ("ALiBi slopes", self.alibi_slopes is not None), ("logit soft-capping", bool(self.logits_soft_cap)),
+            ("attention sinks", self.sinks is not None), ("a sliding window", self.sliding_window not in (None, -1)),
+        ) if present]
+        if unsupported:
+            raise ValueError(f"{ATTENTION_ENV}={self.kernel} does not implement {', '.join(unsupported)}: "
+                             f"unset {ATTENTION_ENV} (vLLM's CPU kernel handles them)")
+        if self.kernel == "triton":
+            from .kernels import attention as kernels
+
+            self._context, self._decode = kernels.context_attention, kernels.decode_attention
+        else:
+            from .kernels import reference
+
+            self._context, self._decode = reference.context_attention_ref, reference.decode_attention_ref
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        if (self.kernel == "cpu" or attn_metadata is None or output_scale is not None
+                or output_block_scale is not None or not isinstance(attn_metadata.causal, bool)
+                or not attn_metadata.causal):
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        n = attn_metadata.num_actual_tokens
+        k_cache, v_cache = _kv_views(kv_cache, layer.isa)
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        num_reqs = attn_metadata.seq_lens.shape[0]
+        # each request's range starts at its first virtual block (its row is consecutive ids from there)
+        kv_start = attn_metadata.block_table[:num_reqs, 0].contiguous()
+        if attn_metadata.max_query_len == 1 and n == num_reqs:  # decode only: split-K over the context
+            self._decode(q=q, k_cache=k_cache, v_cache=v_cache, out=out, seq_lens=attn_metadata.seq_lens,
+                         kv_start_block=kv_start, scale=self.scale, max_seq_len=attn_metadata.max_seq_len)
+        else:
+            self._context(q=q, k_cache=k_cache, v_cache=v_cache, out=out,
+                          query_start_loc=attn_metadata.query_start_loc, seq_lens=attn_metadata.seq_lens,
+                          kv_start_block=kv_start, scale=self.scale, max_query_len=attn_metadata.max_query_len)
+        return output
+
+
+def _kv_views(kv_cache: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[blocks, H, B, D]`` K and V views of vLLM's CPU cache ``[blocks, H, B, 2D]`` (no copy).
+
+    Per block and head the cache holds B*D key values, then B*D values, each laid out as
+    ``isa``'s kernel writes them (the "vec" kernel stores K transposed, ``[D, B]``): see
+    :func:`block_layout`."""
+    num_blocks, heads, block_size, two_d = kv_cache.shape
+    d = two_d // 2
+    if kv_cache.stride(3) != 1 or kv_cache.stride(2) != two_d:
+        raise RuntimeError(f"VTENSOR expects each block's per-head K/V area contiguous; got strides {kv_cache.stride()}")
+    (k_t, k_d), (v_t, v_d) = block_layout(isa, block_size, d, kv_cache.dtype)
+    s_b, s_h, off = kv_cache.stride(0), kv_cache.stride(1), kv_cache.storage_offset()
+    shape = (num_blocks, heads, block_size, d)
+    return (kv_cache.as_strided(shape, (s_b, s_h, k_t, k_d), off),
+            kv_cache.as_strided(shape, (s_b, s_h, v_t, v_d), off + block_size * d))
+
+
+@functools.cache
+def block_layout(isa: str, block_size: int, head_size: int, dtype: torch.dtype) -> tuple[tuple[int, int], ...]:
+    """``((token stride, dim stride) of K, the same of V)`` inside one block and head, as vLLM's CPU
+    ``reshape_and_cache`` writes them for ``isa``: found by writing tokens whose values encode their
+    position (token index in one pass, dim index in another, so bf16/fp16 keep them exact).  A
+    layout that is not such a strided one (a tiled kernel's) is refused, naming the fix."""
+    from vllm import _custom_ops as ops
+
+    b, d = block_size, head_size
+    where = []
+    for code in (torch.arange(b)[:, None].expand(b, d), torch.arange(d)[None, :].expand(b, d)):  # token, then dim
+        cache = torch.zeros(1, 1, 2 * b, d, dtype=dtype)
+        k_cache, v_cache = cache.chunk(2, dim=2)
+        vals = (code + 1).to(dtype).reshape(b, 1, d).contiguous()
+        ops.cpu_attn_reshape_and_cache(vals, vals, k_cache, v_cache, torch.arange(b, dtype=torch.int64), isa,
+                                       k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+        where.append(cache.view(2, b * d).float().round().long() - 1)  # [K or V area, position] -> index
+    layouts = []
+    for area in range(2):
+        tok, dim = where[0][area], where[1][area]
+        pos = torch.full((b, d), -1, dtype=torch.long)
+        pos[tok, dim] = torch.arange(b * d)
+        t_stride = int(pos[1, 0] - pos[0, 0]) if b > 1 else d
+        d_stride = int(pos[0, 1] - pos[0, 0]) if d > 1 else 1
+        strided = pos[0, 0] + torch.arange(b)[:, None] * t_stride + torch.arange(d)[None, :] * d_stride
+        if int(pos[0, 0]) != 0 or not torch.equal(pos, strided):
+            raise ValueError(f"vLLM's CPU kernel ({isa!r}) keeps a block's {'KV'[area]} in a tiled layout the "
+                             f"{ATTENTION_ENV} kernels cannot address by strides: unset {ATTENTION_ENV}")
+        layouts.append((t_stride, d_stride))
+    return tuple(layouts)
 
 
 class VTensorCPUBackend(CPUAttentionBackend):
@@ -26,6 +149,10 @@ class VTensorCPUBackend(CPUAttentionBackend):
     @staticmethod
     def get_name() -> str:
         return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type[CPUAttentionBackendImpl]:
+        return VTensorCPUImpl
 
 
 def check_supported(cfg) -> None:

@@ -6,7 +6,7 @@ request ``r`` is found by arithmetic, never by loading a block table:
     token t of request r, kv-head h  ->  K + (kv_start_block[r] + t // B) * stride_b
                                            + (t % B) * stride_t + h * stride_h
 
-``[blocks, H, B, D]`` caches with any strides work: vLLM's interleaved CPU
+``[blocks, H, B, D]`` caches with any strides work (the head dimension too): vLLM's CPU
 layout, a per-layer packed layout, or a single block per request (``B`` as
 large as the context, so ``t // B == 0``).
 
@@ -30,19 +30,21 @@ _LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in base 2 (exp2 is 
 
 # ----------------------------------------------------------------------------- helpers
 @triton.jit
-def _kv_tile_ptrs(base, start_block, offs_n, offs_d, kv_head, stride_b, stride_t, stride_h,
+def _kv_tile_ptrs(base, start_block, offs_n, offs_d, kv_head, stride_b, stride_t, stride_h, stride_d,
                   BLOCK_SIZE: tl.constexpr):
     """Pointers to a [BLOCK_D, BLOCK_N] tile of one request's keys (or values, transposed)."""
     blk = start_block + offs_n // BLOCK_SIZE
     within = offs_n % BLOCK_SIZE
-    return base + blk[None, :] * stride_b + within[None, :] * stride_t + kv_head * stride_h + offs_d[:, None]
+    return (base + blk[None, :] * stride_b + within[None, :] * stride_t + kv_head * stride_h
+            + offs_d[:, None] * stride_d)
 
 
 @triton.jit
-def _load_tile(base, start_block, offs_n, offs_d, kv_head, n_ok, d_ok, stride_b, stride_t, stride_h,
+def _load_tile(base, start_block, offs_n, offs_d, kv_head, n_ok, d_ok, stride_b, stride_t, stride_h, stride_d,
                BLOCK_SIZE: tl.constexpr, CAST_F32: tl.constexpr):
     """A masked [BLOCK_D, BLOCK_N] K or V tile (fp32 when CAST_F32)."""
-    t = tl.load(_kv_tile_ptrs(base, start_block, offs_n, offs_d, kv_head, stride_b, stride_t, stride_h, BLOCK_SIZE),
+    t = tl.load(_kv_tile_ptrs(base, start_block, offs_n, offs_d, kv_head, stride_b, stride_t, stride_h, stride_d,
+                              BLOCK_SIZE),
                 mask=d_ok[:, None] & n_ok[None, :], other=0.0)
     if CAST_F32:
         t = t.to(tl.float32)
@@ -72,8 +74,8 @@ def _context_attention_kernel(
     KV0,  # [R] first block of each request's range
     scale, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb: tl.int64, stride_kt: tl.int64, stride_kh: tl.int64,
-    stride_vb: tl.int64, stride_vt: tl.int64, stride_vh: tl.int64,
+    stride_kb: tl.int64, stride_kt: tl.int64, stride_kh: tl.int64, stride_kd,
+    stride_vb: tl.int64, stride_vt: tl.int64, stride_vh: tl.int64, stride_vd,
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, CAST_F32: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -116,20 +118,24 @@ def _context_attention_kernel(
     all_n = tl.full([BLOCK_N], 1, tl.int1)
     for n0 in range(0, full_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_tile(K, kv0, offs_n, offs_d, kvh, all_n, d_ok, stride_kb, stride_kt, stride_kh, BLOCK_SIZE, CAST_F32)
+        k = _load_tile(K, kv0, offs_n, offs_d, kvh, all_n, d_ok,
+                       stride_kb, stride_kt, stride_kh, stride_kd, BLOCK_SIZE, CAST_F32)
         s = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale
-        v = _load_tile(V, kv0, offs_n, offs_d, kvh, all_n, d_ok, stride_vb, stride_vt, stride_vh, BLOCK_SIZE, CAST_F32)
+        v = _load_tile(V, kv0, offs_n, offs_d, kvh, all_n, d_ok,
+                       stride_vb, stride_vt, stride_vh, stride_vd, BLOCK_SIZE, CAST_F32)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32, DOT_PREC)
     for n0 in range(tl.maximum(lo, full_hi), hi, BLOCK_N):  # the diagonal (and window edge): masked
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seq
-        k = _load_tile(K, kv0, offs_n, offs_d, kvh, n_ok, d_ok, stride_kb, stride_kt, stride_kh, BLOCK_SIZE, CAST_F32)
+        k = _load_tile(K, kv0, offs_n, offs_d, kvh, n_ok, d_ok,
+                       stride_kb, stride_kt, stride_kh, stride_kd, BLOCK_SIZE, CAST_F32)
         s = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale
         allowed = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
         if USE_WINDOW:
             allowed = allowed & (offs_n[None, :] > pos[:, None] - window)
         s = tl.where(allowed, s, float("-inf"))
-        v = _load_tile(V, kv0, offs_n, offs_d, kvh, n_ok, d_ok, stride_vb, stride_vt, stride_vh, BLOCK_SIZE, CAST_F32)
+        v = _load_tile(V, kv0, offs_n, offs_d, kvh, n_ok, d_ok,
+                       stride_vb, stride_vt, stride_vh, stride_vd, BLOCK_SIZE, CAST_F32)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32, DOT_PREC)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -144,8 +150,8 @@ def _decode_kernel(
     PART_ACC, PART_ML,  # [R, Hq, S, D], [R, Hq, S, 2] (used when NUM_SPLITS > 1)
     SEQ, KV0, scale, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb: tl.int64, stride_kt: tl.int64, stride_kh: tl.int64,
-    stride_vb: tl.int64, stride_vt: tl.int64, stride_vh: tl.int64,
+    stride_kb: tl.int64, stride_kt: tl.int64, stride_kh: tl.int64, stride_kd,
+    stride_vb: tl.int64, stride_vt: tl.int64, stride_vh: tl.int64, stride_vd,
     GQA: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     USE_WINDOW: tl.constexpr, CAST_F32: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -181,9 +187,11 @@ def _decode_kernel(
         n_ok = offs_n < hi
         if USE_WINDOW:
             n_ok = n_ok & (offs_n > seq - 1 - window)
-        k = _load_tile(K, kv0, offs_n, offs_d, kvh, n_ok, d_ok, stride_kb, stride_kt, stride_kh, BLOCK_SIZE, CAST_F32)
+        k = _load_tile(K, kv0, offs_n, offs_d, kvh, n_ok, d_ok,
+                       stride_kb, stride_kt, stride_kh, stride_kd, BLOCK_SIZE, CAST_F32)
         s = tl.where(n_ok[None, :], tl.dot(q, k, input_precision=DOT_PREC) * (scale * _LOG2E), float("-inf"))
-        v = _load_tile(V, kv0, offs_n, offs_d, kvh, n_ok, d_ok, stride_vb, stride_vt, stride_vh, BLOCK_SIZE, CAST_F32)
+        v = _load_tile(V, kv0, offs_n, offs_d, kvh, n_ok, d_ok,
+                       stride_vb, stride_vt, stride_vh, stride_vd, BLOCK_SIZE, CAST_F32)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32, DOT_PREC)
 
     if NUM_SPLITS == 1:
@@ -237,8 +245,7 @@ def _check(q, k_cache, v_cache, out):
     assert k_cache.dim() == 4 and v_cache.shape == k_cache.shape, (k_cache.shape, v_cache.shape)
     assert q.shape[2] == k_cache.shape[3], "head dims of q and the cache differ"
     assert q.shape[1] % k_cache.shape[1] == 0, "query heads must be a multiple of kv heads"
-    assert q.stride(2) == 1 and out.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, \
-        "the head dimension must be contiguous"
+    assert q.stride(2) == 1 and out.stride(2) == 1, "the head dimension of q and out must be contiguous"
 
 
 # Tile shapes and launch options on a GPU ("BLOCK_M"/"BLOCK_N" tiles, Triton's num_warps and
@@ -345,8 +352,8 @@ def context_attention(
         _context_attention_kernel, lambda c: (num_reqs, q.shape[1], triton.cdiv(max(max_query_len, 1), c["BLOCK_M"])),
         (q, k_cache, v_cache, out, query_start_loc, seq_lens, kv_start_block, scale, sliding_window or 0,
          q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-         k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
-         v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)),
+         k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), k_cache.stride(3),
+         v_cache.stride(0), v_cache.stride(2), v_cache.stride(1), v_cache.stride(3)),
         cfg, _common(q, k_cache, v_cache, sliding_window),
     )
     return out
@@ -420,8 +427,8 @@ def decode_attention(
         _decode_kernel, lambda c: (num_reqs, kv_heads, num_splits),
         (q, k_cache, v_cache, out, part_acc, part_ml, seq_lens, kv_start_block, scale, sliding_window or 0,
          q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-         k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
-         v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)),
+         k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), k_cache.stride(3),
+         v_cache.stride(0), v_cache.stride(2), v_cache.stride(1), v_cache.stride(3)),
         cfg, dict(BLOCK_G=max(16, triton.next_power_of_2(common["GQA"])), NUM_SPLITS=num_splits, **common),
     )
     if num_splits > 1:
