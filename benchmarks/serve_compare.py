@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -180,7 +181,7 @@ def _plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct, built locally)")
     p.add_argument("--num-prompts", type=int, default=32)

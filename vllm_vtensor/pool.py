@@ -162,20 +162,16 @@ class ChunkPool:
             need = n - take
             self._pending += need
         try:
-            for i in range(need):
-                try:
-                    c = self.backend.create_chunk(self.chunk_bytes)
-                except BaseException:
-                    with self._lock:
-                        self._pending -= need - i
-                    raise
-                chunks.append(c)
+            for _ in range(need):
+                c = self.backend.create_chunk(self.chunk_bytes)
                 with self._lock:
+                    chunks.append(c)
                     self._pending -= 1
                     self._held += 1
                     self._created += 1
         except BaseException:
             with self._lock:
+                self._pending -= n - len(chunks)  # the creations that never happened
                 self._held -= len(chunks)
                 self._cache.extend(chunks)
                 self._lock.notify_all()
@@ -235,13 +231,12 @@ class ChunkPool:
     def stats(self) -> PoolStats:
         with self._lock:
             refs = self._ref.values()
-            cached = len(self._cache)
-            created = len(self._ref) + cached + len(self._lingering)
+            created = len(self._ref) + len(self._cache) + len(self._lingering)
             return PoolStats(
                 chunk_bytes=self.chunk_bytes,
                 budget_bytes=self.budget_chunks * self.chunk_bytes,
                 chunks_in_use=len(self._ref),
-                chunks_cached=cached,
+                chunks_cached=len(self._cache),
                 chunks_lingering=len(self._lingering),
                 resident_bytes=created * self.chunk_bytes,
                 mapped_bytes=sum(refs) * self.chunk_bytes,
