@@ -29,8 +29,14 @@ def _params():
 
 
 def _workers() -> dict[int, psutil.Process]:
-    me = psutil.Process()
-    return {p.pid: p for p in me.children(recursive=True) if "Worker" in " ".join(p.cmdline() or [p.name()])}
+    found = {}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "Worker" in " ".join(p.cmdline() or [p.name()]):
+                found[p.pid] = p
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue  # an earlier engine's worker that has exited and not been reaped yet
+    return found
 
 
 @pytest.fixture(scope="module")
