@@ -27,7 +27,7 @@ timeout 150 $PY -m pytest -q -p no:cacheprovider -n 4 tests/test_kernels.py -k "
     >"$OUT/kernel-tests.log" 2>&1 &
 kt=$!
 timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_vmm_backends.py tests/test_vtensor.py \
-    tests/test_flex_runtime.py \
+    tests/test_flex_runtime.py tests/test_kv_space_kernels.py \
     2>&1 | tee "$OUT/gpu-tests.log"
 wait $kt; echo "kernel tests exit $?" >>"$OUT/kernel-tests.log"; tail -n 25 "$OUT/kernel-tests.log"
 
@@ -38,6 +38,7 @@ timeout 60 $PY benchmarks/vmm.py --device cuda --out "$OUT/vmm-cuda.json" 2>&1
 timeout 90 $PY benchmarks/offload_gpu.py --out "$OUT/offload_gpu-cuda.json" 2>&1
 
 # 4. our kernels (default tiles and a small sweep) vs vLLM's context_attention_fwd and unified_attention
-#    (bf16, D 128, GQA 4); the JSON is rewritten after each case
-timeout ${KERNELS_TIMEOUT:-150} $PY benchmarks/kernels.py --vllm-src .vllm-kernels --out "$OUT/kernels-cuda.json" \
+#    (bf16, D 128, GQA 4); the JSON is rewritten after each case. KERNELS_ARGS=--no-tune times the default
+#    tiles only (faster)
+timeout ${KERNELS_TIMEOUT:-150} $PY benchmarks/kernels.py --vllm-src .vllm-kernels ${KERNELS_ARGS:-} --out "$OUT/kernels-cuda.json" \
     2>&1 | tee "$OUT/kernels.log"

@@ -11,7 +11,9 @@ the prefix read through a block table from its paged ``[blocks, H, D/x, B, x]``
 (triton_unified_attention.py, chunked prefill and decode, ``[blocks, B, H, D]``
 through a block table).  Same lengths and values everywhere; vLLM's block tables
 list each request's consecutive blocks.  Outputs are checked against the SDPA
-reference before timing.  ``--vllm-src`` is a folder holding vLLM's kernel files
+reference before timing.  Decode cases are also timed replayed from a CUDA graph
+(``graph x``), as vLLM runs decode on GPUs: eager timings of a ~10 us kernel
+include the host's launch overhead.  ``--vllm-src`` is a folder holding vLLM's kernel files
 (see benchmarks/vllm_kernels.py; no vLLM install needed); without it, an
 installed vLLM is used if there is one, else only ours is timed.
 
@@ -155,6 +157,20 @@ def bench(fn) -> float:
     return float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
 
 
+def bench_graph(fn) -> float:
+    """Milliseconds per call replayed from a CUDA graph, as vLLM runs decode: the host's launch
+    overhead (Python, allocations, several launches) leaves the measurement; L2 still flushed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay)
+
+
 # Tile/launch configurations tried on a GPU for ours (the launchers' defaults are timed as well).
 CONTEXT_CONFIGS = [
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
@@ -196,6 +212,11 @@ def time_case(batch, prefix, chunk, kernels, tune: bool, tol=3e-2) -> dict:
             row[f"{name}_mismatch"] = True
             return None
         row[f"{name}_ms"] = bench(fn)
+        if chunk == 1 and name != "candidate":  # decode: also as replayed from a CUDA graph
+            try:
+                row[f"{name}_graph_ms"] = bench_graph(fn)
+            except Exception as e:
+                row[f"{name}_graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         return row[f"{name}_ms"]
 
     mine = torch.empty_like(inp["q"])
@@ -232,6 +253,8 @@ def time_case(batch, prefix, chunk, kernels, tune: bool, tol=3e-2) -> dict:
             for mine_key, label in (("ours_ms", ""), ("ours_best_ms", "best_")):
                 if mine_key in row:
                     row[f"{label}speedup_vs_{name}"] = row[f"{name}_ms"] / row[mine_key]
+            if "ours_graph_ms" in row and f"{name}_graph_ms" in row:
+                row[f"graph_speedup_vs_{name}"] = row[f"{name}_graph_ms"] / row["ours_graph_ms"]
     del inp, ref, mine
     torch.cuda.empty_cache()
     return row
@@ -264,6 +287,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--quick", action="store_true", help="GPU: two cases only (a smoke run)")
     p.add_argument("--no-tune", action="store_true", help="GPU: time the launchers' default tiles only")
+    p.add_argument("--decode-only", action="store_true", help="GPU: the decode cases only")
     args = p.parse_args(argv)
     out_path = Path(args.out or Path(__file__).parent / "results" / f"kernels-{DEVICE}.json")
     result = {"command": "python benchmarks/kernels.py " + " ".join(argv or sys.argv[1:]), "device": DEVICE}
@@ -286,8 +310,11 @@ def main(argv=None) -> int:
         cases = [(b, p, c) for b in (1, 8, 64) for p, c in ((0, 2048), (4096, 512), (16384, 128), (4096, 1))]
         if args.quick:
             cases = [(8, 4096, 512), (64, 4096, 1)]
+        if args.decode_only:
+            cases = [c for c in cases if c[2] == 1]
         print(f"{'batch':>6}{'prefix':>7}{'chunk':>6}{'ours ms':>9}{'best ms':>9}{'TFLOP/s':>9}"
-              f"{'prefill ms':>11}{'speedup':>9}{'unified ms':>11}{'speedup':>9}   (speedups: vLLM ms / our best ms)")
+              f"{'prefill ms':>11}{'speedup':>9}{'unified ms':>11}{'speedup':>9}{'graph x':>9}"
+              "   (speedups: vLLM ms / our best ms; graph x: the same, decode replayed from CUDA graphs)")
         for batch, prefix, chunk in cases:
             try:
                 row = time_case(batch, prefix, chunk, kernels, tune=not args.no_tune)
@@ -301,7 +328,8 @@ def main(argv=None) -> int:
                 sp = lambda n: cell(f"best_speedup_vs_{n}" if f"best_speedup_vs_{n}" in row else f"speedup_vs_{n}", ".2f")
                 print(f"{batch:>6}{prefix:>7}{chunk:>6}{cell('ours_ms', '.3f'):>9}{cell('ours_best_ms', '.3f'):>9}"
                       f"{cell('ours_best_tflops' if 'ours_best_tflops' in row else 'ours_tflops', '.1f'):>9}{cell('prefix_prefill_ms', '.3f'):>11}{sp('prefix_prefill'):>9}"
-                      f"{cell('unified_ms', '.3f'):>11}{sp('unified'):>9}", flush=True)
+                      f"{cell('unified_ms', '.3f'):>11}{sp('unified'):>9}"
+                      f"{cell('graph_speedup_vs_unified', '.2f'):>9}", flush=True)
             rows.append(row)
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(result, indent=2))  # partial results survive a timeout

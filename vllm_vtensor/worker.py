@@ -85,6 +85,24 @@ def precreate_bytes() -> int:
                         "give a size such as 8MiB, or 0 for no reserve")
 
 
+def layer_views(kv: KVSpace, num_layers: int, page_shape: tuple[int, int, int], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Each layer's KV tensor ``[virtual blocks, *page_shape]`` as a strided view of ``kv``'s range.
+
+    ``page_shape`` is one layer's page of one block in bytes' units (``(heads, tokens, bytes)``,
+    vLLM's ``compute_layer_kv_cache_shape_bytes``); layer ``l``'s page of virtual block ``v``
+    starts at ``v * chunk_bytes + l * page_bytes``.  Unmapped blocks read as zeros."""
+    heads, tokens, content = page_shape
+    page = heads * tokens * content
+    if num_layers * page > kv.chunk_bytes:
+        raise ValueError(f"{num_layers} layers of {page} B pages do not fit a {kv.chunk_bytes} B chunk")
+    raw = kv.as_tensor()
+    return [
+        torch.as_strided(raw, size=(kv.num_virtual_blocks, heads, tokens, content),
+                         stride=(kv.chunk_bytes, tokens * content, content, 1), storage_offset=l * page).view(dtype)
+        for l in range(num_layers)
+    ]
+
+
 def allocate_kv_cache(runner, kv_cache_config) -> dict[str, torch.Tensor]:
     """Per-layer KV views over a fresh :class:`KVSpace`, stored on ``runner``."""
     from vllm.v1.kv_cache_interface import compute_layer_kv_cache_shape_bytes
@@ -118,17 +136,7 @@ def allocate_kv_cache(runner, kv_cache_config) -> dict[str, torch.Tensor]:
     )
     runner._vtensor_kv = kv
     vt_stats.attach(kv)
-    raw = kv.as_tensor()
-    num_virtual = kv.num_virtual_blocks
-    views = {}
-    for l, name in enumerate(layers):
-        view = torch.as_strided(
-            raw,
-            size=(num_virtual, heads, tokens, content),
-            stride=(kv.chunk_bytes, tokens * content, content, 1),
-            storage_offset=l * page,
-        )
-        views[name] = view.view(spec.dtype)
+    views = dict(zip(layers, layer_views(kv, len(layers), (heads, tokens, content), spec.dtype)))
     logger.info(
         "VTENSOR KV cache: %d layers, %d slots x %d blocks of %d tokens, chunk %.2f MiB (all layers of one block), "
         "physical budget %.2f GiB (%d blocks), virtual %.1f GiB, nothing committed yet",

@@ -74,8 +74,9 @@ def _context_attention_kernel(
     KV0,  # [R] first block of each request's range
     scale, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb: tl.int64, stride_kt: tl.int64, stride_kh: tl.int64, stride_kd,
-    stride_vb: tl.int64, stride_vt: tl.int64, stride_vh: tl.int64, stride_vd,
+    # head-dim strides are compile-time: 1, or the block size (vLLM's CPU layout keeps keys as [D, B])
+    stride_kb: tl.int64, stride_kt: tl.int64, stride_kh: tl.int64, stride_kd: tl.constexpr,
+    stride_vb: tl.int64, stride_vt: tl.int64, stride_vh: tl.int64, stride_vd: tl.constexpr,
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, CAST_F32: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -150,8 +151,8 @@ def _decode_kernel(
     PART_ACC, PART_ML,  # [R, Hq, S, D], [R, Hq, S, 2] (used when NUM_SPLITS > 1)
     SEQ, KV0, scale, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb: tl.int64, stride_kt: tl.int64, stride_kh: tl.int64, stride_kd,
-    stride_vb: tl.int64, stride_vt: tl.int64, stride_vh: tl.int64, stride_vd,
+    stride_kb: tl.int64, stride_kt: tl.int64, stride_kh: tl.int64, stride_kd: tl.constexpr,
+    stride_vb: tl.int64, stride_vt: tl.int64, stride_vh: tl.int64, stride_vd: tl.constexpr,
     GQA: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     USE_WINDOW: tl.constexpr, CAST_F32: tl.constexpr, DOT_PREC: tl.constexpr,
