@@ -163,3 +163,90 @@ def test_zero_chunk(backend):
     assert int(view.count_nonzero()) == 0
     view[:4] = 1  # still mapped and writable afterwards
     assert int(view.sum()) == 4
+
+
+def _memfd_mappings(b: HostBackend) -> int:
+    """How many mappings of ``b``'s memory file the process has."""
+    inode = str(os.fstat(b._fd).st_ino)
+    with open("/proc/self/maps") as f:
+        return sum(line.split()[4] == inode and "vllm-vtensor-kv" in line for line in f)
+
+
+def test_host_maps_by_moving_each_chunks_populated_mapping_in_and_out():
+    """A chunk's own populated mapping moves into a range (mremap) and back out on unmap; a second
+    address gets a fresh mapping; contents and sharing are unchanged, and nothing is left behind."""
+    b = HostBackend()
+    g = 16 * b.granularity
+    vr = b.reserve(4 * g)
+    view = b.as_tensor(vr.addr, vr.size)
+    h1, h2 = b.create_chunk(g), b.create_chunk(g)
+    assert b.moves == 0
+    b.map(vr, 0, h1, g)
+    assert b.moves == 1
+    view[:g].fill_(3)
+    b.map(vr, 2 * g, h1, g)  # the same chunk at a second address: mapped afresh, not moved
+    assert b.moves == 1 and int(view[2 * g : 3 * g].sum()) == 3 * g
+    b.unmap(vr, 0, g)  # moved back out, still holding the 3s
+    assert b.moves == 2 and int(view[:g].count_nonzero()) == 0 and int(view[2 * g : 3 * g].sum()) == 3 * g
+    b.map(vr, g, h1, g)
+    assert b.moves == 3 and int(view[g : 2 * g].sum()) == 3 * g
+    b.unmap(vr, 0, 4 * g)
+    assert int(view.count_nonzero()) == 0
+    b.map(vr, 3 * g, h2, g)
+    assert int(view[3 * g :].count_nonzero()) == 0  # h2 was never written
+    b.unmap(vr, 0, 4 * g)
+    b.release_chunk(h1), b.release_chunk(h2)
+    assert b.resident_bytes() == 0 and _memfd_mappings(b) == 0
+    b.close()
+
+
+def test_host_a_chunk_partly_overlaid_is_never_moved_from_its_old_place():
+    b = HostBackend()
+    g = 16 * b.granularity
+    vr = b.reserve(4 * g)
+    view = b.as_tensor(vr.addr, vr.size)
+    h1, h2 = b.create_chunk(g), b.create_chunk(g)
+    b.map(vr, 0, h1, g)
+    view[:g].fill_(1)
+    b.map(vr, g, h2, g)
+    view[g : 2 * g].fill_(2)
+    b.unmap(vr, g, g)  # h2 back out
+    b.map(vr, g // 2, h2, g)  # overlays the second half of h1's place
+    b.unmap(vr, 0, 2 * g)  # h1's mapping is no longer whole there: it must not be moved out as h1's
+    b.map(vr, 2 * g, h1, g)
+    b.map(vr, 3 * g, h2, g)
+    assert torch.equal(view[2 * g : 3 * g], torch.full((g,), 1, dtype=torch.uint8))
+    assert torch.equal(view[3 * g :], torch.full((g,), 2, dtype=torch.uint8))
+    b.unmap(vr, 0, 4 * g)
+    b.release_chunk(h1), b.release_chunk(h2)
+    assert _memfd_mappings(b) == 0
+    b.close()
+
+
+def test_host_unmapping_many_chunks_at_once_keeps_each_ones_contents():
+    """Several chunks moved out of one range in one unmap (their new places must not fall into the
+    holes the earlier moves leave in that range), then mapped back elsewhere in another order."""
+    b = HostBackend()
+    g = 16 * b.granularity
+    n = 8
+    ranges = [b.reserve(n * g) for _ in range(3)]
+    chunks = [b.create_chunk(g) for _ in range(n)]
+    for rnd, (src, dst) in enumerate(zip(ranges, ranges[1:])):
+        for i, h in enumerate(chunks):
+            b.map(src, i * g, h, g)
+            if rnd == 0:
+                b.as_tensor(src.addr + i * g, g).fill_(i + 1)
+        b.unmap(src, 0, n * g)
+        assert int(b.as_tensor(src.addr, src.size).count_nonzero()) == 0
+        chunks.reverse()
+        for i, h in enumerate(chunks):
+            b.map(dst, i * g, h, g)
+        for i in range(n):
+            assert torch.equal(b.as_tensor(dst.addr + i * g, g), torch.full((g,), n - i if rnd == 0 else i + 1,
+                                                                              dtype=torch.uint8)), (rnd, i)
+        b.unmap(dst, 0, n * g)
+    assert b.moves >= 4 * n
+    for h in chunks:
+        b.release_chunk(h)
+    assert _memfd_mappings(b) == 0
+    b.close()
