@@ -19,9 +19,9 @@ def backend():
     b.close()
 
 
-def make(backend, keep=True, blocks=8, slots=3, per_slot=4):
+def make(backend, keep=True, blocks=8, slots=3, per_slot=4, linger=0.0):
     return KVSpace(backend, num_blocks=blocks, num_slots=slots, blocks_per_slot=per_slot, block_bytes=PAGE,
-                   block_size=B, keep_full_blocks=keep)
+                   block_size=B, keep_full_blocks=keep, linger_s=linger)
 
 
 def block_bytes(kv, virtual_block):
@@ -243,4 +243,94 @@ def test_growth_expected_from_this_step_is_made_ready_beside_the_compute(backend
     assert reserve_settles_at(6) == 6
     kv.expect_growth({})
     kv.remove_request("a")
+    kv.close()
+
+
+# ---- spares: a finished request's freed last block lingers where it was mapped, for the next request ----
+def test_next_call_takes_over_the_finished_requests_last_block_in_place(backend):
+    kv = make(backend, linger=30)
+    with kv.step():
+        va = kv.add_request("a", [1, 2])
+        kv.note_tokens("a", B + 5)  # block 1 full (the prefix cache keeps it), block 2 partial
+    with kv.step():
+        kv.remove_request("a")  # block 2 freed by vLLM: left mapped as a spare of the slot
+    assert kv.stats().lingering_bytes == kv.chunk_bytes  # freed memory kept for reuse, as lingering chunks are
+    with kv.step():  # a later step (vLLM tells the worker about finished requests in a step of their own)
+        vb = kv.add_request("b", [1, 7], num_cached_tokens=B)  # a's slot again; fresh block 7 at position 1
+    assert vb == va
+    s = kv.stats()
+    assert s.maps == 2 and s.unmaps == 0  # nothing mapped or unmapped for the new block
+    assert s.spare_reuse_bytes == kv.chunk_bytes and s.resident_bytes == 2 * kv.chunk_bytes
+    assert s.mapped_bytes == 2 * kv.chunk_bytes and s.running_requests == 1 and s.lingering_bytes == 0
+    block_bytes(kv, vb[1]).fill_(3)  # block 7's memory is really mapped there
+    kv.remove_request("b")  # outside a step: unmapped at once, as before
+    kv.reset_cache()
+    kv.pool.trim()
+    assert kv.stats().resident_bytes == 0 == backend.resident_bytes()
+    kv.close()
+
+
+def test_spares_nobody_takes_are_unmapped_and_given_back_after_lingering(backend):
+    released = []
+    kv = KVSpace(backend, num_blocks=8, num_slots=3, blocks_per_slot=4, block_bytes=PAGE, block_size=B,
+                 keep_full_blocks=False, linger_s=0.3, on_release=lambda k: released.append(k.stats()))
+    with kv.step():
+        kv.add_request("a", [1, 2])
+        kv.note_tokens("a", B + 5)
+    with kv.step():
+        kv.remove_request("a")
+    s = kv.stats()
+    assert s.resident_bytes == s.lingering_bytes == 2 * kv.chunk_bytes and s.mapped_bytes == 0  # still mapped
+    import time
+
+    deadline = time.monotonic() + 5  # no step comes: the spares' own timer gives them back
+    while not released and time.monotonic() < deadline:
+        time.sleep(0.05)
+    s = kv.stats()
+    assert released and s.resident_bytes == 0 == backend.resident_bytes() and s.lingering_bytes == 0
+    assert s.maps == s.unmaps == 2 and s.spare_reuse_bytes == 0 and int(kv.as_tensor().count_nonzero()) == 0
+    kv.close()
+
+
+def test_a_block_needing_memory_takes_a_spares_instead_of_making_more(backend):
+    kv = make(backend, keep=False, linger=30)
+    with kv.step():
+        va = kv.add_request("a", [1])
+        block_bytes(kv, va[0]).fill_(4)
+        kv.note_tokens("a", 3)
+        kv.add_request("c", [3])
+    with kv.step():
+        kv.remove_request("a")  # a spare in a's slot
+    with kv.step():
+        vc = kv.append_blocks("c", [2])  # no unused chunk is ready: a's spare is unmapped and its memory used
+    s = kv.stats()
+    assert s.chunks_created == 2 and s.resident_bytes == 2 * kv.chunk_bytes and s.lingering_bytes == 0
+    assert int(block_bytes(kv, va[0]).count_nonzero()) == 0 and int(block_bytes(kv, vc[0]).min()) == 4
+    kv.close()
+
+
+def test_a_spare_gives_way_to_a_block_with_content_or_to_memory_needed_elsewhere(backend):
+    kv = make(backend, blocks=3, linger=30)
+    with kv.step():
+        kv.add_request("c", [3])
+        kv.note_tokens("c", B)
+        block_bytes(kv, kv.add_request("a", [1, 2])[1]).fill_(2)
+        kv.note_tokens("a", B + 5)
+    with kv.step():
+        kv.remove_request("c")  # block 3 stays cached
+        kv.remove_request("a")  # block 2's chunk: a spare at position 1 of a's slot
+        v = kv.add_request("b", [1, 3], num_cached_tokens=2 * B)  # position 1 is a hit on block 3 instead
+        assert int(block_bytes(kv, v[1]).count_nonzero()) == 0  # block 3's content (never written), not a's
+        assert kv.stats().spare_reuse_bytes == 0
+    with kv.step():
+        vx = kv.add_request("x", [0])
+        block_bytes(kv, vx[0]).fill_(9)
+        kv.note_tokens("x", 3)
+    with kv.step():
+        kv.remove_request("x")  # block 0's chunk: a spare of x's slot, and the budget's last chunk
+        kv.append_blocks("b", [0])  # b needs a chunk: the spare is unmapped for it
+        assert int(block_bytes(kv, vx[0]).count_nonzero()) == 0
+    s = kv.stats()
+    assert s.resident_bytes == 3 * kv.chunk_bytes and s.mapped_bytes == 3 * kv.chunk_bytes
+    assert s.maps - s.unmaps == 3 + 1  # b's 3 blocks, plus "c"'s parked slot still mapping block 3
     kv.close()
