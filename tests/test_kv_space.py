@@ -334,3 +334,53 @@ def test_a_spare_gives_way_to_a_block_with_content_or_to_memory_needed_elsewhere
     assert s.resident_bytes == 3 * kv.chunk_bytes and s.mapped_bytes == 3 * kv.chunk_bytes
     assert s.maps - s.unmaps == 3 + 1  # b's 3 blocks, plus "c"'s parked slot still mapping block 3
     kv.close()
+
+
+def test_a_block_handed_out_again_with_memory_of_its_own_takes_the_spare_and_lets_that_go(backend):
+    """vLLM evicts a cached block and hands it out as a fresh one: it takes over the spare in place
+    and its old memory goes (still mapped in the parked slot that cached it until that slot goes,
+    which must not then forget the block's new memory)."""
+    kv = make(backend, linger=30)
+    with kv.step():
+        kv.add_request("c", [3])
+        kv.note_tokens("c", B)
+        kv.add_request("a", [1, 2])
+        kv.note_tokens("a", B + 5)
+    with kv.step():
+        kv.remove_request("c")  # block 3 cached; c's slot parked, mapping it
+        kv.remove_request("a")  # block 2's chunk: a spare at position 1 of a's slot
+    maps = kv.stats().maps
+    with kv.step():
+        vb = kv.add_request("b", [1, 3], num_cached_tokens=B)  # block 3 evicted by vLLM, fresh for b
+    s = kv.stats()
+    assert s.spare_reuse_bytes == kv.chunk_bytes and s.maps == maps
+    block_bytes(kv, vb[1]).fill_(8)
+    with kv.step():
+        kv.add_request("x", [4])
+        kv.add_request("y", [5])  # no free slot: c's parked slot goes, unmapping block 3's old memory
+        kv.note_tokens("b", 2 * B)  # b's block 3 is full now: the prefix cache will keep it
+    kv.remove_request("b")
+    s = kv.stats()  # blocks 1, 3, 4, 5: 3's old memory, let go by c's parked slot, went to a new block
+    assert s.resident_bytes == 4 * kv.chunk_bytes and s.chunks_created == 4 and s.lingering_bytes == 0
+    vz = kv.add_request("z", [1, 3, 6], num_cached_tokens=2 * B)  # a hit on block 3: its content was kept
+    assert int(block_bytes(kv, vz[1]).min()) == 8
+    kv.close()
+
+
+def test_a_fresh_block_copied_into_this_step_keeps_its_copy_over_a_spare(backend):
+    kv = make(backend, linger=30)
+    with kv.step():
+        va = kv.add_request("a", [1, 2])
+        kv.note_tokens("a", B + 5)
+        block_bytes(kv, va[1]).fill_(5)
+        block_bytes(kv, kv.add_request("s", [4])[0]).fill_(7)
+        kv.add_request("t", [5])
+    kv.remove_request("t")  # outside a step: unmapped, its memory lingers unused (no spare is taken for 6)
+    with kv.step():
+        kv.remove_request("a")  # a spare at position 1 of a's slot, holding 5s
+    with kv.step():
+        kv.copy_blocks([(4, 6)])  # vLLM's copy-on-write of a partial hit into b's fresh block 6
+        vb = kv.add_request("b", [1, 6], num_cached_tokens=B + 3)
+    assert vb == va and int(block_bytes(kv, vb[1]).min()) == 7 == int(block_bytes(kv, vb[1]).max())
+    assert kv.stats().spare_reuse_bytes == 0
+    kv.close()

@@ -137,6 +137,7 @@ class KVSpace:
         self.linger_s = linger_s
         self._adopted = 0  # spares taken over by a new block (a map and an unmap saved each), total
         self._in_step = False
+        self._prepared: set[int] = set()  # blocks zeroed or copied into during this step (their content counts)
         self._prefix_hit_bytes = self._copied_bytes = self._preemptions = self._slot_reuse_bytes = 0
         self.step_seconds = 0.0  # accumulated by the worker around each step's block updates
 
@@ -188,6 +189,7 @@ class KVSpace:
         with self._lock:
             for b in blocks:
                 self.backend.zero_chunk(self._chunk(b), self.chunk_bytes)
+                self._prepared.add(b)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """``(src, dst)`` physical block copies (vLLM's copy-on-write of a partial prefix hit)."""
@@ -198,10 +200,13 @@ class KVSpace:
                 if src not in self._phys:
                     raise KVSpaceError(f"copy from physical block {src}, which holds no content here")
                 self.backend.copy_chunk(self._chunk(dst), self._phys[src], self.chunk_bytes)
+                self._prepared.add(dst)
                 self._copied_bytes += self.chunk_bytes
 
     # -- requests ------------------------------------------------------
-    def _map(self, r: _RequestKV, blocks: list[int]) -> list[int]:
+    def _map(self, r: _RequestKV, blocks: list[int], fresh_from: int = 0) -> list[int]:
+        """Map ``blocks`` after ``r``'s; those from slot position ``fresh_from`` on are fresh (vLLM
+        allocated them for tokens not computed yet: whatever memory they had holds nothing wanted)."""
         start = len(r.chunks)
         if start + len(blocks) > self.blocks_per_slot:
             raise KVSpaceError(
@@ -214,10 +219,16 @@ class KVSpace:
             self._unwanted.discard(b)  # live again
             spare = spares.get(j) if spares else None
             if spare is not None:
-                if b not in self._phys:  # a fresh block: the spare mapped here becomes its memory
+                old = self._phys.get(b)
+                if old is None or (j >= fresh_from and b not in self._prepared):
+                    # A fresh block: the spare mapped here becomes its memory. One that still had
+                    # memory (a block vLLM evicted from its prefix cache and handed out again) lets
+                    # it go instead: the same amount of memory, and nothing mapped or unmapped.
                     self._take_spare(r.slot, j)
                     self._phys[b] = spare
                     self.pool.retain(spare)  # its content reference (the mapping's is held already)
+                    if old is not None:
+                        self.pool.release(old)
                     r.blocks.append(b)
                     r.chunks.append(spare)
                     self._adopted += 1
@@ -258,7 +269,7 @@ class KVSpace:
             self._prefix_hit_bytes += hits * self.chunk_bytes
             kept = len(r.chunks)
             self._slot_reuse_bytes += kept * self.chunk_bytes
-            self._map(r, blocks[kept:])
+            self._map(r, blocks[kept:], fresh_from=hits)
             return [self.virtual_block(r.slot, j) for j in range(len(blocks))]
 
     def _reuse_parked(self, hit_blocks: list[int]) -> _RequestKV | None:
@@ -353,6 +364,7 @@ class KVSpace:
         finally:
             with self._lock:
                 self._in_step = False
+                self._prepared.clear()
                 self._expire_spares()
 
     def flush_spares(self) -> None:
@@ -394,7 +406,8 @@ class KVSpace:
 
     def append_blocks(self, req_id: str, blocks: list[int]) -> list[int]:
         with self._lock:
-            return self._map(self._reqs[req_id], blocks)
+            r = self._reqs[req_id]
+            return self._map(r, blocks, fresh_from=len(r.chunks))
 
     def expect_growth(self, scheduled: dict[str, int]) -> None:
         """Have the chunks ready that the running requests will need if the next step schedules them
