@@ -384,3 +384,30 @@ def test_a_fresh_block_copied_into_this_step_keeps_its_copy_over_a_spare(backend
     assert vb == va and int(block_bytes(kv, vb[1]).min()) == 7 == int(block_bytes(kv, vb[1]).max())
     assert kv.stats().spare_reuse_bytes == 0
     kv.close()
+
+
+def test_a_spare_may_still_be_mapped_by_the_parked_slot_that_once_cached_it(backend):
+    """Once the prefix cache fills the budget, a request's last block is usually a cached block vLLM
+    evicted and handed out again, its chunk still mapped in the parked slot that cached it: it
+    becomes a spare all the same, and the parked slot going later leaves its new owner's data be."""
+    kv = make(backend, linger=30)
+    with kv.step():
+        kv.add_request("c", [3])
+        kv.note_tokens("c", B)
+    with kv.step():
+        kv.remove_request("c")  # parked, mapping block 3's chunk
+    with kv.step():
+        kv.add_request("a", [1, 3])  # vLLM evicted block 3 and gives it to "a" as its (partial) second block
+        kv.note_tokens("a", B + 5)
+    with kv.step():
+        kv.remove_request("a")
+    maps = kv.stats().maps
+    with kv.step():
+        vb = kv.add_request("b", [1, 7], num_cached_tokens=B)
+    assert kv.stats().spare_reuse_bytes == kv.chunk_bytes and kv.stats().maps == maps
+    block_bytes(kv, vb[1]).fill_(6)
+    with kv.step():
+        kv.add_request("x", [4])
+        kv.add_request("y", [5])  # no free slot: c's parked slot goes
+    assert kv.stats().parked_bytes == 0 and int(block_bytes(kv, vb[1]).min()) == 6
+    kv.close()

@@ -294,13 +294,15 @@ class KVSpace:
 
     def _keep_spares(self, r: _RequestKV, keep: int) -> None:
         """Leave ``r``'s trailing blocks from ``keep`` on mapped as spares of its slot where vLLM has
-        freed them (not full blocks the prefix cache may keep) and nothing else maps their chunk."""
+        freed them: not full blocks, which the prefix cache may keep.  A block that is not full is
+        the request's own in vLLM; its chunk may still be mapped in a parked slot that cached it
+        before vLLM evicted it, which only ever matches a request by that chunk's identity."""
         full = r.num_tokens // self.block_size if self.keep_full_blocks else 0
         spares = self._spares.setdefault(r.slot, {})
         while len(r.chunks) > max(keep, full):
             j = len(r.chunks) - 1
             b, c = r.blocks[j], r.chunks[j]
-            if self._phys.get(b) != c or self.pool.refcount(c) != 2 or j in spares:
+            if self._phys.get(b) != c or j in spares:
                 break
             del self._phys[b]
             self.pool.release(c)  # the content reference: vLLM freed the block; the mapping's stays
