@@ -389,7 +389,8 @@ def test_a_fresh_block_copied_into_this_step_keeps_its_copy_over_a_spare(backend
 def test_a_spare_may_still_be_mapped_by_the_parked_slot_that_once_cached_it(backend):
     """Once the prefix cache fills the budget, a request's last block is usually a cached block vLLM
     evicted and handed out again, its chunk still mapped in the parked slot that cached it: it
-    becomes a spare all the same, and the parked slot going later leaves its new owner's data be."""
+    becomes a spare all the same, the parked slot letting go of it (else that memory would be
+    held by no block, past the budget)."""
     kv = make(backend, linger=30)
     with kv.step():
         kv.add_request("c", [3])
@@ -401,7 +402,10 @@ def test_a_spare_may_still_be_mapped_by_the_parked_slot_that_once_cached_it(back
         kv.note_tokens("a", B + 5)
     with kv.step():
         kv.remove_request("a")
-    maps = kv.stats().maps
+    s = kv.stats()
+    assert s.lingering_bytes == kv.chunk_bytes and s.parked_bytes == kv.chunk_bytes  # c's slot let go of it
+    assert s.resident_bytes == 2 * kv.chunk_bytes  # blocks 1 and the spare: no memory without a block
+    maps = s.maps
     with kv.step():
         vb = kv.add_request("b", [1, 7], num_cached_tokens=B)
     assert kv.stats().spare_reuse_bytes == kv.chunk_bytes and kv.stats().maps == maps
@@ -410,4 +414,102 @@ def test_a_spare_may_still_be_mapped_by_the_parked_slot_that_once_cached_it(back
         kv.add_request("x", [4])
         kv.add_request("y", [5])  # no free slot: c's parked slot goes
     assert kv.stats().parked_bytes == 0 and int(block_bytes(kv, vb[1]).min()) == 6
+    kv.close()
+
+
+class _VLLMBlocks:
+    """vLLM's block pool in miniature: prefix-cache hits by the hash of every full block's tokens,
+    free blocks in LRU order (cached ones stay hittable until handed out again), a request's blocks
+    freed last-first so its tail goes first."""
+
+    def __init__(self, n):
+        self.free = list(range(n))
+        self.ref = [0] * n
+        self.hash = [None] * n
+        self.cache = {}
+
+    def allocate(self, tokens):
+        full = [tuple(tokens[: (i + 1) * B]) for i in range(len(tokens) // B)]
+        hits = []
+        for h in full:
+            if h not in self.cache:
+                break
+            hits.append(self.cache[h])
+        need = -(-len(tokens) // B) - len(hits)
+        if need > len([b for b in self.free if b not in hits]):
+            return None
+        for b in hits:
+            if self.ref[b] == 0:
+                self.free.remove(b)
+            self.ref[b] += 1
+        fresh = []
+        for _ in range(need):
+            b = self.free.pop(0)
+            if self.hash[b] is not None:  # evicted from the cache
+                del self.cache[self.hash[b]]
+                self.hash[b] = None
+            self.ref[b] = 1
+            fresh.append(b)
+        return hits + fresh, len(hits)
+
+    def finish(self, tokens, blocks):
+        for i, b in enumerate(blocks):
+            if i < len(tokens) // B and self.hash[b] is None and tuple(tokens[: (i + 1) * B]) not in self.cache:
+                self.hash[b] = tuple(tokens[: (i + 1) * B])
+                self.cache[self.hash[b]] = b
+        for b in reversed(blocks):
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                self.free.append(b)
+
+
+def _marker(tokens, i):
+    return hash(tuple(tokens[: (i + 1) * B])) % 250 + 1
+
+
+@pytest.mark.parametrize("linger", [0.0, 30.0])
+@pytest.mark.parametrize("seed", range(12))
+def test_random_chats_under_vllms_block_pool_stay_in_budget_and_read_their_own_kv(backend, seed, linger):
+    """Conversations that grow turn by turn, scheduled by a miniature vLLM block pool that fills and
+    evicts its prefix cache: every step stays within the budget (no VTensorOutOfMemory), and every
+    request reads, through its own range, the KV its tokens had when written (prefix hits, parked
+    slots, spares taken over, evicted blocks handed out again)."""
+    import random
+
+    rng = random.Random(seed)
+    n_blocks, n_slots = 10, 4
+    kv = make(backend, blocks=n_blocks, slots=n_slots, per_slot=6, linger=linger)
+    pool = _VLLMBlocks(n_blocks)
+    convs = [[rng.randrange(50) for _ in range(rng.randrange(3, 2 * B))] for _ in range(6)]
+    running = {}
+    for step in range(80):
+        with kv.step():
+            for req in [r for r in running if rng.random() < 0.5]:
+                tokens, blocks = running.pop(req)
+                kv.remove_request(req)
+                pool.finish(tokens, blocks)
+            for _ in range(rng.randrange(3)):
+                c = rng.randrange(len(convs))
+                if len(running) == n_slots or any(req.startswith(f"c{c}-") for req in running):
+                    continue
+                tokens = convs[c] = convs[c] + [rng.randrange(50) for _ in range(rng.randrange(1, B + 5))]
+                if len(tokens) > 5 * B:
+                    tokens = convs[c] = tokens[-rng.randrange(3, B):]  # a new conversation in its place
+                got = pool.allocate(tokens)
+                if got is None:
+                    continue
+                blocks, hits = got
+                req = f"c{c}-{step}"
+                virtual = kv.add_request(req, blocks, num_cached_tokens=hits * B)
+                kv.note_tokens(req, len(tokens))
+                for i, v in enumerate(virtual):
+                    if i < hits:
+                        assert int(block_bytes(kv, v).min()) == _marker(tokens, i) == int(block_bytes(kv, v).max())
+                    else:
+                        block_bytes(kv, v).fill_(_marker(tokens, i))
+                running[req] = (tokens, blocks)
+        s = kv.stats()
+        assert s.resident_bytes <= s.budget_bytes and s.running_requests == len(running)
+    for req in running:
+        kv.remove_request(req)
     kv.close()

@@ -170,12 +170,10 @@ class KVSpace:
         chunk = self._phys.get(block)
         if chunk is None:
             # Spares are freed memory: a block that would need new memory takes theirs instead (the
-            # oldest first; never those of the slot being mapped, whose spares are being adopted).
-            while not self.pool.has_unused() or not self.pool.can_acquire(1):
-                others = [slot for slot in self._spares if slot != mapping_into]
-                if not others:
-                    break
-                self._unmap_spares(min(others, key=self._spare_since.__getitem__))
+            # oldest first; last those of the slot being mapped, which it might take over later).
+            while self._spares and (not self.pool.has_unused() or not self.pool.can_acquire(1)):
+                self._unmap_spares(min(self._spares, key=lambda slot: (slot == mapping_into,
+                                                                      self._spare_since[slot])))
             (chunk,) = self.pool.acquire(1)  # the "content" reference
             self._phys[block] = chunk
         return chunk
@@ -223,11 +221,12 @@ class KVSpace:
                 if old is None or (j >= fresh_from and b not in self._prepared):
                     # A fresh block: the spare mapped here becomes its memory. One that still had
                     # memory (a block vLLM evicted from its prefix cache and handed out again) lets
-                    # it go instead: the same amount of memory, and nothing mapped or unmapped.
+                    # it go instead: the same amount of memory, and nothing mapped here.
                     self._take_spare(r.slot, j)
                     self._phys[b] = spare
                     self.pool.retain(spare)  # its content reference (the mapping's is held already)
                     if old is not None:
+                        self._unpark_chunk(old)
                         self.pool.release(old)
                     r.blocks.append(b)
                     r.chunks.append(spare)
@@ -296,7 +295,7 @@ class KVSpace:
         """Leave ``r``'s trailing blocks from ``keep`` on mapped as spares of its slot where vLLM has
         freed them: not full blocks, which the prefix cache may keep.  A block that is not full is
         the request's own in vLLM; its chunk may still be mapped in a parked slot that cached it
-        before vLLM evicted it, which only ever matches a request by that chunk's identity."""
+        before vLLM evicted it, and that mapping goes (:meth:`_unpark_chunk`)."""
         full = r.num_tokens // self.block_size if self.keep_full_blocks else 0
         spares = self._spares.setdefault(r.slot, {})
         while len(r.chunks) > max(keep, full):
@@ -304,6 +303,10 @@ class KVSpace:
             b, c = r.blocks[j], r.chunks[j]
             if self._phys.get(b) != c or j in spares:
                 break
+            if self.pool.refcount(c) > 2:
+                self._unpark_chunk(c)  # a parked slot cached this block before vLLM evicted it
+                if self.pool.refcount(c) > 2:
+                    break
             del self._phys[b]
             self.pool.release(c)  # the content reference: vLLM freed the block; the mapping's stays
             self._unwanted.discard(b)
@@ -405,6 +408,18 @@ class KVSpace:
         p = self._parked.pop(slot)
         self._unmap_tail(p, 0)
         self._free_slots.append(slot)
+
+    def _unpark_chunk(self, chunk: int) -> None:
+        """Trim the parked slots that still map ``chunk`` to just before it.  Called when the
+        chunk stops being its block's memory: a parked slot's mapping would otherwise keep memory
+        that no block accounts for (past vLLM's block count, so past the budget), and no request
+        can match a parked slot beyond a chunk that is no block's."""
+        for slot, p in list(self._parked.items()):
+            if chunk in p.chunks:
+                self._unmap_tail(p, p.chunks.index(chunk))
+                if not p.chunks:
+                    del self._parked[slot]
+                    self._free_slots.append(slot)
 
     def append_blocks(self, req_id: str, blocks: list[int]) -> list[int]:
         with self._lock:
