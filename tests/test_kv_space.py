@@ -246,177 +246,7 @@ def test_growth_expected_from_this_step_is_made_ready_beside_the_compute(backend
     kv.close()
 
 
-# ---- spares: a finished request's freed last block lingers where it was mapped, for the next request ----
-def test_next_call_takes_over_the_finished_requests_last_block_in_place(backend):
-    kv = make(backend, linger=30)
-    with kv.step():
-        va = kv.add_request("a", [1, 2])
-        kv.note_tokens("a", B + 5)  # block 1 full (the prefix cache keeps it), block 2 partial
-    with kv.step():
-        kv.remove_request("a")  # block 2 freed by vLLM: left mapped as a spare of the slot
-    assert kv.stats().lingering_bytes == kv.chunk_bytes  # freed memory kept for reuse, as lingering chunks are
-    with kv.step():  # a later step (vLLM tells the worker about finished requests in a step of their own)
-        vb = kv.add_request("b", [1, 7], num_cached_tokens=B)  # a's slot again; fresh block 7 at position 1
-    assert vb == va
-    s = kv.stats()
-    assert s.maps == 2 and s.unmaps == 0  # nothing mapped or unmapped for the new block
-    assert s.spare_reuse_bytes == kv.chunk_bytes and s.resident_bytes == 2 * kv.chunk_bytes
-    assert s.mapped_bytes == 2 * kv.chunk_bytes and s.running_requests == 1 and s.lingering_bytes == 0
-    block_bytes(kv, vb[1]).fill_(3)  # block 7's memory is really mapped there
-    kv.remove_request("b")  # outside a step: unmapped at once, as before
-    kv.reset_cache()
-    kv.pool.trim()
-    assert kv.stats().resident_bytes == 0 == backend.resident_bytes()
-    kv.close()
-
-
-def test_spares_nobody_takes_are_unmapped_and_given_back_after_lingering(backend):
-    released = []
-    kv = KVSpace(backend, num_blocks=8, num_slots=3, blocks_per_slot=4, block_bytes=PAGE, block_size=B,
-                 keep_full_blocks=False, linger_s=0.3, on_release=lambda k: released.append(k.stats()))
-    with kv.step():
-        kv.add_request("a", [1, 2])
-        kv.note_tokens("a", B + 5)
-    with kv.step():
-        kv.remove_request("a")
-    s = kv.stats()
-    assert s.resident_bytes == s.lingering_bytes == 2 * kv.chunk_bytes and s.mapped_bytes == 0  # still mapped
-    import time
-
-    deadline = time.monotonic() + 5  # no step comes: the spares' own timer gives them back
-    while not released and time.monotonic() < deadline:
-        time.sleep(0.05)
-    s = kv.stats()
-    assert released and s.resident_bytes == 0 == backend.resident_bytes() and s.lingering_bytes == 0
-    assert s.maps == s.unmaps == 2 and s.spare_reuse_bytes == 0 and int(kv.as_tensor().count_nonzero()) == 0
-    kv.close()
-
-
-def test_a_block_needing_memory_takes_a_spares_instead_of_making_more(backend):
-    kv = make(backend, keep=False, linger=30)
-    with kv.step():
-        va = kv.add_request("a", [1])
-        block_bytes(kv, va[0]).fill_(4)
-        kv.note_tokens("a", 3)
-        kv.add_request("c", [3])
-    with kv.step():
-        kv.remove_request("a")  # a spare in a's slot
-    with kv.step():
-        vc = kv.append_blocks("c", [2])  # no unused chunk is ready: a's spare is unmapped and its memory used
-    s = kv.stats()
-    assert s.chunks_created == 2 and s.resident_bytes == 2 * kv.chunk_bytes and s.lingering_bytes == 0
-    assert int(block_bytes(kv, va[0]).count_nonzero()) == 0 and int(block_bytes(kv, vc[0]).min()) == 4
-    kv.close()
-
-
-def test_a_spare_gives_way_to_a_block_with_content_or_to_memory_needed_elsewhere(backend):
-    kv = make(backend, blocks=3, linger=30)
-    with kv.step():
-        kv.add_request("c", [3])
-        kv.note_tokens("c", B)
-        block_bytes(kv, kv.add_request("a", [1, 2])[1]).fill_(2)
-        kv.note_tokens("a", B + 5)
-    with kv.step():
-        kv.remove_request("c")  # block 3 stays cached
-        kv.remove_request("a")  # block 2's chunk: a spare at position 1 of a's slot
-        v = kv.add_request("b", [1, 3], num_cached_tokens=2 * B)  # position 1 is a hit on block 3 instead
-        assert int(block_bytes(kv, v[1]).count_nonzero()) == 0  # block 3's content (never written), not a's
-        assert kv.stats().spare_reuse_bytes == 0
-    with kv.step():
-        vx = kv.add_request("x", [0])
-        block_bytes(kv, vx[0]).fill_(9)
-        kv.note_tokens("x", 3)
-    with kv.step():
-        kv.remove_request("x")  # block 0's chunk: a spare of x's slot, and the budget's last chunk
-        kv.append_blocks("b", [0])  # b needs a chunk: the spare is unmapped for it
-        assert int(block_bytes(kv, vx[0]).count_nonzero()) == 0
-    s = kv.stats()
-    assert s.resident_bytes == 3 * kv.chunk_bytes and s.mapped_bytes == 3 * kv.chunk_bytes
-    assert s.maps - s.unmaps == 3 + 1  # b's 3 blocks, plus "c"'s parked slot still mapping block 3
-    kv.close()
-
-
-def test_a_block_handed_out_again_with_memory_of_its_own_takes_the_spare_and_lets_that_go(backend):
-    """vLLM evicts a cached block and hands it out as a fresh one: it takes over the spare in place
-    and its old memory goes (still mapped in the parked slot that cached it until that slot goes,
-    which must not then forget the block's new memory)."""
-    kv = make(backend, linger=30)
-    with kv.step():
-        kv.add_request("c", [3])
-        kv.note_tokens("c", B)
-        kv.add_request("a", [1, 2])
-        kv.note_tokens("a", B + 5)
-    with kv.step():
-        kv.remove_request("c")  # block 3 cached; c's slot parked, mapping it
-        kv.remove_request("a")  # block 2's chunk: a spare at position 1 of a's slot
-    maps = kv.stats().maps
-    with kv.step():
-        vb = kv.add_request("b", [1, 3], num_cached_tokens=B)  # block 3 evicted by vLLM, fresh for b
-    s = kv.stats()
-    assert s.spare_reuse_bytes == kv.chunk_bytes and s.maps == maps
-    block_bytes(kv, vb[1]).fill_(8)
-    with kv.step():
-        kv.add_request("x", [4])
-        kv.add_request("y", [5])  # no free slot: c's parked slot goes, unmapping block 3's old memory
-        kv.note_tokens("b", 2 * B)  # b's block 3 is full now: the prefix cache will keep it
-    kv.remove_request("b")
-    s = kv.stats()  # blocks 1, 3, 4, 5: 3's old memory, let go by c's parked slot, went to a new block
-    assert s.resident_bytes == 4 * kv.chunk_bytes and s.chunks_created == 4 and s.lingering_bytes == 0
-    vz = kv.add_request("z", [1, 3, 6], num_cached_tokens=2 * B)  # a hit on block 3: its content was kept
-    assert int(block_bytes(kv, vz[1]).min()) == 8
-    kv.close()
-
-
-def test_a_fresh_block_copied_into_this_step_keeps_its_copy_over_a_spare(backend):
-    kv = make(backend, linger=30)
-    with kv.step():
-        va = kv.add_request("a", [1, 2])
-        kv.note_tokens("a", B + 5)
-        block_bytes(kv, va[1]).fill_(5)
-        block_bytes(kv, kv.add_request("s", [4])[0]).fill_(7)
-        kv.add_request("t", [5])
-    kv.remove_request("t")  # outside a step: unmapped, its memory lingers unused (no spare is taken for 6)
-    with kv.step():
-        kv.remove_request("a")  # a spare at position 1 of a's slot, holding 5s
-    with kv.step():
-        kv.copy_blocks([(4, 6)])  # vLLM's copy-on-write of a partial hit into b's fresh block 6
-        vb = kv.add_request("b", [1, 6], num_cached_tokens=B + 3)
-    assert vb == va and int(block_bytes(kv, vb[1]).min()) == 7 == int(block_bytes(kv, vb[1]).max())
-    assert kv.stats().spare_reuse_bytes == 0
-    kv.close()
-
-
-def test_a_spare_may_still_be_mapped_by_the_parked_slot_that_once_cached_it(backend):
-    """Once the prefix cache fills the budget, a request's last block is usually a cached block vLLM
-    evicted and handed out again, its chunk still mapped in the parked slot that cached it: it
-    becomes a spare all the same, the parked slot letting go of it (else that memory would be
-    held by no block, past the budget)."""
-    kv = make(backend, linger=30)
-    with kv.step():
-        kv.add_request("c", [3])
-        kv.note_tokens("c", B)
-    with kv.step():
-        kv.remove_request("c")  # parked, mapping block 3's chunk
-    with kv.step():
-        kv.add_request("a", [1, 3])  # vLLM evicted block 3 and gives it to "a" as its (partial) second block
-        kv.note_tokens("a", B + 5)
-    with kv.step():
-        kv.remove_request("a")
-    s = kv.stats()
-    assert s.lingering_bytes == kv.chunk_bytes and s.parked_bytes == kv.chunk_bytes  # c's slot let go of it
-    assert s.resident_bytes == 2 * kv.chunk_bytes  # blocks 1 and the spare: no memory without a block
-    maps = s.maps
-    with kv.step():
-        vb = kv.add_request("b", [1, 7], num_cached_tokens=B)
-    assert kv.stats().spare_reuse_bytes == kv.chunk_bytes and kv.stats().maps == maps
-    block_bytes(kv, vb[1]).fill_(6)
-    with kv.step():
-        kv.add_request("x", [4])
-        kv.add_request("y", [5])  # no free slot: c's parked slot goes
-    assert kv.stats().parked_bytes == 0 and int(block_bytes(kv, vb[1]).min()) == 6
-    kv.close()
-
-
+# ---- vLLM-like scheduling, randomized ----
 class _VLLMBlocks:
     """vLLM's block pool in miniature: prefix-cache hits by the hash of every full block's tokens,
     free blocks in LRU order (cached ones stay hittable until handed out again), a request's blocks
@@ -473,7 +303,7 @@ def test_random_chats_under_vllms_block_pool_stay_in_budget_and_read_their_own_k
     """Conversations that grow turn by turn, scheduled by a miniature vLLM block pool that fills and
     evicts its prefix cache: every step stays within the budget (no VTensorOutOfMemory), and every
     request reads, through its own range, the KV its tokens had when written (prefix hits, parked
-    slots, spares taken over, evicted blocks handed out again)."""
+    slots, evicted blocks handed out again)."""
     import random
 
     rng = random.Random(seed)
@@ -483,31 +313,30 @@ def test_random_chats_under_vllms_block_pool_stay_in_budget_and_read_their_own_k
     convs = [[rng.randrange(50) for _ in range(rng.randrange(3, 2 * B))] for _ in range(6)]
     running = {}
     for step in range(80):
-        with kv.step():
-            for req in [r for r in running if rng.random() < 0.5]:
-                tokens, blocks = running.pop(req)
-                kv.remove_request(req)
-                pool.finish(tokens, blocks)
-            for _ in range(rng.randrange(3)):
-                c = rng.randrange(len(convs))
-                if len(running) == n_slots or any(req.startswith(f"c{c}-") for req in running):
-                    continue
-                tokens = convs[c] = convs[c] + [rng.randrange(50) for _ in range(rng.randrange(1, B + 5))]
-                if len(tokens) > 5 * B:
-                    tokens = convs[c] = tokens[-rng.randrange(3, B):]  # a new conversation in its place
-                got = pool.allocate(tokens)
-                if got is None:
-                    continue
-                blocks, hits = got
-                req = f"c{c}-{step}"
-                virtual = kv.add_request(req, blocks, num_cached_tokens=hits * B)
-                kv.note_tokens(req, len(tokens))
-                for i, v in enumerate(virtual):
-                    if i < hits:
-                        assert int(block_bytes(kv, v).min()) == _marker(tokens, i) == int(block_bytes(kv, v).max())
-                    else:
-                        block_bytes(kv, v).fill_(_marker(tokens, i))
-                running[req] = (tokens, blocks)
+        for req in [r for r in running if rng.random() < 0.5]:
+            tokens, blocks = running.pop(req)
+            kv.remove_request(req)
+            pool.finish(tokens, blocks)
+        for _ in range(rng.randrange(3)):
+            c = rng.randrange(len(convs))
+            if len(running) == n_slots or any(req.startswith(f"c{c}-") for req in running):
+                continue
+            tokens = convs[c] = convs[c] + [rng.randrange(50) for _ in range(rng.randrange(1, B + 5))]
+            if len(tokens) > 5 * B:
+                tokens = convs[c] = tokens[-rng.randrange(3, B):]  # a new conversation in its place
+            got = pool.allocate(tokens)
+            if got is None:
+                continue
+            blocks, hits = got
+            req = f"c{c}-{step}"
+            virtual = kv.add_request(req, blocks, num_cached_tokens=hits * B)
+            kv.note_tokens(req, len(tokens))
+            for i, v in enumerate(virtual):
+                if i < hits:
+                    assert int(block_bytes(kv, v).min()) == _marker(tokens, i) == int(block_bytes(kv, v).max())
+                else:
+                    block_bytes(kv, v).fill_(_marker(tokens, i))
+            running[req] = (tokens, blocks)
         s = kv.stats()
         assert s.resident_bytes <= s.budget_bytes and s.running_requests == len(running)
     for req in running:

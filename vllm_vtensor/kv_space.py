@@ -28,32 +28,19 @@ mapped (those the prefix cache keeps anyway, so parking holds no extra
 memory).  A later request whose prefix hits the same blocks - the next turn of
 a chat, or the same prompt again - gets that slot back and maps only what
 differs; a slot is taken from the parked ones (least recently parked first)
-only when no slot is free.
-
-A request finished during a step's block updates (:meth:`step`) leaves its
-trailing blocks that vLLM freed (its partly filled last block, say) mapped in
-its slot as *spares*: freed memory that lingers where it was mapped.  A
-request that later takes the slot - the next call of the same conversation,
-or any new request in a slot just freed - adopts a spare at the same position
-for its own new block, so neither an unmap nor a map is done for it.  Spares
-are unmapped once they are ``linger_s`` old (at once without lingering), or
-as soon as a block needs memory and no unused chunk is ready (so they never
-make the footprint grow).  Pure bookkeeping: no torch or
+only when no slot is free.  Pure bookkeeping: no torch or
 vLLM imports here beyond the backend.  Thread-safe: the pool's reaper thread
 reads the figures while the worker updates them.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
-import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .pool import ChunkPool
-from .threads import move_off_compute_cores
 from .vmm.base import VMMBackend
 
 
@@ -89,7 +76,6 @@ class KVSpaceStats:
     parked_bytes: int  # mappings kept in the slots of finished requests for reuse (no memory of their own)
     slot_reuse_bytes: int  # prefix bytes a new request found already mapped in a parked slot (total)
     chunks_created: int  # physical chunks created (first use of memory), total
-    spare_reuse_bytes: int  # new blocks that took over a finished request's block still mapped in place (total)
     step_seconds: float  # time the worker spent applying block decisions before steps, total
 
 
@@ -131,13 +117,6 @@ class KVSpace:
         self._reqs: dict[str, _RequestKV] = {}
         self._parked: OrderedDict[int, _RequestKV] = OrderedDict()  # slot -> kept mappings, oldest first
         self._unwanted: set[int] = set()  # blocks whose memory goes back once nothing maps them
-        self._spares: dict[int, dict[int, int]] = {}  # slot -> {position: chunk} freed but left mapped
-        self._spare_since: dict[int, float] = {}  # slot -> when its spares were left
-        self._spare_timer: threading.Timer | None = None
-        self.linger_s = linger_s
-        self._adopted = 0  # spares taken over by a new block (a map and an unmap saved each), total
-        self._in_step = False
-        self._prepared: set[int] = set()  # blocks zeroed or copied into during this step (their content counts)
         self._prefix_hit_bytes = self._copied_bytes = self._preemptions = self._slot_reuse_bytes = 0
         self.step_seconds = 0.0  # accumulated by the worker around each step's block updates
 
@@ -166,14 +145,9 @@ class KVSpace:
         return self.range.addr + r.slot * self.blocks_per_slot * self.chunk_bytes, len(r.chunks) * self.chunk_bytes
 
     # -- physical blocks -----------------------------------------------
-    def _chunk(self, block: int, mapping_into: int | None = None) -> int:
+    def _chunk(self, block: int) -> int:
         chunk = self._phys.get(block)
         if chunk is None:
-            # Spares are freed memory: a block that would need new memory takes theirs instead (the
-            # oldest first; last those of the slot being mapped, which it might take over later).
-            while self._spares and (not self.pool.has_unused() or not self.pool.can_acquire(1)):
-                self._unmap_spares(min(self._spares, key=lambda slot: (slot == mapping_into,
-                                                                      self._spare_since[slot])))
             (chunk,) = self.pool.acquire(1)  # the "content" reference
             self._phys[block] = chunk
         return chunk
@@ -187,7 +161,6 @@ class KVSpace:
         with self._lock:
             for b in blocks:
                 self.backend.zero_chunk(self._chunk(b), self.chunk_bytes)
-                self._prepared.add(b)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """``(src, dst)`` physical block copies (vLLM's copy-on-write of a partial prefix hit)."""
@@ -198,48 +171,24 @@ class KVSpace:
                 if src not in self._phys:
                     raise KVSpaceError(f"copy from physical block {src}, which holds no content here")
                 self.backend.copy_chunk(self._chunk(dst), self._phys[src], self.chunk_bytes)
-                self._prepared.add(dst)
                 self._copied_bytes += self.chunk_bytes
 
     # -- requests ------------------------------------------------------
-    def _map(self, r: _RequestKV, blocks: list[int], fresh_from: int = 0) -> list[int]:
-        """Map ``blocks`` after ``r``'s; those from slot position ``fresh_from`` on are fresh (vLLM
-        allocated them for tokens not computed yet: whatever memory they had holds nothing wanted)."""
+    def _map(self, r: _RequestKV, blocks: list[int]) -> list[int]:
         start = len(r.chunks)
         if start + len(blocks) > self.blocks_per_slot:
             raise KVSpaceError(
                 f"a request needs {start + len(blocks)} blocks but a slot holds {self.blocks_per_slot}; "
                 "raise max_model_len so the vTensor slots are sized for it"
             )
-        spares = self._spares.get(r.slot)
-        mapped = 0
         for j, b in enumerate(blocks, start=start):
             self._unwanted.discard(b)  # live again
-            spare = spares.get(j) if spares else None
-            if spare is not None:
-                old = self._phys.get(b)
-                if old is None or (j >= fresh_from and b not in self._prepared):
-                    # A fresh block: the spare mapped here becomes its memory. One that still had
-                    # memory (a block vLLM evicted from its prefix cache and handed out again) lets
-                    # it go instead: the same amount of memory, and nothing mapped here.
-                    self._take_spare(r.slot, j)
-                    self._phys[b] = spare
-                    self.pool.retain(spare)  # its content reference (the mapping's is held already)
-                    if old is not None:
-                        self._unpark_chunk(old)
-                        self.pool.release(old)
-                    r.blocks.append(b)
-                    r.chunks.append(spare)
-                    self._adopted += 1
-                    continue
-                self._unmap_spares(r.slot, [j])  # b has content elsewhere: map that instead
-            chunk = self._chunk(b, mapping_into=r.slot)
+            chunk = self._chunk(b)
             self.pool.retain(chunk)
             self.backend.map(self.range, self.virtual_block(r.slot, j) * self.chunk_bytes, chunk, self.chunk_bytes)
             r.blocks.append(b)
             r.chunks.append(chunk)
-            mapped += 1
-        self.pool.note_maps(maps=mapped)
+        self.pool.note_maps(maps=len(blocks))
         return [self.virtual_block(r.slot, j) for j in range(start, start + len(blocks))]
 
     def add_request(self, req_id: str, blocks: list[int], num_cached_tokens: int = 0) -> list[int]:
@@ -268,7 +217,7 @@ class KVSpace:
             self._prefix_hit_bytes += hits * self.chunk_bytes
             kept = len(r.chunks)
             self._slot_reuse_bytes += kept * self.chunk_bytes
-            self._map(r, blocks[kept:], fresh_from=hits)
+            self._map(r, blocks[kept:])
             return [self.virtual_block(r.slot, j) for j in range(len(blocks))]
 
     def _reuse_parked(self, hit_blocks: list[int]) -> _RequestKV | None:
@@ -290,93 +239,6 @@ class KVSpace:
         p = self._parked.pop(best)
         self._unmap_tail(p, best_n)
         return p
-
-    def _keep_spares(self, r: _RequestKV, keep: int) -> None:
-        """Leave ``r``'s trailing blocks from ``keep`` on mapped as spares of its slot where vLLM has
-        freed them: not full blocks, which the prefix cache may keep.  A block that is not full is
-        the request's own in vLLM; its chunk may still be mapped in a parked slot that cached it
-        before vLLM evicted it, and that mapping goes (:meth:`_unpark_chunk`)."""
-        full = r.num_tokens // self.block_size if self.keep_full_blocks else 0
-        spares = self._spares.setdefault(r.slot, {})
-        while len(r.chunks) > max(keep, full):
-            j = len(r.chunks) - 1
-            b, c = r.blocks[j], r.chunks[j]
-            if self._phys.get(b) != c or j in spares:
-                break
-            if self.pool.refcount(c) > 2:
-                self._unpark_chunk(c)  # a parked slot cached this block before vLLM evicted it
-                if self.pool.refcount(c) > 2:
-                    break
-            del self._phys[b]
-            self.pool.release(c)  # the content reference: vLLM freed the block; the mapping's stays
-            self._unwanted.discard(b)
-            spares[j] = c
-            r.blocks.pop()
-            r.chunks.pop()
-        if spares:
-            self._spare_since[r.slot] = time.monotonic()
-        else:
-            del self._spares[r.slot]
-
-    def _take_spare(self, slot: int, j: int) -> int:
-        spares = self._spares[slot]
-        chunk = spares.pop(j)
-        if not spares:
-            del self._spares[slot], self._spare_since[slot]
-        return chunk
-
-    def _unmap_spares(self, slot: int, positions: list[int] | None = None, *, linger: bool = True) -> None:
-        """Unmap ``slot``'s spares (at ``positions``, else all) and release their chunks (to the
-        pool's lingering ones, or straight back to the system when they have lingered already)."""
-        positions = list(self._spares[slot]) if positions is None else positions
-        self.backend.synchronize()
-        for j in positions:
-            chunk = self._take_spare(slot, j)
-            self.backend.unmap(self.range, self.virtual_block(slot, j) * self.chunk_bytes, self.chunk_bytes)
-            self.pool.release(chunk, linger=linger)
-        self.pool.note_maps(unmaps=len(positions))
-
-    def _expire_spares(self) -> bool:
-        """Unmap the spares that have lingered ``linger_s``; arm a timer for the others (the engine
-        may be idle: no step would come to do it).  Whether any were unmapped."""
-        now = time.monotonic()
-        old = [slot for slot, t in self._spare_since.items() if now - t >= self.linger_s]
-        for slot in old:
-            self._unmap_spares(slot, linger=False)
-        if self._spares and self._spare_timer is None:
-            wait = self.linger_s - (now - min(self._spare_since.values()))
-            self._spare_timer = threading.Timer(max(wait, 0.0) + 0.01, self._on_spare_timer)
-            self._spare_timer.daemon = True
-            self._spare_timer.start()
-        return bool(old)
-
-    def _on_spare_timer(self) -> None:
-        move_off_compute_cores()
-        with self._lock:
-            self._spare_timer = None
-            expired = self._expire_spares()
-        if expired:
-            self._released()
-
-    @contextlib.contextmanager
-    def step(self):
-        """One step's block updates (removals first, then new and growing requests): requests
-        finished inside leave their freed trailing blocks mapped as spares (module doc)."""
-        with self._lock:
-            self._in_step = True
-        try:
-            yield self
-        finally:
-            with self._lock:
-                self._in_step = False
-                self._prepared.clear()
-                self._expire_spares()
-
-    def flush_spares(self) -> None:
-        """Unmap every spare now, their memory going straight back to the system."""
-        with self._lock:
-            for slot in list(self._spares):
-                self._unmap_spares(slot, linger=False)
 
     def _unmap_tail(self, r: _RequestKV, keep: int) -> None:
         """Unmap ``r``'s blocks from position ``keep`` on and drop the references they held."""
@@ -409,22 +271,9 @@ class KVSpace:
         self._unmap_tail(p, 0)
         self._free_slots.append(slot)
 
-    def _unpark_chunk(self, chunk: int) -> None:
-        """Trim the parked slots that still map ``chunk`` to just before it.  Called when the
-        chunk stops being its block's memory: a parked slot's mapping would otherwise keep memory
-        that no block accounts for (past vLLM's block count, so past the budget), and no request
-        can match a parked slot beyond a chunk that is no block's."""
-        for slot, p in list(self._parked.items()):
-            if chunk in p.chunks:
-                self._unmap_tail(p, p.chunks.index(chunk))
-                if not p.chunks:
-                    del self._parked[slot]
-                    self._free_slots.append(slot)
-
     def append_blocks(self, req_id: str, blocks: list[int]) -> list[int]:
         with self._lock:
-            r = self._reqs[req_id]
-            return self._map(r, blocks, fresh_from=len(r.chunks))
+            return self._map(self._reqs[req_id], blocks)
 
     def expect_growth(self, scheduled: dict[str, int]) -> None:
         """Have the chunks ready that the running requests will need if the next step schedules them
@@ -462,8 +311,6 @@ class KVSpace:
                 full = min(r.num_tokens // self.block_size, len(r.chunks))
                 while keep < full and self._phys.get(r.blocks[keep]) == r.chunks[keep]:
                     keep += 1
-            if self._in_step and self.linger_s > 0:
-                self._keep_spares(r, keep)
             self._unmap_tail(r, keep)
             if keep:
                 r.num_tokens = keep * self.block_size
@@ -474,7 +321,6 @@ class KVSpace:
     def reset_cache(self) -> None:
         """Give back every block that only the prefix cache was holding (parked slots let go first)."""
         with self._lock:
-            self.flush_spares()
             for slot in list(self._parked):
                 self._evict_parked(slot)
             mapped = {c for r in self._reqs.values() for c in r.chunks}
@@ -494,7 +340,7 @@ class KVSpace:
                 mapped_bytes=sum(len(r.chunks) for r in self._reqs.values()) * self.chunk_bytes,
                 shared_bytes=sum(1 for n in per_chunk.values() if n > 1) * self.chunk_bytes,
                 cached_bytes=cached * self.chunk_bytes,
-                lingering_bytes=(p.chunks_lingering + sum(map(len, self._spares.values()))) * self.chunk_bytes,
+                lingering_bytes=p.chunks_lingering * self.chunk_bytes,
                 reserve_bytes=p.chunks_cached * self.chunk_bytes,
                 prefix_hit_bytes=self._prefix_hit_bytes,
                 copied_bytes=self._copied_bytes,
@@ -506,14 +352,10 @@ class KVSpace:
                 parked_bytes=sum(len(r.chunks) for r in self._parked.values()) * self.chunk_bytes,
                 slot_reuse_bytes=self._slot_reuse_bytes,
                 chunks_created=p.chunks_created,
-                spare_reuse_bytes=self._adopted * self.chunk_bytes,
                 step_seconds=self.step_seconds,
             )
 
     def close(self) -> None:
-        with self._lock:
-            if self._spare_timer is not None:
-                self._spare_timer.cancel()
         for req_id in list(self._reqs):
             self.remove_request(req_id)
         self.reset_cache()

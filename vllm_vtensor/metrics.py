@@ -30,8 +30,6 @@ GAUGES = {
     "vllm_vtensor_parked_bytes": ("parked_bytes", "KV bytes left mapped in finished requests' slots for reuse"),
     "vllm_vtensor_slot_reuse_bytes": ("slot_reuse_bytes",
                                       "Prefix bytes new requests found already mapped in a reused slot (cumulative)"),
-    "vllm_vtensor_spare_reuse_bytes": ("spare_reuse_bytes", "New blocks' bytes that took over a finished "
-                                       "request's freed block still mapped in the same place (cumulative)"),
     "vllm_vtensor_map_operations": ("maps", "Chunk map operations (cumulative)"),
     "vllm_vtensor_unmap_operations": ("unmaps", "Chunk unmap operations (cumulative)"),
     "vllm_vtensor_preemptions": ("preemptions", "Requests unmapped by preemption (cumulative)"),

@@ -144,11 +144,6 @@ class ChunkPool:
     def can_acquire(self, n: int) -> bool:
         return n <= self.num_free_chunks()
 
-    def has_unused(self) -> bool:
-        """Whether a created, unused chunk is ready (cached or lingering): acquiring one makes no memory."""
-        with self._lock:
-            return bool(self._cache or self._lingering)
-
     def acquire(self, n: int = 1) -> list[int]:
         """``n`` chunks with refcount 1 each, all or none."""
         with self._lock:
@@ -207,9 +202,7 @@ class ChunkPool:
             assert self._ref[chunk] >= 1, "retain of a chunk that is not in use"
             self._ref[chunk] += 1
 
-    def release(self, chunk: int, linger: bool = True) -> None:
-        """Drop a reference; the last one returns the chunk to the cache, else lets it linger
-        (unless ``linger`` is false: it has been kept unused long enough already), else frees it."""
+    def release(self, chunk: int) -> None:
         with self._lock:
             left = self._ref[chunk] - 1
             if left:
@@ -219,7 +212,7 @@ class ChunkPool:
             if len(self._cache) < self._target() and not self._closed:
                 self._cache.append(chunk)
                 return
-            if linger and self.linger_s > 0 and not self._closed:
+            if self.linger_s > 0 and not self._closed:
                 self._lingering[chunk] = time.monotonic()
                 self._lock.notify_all()
                 return

@@ -150,32 +150,31 @@ def translate_scheduler_output(kv: KVSpace, so) -> None:
     """Apply the scheduler's block decisions to ``kv`` and make ``so``'s block ids virtual."""
     t0 = time.perf_counter()
     membership_changed = bool(so.finished_req_ids or so.preempted_req_ids or so.scheduled_new_reqs)
-    with kv.step():  # a finished request's freed last block can be taken over by a new one
-        for req_id in so.finished_req_ids:
-            kv.remove_request(req_id)
-        for req_id in so.preempted_req_ids or ():
-            kv.remove_request(req_id, preempted=True)
-        if so.new_block_ids_to_zero:
-            kv.zero_blocks(so.new_block_ids_to_zero)
-            so.new_block_ids_to_zero = None  # done on the physical chunks; the runner would index virtual ids
-        if so.kv_cache_block_copies:
-            kv.copy_blocks([(c.src_block_id, c.dst_block_id) for c in so.kv_cache_block_copies])
-            so.kv_cache_block_copies = None
-        scheduled = so.num_scheduled_tokens
-        for new in so.scheduled_new_reqs:
-            (blocks,) = new.block_ids
-            new.block_ids = (kv.add_request(new.req_id, blocks, new.num_computed_tokens),)
-            kv.note_tokens(new.req_id, new.num_computed_tokens + scheduled.get(new.req_id, 0))
-        cached = so.scheduled_cached_reqs
-        for i, req_id in enumerate(cached.req_ids):
-            new_blocks = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids:
-                (blocks,) = new_blocks
-                cached.new_block_ids[i] = (kv.add_request(req_id, blocks, cached.num_computed_tokens[i]),)
-            elif new_blocks is not None:
-                (blocks,) = new_blocks
-                cached.new_block_ids[i] = (kv.append_blocks(req_id, blocks),)
-            kv.note_tokens(req_id, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
+    for req_id in so.finished_req_ids:
+        kv.remove_request(req_id)
+    for req_id in so.preempted_req_ids or ():
+        kv.remove_request(req_id, preempted=True)
+    if so.new_block_ids_to_zero:
+        kv.zero_blocks(so.new_block_ids_to_zero)
+        so.new_block_ids_to_zero = None  # done on the physical chunks; the runner would index virtual ids
+    if so.kv_cache_block_copies:
+        kv.copy_blocks([(c.src_block_id, c.dst_block_id) for c in so.kv_cache_block_copies])
+        so.kv_cache_block_copies = None
+    scheduled = so.num_scheduled_tokens
+    for new in so.scheduled_new_reqs:
+        (blocks,) = new.block_ids
+        new.block_ids = (kv.add_request(new.req_id, blocks, new.num_computed_tokens),)
+        kv.note_tokens(new.req_id, new.num_computed_tokens + scheduled.get(new.req_id, 0))
+    cached = so.scheduled_cached_reqs
+    for i, req_id in enumerate(cached.req_ids):
+        new_blocks = cached.new_block_ids[i]
+        if req_id in cached.resumed_req_ids:
+            (blocks,) = new_blocks
+            cached.new_block_ids[i] = (kv.add_request(req_id, blocks, cached.num_computed_tokens[i]),)
+        elif new_blocks is not None:
+            (blocks,) = new_blocks
+            cached.new_block_ids[i] = (kv.append_blocks(req_id, blocks),)
+        kv.note_tokens(req_id, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
     kv.expect_growth(scheduled)  # blocks the next step will likely need, made while this one computes
     kv.step_seconds += time.perf_counter() - t0
     vt_stats.publish(kv, force=membership_changed or bool(cached.resumed_req_ids))
