@@ -250,3 +250,51 @@ def test_host_unmapping_many_chunks_at_once_keeps_each_ones_contents():
         b.release_chunk(h)
     assert _memfd_mappings(b) == 0
     b.close()
+
+
+_RACE = r"""
+import ctypes, threading
+from vllm_vtensor.vmm.host import HostBackend, _load_libc
+libc = _load_libc()
+b = HostBackend()
+g = 16 * b.granularity
+n = 8
+vr = b.reserve(n * g)
+chunks = [b.create_chunk(g) for _ in range(n)]
+stop, bad = threading.Event(), []
+
+def other_thread():  # any thread of the process may mmap at any time (malloc, torch, ZMQ...)
+    held = []
+    while not stop.is_set():
+        addr = libc.mmap(None, g, 3, 0x02 | 0x20, -1, 0)
+        ctypes.memset(addr + g - 1, 5, 1)
+        held.append(addr)
+        if len(held) == 256:  # held a while, so that new ones need new places
+            for a in held:
+                if ctypes.string_at(a + g - 1, 1) != b"\x05":
+                    bad.append(a)
+                libc.munmap(a, g)
+            held.clear()
+
+t = threading.Thread(target=other_thread)
+t.start()
+for _ in range(1500):
+    for i, h in enumerate(chunks):
+        b.map(vr, i * g, h, g)
+    b.unmap(vr, 0, n * g)
+stop.set()
+t.join()
+assert not bad and int(b.as_tensor(vr.addr, vr.size).count_nonzero()) == 0 and b.moves >= 1500 * n
+print("OK")
+"""
+
+
+def test_host_unmapping_never_leaves_a_hole_another_threads_mmap_could_fall_into():
+    """Chunks moving out of a range must not leave it unmapped even for an instant: another thread's
+    mmap could be placed there and then be overlaid by the range's read-only reserve (it then
+    crashes on its next write). Run in a child process, which such a crash would kill."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _RACE], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "OK", (r.returncode, r.stderr[-2000:])

@@ -16,7 +16,11 @@
   then *moves* that mapping there with ``mremap`` (page tables move, nothing is
   refilled: ~0.03 ms), and unmapping moves it back out, ready for the next
   map.  A chunk mapped at a second address at once (a shared prefix) gets a
-  fresh populated mapping there.
+  fresh populated mapping there.  Moving out uses ``MREMAP_DONTUNMAP`` (Linux
+  5.13+ for shared mappings), so the range never has a hole, not even for an
+  instant, where another thread's ``mmap`` could land and then be overlaid;
+  where the kernel refuses it, chunks are not moved out (unmapping overlays
+  them, as without staging).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ PROT_READ, PROT_WRITE = 0x1, 0x2
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 MAP_NORESERVE, MAP_POPULATE = 0x4000, 0x8000
 MADV_DONTFORK = 10
-MREMAP_MAYMOVE, MREMAP_FIXED = 0x1, 0x2
+MREMAP_MAYMOVE, MREMAP_FIXED, MREMAP_DONTUNMAP = 0x1, 0x2, 0x4
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
@@ -76,6 +80,7 @@ class HostBackend(VMMBackend):
         self._placed: dict[int, int] = {}  # address in a range -> chunk mapped whole there
         self._placed_addrs: list[int] = []  # the keys of _placed, sorted
         self.moves = 0  # maps and unmaps done by moving a populated mapping (mremap)
+        self._move_out = self._stage  # until the kernel refuses MREMAP_DONTUNMAP
         self._fd = os.memfd_create("vllm-vtensor-kv", os.MFD_CLOEXEC)
         self._file_slots = 0  # slots handed out so far (of the first chunk size seen)
         self._file_capacity = 0  # file length in slots; sparse beyond what was written
@@ -186,7 +191,7 @@ class HostBackend(VMMBackend):
     def unmap(self, vr: VirtualRange, offset: int, size: int) -> None:
         start, end = vr.addr + offset, vr.addr + offset + size
         with self._lock:
-            if self._stage:  # whole chunks placed here move back out, still populated, for their next map
+            if self._move_out:  # whole chunks placed here move back out, still populated, for their next map
                 slot = self._slot_size
                 moving: dict[int, int] = {}  # chunk -> address here (one place per chunk)
                 i = bisect.bisect_left(self._placed_addrs, start)
@@ -196,16 +201,22 @@ class HostBackend(VMMBackend):
                         moving.setdefault(handle, self._placed_addrs[i])
                     i += 1
                 if moving:
-                    # Their new places are reserved before anything moves: a hole left by a move
-                    # would otherwise be the next place the kernel picks, inside this range.
                     dst = self._reserve_at(0, len(moving) * slot, fixed=False)
                     for k, (handle, addr) in enumerate(moving.items()):
                         to = dst + k * slot
-                        if self._libc.mremap(addr, slot, slot, MREMAP_MAYMOVE | MREMAP_FIXED, to) == to:
+                        # DONTUNMAP: the old place stays mapped (no hole) until the overlay below
+                        flags = MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP
+                        if self._libc.mremap(addr, slot, slot, flags, to) == to:
                             self._staged[handle] = to
                             self.moves += 1
                         else:  # left in place (the overlay below unmaps it); its new place is not needed
+                            refused = ctypes.get_errno() == errno.EINVAL
                             self._libc.munmap(to, slot)
+                            if refused:  # an older kernel: stop trying, and give back the other places
+                                self._move_out = False
+                                if k + 1 < len(moving):
+                                    self._libc.munmap(to + slot, (len(moving) - k - 1) * slot)
+                                break
             self._forget_placed(start, end)
             self._reserve_at(start, size, fixed=True)  # reads as zeros again (and fills what moved out)
 
