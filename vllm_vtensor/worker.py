@@ -25,7 +25,7 @@ from . import stats as vt_stats
 from . import BACKEND_NAME
 from .kv_space import KVSpace
 from .log import get_logger
-from .vmm import make_backend
+from .vmm.host import HostBackend
 
 logger = get_logger(__name__)
 
@@ -55,6 +55,7 @@ def _the_attention_group(kv_cache_config):
 LINGER_ENV = "VTENSOR_CHUNK_LINGER_S"
 DEFAULT_LINGER_S = 1.0
 PRECREATE_ENV = "VTENSOR_PRECREATE_BYTES"
+STAGE_ENV = "VTENSOR_STAGE_MAPPINGS"
 DEFAULT_PRECREATE_BYTES = 4 << 20
 
 
@@ -83,6 +84,13 @@ def precreate_bytes() -> int:
 
     return _env_setting(PRECREATE_ENV, parse_bytes, DEFAULT_PRECREATE_BYTES,
                         "give a size such as 8MiB, or 0 for no reserve")
+
+
+def stage_mappings() -> bool:
+    """Whether the host backend keeps each chunk's page tables filled beside the compute and maps by
+    moving them (``$VTENSOR_STAGE_MAPPINGS=1``; off by default: see the README's benchmarks)."""
+    return bool(_env_setting(STAGE_ENV, lambda raw: int(raw) if raw in ("0", "1") else -1, 0,
+                             "give 1 to map by moving page tables, or 0"))
 
 
 def layer_views(kv: KVSpace, num_layers: int, page_shape: tuple[int, int, int], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -121,7 +129,7 @@ def allocate_kv_cache(runner, kv_cache_config) -> dict[str, torch.Tensor]:
             f"--attention-backend VTENSOR runs on CPU in this release; on {device} its Triton kernels are not "
             "wired into vLLM yet. Run without --attention-backend VTENSOR on GPUs."
         )
-    backend = make_backend("cpu")
+    backend = HostBackend(stage=stage_mappings())
     kv = KVSpace(
         backend,
         num_blocks=kv_cache_config.num_blocks,
