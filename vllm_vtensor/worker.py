@@ -25,7 +25,7 @@ from . import stats as vt_stats
 from . import BACKEND_NAME
 from .kv_space import KVSpace
 from .log import get_logger
-from .vmm.host import HostBackend
+from .vmm import make_backend
 
 logger = get_logger(__name__)
 
@@ -129,7 +129,7 @@ def allocate_kv_cache(runner, kv_cache_config) -> dict[str, torch.Tensor]:
             f"--attention-backend VTENSOR runs on CPU in this release; on {device} its Triton kernels are not "
             "wired into vLLM yet. Run without --attention-backend VTENSOR on GPUs."
         )
-    backend = HostBackend(stage=stage_mappings())
+    backend = make_backend("cpu", stage=stage_mappings())
     kv = KVSpace(
         backend,
         num_blocks=kv_cache_config.num_blocks,

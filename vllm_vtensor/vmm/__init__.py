@@ -4,13 +4,16 @@ from __future__ import annotations
 from .base import VirtualRange, VMMBackend, VMMError
 
 
-def make_backend(device: str = "cpu") -> VMMBackend:
-    """The backend for ``device`` (``"cpu"``, ``"cuda"`` or ``"cuda:N"``)."""
+def make_backend(device: str = "cpu", **host_options) -> VMMBackend:
+    """The backend for ``device`` (``"cpu"``, ``"cuda"`` or ``"cuda:N"``); ``host_options`` go to
+    :class:`~.host.HostBackend` (``populate``, ``stage``)."""
     if device == "cpu":
         from .host import HostBackend
 
-        return HostBackend()
+        return HostBackend(**host_options)
     if device.startswith("cuda"):
+        if host_options:
+            raise ValueError(f"{sorted(host_options)} are options of the host backend, not of {device!r}")
         from .cuda import CudaBackend
 
         index = int(device.split(":")[1]) if ":" in device else 0

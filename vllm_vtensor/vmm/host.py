@@ -183,7 +183,7 @@ class HostBackend(VMMBackend):
                 self.moves += 1
             else:
                 self._mmap_chunk(addr, handle, size)
-            if whole:
+            if whole and self._move_out:  # recorded for unmap to move it back out
                 i = bisect.bisect_left(self._placed_addrs, addr)
                 self._placed_addrs.insert(i, addr)
                 self._placed[addr] = handle
