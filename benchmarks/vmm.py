@@ -1,6 +1,7 @@
 """VMM micro-benchmark: per-chunk map / unmap / share latency, and growth cost vs copy-on-grow.
 
-    python benchmarks/vmm.py                    # host (memfd) backend
+    python benchmarks/vmm.py                    # host (memfd) backend, page tables filled at map
+    python benchmarks/vmm.py --stage            # host backend moving populated mappings (mremap)
     python benchmarks/vmm.py --device cuda      # CUDA VMM backend on a GPU machine
 
 Prints a table and writes JSON (default ``benchmarks/results/vmm-<device>.json``).
@@ -112,6 +113,8 @@ def grow_vs_copy(pool: ChunkPool, device: str, sizes_mib: list[int], grow_chunks
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--stage", action="store_true",
+                   help="host backend: map by moving each chunk's populated mapping (VTENSOR_STAGE_MAPPINGS=1)")
     p.add_argument("--chunk-mib", type=int, default=2)
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--sizes-mib", default="16,64,256,1024")
@@ -119,7 +122,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    backend = make_backend(args.device)
+    if args.stage and args.device != "cpu":
+        p.error("--stage is a host (cpu) backend option")
+    backend = make_backend(args.device, **({"stage": True} if args.stage else {}))
     backend_facts = {"granularity": backend.granularity,
                      "zero_read_only": getattr(backend, "zero_read_only", None)}  # CUDA: zero granules read-only?
     chunk = args.chunk_mib * MiB
@@ -145,11 +150,11 @@ def main(argv=None) -> int:
         r["speedup"] = r["copy_on_grow_ms"] / r["vtensor_ms"]
         print(f"{r['current_mib']:>12}{r['vtensor_ms']:>12.2f}{r['copy_on_grow_ms']:>17.2f}{r['speedup']:>8.1f}x")
 
-    out = Path(args.out or Path(__file__).parent / "results" / f"vmm-{args.device.replace(':', '')}.json")
+    out = Path(args.out or Path(__file__).parent / "results" / f"vmm-{args.device.replace(':', '')}{'-staged' if args.stage else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": "python benchmarks/vmm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device": args.device, "device_name": device_name, "chunk_bytes": chunk,
+        "device": args.device, "device_name": device_name, "chunk_bytes": chunk, "staged": args.stage,
         "latency": summary, "grow": grow, "torch": torch.__version__, **backend_facts,
     }, indent=2))
     print(f"\nwrote {out}")

@@ -13,9 +13,10 @@ from vllm_vtensor.vmm.host import HostBackend
 MiB = 1 << 20
 
 
-@pytest.fixture
-def backend():
-    b = HostBackend()
+@pytest.fixture(params=[False, True], ids=["fill", "stage"])
+def backend(request):
+    """Both ways the host backend maps: filling page tables (the default) and moving them (staged)."""
+    b = HostBackend(stage=request.param)
     yield b
     b.close()
 

@@ -175,7 +175,7 @@ def _memfd_mappings(b: HostBackend) -> int:
 def test_host_maps_by_moving_each_chunks_populated_mapping_in_and_out():
     """A chunk's own populated mapping moves into a range (mremap) and back out on unmap; a second
     address gets a fresh mapping; contents and sharing are unchanged, and nothing is left behind."""
-    b = HostBackend()
+    b = HostBackend(stage=True)
     g = 16 * b.granularity
     vr = b.reserve(4 * g)
     view = b.as_tensor(vr.addr, vr.size)
@@ -201,7 +201,7 @@ def test_host_maps_by_moving_each_chunks_populated_mapping_in_and_out():
 
 
 def test_host_a_chunk_partly_overlaid_is_never_moved_from_its_old_place():
-    b = HostBackend()
+    b = HostBackend(stage=True)
     g = 16 * b.granularity
     vr = b.reserve(4 * g)
     view = b.as_tensor(vr.addr, vr.size)
@@ -226,7 +226,7 @@ def test_host_a_chunk_partly_overlaid_is_never_moved_from_its_old_place():
 def test_host_unmapping_many_chunks_at_once_keeps_each_ones_contents():
     """Several chunks moved out of one range in one unmap (their new places must not fall into the
     holes the earlier moves leave in that range), then mapped back elsewhere in another order."""
-    b = HostBackend()
+    b = HostBackend(stage=True)
     g = 16 * b.granularity
     n = 8
     ranges = [b.reserve(n * g) for _ in range(3)]
@@ -256,7 +256,7 @@ _RACE = r"""
 import ctypes, threading
 from vllm_vtensor.vmm.host import HostBackend, _load_libc
 libc = _load_libc()
-b = HostBackend()
+b = HostBackend(stage=True)
 g = 16 * b.granularity
 n = 8
 vr = b.reserve(n * g)

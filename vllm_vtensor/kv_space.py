@@ -117,6 +117,7 @@ class KVSpace:
         self._reqs: dict[str, _RequestKV] = {}
         self._parked: OrderedDict[int, _RequestKV] = OrderedDict()  # slot -> kept mappings, oldest first
         self._unwanted: set[int] = set()  # blocks whose memory goes back once nothing maps them
+        self._lengths: dict[str, tuple[int, int | None]] = {}  # request -> (prompt tokens, max new tokens)
         self._prefix_hit_bytes = self._copied_bytes = self._preemptions = self._slot_reuse_bytes = 0
         self.step_seconds = 0.0  # accumulated by the worker around each step's block updates
 
@@ -191,14 +192,19 @@ class KVSpace:
         self.pool.note_maps(maps=len(blocks))
         return [self.virtual_block(r.slot, j) for j in range(start, start + len(blocks))]
 
-    def add_request(self, req_id: str, blocks: list[int], num_cached_tokens: int = 0) -> list[int]:
+    def add_request(self, req_id: str, blocks: list[int], num_cached_tokens: int = 0, *,
+                    prompt_len: int | None = None, max_tokens: int | None = None) -> list[int]:
         """Give a new (or resumed) request a slot and map its blocks; return their virtual ids.
 
         The first ``num_cached_tokens // block_size`` blocks are prefix-cache hits:
         their content must already be here, and is mapped, not copied - or found
-        already mapped in a parked slot with the same leading chunks.
+        already mapped in a parked slot with the same leading chunks.  ``prompt_len``
+        and ``max_tokens`` (kept until the request finishes, preemptions included) let
+        :meth:`expect_growth` tell a prefill's last chunk and a request's last token.
         """
         with self._lock:
+            if prompt_len is not None:
+                self._lengths[req_id] = (prompt_len, max_tokens)
             if req_id in self._reqs:
                 self.remove_request(req_id, preempted=True)
             hits = min(num_cached_tokens // self.block_size, len(blocks))
@@ -276,15 +282,31 @@ class KVSpace:
             return self._map(self._reqs[req_id], blocks)
 
     def expect_growth(self, scheduled: dict[str, int]) -> None:
-        """Have the chunks ready that the running requests will need if the next step schedules them
-        as many tokens as ``scheduled`` (this step's), created beside the compute meanwhile."""
+        """Have the chunks ready that the running requests will need in the next step, created
+        beside the compute meanwhile.  ``scheduled``: each request's tokens this step.  A request
+        whose lengths are known (see :meth:`add_request`) will next take the rest of its prompt at
+        this step's pace, or one token once its prompt is done, or none once it has all its tokens;
+        one whose lengths are unknown is expected to take as many tokens as this step again."""
         with self._lock:
             need = 0
             for req_id, n in scheduled.items():
                 r = self._reqs.get(req_id)
                 if r is not None and n:
-                    need += max(0, -(-(r.num_tokens + n) // self.block_size) - len(r.chunks))
+                    nxt = self._next_step_tokens(req_id, r.num_tokens, n)
+                    need += max(0, -(-(r.num_tokens + nxt) // self.block_size) - len(r.chunks))
             self.pool.expect(need)
+
+    def _next_step_tokens(self, req_id: str, done: int, n: int) -> int:
+        """Tokens request ``req_id`` will likely write next step, ``done`` written after this one's ``n``."""
+        lengths = self._lengths.get(req_id)
+        if lengths is None:
+            return n
+        prompt_len, max_tokens = lengths
+        if done < prompt_len:
+            return min(n, prompt_len - done)  # chunked prefill goes on
+        if max_tokens is not None and done - prompt_len + 1 >= max_tokens:
+            return 0  # this step samples its last token: it finishes
+        return 1 if done - n < prompt_len else n  # the prompt ended in this step: decoding starts
 
     def note_tokens(self, req_id: str, num_tokens: int) -> None:
         with self._lock:
@@ -301,6 +323,8 @@ class KVSpace:
         parked slot for a later request with the same prefix.
         """
         with self._lock:
+            if not preempted:
+                self._lengths.pop(req_id, None)
             r = self._reqs.pop(req_id, None)
             if r is None:
                 return

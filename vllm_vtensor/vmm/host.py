@@ -9,7 +9,8 @@
   hole that faults).
 * The same slot mapped at two addresses is the same memory (prefix sharing).
 * Every mapping is ``MADV_DONTFORK``: a forked child does not share the chunks.
-* Staged mappings: mapping a chunk with its page tables filled (``MAP_POPULATE``)
+* Staged mappings (``stage=True``; off by default, as in the VTENSOR engine where
+  ``VTENSOR_STAGE_MAPPINGS=1`` turns them on): mapping a chunk with its page tables filled (``MAP_POPULATE``)
   costs ~0.5 ms per 6 MB, and tearing them down again ~0.2 ms.  So each chunk,
   when created (in the pool's background thread, as a rule), also gets a
   populated mapping of its own outside every range; mapping it into a range
@@ -71,7 +72,7 @@ def _check(ret, what: str) -> None:
 class HostBackend(VMMBackend):
     device = "cpu"
 
-    def __init__(self, populate: bool = True, stage: bool = True):
+    def __init__(self, populate: bool = True, stage: bool = False):
         super().__init__()
         self._libc = _load_libc()
         self._populate = populate
