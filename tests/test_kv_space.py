@@ -3,19 +3,25 @@ same physical chunk (no copy); finished requests give memory back unless the pre
 may reuse a full block; limits fail with errors that name the fix."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from vllm_vtensor.kv_space import KVSpace, KVSpaceError
+from vllm_vtensor.vmm.deferred import DeferredBackend, wait_all
 from vllm_vtensor.vmm.host import HostBackend
 
 PAGE = 4096  # one block of all layers (tiny, for speed)
 B = 16  # tokens per block
 
 
-@pytest.fixture(params=[False, True], ids=["fill", "stage"])
+@pytest.fixture(params=["fill", "stage", "deferred"])
 def backend(request):
-    """Both ways the host backend maps: filling page tables (the default) and moving them (staged)."""
-    b = HostBackend(stage=request.param)
+    """The ways the host backend maps: filling page tables, moving them (staged), and filling them in a
+    helper thread (deferred: the random test below queues each step's work, as the worker does)."""
+    b = HostBackend(stage=request.param == "stage")
+    if request.param == "deferred":
+        b = DeferredBackend(b)
     yield b
     b.close()
 
@@ -350,31 +356,36 @@ def test_random_chats_under_vllms_block_pool_stay_in_budget_and_read_their_own_k
     pool = _VLLMBlocks(n_blocks)
     convs = [[rng.randrange(50) for _ in range(rng.randrange(3, 2 * B))] for _ in range(6)]
     running = {}
+    deferring = getattr(backend, "deferring", contextlib.nullcontext)
     for step in range(80):
-        for req in [r for r in running if rng.random() < 0.5]:
-            tokens, blocks = running.pop(req)
-            kv.remove_request(req)
-            pool.finish(tokens, blocks)
-        for _ in range(rng.randrange(3)):
-            c = rng.randrange(len(convs))
-            if len(running) == n_slots or any(req.startswith(f"c{c}-") for req in running):
-                continue
-            tokens = convs[c] = convs[c] + [rng.randrange(50) for _ in range(rng.randrange(1, B + 5))]
-            if len(tokens) > 5 * B:
-                tokens = convs[c] = tokens[-rng.randrange(3, B):]  # a new conversation in its place
-            got = pool.allocate(tokens)
-            if got is None:
-                continue
-            blocks, hits = got
-            req = f"c{c}-{step}"
-            virtual = kv.add_request(req, blocks, num_cached_tokens=hits * B)
-            kv.note_tokens(req, len(tokens))
+        added = []
+        with deferring():  # the step's decisions; with a deferred backend their memory work is queued
+            for req in [r for r in running if rng.random() < 0.5]:
+                tokens, blocks = running.pop(req)
+                kv.remove_request(req)
+                pool.finish(tokens, blocks)
+            for _ in range(rng.randrange(3)):
+                c = rng.randrange(len(convs))
+                if len(running) == n_slots or any(req.startswith(f"c{c}-") for req in running):
+                    continue
+                tokens = convs[c] = convs[c] + [rng.randrange(50) for _ in range(rng.randrange(1, B + 5))]
+                if len(tokens) > 5 * B:
+                    tokens = convs[c] = tokens[-rng.randrange(3, B):]  # a new conversation in its place
+                got = pool.allocate(tokens)
+                if got is None:
+                    continue
+                blocks, hits = got
+                req = f"c{c}-{step}"
+                added.append((tokens, kv.add_request(req, blocks, num_cached_tokens=hits * B), hits))
+                kv.note_tokens(req, len(tokens))
+                running[req] = (tokens, blocks)
+        wait_all()  # what the attention layers do before touching KV
+        for tokens, virtual, hits in added:  # the step's forward pass: read the hits, write the rest
             for i, v in enumerate(virtual):
                 if i < hits:
                     assert int(block_bytes(kv, v).min()) == _marker(tokens, i) == int(block_bytes(kv, v).max())
                 else:
                     block_bytes(kv, v).fill_(_marker(tokens, i))
-            running[req] = (tokens, blocks)
         s = kv.stats()
         assert s.resident_bytes <= s.budget_bytes and s.running_requests == len(running)
     for req in running:

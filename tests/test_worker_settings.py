@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from vllm_vtensor.vmm.host import HostBackend
-from vllm_vtensor.worker import STAGE_ENV, VTensorConfigError, linger_seconds, stage_mappings
+from vllm_vtensor.worker import (ASYNC_ENV, STAGE_ENV, VTensorConfigError, async_mapping, linger_seconds,
+                                 stage_mappings)
 
 
 def test_mapping_by_moving_page_tables_is_opt_in(monkeypatch):
@@ -15,6 +16,16 @@ def test_mapping_by_moving_page_tables_is_opt_in(monkeypatch):
     monkeypatch.setenv(STAGE_ENV, "yes")
     with pytest.raises(VTensorConfigError, match="give 1 to map by moving page tables, or 0"):
         stage_mappings()
+
+
+def test_mapping_beside_the_compute_is_on_by_default(monkeypatch):
+    monkeypatch.delenv(ASYNC_ENV, raising=False)
+    assert async_mapping() is True
+    monkeypatch.setenv(ASYNC_ENV, "0")
+    assert async_mapping() is False
+    monkeypatch.setenv(ASYNC_ENV, "off")
+    with pytest.raises(VTensorConfigError, match="give 1 to map beside the compute, or 0"):
+        async_mapping()
 
 
 @pytest.mark.parametrize("stage", [False, True])

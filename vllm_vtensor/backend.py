@@ -15,6 +15,10 @@ attention itself, chosen by ``$VTENSOR_ATTENTION`` in the worker:
   ``TRITON_INTERPRET=1`` (slow: for testing the wiring the GPU path will use);
 * ``reference``: the kernels' torch (SDPA) reference, same addressing.
 
+Before touching KV, both the write (``do_kv_cache_update``) and the attention
+wait for the step's memory operations, which a helper thread runs while the
+forward pass starts (:mod:`vllm_vtensor.vmm.deferred`).
+
 GPU: VTENSOR is refused on CUDA with a clear error (the CUDA VMM backend and
 the compiled kernels work on their own, but no GPU machine here has vLLM to
 run the backend with).
@@ -28,6 +32,7 @@ import torch
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from . import BACKEND_NAME
+from .vmm.deferred import wait_all as _kv_memory_ready
 
 _FIX = "Run it without --attention-backend VTENSOR (attention_backend=\"VTENSOR\")."
 ATTENTION_ENV = "VTENSOR_ATTENTION"
@@ -70,8 +75,13 @@ class VTensorCPUImpl(CPUAttentionBackendImpl):
 
             self._context, self._decode = reference.context_attention_ref, reference.decode_attention_ref
 
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        _kv_memory_ready()  # this step's blocks are mapped by a helper thread meanwhile (vmm.deferred)
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
+        _kv_memory_ready()
         if (self.kernel == "cpu" or attn_metadata is None or output_scale is not None
                 or output_block_scale is not None or not isinstance(attn_metadata.causal, bool)
                 or not attn_metadata.causal):

@@ -77,6 +77,8 @@ class KVSpaceStats:
     slot_reuse_bytes: int  # prefix bytes a new request found already mapped in a parked slot (total)
     chunks_created: int  # physical chunks created (first use of memory), total
     step_seconds: float  # time the worker spent applying block decisions before steps, total
+    deferred_ops: int  # memory operations run by a helper thread beside the compute (deferred backend), total
+    wait_seconds: float  # time KV access waited for memory work running beside the compute (deferred backend), total
 
 
 class KVSpace:
@@ -377,6 +379,8 @@ class KVSpace:
                 slot_reuse_bytes=self._slot_reuse_bytes,
                 chunks_created=p.chunks_created,
                 step_seconds=self.step_seconds,
+                deferred_ops=getattr(self.backend, "deferred_ops", 0),
+                wait_seconds=getattr(self.backend, "waited_seconds", 0.0),
             )
 
     def close(self) -> None:

@@ -35,7 +35,11 @@ GAUGES = {
     "vllm_vtensor_preemptions": ("preemptions", "Requests unmapped by preemption (cumulative)"),
     "vllm_vtensor_running_requests": ("running_requests", "Requests with a mapped KV range"),
     "vllm_vtensor_chunks_created": ("chunks_created", "Physical chunks created on first use (cumulative)"),
-    "vllm_vtensor_step_seconds": ("step_seconds", "Worker time spent mapping/unmapping before steps (cumulative)"),
+    "vllm_vtensor_step_seconds": ("step_seconds", "Worker time spent applying block decisions before steps "
+                                  "(with async mapping: bookkeeping and queueing only; cumulative)"),
+    "vllm_vtensor_deferred_operations": ("deferred_ops", "Memory operations run beside the compute (cumulative)"),
+    "vllm_vtensor_wait_seconds": ("wait_seconds", "Time KV access waited for the mapping done beside the compute "
+                                  "(cumulative)"),
 }
 
 _gauges = None

@@ -15,6 +15,7 @@ Two hooks (installed by :mod:`vllm_vtensor.patches`):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -26,6 +27,7 @@ from . import BACKEND_NAME
 from .kv_space import KVSpace
 from .log import get_logger
 from .vmm import make_backend
+from .vmm.deferred import DeferredBackend
 
 logger = get_logger(__name__)
 
@@ -56,6 +58,7 @@ LINGER_ENV = "VTENSOR_CHUNK_LINGER_S"
 DEFAULT_LINGER_S = 1.0
 PRECREATE_ENV = "VTENSOR_PRECREATE_BYTES"
 STAGE_ENV = "VTENSOR_STAGE_MAPPINGS"
+ASYNC_ENV = "VTENSOR_ASYNC_MAPPING"
 DEFAULT_PRECREATE_BYTES = 4 << 20
 
 
@@ -91,6 +94,13 @@ def stage_mappings() -> bool:
     moving them (``$VTENSOR_STAGE_MAPPINGS=1``; off by default: see the README's benchmarks)."""
     return bool(_env_setting(STAGE_ENV, lambda raw: int(raw) if raw in ("0", "1") else -1, 0,
                              "give 1 to map by moving page tables, or 0"))
+
+
+def async_mapping() -> bool:
+    """Whether each step's memory operations run in a helper thread while the forward pass starts
+    (``$VTENSOR_ASYNC_MAPPING``, default 1: see :mod:`vllm_vtensor.vmm.deferred`)."""
+    return bool(_env_setting(ASYNC_ENV, lambda raw: int(raw) if raw in ("0", "1") else -1, 1,
+                             "give 1 to map beside the compute, or 0 to map before each step"))
 
 
 def layer_views(kv: KVSpace, num_layers: int, page_shape: tuple[int, int, int], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -130,6 +140,8 @@ def allocate_kv_cache(runner, kv_cache_config) -> dict[str, torch.Tensor]:
             "wired into vLLM yet. Run without --attention-backend VTENSOR on GPUs."
         )
     backend = make_backend("cpu", stage=stage_mappings())
+    if async_mapping():
+        backend = DeferredBackend(backend)
     kv = KVSpace(
         backend,
         num_blocks=kv_cache_config.num_blocks,
@@ -163,9 +175,20 @@ def _prompt_len(new) -> int | None:
 
 
 def translate_scheduler_output(kv: KVSpace, so) -> None:
-    """Apply the scheduler's block decisions to ``kv`` and make ``so``'s block ids virtual."""
+    """Apply the scheduler's block decisions to ``kv`` and make ``so``'s block ids virtual.
+
+    With a deferred backend the bookkeeping is done here and the memory operations are queued for
+    its helper thread; the attention layers wait for them before touching KV."""
     t0 = time.perf_counter()
-    membership_changed = bool(so.finished_req_ids or so.preempted_req_ids or so.scheduled_new_reqs)
+    deferring = getattr(kv.backend, "deferring", None)
+    with deferring() if deferring is not None else contextlib.nullcontext():
+        _apply(kv, so)
+    kv.step_seconds += time.perf_counter() - t0
+    vt_stats.publish(kv, force=bool(so.finished_req_ids or so.preempted_req_ids or so.scheduled_new_reqs
+                                    or so.scheduled_cached_reqs.resumed_req_ids))
+
+
+def _apply(kv: KVSpace, so) -> None:
     for req_id in so.finished_req_ids:
         kv.remove_request(req_id)
     for req_id in so.preempted_req_ids or ():
@@ -193,5 +216,3 @@ def translate_scheduler_output(kv: KVSpace, so) -> None:
             cached.new_block_ids[i] = (kv.append_blocks(req_id, blocks),)
         kv.note_tokens(req_id, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
     kv.expect_growth(scheduled)  # blocks the next step will likely need, made while this one computes
-    kv.step_seconds += time.perf_counter() - t0
-    vt_stats.publish(kv, force=membership_changed or bool(cached.resumed_req_ids))

@@ -105,7 +105,10 @@ class HostBackend(VMMBackend):
         return self._reserve_at(0, size, fixed=False)
 
     # -- physical chunks ------------------------------------------------
-    def create_chunk(self, size: int) -> int:
+    def create_chunk(self, size: int, *, fill: bool = True) -> int:
+        """A chunk of ``size`` bytes.  ``fill=False`` only reserves its place in the file (instant);
+        :meth:`fill_chunk` must then run before the chunk is mapped, copied or zeroed (the
+        deferred backend queues it that way)."""
         if self._slot_size is None:
             self._slot_size = size
         elif size != self._slot_size:
@@ -119,12 +122,18 @@ class HostBackend(VMMBackend):
                 if self._file_slots > self._file_capacity:  # grow the (sparse) file geometrically
                     self._file_capacity = max(self._file_slots, 2 * self._file_capacity)
                     os.ftruncate(self._fd, self._file_capacity * size)
-        self._write_zeros(slot * size, size)
-        if self._stage:
-            addr = self._mmap_chunk(None, slot, size)
-            with self._lock:
-                self._staged[slot] = addr
+        if fill:
+            self.fill_chunk(slot)
         return slot
+
+    def fill_chunk(self, handle: int) -> None:
+        """Give a chunk created with ``fill=False`` its memory (zeros), and its staged mapping when staging."""
+        size = self._slot_size
+        self._write_zeros(handle * size, size)
+        if self._stage:
+            addr = self._mmap_chunk(None, handle, size)
+            with self._lock:
+                self._staged[handle] = addr
 
     def _mmap_chunk(self, addr: int | None, handle: int, size: int) -> int:
         """A populated read-write mapping of ``size`` bytes of chunk ``handle``, at ``addr`` (fixed) or anywhere."""
