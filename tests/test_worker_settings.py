@@ -18,11 +18,11 @@ def test_mapping_by_moving_page_tables_is_opt_in(monkeypatch):
         stage_mappings()
 
 
-def test_mapping_beside_the_compute_is_on_by_default(monkeypatch):
+def test_mapping_beside_the_compute_is_opt_in(monkeypatch):
     monkeypatch.delenv(ASYNC_ENV, raising=False)
-    assert async_mapping() is True
-    monkeypatch.setenv(ASYNC_ENV, "0")
     assert async_mapping() is False
+    monkeypatch.setenv(ASYNC_ENV, "1")
+    assert async_mapping() is True
     monkeypatch.setenv(ASYNC_ENV, "off")
     with pytest.raises(VTensorConfigError, match="give 1 to map beside the compute, or 0"):
         async_mapping()

@@ -98,8 +98,9 @@ def stage_mappings() -> bool:
 
 def async_mapping() -> bool:
     """Whether each step's memory operations run in a helper thread while the forward pass starts
-    (``$VTENSOR_ASYNC_MAPPING``, default 1: see :mod:`vllm_vtensor.vmm.deferred`)."""
-    return bool(_env_setting(ASYNC_ENV, lambda raw: int(raw) if raw in ("0", "1") else -1, 1,
+    (``$VTENSOR_ASYNC_MAPPING=1``; off by default: see :mod:`vllm_vtensor.vmm.deferred` and the README's
+    benchmarks)."""
+    return bool(_env_setting(ASYNC_ENV, lambda raw: int(raw) if raw in ("0", "1") else -1, 0,
                              "give 1 to map beside the compute, or 0 to map before each step"))
 
 
