@@ -283,32 +283,39 @@ class KVSpace:
         with self._lock:
             return self._map(self._reqs[req_id], blocks)
 
+    #: decoding requests get the chunks for this many steps' tokens made ahead (the pre-creation thread
+    #: shares its core with vLLM's engine process, so making a chunk can take ~15 ms there, not ~2)
+    LOOKAHEAD_STEPS = 16
+
     def expect_growth(self, scheduled: dict[str, int]) -> None:
-        """Have the chunks ready that the running requests will need in the next step, created
-        beside the compute meanwhile.  ``scheduled``: each request's tokens this step.  A request
-        whose lengths are known (see :meth:`add_request`) will next take the rest of its prompt at
-        this step's pace, or one token once its prompt is done, or none once it has all its tokens;
-        one whose lengths are unknown is expected to take as many tokens as this step again."""
+        """Have the chunks ready that the running requests will soon need, created beside the
+        compute meanwhile.  ``scheduled``: each request's tokens this step.  A request whose lengths
+        are known (see :meth:`add_request`) will take the rest of its prompt at this step's pace (one
+        step ahead), or, decoding, the tokens of the next :attr:`LOOKAHEAD_STEPS` steps up to its
+        token limit (none once it has all its tokens); one whose lengths are unknown is expected to
+        take as many tokens as this step again."""
         with self._lock:
             need = 0
             for req_id, n in scheduled.items():
                 r = self._reqs.get(req_id)
                 if r is not None and n:
-                    nxt = self._next_step_tokens(req_id, r.num_tokens, n)
-                    need += max(0, -(-(r.num_tokens + nxt) // self.block_size) - len(r.chunks))
+                    ahead = self._tokens_ahead(req_id, r.num_tokens, n)
+                    need += max(0, -(-(r.num_tokens + ahead) // self.block_size) - len(r.chunks))
             self.pool.expect(need)
 
-    def _next_step_tokens(self, req_id: str, done: int, n: int) -> int:
-        """Tokens request ``req_id`` will likely write next step, ``done`` written after this one's ``n``."""
+    def _tokens_ahead(self, req_id: str, done: int, n: int) -> int:
+        """Tokens request ``req_id`` will soon write, ``done`` written after this step's ``n``."""
         lengths = self._lengths.get(req_id)
         if lengths is None:
             return n
         prompt_len, max_tokens = lengths
         if done < prompt_len:
             return min(n, prompt_len - done)  # chunked prefill goes on
-        if max_tokens is not None and done - prompt_len + 1 >= max_tokens:
-            return 0  # this step samples its last token: it finishes
-        return 1 if done - n < prompt_len else n  # the prompt ended in this step: decoding starts
+        pace = 1 if done - n < prompt_len else n  # the prompt ended in this step: decoding starts
+        ahead = pace * self.LOOKAHEAD_STEPS
+        if max_tokens is not None:  # tokens sampled so far: done - prompt_len + 1; the last one writes no KV
+            ahead = min(ahead, max(0, max_tokens - (done - prompt_len + 1)))
+        return ahead
 
     def note_tokens(self, req_id: str, num_tokens: int) -> None:
         with self._lock:
