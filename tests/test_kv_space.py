@@ -253,46 +253,6 @@ def test_growth_expected_from_this_step_is_made_ready_beside_the_compute(backend
     kv.close()
 
 
-def test_growth_expected_follows_each_requests_prompt_and_token_limit(backend):
-    """With the lengths vLLM sends, what to make ready is read from where each request stands: a
-    chunked prefill goes on at this step's pace, a decoding request writes one token per step for
-    the next LOOKAHEAD_STEPS steps, never past its token limit, and a request sampling its last token
-    needs nothing (a prefill step is not taken for the pace of the steps after it)."""
-    kv = KVSpace(backend, num_blocks=32, num_slots=8, blocks_per_slot=16, block_bytes=PAGE, block_size=B,
-                 keep_full_blocks=True, precreate_bytes=PAGE)
-    assert kv.LOOKAHEAD_STEPS == B  # the cases below are written for a lookahead of one block
-    expected = []
-    kv.pool.expect = expected.append  # what the background thread would be asked to have ready
-
-    def step(req_id, done, n):
-        kv.note_tokens(req_id, done)
-        kv.expect_growth({req_id: n})
-        return expected[-1]
-
-    kv.add_request("chunked", [1, 2], prompt_len=10 * B, max_tokens=8)
-    assert step("chunked", 2 * B, 2 * B) == 2  # 8B of prompt left: the next 2B chunk needs 2 more blocks
-    kv.add_request("ends", [3, 4], prompt_len=2 * B, max_tokens=8)
-    assert step("ends", 2 * B, 2 * B) == 1  # the prompt ended this step: 7 tokens to come open block 3
-    kv.add_request("last", [5, 6], prompt_len=2 * B, max_tokens=1)
-    assert step("last", 2 * B, 2 * B) == 0  # its only token is sampled now: it finishes
-    kv.add_request("decoding", [7, 12], prompt_len=2 * B - 4, max_tokens=8)
-    kv.add_request("its-last", [13, 14], prompt_len=2 * B - 4, max_tokens=5)
-    assert step("decoding", 2 * B, 1) == 1  # its 5th token is sampled now; the 6th opens a third block
-    assert step("its-last", 2 * B, 1) == 0  # the same, but the 5th is its last: no next token
-    kv.add_request("soon", [15, 16], prompt_len=B, max_tokens=100)
-    assert step("soon", 2 * B - 10, 1) == 1  # 10 steps before it opens block 3: made ahead already
-    kv.add_request("unknown", [8, 9])
-    assert step("unknown", 2 * B, 2 * B) == 2  # no lengths: as many tokens as this step again
-    kv.remove_request("chunked", preempted=True)  # lengths survive a preemption...
-    kv.add_request("chunked", [10, 11])
-    assert step("chunked", 2 * B, 2 * B) == 2
-    kv.remove_request("chunked")  # ...and go when the request finishes
-    assert "chunked" not in kv._lengths
-    for req_id in ("ends", "last", "decoding", "its-last", "soon", "unknown"):
-        kv.remove_request(req_id)
-    kv.close()
-
-
 # ---- vLLM-like scheduling, randomized ----
 class _VLLMBlocks:
     """vLLM's block pool in miniature: prefix-cache hits by the hash of every full block's tokens,

@@ -119,7 +119,6 @@ class KVSpace:
         self._reqs: dict[str, _RequestKV] = {}
         self._parked: OrderedDict[int, _RequestKV] = OrderedDict()  # slot -> kept mappings, oldest first
         self._unwanted: set[int] = set()  # blocks whose memory goes back once nothing maps them
-        self._lengths: dict[str, tuple[int, int | None]] = {}  # request -> (prompt tokens, max new tokens)
         self._prefix_hit_bytes = self._copied_bytes = self._preemptions = self._slot_reuse_bytes = 0
         self.step_seconds = 0.0  # accumulated by the worker around each step's block updates
 
@@ -194,19 +193,14 @@ class KVSpace:
         self.pool.note_maps(maps=len(blocks))
         return [self.virtual_block(r.slot, j) for j in range(start, start + len(blocks))]
 
-    def add_request(self, req_id: str, blocks: list[int], num_cached_tokens: int = 0, *,
-                    prompt_len: int | None = None, max_tokens: int | None = None) -> list[int]:
+    def add_request(self, req_id: str, blocks: list[int], num_cached_tokens: int = 0) -> list[int]:
         """Give a new (or resumed) request a slot and map its blocks; return their virtual ids.
 
         The first ``num_cached_tokens // block_size`` blocks are prefix-cache hits:
         their content must already be here, and is mapped, not copied - or found
-        already mapped in a parked slot with the same leading chunks.  ``prompt_len``
-        and ``max_tokens`` (kept until the request finishes, preemptions included) let
-        :meth:`expect_growth` tell a prefill's last chunk and a request's last token.
+        already mapped in a parked slot with the same leading chunks.
         """
         with self._lock:
-            if prompt_len is not None:
-                self._lengths[req_id] = (prompt_len, max_tokens)
             if req_id in self._reqs:
                 self.remove_request(req_id, preempted=True)
             hits = min(num_cached_tokens // self.block_size, len(blocks))
@@ -283,39 +277,21 @@ class KVSpace:
         with self._lock:
             return self._map(self._reqs[req_id], blocks)
 
-    #: decoding requests get the chunks for this many steps' tokens made ahead (the pre-creation thread
-    #: shares its core with vLLM's engine process, so making a chunk can take ~15 ms there, not ~2)
-    LOOKAHEAD_STEPS = 16
-
     def expect_growth(self, scheduled: dict[str, int]) -> None:
-        """Have the chunks ready that the running requests will soon need, created beside the
-        compute meanwhile.  ``scheduled``: each request's tokens this step.  A request whose lengths
-        are known (see :meth:`add_request`) will take the rest of its prompt at this step's pace (one
-        step ahead), or, decoding, the tokens of the next :attr:`LOOKAHEAD_STEPS` steps up to its
-        token limit (none once it has all its tokens); one whose lengths are unknown is expected to
-        take as many tokens as this step again."""
+        """Have the chunks ready that the running requests will need if the next step schedules them
+        as many tokens as ``scheduled`` (this step's), created beside the compute meanwhile.
+
+        After a prefill this over-predicts on purpose: the chunks it makes stay ready (cached, within
+        the budget) for the next burst of new requests, such as the next turn of a chat.  A precise
+        guess from each request's prompt length and token limit was measured (session 6): fewer
+        chunks made, but more of them made on the critical path (README, "How VTENSOR works")."""
         with self._lock:
             need = 0
             for req_id, n in scheduled.items():
                 r = self._reqs.get(req_id)
                 if r is not None and n:
-                    ahead = self._tokens_ahead(req_id, r.num_tokens, n)
-                    need += max(0, -(-(r.num_tokens + ahead) // self.block_size) - len(r.chunks))
+                    need += max(0, -(-(r.num_tokens + n) // self.block_size) - len(r.chunks))
             self.pool.expect(need)
-
-    def _tokens_ahead(self, req_id: str, done: int, n: int) -> int:
-        """Tokens request ``req_id`` will soon write, ``done`` written after this step's ``n``."""
-        lengths = self._lengths.get(req_id)
-        if lengths is None:
-            return n
-        prompt_len, max_tokens = lengths
-        if done < prompt_len:
-            return min(n, prompt_len - done)  # chunked prefill goes on
-        pace = 1 if done - n < prompt_len else n  # the prompt ended in this step: decoding starts
-        ahead = pace * self.LOOKAHEAD_STEPS
-        if max_tokens is not None:  # tokens sampled so far: done - prompt_len + 1; the last one writes no KV
-            ahead = min(ahead, max(0, max_tokens - (done - prompt_len + 1)))
-        return ahead
 
     def note_tokens(self, req_id: str, num_tokens: int) -> None:
         with self._lock:
@@ -332,8 +308,6 @@ class KVSpace:
         parked slot for a later request with the same prefix.
         """
         with self._lock:
-            if not preempted:
-                self._lengths.pop(req_id, None)
             r = self._reqs.pop(req_id, None)
             if r is None:
                 return

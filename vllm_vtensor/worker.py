@@ -167,14 +167,6 @@ def allocate_kv_cache(runner, kv_cache_config) -> dict[str, torch.Tensor]:
     return views
 
 
-def _prompt_len(new) -> int | None:
-    """Prompt tokens of a ``NewRequestData`` (token ids or embeddings), or None when it carries neither."""
-    for prompt in (new.prompt_token_ids, getattr(new, "prompt_embeds", None)):
-        if prompt is not None:
-            return len(prompt)
-    return None
-
-
 def translate_scheduler_output(kv: KVSpace, so) -> None:
     """Apply the scheduler's block decisions to ``kv`` and make ``so``'s block ids virtual.
 
@@ -203,8 +195,7 @@ def _apply(kv: KVSpace, so) -> None:
     scheduled = so.num_scheduled_tokens
     for new in so.scheduled_new_reqs:
         (blocks,) = new.block_ids
-        new.block_ids = (kv.add_request(new.req_id, blocks, new.num_computed_tokens, prompt_len=_prompt_len(new),
-                                        max_tokens=getattr(new.sampling_params, "max_tokens", None)),)
+        new.block_ids = (kv.add_request(new.req_id, blocks, new.num_computed_tokens),)
         kv.note_tokens(new.req_id, new.num_computed_tokens + scheduled.get(new.req_id, 0))
     cached = so.scheduled_cached_reqs
     for i, req_id in enumerate(cached.req_ids):
