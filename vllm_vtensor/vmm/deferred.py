@@ -33,17 +33,18 @@ import collections
 import contextlib
 import threading
 import time
-import weakref
 
 from ..threads import move_off_compute_cores
 from .base import VirtualRange, VMMBackend
 
-_live: "weakref.WeakSet[DeferredBackend]" = weakref.WeakSet()
+_live: "list[DeferredBackend]" = []  # open deferred backends of this process (normally none, or the worker's one)
 
 
 def wait_all() -> None:
-    """Wait until every queued memory operation of this process has run (raises what failed)."""
-    for backend in list(_live):
+    """Wait until every queued memory operation of this process has run (raises what failed).
+
+    Called by every attention layer in every step: with no deferred backend it is one empty loop."""
+    for backend in _live:
         backend.wait()
 
 
@@ -68,7 +69,7 @@ class DeferredBackend(VMMBackend):
         self._closed = False
         self.deferred_ops = 0  # operations run by the helper thread (total)
         self.waited_seconds = 0.0  # time callers of wait() were held up by the queue (total)
-        _live.add(self)
+        _live.append(self)
 
     # -- queueing -------------------------------------------------------
     @contextlib.contextmanager
@@ -191,5 +192,6 @@ class DeferredBackend(VMMBackend):
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
-        _live.discard(self)
+        if self in _live:
+            _live.remove(self)
         self.inner.close()
