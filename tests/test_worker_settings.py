@@ -8,24 +8,18 @@ from vllm_vtensor.worker import (ASYNC_ENV, STAGE_ENV, VTensorConfigError, async
                                  stage_mappings)
 
 
-def test_mapping_by_moving_page_tables_is_opt_in(monkeypatch):
-    monkeypatch.delenv(STAGE_ENV, raising=False)
-    assert stage_mappings() is False
-    monkeypatch.setenv(STAGE_ENV, "1")
-    assert stage_mappings() is True
-    monkeypatch.setenv(STAGE_ENV, "yes")
-    with pytest.raises(VTensorConfigError, match="give 1 to map by moving page tables, or 0"):
-        stage_mappings()
-
-
-def test_mapping_beside_the_compute_is_opt_in(monkeypatch):
-    monkeypatch.delenv(ASYNC_ENV, raising=False)
-    assert async_mapping() is False
-    monkeypatch.setenv(ASYNC_ENV, "1")
-    assert async_mapping() is True
-    monkeypatch.setenv(ASYNC_ENV, "off")
-    with pytest.raises(VTensorConfigError, match="give 1 to map beside the compute, or 0"):
-        async_mapping()
+@pytest.mark.parametrize("env, read, bad, fix", [
+    (STAGE_ENV, stage_mappings, "yes", "give 1 to map by moving page tables, or 0"),
+    (ASYNC_ENV, async_mapping, "off", "give 1 to map beside the compute, or 0"),
+])
+def test_mapping_switches_are_opt_in(monkeypatch, env, read, bad, fix):
+    monkeypatch.delenv(env, raising=False)
+    assert read() is False
+    monkeypatch.setenv(env, "1")
+    assert read() is True
+    monkeypatch.setenv(env, bad)
+    with pytest.raises(VTensorConfigError, match=fix):
+        read()
 
 
 @pytest.mark.parametrize("stage", [False, True])

@@ -16,8 +16,9 @@ attention itself, chosen by ``$VTENSOR_ATTENTION`` in the worker:
 * ``reference``: the kernels' torch (SDPA) reference, same addressing.
 
 Before touching KV, both the write (``do_kv_cache_update``) and the attention
-wait for the step's memory operations, which a helper thread runs while the
-forward pass starts (:mod:`vllm_vtensor.vmm.deferred`).
+wait for the step's memory operations when a helper thread runs them while the
+forward pass starts (``VTENSOR_ASYNC_MAPPING=1``, :mod:`vllm_vtensor.vmm.deferred`;
+otherwise there is nothing to wait for).
 
 GPU: VTENSOR is refused on CUDA with a clear error (the CUDA VMM backend and
 the compiled kernels work on their own, but no GPU machine here has vLLM to

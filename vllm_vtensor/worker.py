@@ -89,19 +89,22 @@ def precreate_bytes() -> int:
                         "give a size such as 8MiB, or 0 for no reserve")
 
 
+def _env_flag(name: str, fix: str) -> bool:
+    """``$name`` as an opt-in switch: ``1`` on, ``0`` or unset off; anything else raises naming ``fix``."""
+    return bool(_env_setting(name, lambda raw: int(raw) if raw in ("0", "1") else -1, 0, fix))
+
+
 def stage_mappings() -> bool:
     """Whether the host backend keeps each chunk's page tables filled beside the compute and maps by
     moving them (``$VTENSOR_STAGE_MAPPINGS=1``; off by default: see the README's benchmarks)."""
-    return bool(_env_setting(STAGE_ENV, lambda raw: int(raw) if raw in ("0", "1") else -1, 0,
-                             "give 1 to map by moving page tables, or 0"))
+    return _env_flag(STAGE_ENV, "give 1 to map by moving page tables, or 0")
 
 
 def async_mapping() -> bool:
     """Whether each step's memory operations run in a helper thread while the forward pass starts
     (``$VTENSOR_ASYNC_MAPPING=1``; off by default: see :mod:`vllm_vtensor.vmm.deferred` and the README's
     benchmarks)."""
-    return bool(_env_setting(ASYNC_ENV, lambda raw: int(raw) if raw in ("0", "1") else -1, 0,
-                             "give 1 to map beside the compute, or 0 to map before each step"))
+    return _env_flag(ASYNC_ENV, "give 1 to map beside the compute, or 0 to map before each step")
 
 
 def layer_views(kv: KVSpace, num_layers: int, page_shape: tuple[int, int, int], dtype: torch.dtype) -> list[torch.Tensor]:
