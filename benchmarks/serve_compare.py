@@ -69,14 +69,17 @@ def run(args) -> dict:
     stats.ensure_stats_path()
     model = args.model or str(build_smollm2())
     kw = dict(dtype="float32", max_model_len=2048, enforce_eager=True, seed=0,
-              kv_cache_memory_bytes=args.kv_bytes, block_size=args.block_size)
+              kv_cache_memory_bytes=args.kv_bytes, block_size=args.block_size) | json.loads(args.engine_json)
+    backends = {"vanilla": args.vanilla_backend, "vtensor": "VTENSOR"}
     llms = {}
     for mode in MODES:
         t0 = time.perf_counter()
-        llms[mode] = LLM(model=model, **kw, **({"attention_backend": "VTENSOR"} if mode == "vtensor" else {}))
+        llms[mode] = LLM(model=model, **kw, **({"attention_backend": backends[mode]} if backends[mode] else {}))
         print(f"{mode} engine started in {time.perf_counter() - t0:.1f} s", flush=True)
     cfg = llms["vanilla"].llm_engine.vllm_config.model_config.hf_config
-    bytes_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    itemsize = llms["vanilla"].llm_engine.vllm_config.model_config.dtype.itemsize
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    bytes_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * itemsize
     prompts = _prompts(args.num_prompts)
     for llm in llms.values():
         llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
@@ -150,7 +153,11 @@ def run(args) -> dict:
         "kv_bytes_per_token": bytes_per_token,
     }
     summary["ttft_ratio_all_turns"] = med(summary["ttft_pair_ratios"])
-    return {"results": results, "summary": summary}
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "cpu")
+    dtype = str(llms["vanilla"].llm_engine.vllm_config.model_config.dtype).removeprefix("torch.")
+    return {"results": results, "summary": summary, "device": device, "dtype": dtype}
 
 
 def _plot(results: dict, path: Path) -> None:
@@ -192,6 +199,10 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=6, help="pairs of throughput batches for (A)")
     p.add_argument("--kv-bytes", type=int, default=512 << 20)
     p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--engine-json", default="{}", help="more LLM(...) arguments for both engines, as JSON "
+                   "(e.g. a GPU run's dtype and compilation_config); they override the defaults")
+    p.add_argument("--vanilla-backend", default=None, help="vanilla's attention backend (default: vLLM's choice; "
+                   "TRITON_ATTN on a GPU compares like with like)")
     p.add_argument("--quick", action="store_true", help="8 prompts x 32 tokens, 4 conversations x 2 turns, 2 pairs")
     p.add_argument("--out", default=str(RESULTS / "serve_compare-cpu.json"))
     args = p.parse_args(argv)
@@ -202,7 +213,7 @@ def main(argv=None) -> int:
     results, summary = data["results"], data["summary"]
     van, vt = results["vanilla"], results["vtensor"]
     mib = 1 << 20
-    print(f"\nvanilla vLLM vs VTENSOR on {platform.processor() or 'cpu'}, float32, block size {args.block_size} "
+    print(f"\nvanilla vLLM vs VTENSOR on {data['device']}, {data['dtype']}, block size {args.block_size} "
           f"(ratios: medians of paired measurements)")
     print(f"{'':34}{'vanilla':>12}{'vtensor':>12}{'ratio':>9}")
     print(f"{'(A) throughput, tok/s':34}{van['throughput_tok_s']:>12.1f}{vt['throughput_tok_s']:>12.1f}"
@@ -222,7 +233,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": "python benchmarks/serve_compare.py " + " ".join(argv),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores", "results": results, "summary": summary,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores", "device": data["device"], "dtype": data["dtype"],
+        "results": results, "summary": summary,
     }, indent=2))
     png = out.with_suffix(".png")
     _plot(results, png)

@@ -23,6 +23,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_runtest_logreport(report):
+    """With ``$VTENSOR_FAILURES`` naming a file, each failure's report is appended to it as it happens
+    (a lent GPU's run may be cut off by its time limit before pytest prints its summary)."""
+    path = os.environ.get("VTENSOR_FAILURES")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"== {report.nodeid} ({report.when}) FAILED\n{report.longreprtext}\n\n")
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     return str(build_smollm2())

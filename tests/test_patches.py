@@ -16,7 +16,7 @@ DIFFS = sorted((ROOT / "patches").glob("*.diff"))
 
 
 def test_every_patch_names_an_existing_diff_and_a_reason():
-    assert len(patches.PATCHES) == 4
+    assert len(patches.PATCHES) == 5
     for p in patches.PATCHES:
         assert (ROOT / "patches" / p.upstream).is_file(), p.upstream
         assert len(p.why) > 40 and ":" in p.target
@@ -67,3 +67,22 @@ def test_another_vllm_version_is_refused(monkeypatch):
     monkeypatch.setattr(vllm, "__version__", "0.33.0")
     with pytest.raises(patches.PatchError, match="install vllm==0.32.0"):
         patches.check_version()
+
+
+def test_vtensor_runs_with_the_v1_model_runner(monkeypatch):
+    """On CUDA vLLM would pick its V2 runner, which never calls VTENSOR's hooks: VTENSOR gets V1,
+    and an explicit VLLM_USE_V2_MODEL_RUNNER=1 is refused naming the fix."""
+    from types import SimpleNamespace
+
+    from vllm.config.vllm import VllmConfig
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from vllm_vtensor.worker import VTensorConfigError
+
+    patches.apply_all()
+    cfg = SimpleNamespace(attention_config=SimpleNamespace(backend=AttentionBackendEnum["VTENSOR"]))
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    assert VllmConfig.use_v2_model_runner.fget(cfg) is False
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(VTensorConfigError, match="unset VLLM_USE_V2_MODEL_RUNNER"):
+        VllmConfig.use_v2_model_runner.fget(cfg)

@@ -41,3 +41,27 @@ def test_linger_seconds_refuses_a_negative_value(monkeypatch):
     monkeypatch.setenv("VTENSOR_CHUNK_LINGER_S", "-1")
     with pytest.raises(VTensorConfigError, match="seconds >= 0"):
         linger_seconds()
+
+
+def test_chunk_padding_over_a_tenth_is_refused_naming_the_block_size():
+    """On CUDA a chunk is a multiple of 2 MiB: a block whose KV (all layers) pads by more than 10%
+    is refused, and the block size named in the message pads by at most 10%."""
+    from vllm_vtensor.worker import check_chunk_padding
+
+    gran = 2 << 20
+    check_chunk_padding(128 * 16384, 128, gran)  # exactly one chunk
+    per_token = 30 * 3 * 64 * 2 * 2  # SmolLM2-135M in bf16
+    with pytest.raises(VTensorConfigError, match=r"--block-size (\d+)") as err:
+        check_chunk_padding(16 * per_token, 16, gran)
+    fits = int(err.value.args[0].split("--block-size ")[1].split()[0])
+    assert fits % 16 == 0 and fits > 16
+    check_chunk_padding(fits * per_token, fits, gran)  # the named size passes
+    with pytest.raises(VTensorConfigError):
+        check_chunk_padding((fits - 16) * per_token, fits - 16, gran)  # and it is the smallest
+    check_chunk_padding(16 * per_token, 16, 4096)  # host pages: negligible padding
+
+
+def test_the_backend_class_follows_the_platform():
+    from vllm_vtensor import BACKEND_PATH, backend_path
+
+    assert backend_path() == BACKEND_PATH  # CPU here; on CUDA: vllm_vtensor.backend_cuda.VTensorCudaBackend

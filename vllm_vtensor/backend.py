@@ -20,9 +20,8 @@ wait for the step's memory operations when a helper thread runs them while the
 forward pass starts (``VTENSOR_ASYNC_MAPPING=1``, :mod:`vllm_vtensor.vmm.deferred`;
 otherwise there is nothing to wait for).
 
-GPU: VTENSOR is refused on CUDA with a clear error (the CUDA VMM backend and
-the compiled kernels work on their own, but no GPU machine here has vLLM to
-run the backend with).
+On CUDA the backend is :mod:`vllm_vtensor.backend_cuda` (vLLM's Triton backend
+with this project's kernels); :func:`vllm_vtensor.backend_path` picks the class.
 """
 from __future__ import annotations
 

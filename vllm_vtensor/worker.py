@@ -107,6 +107,25 @@ def async_mapping() -> bool:
     return _env_flag(ASYNC_ENV, "give 1 to map beside the compute, or 0 to map before each step")
 
 
+MAX_CHUNK_PADDING = 0.10
+
+
+def check_chunk_padding(block_bytes: int, block_size: int, granularity: int) -> None:
+    """Refuse a block whose chunk (all layers' pages, rounded up to the VMM granularity: 2 MiB on
+    CUDA) would waste more than 10% of its memory, naming the ``--block-size`` that fits."""
+    chunk = math.ceil(block_bytes / granularity) * granularity
+    if chunk <= block_bytes * (1 + MAX_CHUNK_PADDING):
+        return
+    per_token = block_bytes // block_size
+    fits = next(b for b in range(16, 1 << 20, 16)
+                if math.ceil(b * per_token / granularity) * granularity <= b * per_token * (1 + MAX_CHUNK_PADDING))
+    raise VTensorConfigError(
+        f"VTENSOR maps one chunk per block holding all layers' KV; a block of {block_size} tokens is "
+        f"{block_bytes} B, which pads to a {chunk} B chunk ({granularity} B granularity), wasting "
+        f"{1 - block_bytes / chunk:.0%} of KV memory. Pass --block-size {fits} (block_size={fits}): the smallest "
+        f"block that wastes at most {MAX_CHUNK_PADDING:.0%}.")
+
+
 def layer_views(kv: KVSpace, num_layers: int, page_shape: tuple[int, int, int], dtype: torch.dtype) -> list[torch.Tensor]:
     """Each layer's KV tensor ``[virtual blocks, *page_shape]`` as a strided view of ``kv``'s range.
 
@@ -125,7 +144,7 @@ def layer_views(kv: KVSpace, num_layers: int, page_shape: tuple[int, int, int], 
     ]
 
 
-def allocate_kv_cache(runner, kv_cache_config) -> dict[str, torch.Tensor]:
+def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[str, torch.Tensor]:
     """Per-layer KV views over a fresh :class:`KVSpace`, stored on ``runner``."""
     from vllm.v1.kv_cache_interface import compute_layer_kv_cache_shape_bytes
 
@@ -134,18 +153,32 @@ def allocate_kv_cache(runner, kv_cache_config) -> dict[str, torch.Tensor]:
     spec = group.kv_cache_spec
     layers = list(group.layer_names)
     page = spec.page_size_bytes
+    if kernel_block_sizes and kernel_block_sizes[0] != spec.block_size:
+        raise VTensorConfigError(f"VTENSOR needs the attention kernel's block size to be the cache's ({spec.block_size}); "
+                                 f"vLLM chose {kernel_block_sizes[0]}. Pass --block-size {kernel_block_sizes[0]}.")
     _, heads, tokens, content = compute_layer_kv_cache_shape_bytes(spec, 1)
     if heads * tokens * content != page:
         raise VTensorConfigError(f"VTENSOR needs dense KV pages; got page {page} for shape {(heads, tokens, content)}")
-    device = str(runner.device)
-    if device != "cpu":
-        raise VTensorConfigError(
-            f"--attention-backend VTENSOR runs on CPU in this release; on {device} its Triton kernels are not "
-            "wired into vLLM yet. Run without --attention-backend VTENSOR on GPUs."
-        )
-    backend = make_backend("cpu", stage=stage_mappings())
-    if async_mapping():
-        backend = DeferredBackend(backend)
+    device = torch.device(runner.device)
+    if device.type == "cuda":
+        backend = make_backend(f"cuda:{device.index or 0}")
+        check_chunk_padding(page * len(layers), spec.block_size, backend.granularity)
+        budget = kv_cache_config.num_blocks * math.ceil(page * len(layers) / backend.granularity) * backend.granularity
+        free, _ = torch.cuda.mem_get_info(device)
+        if budget > free:
+            raise VTensorConfigError(
+                f"VTENSOR's KV budget of {kv_cache_config.num_blocks} chunks ({budget / 2**30:.2f} GiB) exceeds the "
+                f"{free / 2**30:.2f} GiB free on {device}: lower --gpu-memory-utilization or --kv-cache-memory-bytes")
+        for name in (STAGE_ENV, ASYNC_ENV):
+            if os.environ.get(name):
+                logger.warning("%s applies to the host (CPU) backend only; ignored on %s", name, device)
+    elif device.type == "cpu":
+        backend = make_backend("cpu", stage=stage_mappings())
+        if async_mapping():
+            backend = DeferredBackend(backend)
+    else:
+        raise VTensorConfigError(f"--attention-backend VTENSOR runs on CPU and CUDA GPUs, not on {device}. "
+                                 "Run without --attention-backend VTENSOR.")
     kv = KVSpace(
         backend,
         num_blocks=kv_cache_config.num_blocks,

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# VTENSOR through vLLM on a lent CUDA GPU. Those machines have PyTorch 2.11, Triton and cuda-bindings
+# but no vLLM and no network, and vLLM's wheel (its CUDA ops built for torch 2.13) is too big to carry.
+# So this runs vLLM 0.32's own Python source (engine, scheduler, GPU model runner, Triton attention)
+# with none of its compiled ops: both engines use vLLM's native torch layers and Triton kernels
+# (tests/test_e2e_cuda.py sets custom_ops=none and native IR ops) and vLLM's V1 model runner (V2 needs a
+# compiled op; VTENSOR always runs on V1), so the comparison stays like with like.
+#
+# Prepare here with benchmarks/gpu_vllm_prepare.sh (never commit these; it puts /.gpuvllm/ and /.whl/
+# in .git/info/exclude):
+#   .gpuvllm/vllm-src.tar.xz   vllm/ (the .py files of the vllm==0.32.0 wheel) + vllm-0.32.0.dist-info
+#   .gpuvllm/tokenizer/        SmolLM2's tokenizer files (for the random-weight models built there)
+#   .whl/                      cp312 wheels of vLLM's Python dependencies the GPU image lacks
+# Run there from the repository root, carrying .gpuvllm and .whl:
+#   OUT=/some/dir bash benchmarks/gpu_vllm.sh [pytest args]
+set -uo pipefail
+OUT=${OUT:?set OUT to a folder for the results}
+SITE=/tmp/vllm-site
+PY=${PYTHON:-python3}
+mkdir -p "$SITE"
+$PY -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl || exit 1
+tar -xJf .gpuvllm/vllm-src.tar.xz -C "$SITE" || exit 1
+# vLLM's CUDA platform module imports its compiled ops library first thing; a stand-in answers the
+# capability queries vLLM makes while importing (no kernels: see the file)
+cp benchmarks/gpu_vllm/_C_stable_libtorch.py "$SITE/vllm/_C_stable_libtorch.py"
+# and vllm_flash_attn refuses to import without its compiled extensions, which model modules import
+# unconditionally (fa_utils); nothing here calls flash attention, so let it import
+sed -i 's/^if not (FA2_AVAILABLE or FA3_AVAILABLE):/if False:  # gpu_vllm.sh: FA extensions absent/' \
+    "$SITE/vllm/vllm_flash_attn/__init__.py"
+# the plugin's entry points (vllm.general_plugins), as pip would install them
+mkdir -p "$SITE/vllm_vtensor-0.1.0.dist-info"
+printf 'Metadata-Version: 2.1\nName: vllm-vtensor\nVersion: 0.1.0\n' >"$SITE/vllm_vtensor-0.1.0.dist-info/METADATA"
+printf '[vllm.general_plugins]\nvtensor = vllm_vtensor.plugin:register\nflexoffload = flexoffload.plugin:register\n\n[vllm.stat_logger_plugins]\nvtensor = vllm_vtensor.metrics:VTensorStatLogger\n' \
+    >"$SITE/vllm_vtensor-0.1.0.dist-info/entry_points.txt"
+export PYTHONPATH="$PWD:$SITE" PYTHONUNBUFFERED=1 VTENSOR_CACHE=/tmp/vt-cache VTENSOR_TOKENIZER="$PWD/.gpuvllm/tokenizer"
+export VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 VLLM_WORKER_MULTIPROC_METHOD=spawn VLLM_USE_V2_MODEL_RUNNER=${VLLM_USE_V2_MODEL_RUNNER:-0} VLLM_USE_FLASHINFER_SAMPLER=0 VTENSOR_NO_VLLM_OPS=1
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  $PY -c "import torch, triton, vllm; print('torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__); from vllm.platforms import current_platform as p; print('platform', p.device_name)"
+} 2>&1 | tee "$OUT/card-vllm.txt"
+# 7 engines (~40 s each to start and run); each failure is written to failures.txt as it happens
+VTENSOR_FAILURES="$OUT/failures.txt" timeout ${E2E_TIMEOUT:-480} $PY -m pytest -v -p no:cacheprovider -rA \
+    --durations=0 tests/test_e2e_cuda.py "$@" 2>&1 | grep -v "^(EngineCore\|^INFO\|^WARNING" | tee "$OUT/e2e-cuda.log"
