@@ -41,3 +41,13 @@ export VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
 # 7 engines (~40 s each to start and run); each failure is written to failures.txt as it happens
 VTENSOR_FAILURES="$OUT/failures.txt" timeout ${E2E_TIMEOUT:-480} $PY -m pytest -v -p no:cacheprovider -rA \
     --durations=0 tests/test_e2e_cuda.py "$@" 2>&1 | grep -v "^(EngineCore\|^INFO\|^WARNING" | tee "$OUT/e2e-cuda.log"
+
+# BENCH=1: then vanilla (Triton backend) vs VTENSOR side by side on a random-weight llama of SmolLM2-135M's
+# shape, bf16 (block 176: SmolLM2's 23040 B of KV per token make a 4 MiB chunk with 3% padding)
+if [ "${BENCH:-0}" = 1 ]; then
+  model=$($PY -c "from vllm_vtensor.models import build_tiny_llama as b; print(b(head_dim=64, num_layers=30, num_heads=9, num_kv_heads=3, hidden_size=576, intermediate_size=1536))")
+  engine='{"dtype": "bfloat16", "compilation_config": {"custom_ops": ["none"]}, "kernel_config": {"ir_op_priority": {"rms_norm": ["native"], "fused_add_rms_norm": ["native"]}}}'
+  timeout ${BENCH_TIMEOUT:-300} $PY benchmarks/serve_compare.py --model "$model" --block-size 176 --kv-bytes $((2 << 30)) \
+      --vanilla-backend TRITON_ATTN --engine-json "$engine" --out "$OUT/serve_compare-cuda.json" ${BENCH_ARGS:-} 2>&1 \
+      | grep -v "^(EngineCore\|^INFO\|^WARNING" | tee "$OUT/serve_compare-cuda.log"
+fi

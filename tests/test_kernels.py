@@ -195,3 +195,21 @@ def test_benchmark_feeds_vllm_kernels_the_same_data(tmp_path):
         for key, err in r.items():
             if key.endswith("_max_abs_err"):
                 assert err < (2e-5 if r["dtype"] == "float32" else 3e-2), (key, r)
+
+
+@pytest.mark.parametrize("kernel", ["context", "decode"])
+def test_a_strided_column_of_first_blocks_is_refused(kernel):
+    """The kernels read kv_start_block[r] as a plain array. A block table's first column
+    (``block_table[:, 0]``) is a strided view: read as an array it would hand request r the range of
+    request 0 shifted by r blocks (session 7's first CUDA run of VTENSOR did this). It is refused,
+    naming the fix, and its .contiguous() copy gives the reference's result."""
+    batch = _decode_batch([17, 50, 9], 4, 2, 64, 16, torch.float32, "packed")
+    table = torch.stack([batch["kv_start_block"] + j for j in range(5)], dim=1)  # rows of consecutive ids
+    fn, ref = (decode_attention, decode_attention_ref) if kernel == "decode" else (context_attention, context_attention_ref)
+    if kernel == "context":
+        batch["query_start_loc"] = torch.arange(4, dtype=torch.int32, device=DEVICE)
+    batch["kv_start_block"] = table[:, 0]
+    with pytest.raises(ValueError, match=r"contiguous.*block_table\[:, 0\]"):
+        fn(out=torch.empty_like(batch["q"]), **batch)
+    batch["kv_start_block"] = table[:, 0].contiguous()
+    check(fn, ref, batch, torch.float32)

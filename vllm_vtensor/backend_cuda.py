@@ -72,7 +72,8 @@ class VTensorTritonImpl(TritonAttentionImpl):
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         num_reqs = attn_metadata.seq_lens.shape[0]
-        kv_start = attn_metadata.block_table[:num_reqs, 0]  # each row is consecutive virtual ids from here
+        # each row is consecutive virtual ids from here; the column is strided, the kernels want an array
+        kv_start = attn_metadata.block_table[:num_reqs, 0].contiguous()
         if attn_metadata.max_query_len == 1 and n == num_reqs:  # decode only: split-K over the context
             self._decode(q=q, k_cache=k_cache, v_cache=v_cache, out=out, seq_lens=attn_metadata.seq_lens,
                          kv_start_block=kv_start, scale=self.scale, max_seq_len=attn_metadata.max_seq_len)

@@ -238,7 +238,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _check(q, k_cache, v_cache, out):
+def _check(q, k_cache, v_cache, out, *per_request):
     if q.device.type == "cpu" and not _interpreting():
         raise RuntimeError("Triton kernels need a CUDA device, or TRITON_INTERPRET=1 for CPU tensors "
                            "(slow; vllm_vtensor.kernels.reference is the CPU fallback)")
@@ -247,6 +247,11 @@ def _check(q, k_cache, v_cache, out):
     assert q.shape[2] == k_cache.shape[3], "head dims of q and the cache differ"
     assert q.shape[1] % k_cache.shape[1] == 0, "query heads must be a multiple of kv heads"
     assert q.stride(2) == 1 and out.stride(2) == 1, "the head dimension of q and out must be contiguous"
+    for t in per_request:  # the kernels index these as plain arrays (ptr + r)
+        if t.dim() != 1 or (t.shape[0] > 1 and t.stride(0) != 1):
+            raise ValueError(f"per-request tensors (query_start_loc, seq_lens, kv_start_block) must be contiguous "
+                             f"1-D; got shape {tuple(t.shape)}, strides {t.stride()}: pass .contiguous() (a "
+                             "block table's first column, block_table[:, 0], is strided)")
 
 
 # Tile shapes and launch options on a GPU ("BLOCK_M"/"BLOCK_N" tiles, Triton's num_warps and
@@ -342,7 +347,7 @@ def context_attention(
 
     ``launch_config`` overrides the tile sizes, warps and stages chosen for the shape (see
     :data:`CONTEXT_CONFIG`)."""
-    _check(q, k_cache, v_cache, out)
+    _check(q, k_cache, v_cache, out, query_start_loc, seq_lens, kv_start_block)
     num_reqs = seq_lens.shape[0]
     if num_reqs == 0 or q.shape[0] == 0:
         return out
@@ -409,7 +414,7 @@ def decode_attention(
 
     ``launch_config`` overrides the key tile, warps and stages chosen for the shape (see
     :data:`DECODE_CONFIG`)."""
-    _check(q, k_cache, v_cache, out)
+    _check(q, k_cache, v_cache, out, seq_lens, kv_start_block)
     num_reqs, hq, head_dim = q.shape
     if num_reqs == 0:
         return out
