@@ -8,8 +8,12 @@ each layer's streamed tensors in from the prefetch arena while it computes.
 Steady-state weight memory is resident tensors + arena <= ``memory_budget``.
 Loading itself needs the whole model in memory once (as vLLM's loader does).
 
-Supported: CPU, llama-style decoders (``model.model.layers``), eager mode
-(``--enforce-eager``: forward hooks must run on every pass).
+Supported: CPU and CUDA, llama-style decoders (``model.model.layers``), eager
+mode (``--enforce-eager``: forward hooks must run on every pass).  On CUDA the
+budget is device memory: resident tensors and the device arena stay on the
+GPU, streamed tensors are read into a pinned host arena and copied on a side
+stream (:class:`~flexoffload.runtime.Streamer`); loading still builds the whole
+model on the device once, as vLLM's loader does.
 """
 from __future__ import annotations
 
@@ -55,9 +59,12 @@ class FlexInferLoader(BaseModelLoader):
         self.inner.load_weights(model, model_config)
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> torch.nn.Module:
-        if vllm_config.device_config.device.type != "cpu":
-            raise FlexConfigError("--load-format flexinfer streams weights on CPU in this release; "
-                                  "use vLLM's --cpu-offload-gb on GPUs")
+        device_type = torch.device(vllm_config.device_config.device).type
+        if device_type not in ("cpu", "cuda"):
+            raise FlexConfigError(f"--load-format flexinfer streams weights on CPU and CUDA devices, not {device_type}")
+        if device_type == "cuda" and self.cfg.policy == "mmap":
+            raise FlexConfigError("the mmap baseline (policy 'mmap') maps weights from the page cache for the CPU; "
+                                  "on CUDA use another policy")
         from vllm.config import CompilationMode
 
         if vllm_config.compilation_config.mode != CompilationMode.NONE:
@@ -106,7 +113,9 @@ class FlexInferLoader(BaseModelLoader):
         if streamed:
             self._install(model, layers, plan, store, streamed)
         _give_back_freed_memory()
-        if self.cfg.lock_memory:
+        if target.type == "cuda":
+            torch.cuda.empty_cache()  # the dropped tensors' device memory, back to the driver
+        if self.cfg.lock_memory and target.type == "cpu":  # on CUDA resident weights are device memory
             locked = sum(mlock(p.data_ptr(), p.numel() * p.element_size()) for n, p in model.named_parameters()
                          if n in plan.resident and p.numel())
             logger.info("flexinfer: mlocked %d resident tensors", locked)
@@ -119,7 +128,8 @@ class FlexInferLoader(BaseModelLoader):
         _write_stats(os.environ.get(STATS_ENV), {
             "budget_bytes": budget, "weight_bytes": weight_bytes, "resident_bytes": plan.resident_bytes,
             "arena_bytes": plan.arena_bytes, "streamed_bytes_per_forward": plan.streamed_bytes_per_forward,
-            "head_streamed": plan.head_streamed, "policy": plan.policy, "forwards": 0, "bytes_streamed": 0})
+            "head_streamed": plan.head_streamed, "policy": plan.policy, "forwards": 0, "bytes_streamed": 0,
+            "device": target.type, "device_weight_bytes": _device_bytes(model, self.streamer, target)})
         return model.eval()
 
     def _fill(self, model, model_config, params, path, wanted) -> None:
@@ -141,9 +151,12 @@ class FlexInferLoader(BaseModelLoader):
         for name, p in params.items():
             if wanted(name):
                 e = store.index[name]
-                dst = memoryview(p.data.view(torch.uint8).reshape(-1).numpy())
+                host = p.data if p.device.type == "cpu" else torch.empty(p.shape, dtype=p.dtype)
+                dst = memoryview(host.view(torch.uint8).reshape(-1).numpy())
                 if os.preadv(store.row_fd, [dst], e.offset) != e.nbytes:
                     raise OSError(f"short read of {name} from {path}")
+                if host is not p.data:
+                    p.data.copy_(host)
         store.close()
 
     def _load_mmap_baseline(self, model, model_config, target, mapped: list[str], path) -> torch.nn.Module:
@@ -173,8 +186,9 @@ class FlexInferLoader(BaseModelLoader):
         if plan.head_streamed:
             head_unit = len(units)
             units.append(Unit("head", list(plan.head_names)))
+        device = next(model.parameters()).device
         streamer = Streamer(store, units, plan.arena_bytes, window=plan.window,
-                            io_threads=self.cfg.io_threads, lock_memory=self.cfg.lock_memory)
+                            io_threads=self.cfg.io_threads, lock_memory=self.cfg.lock_memory, device=device)
         self.streamer = streamer
 
         placeholders = {name: (_param(model, name), _param(model, name).data) for name in streamed}  # emptied
@@ -233,7 +247,8 @@ class FlexInferLoader(BaseModelLoader):
             ids = args[0]
             uniq, inverse = torch.unique(ids, return_inverse=True)
             data = store.read_rows(name, uniq.tolist(), row_bytes)
-            param.data = torch.frombuffer(bytearray(data), dtype=entry.torch_dtype).view(len(uniq), hidden)
+            rows_read = torch.frombuffer(bytearray(data), dtype=entry.torch_dtype).view(len(uniq), hidden)
+            param.data = rows_read.to(ids.device)
             return (inverse.view(ids.shape),) + tuple(args[1:])
 
         def post(module, args, output):
@@ -252,7 +267,18 @@ def _drop(model, names: list[str]) -> None:
     """Empty these parameters (before CPU GEMM packing, so no packed copies of them are made)."""
     for name in names:
         p = _param(model, name)
-        p.data = torch.empty(0, dtype=p.dtype)
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+
+def _device_bytes(model, streamer, device: torch.device) -> int | None:
+    """Measured on CUDA: bytes of the model's parameter storages on the device plus the streamer's
+    device arena (None on CPU, where the worker's RSS is the measure)."""
+    if device.type != "cuda":
+        return None
+    storages = {p.data.untyped_storage().data_ptr(): p.data.untyped_storage().nbytes()
+                for p in model.parameters() if p.device.type == "cuda"}
+    arena = streamer._dev_arena.numel() if streamer is not None and streamer._dev_arena is not None else 0
+    return sum(storages.values()) + arena
 
 
 def _gemm_on_live_weights(model, names: list[str]) -> None:

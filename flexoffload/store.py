@@ -73,7 +73,7 @@ class WeightStore:
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             for name, t in tensors.items():
-                data = t.detach().contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+                data = t.detach().contiguous().view(torch.uint8).reshape(-1).cpu().numpy().tobytes()
                 f.seek(offset)
                 f.write(data)
                 index[name] = {"offset": offset, "nbytes": len(data), "dtype": str(t.dtype), "shape": list(t.shape)}
