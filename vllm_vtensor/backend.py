@@ -39,12 +39,48 @@ ATTENTION_ENV = "VTENSOR_ATTENTION"
 ATTENTION_KERNELS = ("cpu", "triton", "reference")
 
 
+def chosen_kernel(choices: tuple[str, ...], where: str = "") -> str:
+    """``$VTENSOR_ATTENTION`` among ``choices`` (the first is the default); anything else raises naming them."""
+    name = os.environ.get(ATTENTION_ENV, "") or choices[0]
+    if name not in choices:
+        raise ValueError(f"{ATTENTION_ENV}={name!r} is not an attention kernel VTENSOR has{where}: use one of "
+                         f"{', '.join(choices)} (default {choices[0]})")
+    return name
+
+
+def refuse_unsupported(impl, sliding_window: bool, fix: str, *more: tuple[str, bool]) -> None:
+    """Raise, naming ``fix``, when ``impl``'s layer needs what this project's kernels do not implement."""
+    unsupported = [what for what, present in (
+        ("ALiBi slopes", impl.alibi_slopes is not None), ("logit soft-capping", bool(impl.logits_soft_cap)),
+        ("attention sinks", impl.sinks is not None), ("a sliding window", sliding_window), *more,
+    ) if present]
+    if unsupported:
+        raise ValueError(f"{ATTENTION_ENV}={impl.kernel} does not implement {', '.join(unsupported)}: {fix}")
+
+
+def run_kernels(impl, query, output, k_cache, v_cache, attn_metadata):
+    """``impl._decode`` for a decode-only batch, else ``impl._context``, over ``[blocks, H, B, D]`` views.
+
+    Each request's block-table row is consecutive virtual ids, so the kernels get its first one
+    (``block_table[:, 0]``, copied: the column is strided and the kernels read a plain array)."""
+    n = attn_metadata.num_actual_tokens
+    q = query[:n].view(n, impl.num_heads, impl.head_size)
+    out = output[:n].view(n, impl.num_heads, impl.head_size)
+    num_reqs = attn_metadata.seq_lens.shape[0]
+    kv_start = attn_metadata.block_table[:num_reqs, 0].contiguous()
+    if attn_metadata.max_query_len == 1 and n == num_reqs:  # decode only: split-K over the context
+        impl._decode(q=q, k_cache=k_cache, v_cache=v_cache, out=out, seq_lens=attn_metadata.seq_lens,
+                     kv_start_block=kv_start, scale=impl.scale, max_seq_len=attn_metadata.max_seq_len)
+    else:
+        impl._context(q=q, k_cache=k_cache, v_cache=v_cache, out=out, query_start_loc=attn_metadata.query_start_loc,
+                      seq_lens=attn_metadata.seq_lens, kv_start_block=kv_start, scale=impl.scale,
+                      max_query_len=attn_metadata.max_query_len)
+    return output
+
+
 def attention_kernel() -> str:
-    """The attention ``$VTENSOR_ATTENTION`` selects (default ``cpu``); anything else raises naming the choices."""
-    name = os.environ.get(ATTENTION_ENV, "") or "cpu"
-    if name not in ATTENTION_KERNELS:
-        raise ValueError(f"{ATTENTION_ENV}={name!r} is not an attention kernel VTENSOR has: use one of "
-                         f"{', '.join(ATTENTION_KERNELS)} (default cpu)")
+    """The attention ``$VTENSOR_ATTENTION`` selects on CPU (default ``cpu``)."""
+    name = chosen_kernel(ATTENTION_KERNELS)
     if name == "triton" and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         raise ValueError(f"{ATTENTION_ENV}=triton on a CPU needs TRITON_INTERPRET=1 (Triton's interpreter: slow, "
                          f"for testing); use {ATTENTION_ENV}=cpu for speed")
@@ -59,13 +95,8 @@ class VTensorCPUImpl(CPUAttentionBackendImpl):
         self.kernel = attention_kernel()
         if self.kernel == "cpu":
             return
-        unsupported = [what for what, present in (
-            ("ALiBi slopes", self.alibi_slopes is not None), ("logit soft-capping", bool(self.logits_soft_cap)),
-            ("attention sinks", self.sinks is not None), ("a sliding window", self.sliding_window not in (None, -1)),
-        ) if present]
-        if unsupported:
-            raise ValueError(f"{ATTENTION_ENV}={self.kernel} does not implement {', '.join(unsupported)}: "
-                             f"unset {ATTENTION_ENV} (vLLM's CPU kernel handles them)")
+        refuse_unsupported(self, self.sliding_window not in (None, -1),
+                           f"unset {ATTENTION_ENV} (vLLM's CPU kernel handles them)")
         if self.kernel == "triton":
             from .kernels import attention as kernels
 
@@ -87,21 +118,8 @@ class VTensorCPUImpl(CPUAttentionBackendImpl):
                 or not attn_metadata.causal):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
-        n = attn_metadata.num_actual_tokens
         k_cache, v_cache = _kv_views(kv_cache, layer.isa)
-        q = query[:n].view(n, self.num_heads, self.head_size)
-        out = output[:n].view(n, self.num_heads, self.head_size)
-        num_reqs = attn_metadata.seq_lens.shape[0]
-        # each request's range starts at its first virtual block (its row is consecutive ids from there)
-        kv_start = attn_metadata.block_table[:num_reqs, 0].contiguous()
-        if attn_metadata.max_query_len == 1 and n == num_reqs:  # decode only: split-K over the context
-            self._decode(q=q, k_cache=k_cache, v_cache=v_cache, out=out, seq_lens=attn_metadata.seq_lens,
-                         kv_start_block=kv_start, scale=self.scale, max_seq_len=attn_metadata.max_seq_len)
-        else:
-            self._context(q=q, k_cache=k_cache, v_cache=v_cache, out=out,
-                          query_start_loc=attn_metadata.query_start_loc, seq_lens=attn_metadata.seq_lens,
-                          kv_start_block=kv_start, scale=self.scale, max_query_len=attn_metadata.max_query_len)
-        return output
+        return run_kernels(self, query, output, k_cache, v_cache, attn_metadata)
 
 
 def _kv_views(kv_cache: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,24 +19,18 @@ Built on vLLM's Triton backend, which keeps each layer's cache in the logical ``
 """
 from __future__ import annotations
 
-import os
-
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
 
 from . import BACKEND_NAME
-from .backend import ATTENTION_ENV
+from .backend import ATTENTION_ENV, chosen_kernel, refuse_unsupported, run_kernels
 
 CUDA_ATTENTION_KERNELS = ("triton", "vllm")
 
 
 def cuda_attention_kernel() -> str:
     """The attention ``$VTENSOR_ATTENTION`` selects on CUDA (default ``triton``)."""
-    name = os.environ.get(ATTENTION_ENV, "") or "triton"
-    if name not in CUDA_ATTENTION_KERNELS:
-        raise ValueError(f"{ATTENTION_ENV}={name!r} is not an attention kernel VTENSOR has on CUDA: use one of "
-                         f"{', '.join(CUDA_ATTENTION_KERNELS)} (default triton)")
-    return name
+    return chosen_kernel(CUDA_ATTENTION_KERNELS, " on CUDA")
 
 
 class VTensorTritonImpl(TritonAttentionImpl):
@@ -47,14 +41,9 @@ class VTensorTritonImpl(TritonAttentionImpl):
         self.kernel = cuda_attention_kernel()
         if self.kernel == "vllm":
             return
-        unsupported = [what for what, present in (
-            ("ALiBi slopes", self.alibi_slopes is not None), ("logit soft-capping", bool(self.logits_soft_cap)),
-            ("attention sinks", self.sinks is not None), ("a sliding window", self.sliding_window != (-1, -1)),
-            ("a quantized KV cache", self.kv_cache_dtype != "auto"),
-        ) if present]
-        if unsupported:
-            raise ValueError(f"VTENSOR's Triton kernels do not implement {', '.join(unsupported)}: "
-                             f"set {ATTENTION_ENV}=vllm (vLLM's kernel over the same layout) or run without VTENSOR")
+        refuse_unsupported(self, self.sliding_window != (-1, -1),
+                           f"set {ATTENTION_ENV}=vllm (vLLM's kernel over the same layout) or run without VTENSOR",
+                           ("a quantized KV cache", self.kv_cache_dtype != "auto"))
         from .kernels import attention as kernels
 
         self._context, self._decode = kernels.context_attention, kernels.decode_attention
@@ -66,22 +55,9 @@ class VTensorTritonImpl(TritonAttentionImpl):
                 or not isinstance(attn_metadata.causal, bool) or not attn_metadata.causal):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
-        n = attn_metadata.num_actual_tokens
         # (blocks, H, N, 2D) -> K and V as (blocks, H, N, D) views: no copy, the kernels take strides
         k_cache, v_cache = kv_cache.split(self.head_size, dim=-1)
-        q = query[:n].view(n, self.num_heads, self.head_size)
-        out = output[:n].view(n, self.num_heads, self.head_size)
-        num_reqs = attn_metadata.seq_lens.shape[0]
-        # each row is consecutive virtual ids from here; the column is strided, the kernels want an array
-        kv_start = attn_metadata.block_table[:num_reqs, 0].contiguous()
-        if attn_metadata.max_query_len == 1 and n == num_reqs:  # decode only: split-K over the context
-            self._decode(q=q, k_cache=k_cache, v_cache=v_cache, out=out, seq_lens=attn_metadata.seq_lens,
-                         kv_start_block=kv_start, scale=self.scale, max_seq_len=attn_metadata.max_seq_len)
-        else:
-            self._context(q=q, k_cache=k_cache, v_cache=v_cache, out=out,
-                          query_start_loc=attn_metadata.query_start_loc, seq_lens=attn_metadata.seq_lens,
-                          kv_start_block=kv_start, scale=self.scale, max_query_len=attn_metadata.max_query_len)
-        return output
+        return run_kernels(self, query, output, k_cache, v_cache, attn_metadata)
 
 
 class VTensorCudaBackend(TritonAttentionBackend):
@@ -98,29 +74,13 @@ class VTensorCudaBackend(TritonAttentionBackend):
         return VTensorTritonImpl
 
     @classmethod
-    def supports_model_runner_v2(cls) -> bool:
-        return False  # the KV allocation and step hooks are the V1 runner's (patches: v1-model-runner)
-
-    @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER  # only decoder self-attention keeps a KV cache here
 
-    @classmethod
-    def supports_sink(cls) -> bool:
-        return False
 
-    @classmethod
-    def supports_mm_prefix(cls) -> bool:
-        return False
-
-    @classmethod
-    def supports_sliding_window(cls) -> bool:
-        return False
-
-    @classmethod
-    def supports_rswa(cls) -> bool:
-        return False
-
-    @classmethod
-    def supports_non_causal(cls) -> bool:
-        return False
+# What the kernels do not implement (sinks, partial multimodal prefixes, sliding windows, R-SWA,
+# non-causal attention), and the V2 model runner, which calls none of VTENSOR's KV allocation and
+# step hooks (patches: v1-model-runner): vLLM refuses these configurations for VTENSOR by name.
+for _feature in ("supports_sink", "supports_mm_prefix", "supports_sliding_window", "supports_rswa",
+                 "supports_non_causal", "supports_model_runner_v2"):
+    setattr(VTensorCudaBackend, _feature, classmethod(lambda cls, *args: False))
