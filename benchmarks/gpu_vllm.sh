@@ -40,7 +40,7 @@ export VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
 } 2>&1 | tee "$OUT/card-vllm.txt"
 # 11 engines (~40 s each to start and run); each failure is written to failures.txt as it happens
 VTENSOR_FAILURES="$OUT/failures.txt" timeout ${E2E_TIMEOUT:-540} $PY -m pytest -v -p no:cacheprovider -rA \
-    --durations=0 ${E2E_TESTS:-tests/test_e2e_cuda.py tests/test_e2e_flexinfer_cuda.py} "$@" 2>&1 | grep -v "^(EngineCore\|^INFO\|^WARNING" | tee "$OUT/e2e-cuda.log"
+    --durations=0 ${E2E_TESTS:-tests/test_backend_cuda_impl.py tests/test_e2e_cuda.py tests/test_e2e_flexinfer_cuda.py} "$@" 2>&1 | grep -v "^(EngineCore\|^INFO\|^WARNING" | tee "$OUT/e2e-cuda.log"
 
 # BENCH=1: then vanilla (Triton backend) vs VTENSOR side by side on a random-weight llama of SmolLM2-135M's
 # shape, bf16 (block 176: SmolLM2's 23040 B of KV per token make a 4 MiB chunk with 3% padding)

@@ -1,0 +1,85 @@
+"""VTENSOR's CUDA attention impl (vllm_vtensor/backend_cuda.py), run on CPU under the Triton
+interpreter: given vLLM's Triton-backend cache ``(blocks, H, N, 2D)`` and metadata with a 2-D block
+table of consecutive virtual ids per request, its output equals attention computed by a paged
+gather through the block table (independent of the kernels' base-plus-stride addressing), for a
+decode-only batch and a mixed prefill/decode batch; what its kernels lack is refused naming the fix."""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernels' @triton.jit
+
+from vllm_vtensor.backend_cuda import VTensorTritonImpl  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+H, HKV, D, B = 4, 2, 64, 16
+
+
+def _impl(monkeypatch, kernel="triton", **kw):
+    monkeypatch.setenv("VTENSOR_ATTENTION", kernel)
+    args = dict(num_heads=H, head_size=D, scale=D ** -0.5, num_kv_heads=HKV, alibi_slopes=None,
+                sliding_window=None, kv_cache_dtype="auto") | kw
+    return VTensorTritonImpl(**args)
+
+
+def _paged_reference(q, kv_cache, block_table, seq_lens, q_lens):
+    """Each request's K/V gathered block by block through its block-table row, then causal SDPA."""
+    out, start = [], 0
+    for r, (seq, ql) in enumerate(zip(seq_lens, q_lens)):
+        blocks = block_table[r, : -(-seq // B)].tolist()
+        kv = torch.cat([kv_cache[b].transpose(0, 1) for b in blocks])[:seq]  # [seq, HKV, 2D]
+        k, v = kv[..., :D], kv[..., D:]
+        qr = q[start : start + ql].transpose(0, 1)  # [H, ql, D]
+        k = k.transpose(0, 1).repeat_interleave(H // HKV, 0)
+        v = v.transpose(0, 1).repeat_interleave(H // HKV, 0)
+        pos_q = torch.arange(seq - ql, seq)[:, None]
+        mask = torch.arange(seq)[None, :] <= pos_q
+        out.append(F.scaled_dot_product_attention(qr, k, v, attn_mask=mask.to(qr.device), scale=D ** -0.5)
+                   .transpose(0, 1))
+        start += ql
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("q_lens, seq_lens", [
+    ([1, 1, 1], [37, 5, 20]),  # decode only: the split-K decode kernel
+    ([7, 1, 12], [7, 33, 40]),  # mixed: a fresh prefill, a decode row, a chunk after a cached prefix
+])
+def test_cuda_impl_reads_each_requests_range_through_the_block_table(monkeypatch, q_lens, seq_lens):
+    gen = torch.Generator().manual_seed(0)
+    slots, per_slot = 4, 4  # request r sits in slot 3 - r: first virtual blocks 12, 8, 4
+    kv_cache = torch.randn(slots * per_slot, HKV, B, 2 * D, generator=gen).to(DEVICE)
+    block_table = torch.stack([torch.arange(per_slot) + (3 - r) * per_slot for r in range(len(q_lens))])
+    block_table = torch.cat([block_table, torch.zeros(len(q_lens), 3, dtype=torch.long)], 1).to(DEVICE, torch.int32)
+    n = sum(q_lens)
+    q = torch.randn(n, H * D, generator=gen).to(DEVICE)
+    meta = SimpleNamespace(
+        num_actual_tokens=n, max_query_len=max(q_lens), max_seq_len=max(seq_lens), causal=True,
+        query_start_loc=torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), block_table=block_table)
+    out = torch.full((n + 2, H * D), float("nan"), device=DEVICE)  # padded like vLLM's output buffer
+    impl = _impl(monkeypatch)
+    assert impl.forward(None, q, None, None, kv_cache, meta, out) is out
+    expected = _paged_reference(q.view(n, H, D), kv_cache, block_table.cpu(), seq_lens, q_lens)
+    torch.testing.assert_close(out[:n].view(n, H, D), expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("kw, what", [
+    (dict(alibi_slopes=[0.5, 0.25, 0.125, 0.0625]), "ALiBi slopes"),
+    (dict(sliding_window=64), "a sliding window"),
+    (dict(kv_cache_dtype="fp8"), "a quantized KV cache"),
+])
+def test_what_the_kernels_lack_is_refused_naming_the_fix(monkeypatch, kw, what):
+    with pytest.raises(ValueError, match=f"does not implement {what}.*VTENSOR_ATTENTION=vllm"):
+        _impl(monkeypatch, **kw)
+    assert _impl(monkeypatch, "vllm", **kw).kernel == "vllm"  # vLLM's kernel over the same memory takes them
+
+
+def test_an_unknown_kernel_names_the_choices(monkeypatch):
+    with pytest.raises(ValueError, match="on CUDA: use one of triton, vllm"):
+        _impl(monkeypatch, "cpu")
