@@ -83,3 +83,24 @@ def test_what_the_kernels_lack_is_refused_naming_the_fix(monkeypatch, kw, what):
 def test_an_unknown_kernel_names_the_choices(monkeypatch):
     with pytest.raises(ValueError, match="on CUDA: use one of triton, vllm"):
         _impl(monkeypatch, "cpu")
+
+
+@pytest.mark.parametrize("dtype, expected", [("bfloat16", 176), ("float32", None)])
+def test_block_size_without_a_flag_fills_chunks(smollm2_path, dtype, expected):
+    """Without --block-size vLLM asks the backend for its preferred size: VTENSOR on CUDA picks the
+    smallest multiple of 16 tokens whose KV over all layers fills a 2 MiB-granular chunk to within
+    10% (vLLM's default 16 would pad SmolLM2's 0.37 MB block to 2 MiB)."""
+    from vllm.config import set_current_vllm_config
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_vtensor.backend_cuda import CUDA_GRANULARITY, VTensorCudaBackend
+    from vllm_vtensor.worker import check_chunk_padding
+
+    cfg = EngineArgs(model=smollm2_path, dtype=dtype, max_model_len=1024).create_engine_config()
+    with set_current_vllm_config(cfg):
+        block = VTensorCudaBackend.get_preferred_block_size(16)
+    per_token = 2 * 30 * 3 * 64 * (2 if dtype == "bfloat16" else 4)  # SmolLM2-135M: 30 layers, 3 KV heads of 64
+    assert block % 16 == 0 and (expected is None or block == expected)
+    check_chunk_padding(block * per_token, block, CUDA_GRANULARITY)
+    with pytest.raises(ValueError):
+        check_chunk_padding((block - 16) * per_token, block - 16, CUDA_GRANULARITY)

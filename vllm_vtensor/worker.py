@@ -110,20 +110,27 @@ def async_mapping() -> bool:
 MAX_CHUNK_PADDING = 0.10
 
 
+def _pads_little(block_bytes: int, granularity: int) -> bool:
+    return math.ceil(block_bytes / granularity) * granularity <= block_bytes * (1 + MAX_CHUNK_PADDING)
+
+
+def smallest_block_size(bytes_per_token: int, granularity: int, multiple: int = 16) -> int:
+    """The smallest block (a multiple of ``multiple`` tokens) whose chunk pads by at most 10%."""
+    return next(b for b in range(multiple, 1 << 30, multiple) if _pads_little(b * bytes_per_token, granularity))
+
+
 def check_chunk_padding(block_bytes: int, block_size: int, granularity: int) -> None:
     """Refuse a block whose chunk (all layers' pages, rounded up to the VMM granularity: 2 MiB on
     CUDA) would waste more than 10% of its memory, naming the ``--block-size`` that fits."""
-    chunk = math.ceil(block_bytes / granularity) * granularity
-    if chunk <= block_bytes * (1 + MAX_CHUNK_PADDING):
+    if _pads_little(block_bytes, granularity):
         return
-    per_token = block_bytes // block_size
-    fits = next(b for b in range(16, 1 << 20, 16)
-                if math.ceil(b * per_token / granularity) * granularity <= b * per_token * (1 + MAX_CHUNK_PADDING))
+    chunk = math.ceil(block_bytes / granularity) * granularity
+    fits = smallest_block_size(block_bytes // block_size, granularity)
     raise VTensorConfigError(
         f"VTENSOR maps one chunk per block holding all layers' KV; a block of {block_size} tokens is "
         f"{block_bytes} B, which pads to a {chunk} B chunk ({granularity} B granularity), wasting "
-        f"{1 - block_bytes / chunk:.0%} of KV memory. Pass --block-size {fits} (block_size={fits}): the smallest "
-        f"block that wastes at most {MAX_CHUNK_PADDING:.0%}.")
+        f"{1 - block_bytes / chunk:.0%} of KV memory. Pass --block-size {fits} (block_size={fits}), the smallest "
+        f"block that wastes at most {MAX_CHUNK_PADDING:.0%}, or leave --block-size unset (VTENSOR then picks it).")
 
 
 def layer_views(kv: KVSpace, num_layers: int, page_shape: tuple[int, int, int], dtype: torch.dtype) -> list[torch.Tensor]:
