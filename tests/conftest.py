@@ -29,7 +29,11 @@ def pytest_runtest_logreport(report):
     path = os.environ.get("VTENSOR_FAILURES")
     if path and report.failed:
         with open(path, "a") as f:
-            f.write(f"== {report.nodeid} ({report.when}) FAILED\n{report.longreprtext}\n\n")
+            f.write(f"== {report.nodeid} ({report.when}) FAILED\n{report.longreprtext}\n")
+            for name, text in (("stdout", report.capstdout), ("stderr", report.capstderr)):
+                if text:  # the engine processes' own errors land here
+                    f.write(f"-- captured {name} (last 6000 characters)\n{text[-6000:]}\n")
+            f.write("\n")
 
 
 @pytest.fixture(scope="session")
