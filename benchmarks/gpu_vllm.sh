@@ -32,10 +32,12 @@ mkdir -p "$SITE/vllm_vtensor-0.1.0.dist-info"
 printf 'Metadata-Version: 2.1\nName: vllm-vtensor\nVersion: 0.1.0\n' >"$SITE/vllm_vtensor-0.1.0.dist-info/METADATA"
 printf '[vllm.general_plugins]\nvtensor = vllm_vtensor.plugin:register\nflexoffload = flexoffload.plugin:register\n\n[vllm.stat_logger_plugins]\nvtensor = vllm_vtensor.metrics:VTensorStatLogger\n' \
     >"$SITE/vllm_vtensor-0.1.0.dist-info/entry_points.txt"
-export PYTHONPATH="$PWD:$SITE" PYTHONUNBUFFERED=1 VTENSOR_CACHE=/tmp/vt-cache VTENSOR_TOKENIZER="$PWD/.gpuvllm/tokenizer"
+# the cache (models, FlexInfer's weight store, read with O_DIRECT) stays off /tmp, which may be tmpfs
+export PYTHONPATH="$PWD:$SITE" PYTHONUNBUFFERED=1 VTENSOR_CACHE="$PWD/.gpu-cache" VTENSOR_TOKENIZER="$PWD/.gpuvllm/tokenizer"
 export VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 VLLM_WORKER_MULTIPROC_METHOD=spawn VLLM_USE_V2_MODEL_RUNNER=${VLLM_USE_V2_MODEL_RUNNER:-0} VLLM_USE_FLASHINFER_SAMPLER=0 VTENSOR_NO_VLLM_OPS=1
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  echo "filesystems: cache $(stat -f -c %T "$PWD") (models, FlexInfer's O_DIRECT weight store), /tmp $(stat -f -c %T /tmp)"
   $PY -c "import torch, triton, vllm; print('torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__); from vllm.platforms import current_platform as p; print('platform', p.device_name)"
 } 2>&1 | tee "$OUT/card-vllm.txt"
 # 10 engines (~45 s each to start and run); each failure is written to failures.txt as it happens.
