@@ -277,8 +277,7 @@ def _device_bytes(model, streamer, device: torch.device) -> int | None:
         return None
     storages = {p.data.untyped_storage().data_ptr(): p.data.untyped_storage().nbytes()
                 for p in model.parameters() if p.device.type == "cuda"}
-    arena = streamer._dev_arena.numel() if streamer is not None and streamer._dev_arena is not None else 0
-    return sum(storages.values()) + arena
+    return sum(storages.values()) + (streamer.device_arena_bytes if streamer is not None else 0)
 
 
 def _gemm_on_live_weights(model, names: list[str]) -> None:

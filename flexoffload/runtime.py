@@ -237,6 +237,11 @@ class Streamer:
             torch.cuda.current_stream(self.device).wait_event(slot.copied)  # GPU-side wait; the host runs on
         return slot
 
+    @property
+    def device_arena_bytes(self) -> int:
+        """Bytes of the arena's mirror in device memory (0 when streaming to the CPU)."""
+        return 0 if self._dev_arena is None else self._dev_arena.numel()
+
     def tensors(self, slot: _Slot) -> dict[str, torch.Tensor]:
         """Views of ``slot``'s tensors (in the device arena on CUDA), valid until :meth:`release`."""
         arena = self._byte_tensor if self._dev_arena is None else self._dev_arena

@@ -44,6 +44,11 @@ from .pool import ChunkPool
 from .vmm.base import VMMBackend
 
 
+def chunk_bytes_for(block_bytes: int, granularity: int) -> int:
+    """A chunk holds one block of all layers, padded to the backend's mapping granularity."""
+    return math.ceil(block_bytes / granularity) * granularity
+
+
 class KVSpaceError(RuntimeError):
     """The worker's view of blocks disagrees with the scheduler's (a bug), or a limit was hit."""
 
@@ -100,7 +105,7 @@ class KVSpace:
             raise ValueError("KVSpace sizes must be positive")
         gran = backend.granularity
         self.backend = backend
-        self.chunk_bytes = math.ceil(block_bytes / gran) * gran  # a block of all layers, padded to the granularity
+        self.chunk_bytes = chunk_bytes_for(block_bytes, gran)
         self.block_size = block_size
         self.num_slots = num_slots
         self.blocks_per_slot = blocks_per_slot

@@ -24,7 +24,7 @@ import torch
 
 from . import stats as vt_stats
 from . import BACKEND_NAME
-from .kv_space import KVSpace
+from .kv_space import KVSpace, chunk_bytes_for
 from .log import get_logger
 from .vmm import make_backend
 from .vmm.deferred import DeferredBackend
@@ -111,7 +111,7 @@ MAX_CHUNK_PADDING = 0.10
 
 
 def _pads_little(block_bytes: int, granularity: int) -> bool:
-    return math.ceil(block_bytes / granularity) * granularity <= block_bytes * (1 + MAX_CHUNK_PADDING)
+    return chunk_bytes_for(block_bytes, granularity) <= block_bytes * (1 + MAX_CHUNK_PADDING)
 
 
 def smallest_block_size(bytes_per_token: int, granularity: int, multiple: int = 16) -> int:
@@ -124,7 +124,7 @@ def check_chunk_padding(block_bytes: int, block_size: int, granularity: int) -> 
     CUDA) would waste more than 10% of its memory, naming the ``--block-size`` that fits."""
     if _pads_little(block_bytes, granularity):
         return
-    chunk = math.ceil(block_bytes / granularity) * granularity
+    chunk = chunk_bytes_for(block_bytes, granularity)
     fits = smallest_block_size(block_bytes // block_size, granularity)
     raise VTensorConfigError(
         f"VTENSOR maps one chunk per block holding all layers' KV; a block of {block_size} tokens is "
@@ -160,6 +160,7 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
     spec = group.kv_cache_spec
     layers = list(group.layer_names)
     page = spec.page_size_bytes
+    block_bytes = page * len(layers)  # one block of every layer: what a chunk holds
     if kernel_block_sizes and kernel_block_sizes[0] != spec.block_size:
         raise VTensorConfigError(f"VTENSOR needs the attention kernel's block size to be the cache's ({spec.block_size}); "
                                  f"vLLM chose {kernel_block_sizes[0]}. Pass --block-size {kernel_block_sizes[0]}.")
@@ -169,8 +170,8 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
     device = torch.device(runner.device)
     if device.type == "cuda":
         backend = make_backend(f"cuda:{device.index or 0}")
-        check_chunk_padding(page * len(layers), spec.block_size, backend.granularity)
-        budget = kv_cache_config.num_blocks * math.ceil(page * len(layers) / backend.granularity) * backend.granularity
+        check_chunk_padding(block_bytes, spec.block_size, backend.granularity)
+        budget = kv_cache_config.num_blocks * chunk_bytes_for(block_bytes, backend.granularity)
         free, _ = torch.cuda.mem_get_info(device)
         if budget > free:
             raise VTensorConfigError(
@@ -191,7 +192,7 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
         num_blocks=kv_cache_config.num_blocks,
         num_slots=vllm_config.scheduler_config.max_num_seqs,
         blocks_per_slot=math.ceil(vllm_config.model_config.max_model_len / spec.block_size) + 1,
-        block_bytes=page * len(layers),
+        block_bytes=block_bytes,
         block_size=spec.block_size,
         keep_full_blocks=bool(vllm_config.cache_config.enable_prefix_caching),
         linger_s=linger_seconds(),
