@@ -56,6 +56,11 @@ def _sample_stats(path: str, stop: threading.Event, samples: list) -> None:
         time.sleep(0.05)
 
 
+def _block_size(llm) -> int:
+    # the engine core reports the block size it settled on (the backend's preference included)
+    return llm.llm_engine.vllm_config.cache_config.block_size
+
+
 def _order(i: int) -> tuple[str, ...]:
     return MODES if i % 2 == 0 else MODES[::-1]
 
@@ -69,13 +74,16 @@ def run(args) -> dict:
     stats.ensure_stats_path()
     model = args.model or str(build_smollm2())
     kw = dict(dtype="float32", max_model_len=2048, enforce_eager=True, seed=0,
-              kv_cache_memory_bytes=args.kv_bytes, block_size=args.block_size) | json.loads(args.engine_json)
+              kv_cache_memory_bytes=args.kv_bytes) | json.loads(args.engine_json)
     backends = {"vanilla": args.vanilla_backend, "vtensor": "VTENSOR"}
+    blocks = {"vanilla": args.vanilla_block_size or args.block_size, "vtensor": args.vtensor_block_size or args.block_size}
     llms = {}
     for mode in MODES:
         t0 = time.perf_counter()
-        llms[mode] = LLM(model=model, **kw, **({"attention_backend": backends[mode]} if backends[mode] else {}))
-        print(f"{mode} engine started in {time.perf_counter() - t0:.1f} s", flush=True)
+        llms[mode] = LLM(model=model, **kw, **({"attention_backend": backends[mode]} if backends[mode] else {}),
+                         **({"block_size": blocks[mode]} if blocks[mode] else {}))  # None: the engine's default
+        print(f"{mode} engine started in {time.perf_counter() - t0:.1f} s, block size "
+              f"{_block_size(llms[mode])}", flush=True)
     cfg = llms["vanilla"].llm_engine.vllm_config.model_config.hf_config
     itemsize = llms["vanilla"].llm_engine.vllm_config.model_config.dtype.itemsize
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -130,7 +138,7 @@ def run(args) -> dict:
     pair = lambda a, b: [y / x for x, y in zip(a, b)]  # noqa: E731  (vtensor / vanilla, pair by pair)
     results = {
         m: {"throughput_tok_s": med(tok_s[m]), "first_batch_tok_s": tok_s[m][0], "batch_tok_s": tok_s[m],
-            "ttft_s": [med(t) for t in ttft[m]], "ttft_rounds_s": ttft[m]}
+            "ttft_s": [med(t) for t in ttft[m]], "ttft_rounds_s": ttft[m], "block_size": _block_size(llms[m])}
         for m in MODES
     }
     results["vanilla"]["peak_resident_kv_bytes"] = args.kv_bytes  # preallocated (and touched) at start-up
@@ -198,7 +206,11 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="rounds of fresh conversations for (B)")
     p.add_argument("--batches", type=int, default=6, help="pairs of throughput batches for (A)")
     p.add_argument("--kv-bytes", type=int, default=512 << 20)
-    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=None,
+                   help="both engines' block size (default: each engine's own default; on CPU vanilla's is 128, "
+                   "VTENSOR's 32)")
+    p.add_argument("--vanilla-block-size", type=int, default=None, help="vanilla's block size (overrides --block-size)")
+    p.add_argument("--vtensor-block-size", type=int, default=None, help="VTENSOR's block size (overrides --block-size)")
     p.add_argument("--engine-json", default="{}", help="more LLM(...) arguments for both engines, as JSON "
                    "(e.g. a GPU run's dtype and compilation_config); they override the defaults")
     p.add_argument("--vanilla-backend", default=None, help="vanilla's attention backend (default: vLLM's choice; "
@@ -213,8 +225,8 @@ def main(argv=None) -> int:
     results, summary = data["results"], data["summary"]
     van, vt = results["vanilla"], results["vtensor"]
     mib = 1 << 20
-    print(f"\nvanilla vLLM vs VTENSOR on {data['device']}, {data['dtype']}, block size {args.block_size} "
-          f"(ratios: medians of paired measurements)")
+    print(f"\nvanilla vLLM vs VTENSOR on {data['device']}, {data['dtype']}, block sizes {van['block_size']} / "
+          f"{vt['block_size']} (ratios: medians of paired measurements)")
     print(f"{'':34}{'vanilla':>12}{'vtensor':>12}{'ratio':>9}")
     print(f"{'(A) throughput, tok/s':34}{van['throughput_tok_s']:>12.1f}{vt['throughput_tok_s']:>12.1f}"
           f"{summary['throughput_ratio']:>8.2f}x")

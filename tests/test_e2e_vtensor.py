@@ -92,8 +92,9 @@ def reference(smollm2_path, tmp_path_factory):
     llm = _engine(smollm2_path, tmp_path_factory.mktemp("vanilla") / "unused.json", kv_cache_memory_bytes=256 << 20)
     out = _run_workloads(llm)
     preempt_out = _ids(llm.chat(MIXED, _params()))
+    block_size = llm.llm_engine.vllm_config.cache_config.block_size
     _shutdown(llm)
-    return out, preempt_out
+    return out, preempt_out, block_size
 
 
 @pytest.fixture(scope="module")
@@ -106,12 +107,22 @@ def vtensor_run(smollm2_path, tmp_path_factory, reference):
         del os.environ["VTENSOR_ASYNC_MAPPING"]
     out = _run_workloads(llm)
     after = _stats(stats)
+    after["frontend_block_size"] = llm.llm_engine.vllm_config.cache_config.block_size
     _shutdown(llm)
     return out, after
 
 
+def test_without_block_size_vtensor_takes_the_cpu_kernels_finest_block(reference, vtensor_run):
+    """No --block-size: the CPU platform's default is 128 (the reference engine runs with it), VTENSOR
+    asks for 32, and the engine core, the worker's KV space and the frontend all use it."""
+    _, stats = vtensor_run
+    assert reference[2] == 128
+    assert stats["block_size"] == stats["frontend_block_size"] == 32
+    assert stats["chunk_bytes"] == 32 * 2 * 30 * 3 * 64 * 4  # tokens x K,V x layers x KV heads x head dim x fp32
+
+
 def test_vtensor_matches_vanilla_token_for_token(reference, vtensor_run):
-    (ref, _), (out, stats) = reference, vtensor_run
+    (ref, _, _), (out, stats) = reference, vtensor_run
     for workload in ref:
         assert out[workload] == ref[workload], workload
     # this run's maps and unmaps ran in a helper thread while each forward pass started
@@ -141,14 +152,15 @@ def test_cached_prefix_is_mapped_not_copied(vtensor_run):
 
 
 def test_preemption_with_prefix_caching_off(smollm2_path, tmp_path, reference):
-    """A budget of 5 blocks (the minimum for max_model_len 512 is 4) for 6 requests that need
-    about 8 forces preemption; outputs still match and, with prefix caching off, every byte of
-    physical memory is given back at the end."""
-    _, ref = reference
+    """A budget of 5 blocks of 128 tokens (the minimum for max_model_len 512 is 4) for 6 requests
+    that need about 8 forces preemption; outputs still match and, with prefix caching off, every
+    byte of physical memory is given back at the end."""
+    _, ref, _ = reference
     stats = tmp_path / "stats.json"
     llm = _engine(
         smollm2_path, stats, attention_backend="VTENSOR",
-        max_model_len=512, kv_cache_memory_bytes=5 * 30 * 128 * 3 * 128 * 4, enable_prefix_caching=False,
+        max_model_len=512, block_size=128, kv_cache_memory_bytes=5 * 30 * 128 * 3 * 128 * 4,
+        enable_prefix_caching=False,
     )
     out = _ids(llm.chat(MIXED, _params()))
     after = _stats(stats)

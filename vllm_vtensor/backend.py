@@ -26,6 +26,7 @@ with this project's kernels); :func:`vllm_vtensor.backend_path` picks the class.
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 
 import torch
@@ -171,12 +172,37 @@ def block_layout(isa: str, block_size: int, head_size: int, dtype: torch.dtype) 
     return tuple(layouts)
 
 
+def preferred_block_size(default_block_size: int, granularity: int, multiple: int) -> int:
+    """The smallest block (a multiple of ``multiple`` tokens, as the kernel needs) whose KV over all
+    layers fills its chunk (a multiple of the memory ``granularity``) to within 10%, for the model
+    of the current vLLM config; ``default_block_size`` without one."""
+    from vllm.config import get_current_vllm_config
+
+    from .worker import smallest_block_size
+
+    cfg = get_current_vllm_config()
+    mc = cfg.model_config
+    if mc is None:
+        return default_block_size
+    per_token = (2 * mc.get_num_layers(cfg.parallel_config) * mc.get_num_kv_heads(cfg.parallel_config)
+                 * mc.get_head_size() * mc.dtype.itemsize)
+    return smallest_block_size(per_token, granularity, multiple=multiple)
+
+
 class VTensorCPUBackend(CPUAttentionBackend):
     """CPU attention over per-request contiguous virtual KV ranges."""
 
     @staticmethod
     def get_name() -> str:
         return BACKEND_NAME
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        """Without --block-size: the CPU kernel's finest block, 32 tokens, unless its chunk would pad
+        by more than 10% at page granularity.  Memory is mapped per block (the CPU platform's default of
+        128 preallocates nothing here but leaves more of each request's last block empty) and prefix-cache
+        hits land on block boundaries, so a finer block wastes less and recomputes less of a cached prefix."""
+        return preferred_block_size(default_block_size, mmap.PAGESIZE, multiple=32)
 
     @staticmethod
     def get_impl_cls() -> type[CPUAttentionBackendImpl]:

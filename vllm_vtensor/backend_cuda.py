@@ -23,7 +23,7 @@ from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
 
 from . import BACKEND_NAME
-from .backend import ATTENTION_ENV, chosen_kernel, refuse_unsupported, run_kernels
+from .backend import ATTENTION_ENV, chosen_kernel, preferred_block_size, refuse_unsupported, run_kernels
 
 CUDA_ATTENTION_KERNELS = ("triton", "vllm")
 # The CUDA VMM granularity (cuMemGetAllocationGranularity, minimum) on NVIDIA GPUs: a chunk is a
@@ -80,17 +80,7 @@ class VTensorCudaBackend(TritonAttentionBackend):
     def get_preferred_block_size(cls, default_block_size: int) -> int:
         """Without --block-size: the smallest block (a multiple of ``default_block_size``) whose KV over
         all layers fills its chunk to within 10% (SmolLM2-135M in bf16: 176 tokens, a 4 MiB chunk)."""
-        from vllm.config import get_current_vllm_config
-
-        from .worker import smallest_block_size
-
-        cfg = get_current_vllm_config()
-        mc = cfg.model_config
-        if mc is None:
-            return default_block_size
-        per_token = (2 * mc.get_num_layers(cfg.parallel_config) * mc.get_num_kv_heads(cfg.parallel_config)
-                     * mc.get_head_size() * mc.dtype.itemsize)
-        return smallest_block_size(per_token, CUDA_GRANULARITY, multiple=default_block_size)
+        return preferred_block_size(default_block_size, CUDA_GRANULARITY, multiple=default_block_size)
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:

@@ -63,6 +63,7 @@ class _RequestKV:
 
 @dataclass(frozen=True)
 class KVSpaceStats:
+    block_size: int  # tokens per block (one chunk holds a block of every layer)
     chunk_bytes: int
     budget_bytes: int
     resident_bytes: int  # physical memory held (live + kept for the prefix cache + reserve + lingering)
@@ -346,6 +347,7 @@ class KVSpace:
             per_chunk = Counter(c for r in self._reqs.values() for c in r.chunks)
             cached = sum(1 for c in self._phys.values() if c not in per_chunk)
             return KVSpaceStats(
+                block_size=self.block_size,
                 chunk_bytes=self.chunk_bytes,
                 budget_bytes=p.budget_bytes,
                 resident_bytes=p.resident_bytes,

@@ -211,6 +211,34 @@ def _patch_model_runner_choice() -> None:
     VllmConfig.use_v2_model_runner = property(use_v2_model_runner)
 
 
+# -- 6. CPU platform: VTENSOR's preferred block size -------------------------
+def _patch_cpu_block_size() -> None:
+    from vllm.platforms.cpu import CpuPlatform
+
+    original = CpuPlatform.update_block_size_for_backend
+    if _is_ours(original.__func__):
+        return
+    from vllm.logger import init_logger
+
+    from .worker import is_vtensor
+
+    @_mark
+    def update_block_size_for_backend(cls, vllm_config) -> None:
+        cache_config = vllm_config.cache_config
+        if (is_vtensor(vllm_config) and vllm_config.model_config is not None
+                and not cache_config.user_specified_block_size):
+            backends = cls._find_non_ssm_backends(vllm_config)
+            if backends:
+                preferred = cls._preferred_block_size_for_backends(backends, cache_config.block_size, vllm_config)
+                if preferred != cache_config.block_size:
+                    init_logger(__name__).info("vTensor: KV cache block size %d (the CPU platform's default is %d)",
+                                               preferred, cache_config.block_size)
+                cache_config.block_size = preferred
+        original.__func__(cls, vllm_config)
+
+    CpuPlatform.update_block_size_for_backend = classmethod(update_block_size_for_backend)
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         "cpu-platform-backend",
@@ -250,6 +278,14 @@ PATCHES: tuple[Patch, ...] = (
         "hooks above; VTENSOR must run with the V1 runner (an explicit VLLM_USE_V2_MODEL_RUNNER=1 is refused).",
         "0004-backend-opts-out-of-model-runner-v2.diff",
         _patch_model_runner_choice,
+    ),
+    Patch(
+        "cpu-platform-block-size",
+        "vllm.platforms.cpu:CpuPlatform.update_block_size_for_backend",
+        "Without --block-size the CPU platform sets 128 and, unlike the base platform, never asks the backend "
+        "for its preferred size; VTENSOR maps memory per block and prefers the CPU kernel's finest block (32).",
+        "0005-cpu-platform-backend-preferred-block-size.diff",
+        _patch_cpu_block_size,
     ),
 )
 
