@@ -175,11 +175,13 @@ def _plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     modes = list(results)
+    label = {m: f"{m}, block {results[m]['block_size']}" if "block_size" in results[m] else m for m in modes}
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    axes[0].bar(modes, [results[m]["throughput_tok_s"] for m in modes], color=["#888", "#2a7"])
+    axes[0].bar([label[m] for m in modes], [results[m]["throughput_tok_s"] for m in modes], color=["#888", "#2a7"])
     axes[0].set_title("(A) decode throughput, tok/s")
     for m in modes:
-        axes[1].plot(range(1, len(results[m]["ttft_s"]) + 1), [t * 1e3 for t in results[m]["ttft_s"]], marker="o", label=m)
+        axes[1].plot(range(1, len(results[m]["ttft_s"]) + 1), [t * 1e3 for t in results[m]["ttft_s"]], marker="o",
+                     label=label[m])
     axes[1].set_title("(B) multi-turn TTFT per turn, ms")
     axes[1].set_xlabel("turn")
     axes[1].legend()
