@@ -167,4 +167,5 @@ def test_preemption_with_prefix_caching_off(smollm2_path, tmp_path, reference):
     _shutdown(llm)
     assert out == ref
     assert after["preemptions"] > 0
+    assert after["block_size"] == 128  # an explicit --block-size wins over VTENSOR's preference
     assert after["mapped_bytes"] == 0 and after["resident_bytes"] == after["reserve_bytes"] <= 4 << 20
