@@ -61,6 +61,9 @@ def test_metrics_expose_the_allocator(server, client):
     text = server.metrics()
     values = dict(re.findall(r"^(vllm_vtensor_\w+) (\S+)$", text, re.M))
     assert float(values["vllm_vtensor_budget_bytes"]) > 0
-    assert float(values["vllm_vtensor_map_operations"]) >= 2  # the 300-token prompt needed 3 blocks
+    block = float(values["vllm_vtensor_block_size_tokens"])
+    assert block == 32  # VTENSOR's choice on CPU when --block-size is not given
+    assert float(values["vllm_vtensor_chunk_bytes"]) == block * 2 * 30 * 3 * 64 * 4  # all layers' K and V, fp32
+    assert float(values["vllm_vtensor_map_operations"]) >= 300 // block  # the ~300-token prompt's blocks
     assert float(values["vllm_vtensor_resident_bytes"]) <= float(values["vllm_vtensor_budget_bytes"])
     assert "vllm:" in text  # vLLM's own metrics are still there
