@@ -35,3 +35,18 @@ def test_unsupported_configs_name_the_problem_and_the_fix(kw, message):
     with pytest.raises(ValueError, match="VTENSOR cannot serve this model") as e:
         check_supported(cfg(**kw))
     assert message in str(e.value) and "Run it without --attention-backend VTENSOR" in str(e.value)
+
+
+@pytest.mark.parametrize("block_size, fits", [(48, 64), (16, 32), (100, 128)])
+def test_a_block_size_the_cpu_kernel_cannot_take_names_one_it_can(block_size, fits):
+    with pytest.raises(ValueError, match=f"--block-size {block_size} is not one. Pass --block-size {fits} "):
+        check_supported(cfg(block_size=block_size))
+
+
+def test_the_cpu_block_multiple_is_what_vllms_cpu_backend_declares():
+    from vllm.v1.attention.backend import MultipleOf
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from vllm_vtensor.backend import CPU_BLOCK_MULTIPLE
+
+    assert CPUAttentionBackend.get_supported_kernel_block_sizes() == [MultipleOf(CPU_BLOCK_MULTIPLE)]

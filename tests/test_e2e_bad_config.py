@@ -51,3 +51,9 @@ def test_fp8_kv_cache_is_refused(tiny_llama_path):
     run = _start(tiny_llama_path, "max_model_len=512, kv_cache_memory_bytes=64 << 20, kv_cache_dtype='fp8'")
     assert run.returncode != 0
     assert "kv_cache_dtype='fp8' is not supported" in run.stdout + run.stderr
+
+
+def test_block_size_the_cpu_kernel_cannot_take_is_refused(tiny_llama_path):
+    run = _start(tiny_llama_path, "max_model_len=512, kv_cache_memory_bytes=64 << 20, block_size=48")
+    assert run.returncode != 0
+    assert "--block-size 48 is not one. Pass --block-size 64" in run.stdout + run.stderr

@@ -38,6 +38,7 @@ from .vmm.deferred import wait_all as _kv_memory_ready
 _FIX = "Run it without --attention-backend VTENSOR (attention_backend=\"VTENSOR\")."
 ATTENTION_ENV = "VTENSOR_ATTENTION"
 ATTENTION_KERNELS = ("cpu", "triton", "reference")
+CPU_BLOCK_MULTIPLE = 32  # vLLM's CPU attention backend takes blocks of a multiple of 32 tokens (MultipleOf(32))
 
 
 def chosen_kernel(choices: tuple[str, ...], where: str = "") -> str:
@@ -202,7 +203,7 @@ class VTensorCPUBackend(CPUAttentionBackend):
         by more than 10% at page granularity.  Memory is mapped per block (the CPU platform's default of
         128 preallocates nothing here but leaves more of each request's last block empty) and prefix-cache
         hits land on block boundaries, so a finer block wastes less and recomputes less of a cached prefix."""
-        return preferred_block_size(default_block_size, mmap.PAGESIZE, multiple=32)
+        return preferred_block_size(default_block_size, mmap.PAGESIZE, multiple=CPU_BLOCK_MULTIPLE)
 
     @staticmethod
     def get_impl_cls() -> type[CPUAttentionBackendImpl]:
@@ -213,6 +214,12 @@ def check_supported(cfg) -> None:
     """Refuse, naming the fix, what VTENSOR cannot serve (``cfg``: vLLM's ``AttentionSelectorConfig``)."""
     from vllm.v1.attention.backend import AttentionType
 
+    if cfg.block_size is not None and cfg.block_size % CPU_BLOCK_MULTIPLE:
+        fits = -(-cfg.block_size // CPU_BLOCK_MULTIPLE) * CPU_BLOCK_MULTIPLE
+        raise ValueError(
+            f"--attention-backend VTENSOR on CPU runs vLLM's CPU attention kernel, which takes blocks of a multiple "
+            f"of {CPU_BLOCK_MULTIPLE} tokens; --block-size {cfg.block_size} is not one. Pass --block-size {fits} "
+            f"(block_size={fits}) or leave it unset (VTENSOR then picks {CPU_BLOCK_MULTIPLE}).")
     problems = []
     if cfg.use_mla or cfg.use_sparse:
         problems.append("MLA and sparse attention models are not supported")
