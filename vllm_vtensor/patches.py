@@ -218,8 +218,7 @@ def _patch_cpu_block_size() -> None:
     original = CpuPlatform.update_block_size_for_backend
     if _is_ours(original.__func__):
         return
-    from vllm.logger import init_logger
-
+    from .log import get_logger
     from .worker import is_vtensor
 
     @_mark
@@ -231,7 +230,7 @@ def _patch_cpu_block_size() -> None:
             if backends:
                 preferred = cls._preferred_block_size_for_backends(backends, cache_config.block_size, vllm_config)
                 if preferred != cache_config.block_size:
-                    init_logger(__name__).info("vTensor: KV cache block size %d (the CPU platform's default is %d)",
+                    get_logger(__name__).info("vTensor: KV cache block size %d (the CPU platform's default is %d)",
                                                preferred, cache_config.block_size)
                 cache_config.block_size = preferred
         original.__func__(cls, vllm_config)
