@@ -19,6 +19,10 @@ between processes and over minutes, and pairing measurements seconds apart cance
     space).  The peak over all batches is reported apart: VTENSOR then also holds the
     earlier batches' full blocks for vLLM's prefix cache until vLLM evicts them.
 
+With ``--vanilla-at-vtensor-block`` a third engine, vanilla vLLM at VTENSOR's block size, takes
+its turn in the same rotation: the engines' default block sizes differ on CPU (128 and 32), and
+this separates what the block size does from what VTENSOR does.
+
 Prints a table, writes JSON and a PNG to benchmarks/results/.
 """
 from __future__ import annotations
@@ -36,6 +40,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 TOPICS = ["the ocean", "mountains", "a library", "trains", "the moon", "bread", "rivers", "clocks"]
 MODES = ("vanilla", "vtensor")
+SAME = "vanilla_same_block"  # optional third engine: vanilla vLLM at VTENSOR's block size
 
 
 def _prompts(n: int) -> list[str]:
@@ -61,8 +66,10 @@ def _block_size(llm) -> int:
     return llm.llm_engine.vllm_config.cache_config.block_size
 
 
-def _order(i: int) -> tuple[str, ...]:
-    return MODES if i % 2 == 0 else MODES[::-1]
+def _order(modes: list[str], i: int) -> list[str]:
+    # rotate who goes first (with two engines: alternate)
+    k = i % len(modes)
+    return modes[k:] + modes[:k]
 
 
 def run(args) -> dict:
@@ -78,7 +85,10 @@ def run(args) -> dict:
     backends = {"vanilla": args.vanilla_backend, "vtensor": "VTENSOR"}
     blocks = {"vanilla": args.vanilla_block_size or args.block_size, "vtensor": args.vtensor_block_size or args.block_size}
     llms = {}
-    for mode in MODES:
+    modes = list(MODES) + ([SAME] if args.vanilla_at_vtensor_block else [])
+    for mode in modes:
+        if mode == SAME:
+            backends[mode], blocks[mode] = backends["vanilla"], _block_size(llms["vtensor"])
         t0 = time.perf_counter()
         llms[mode] = LLM(model=model, **kw, **({"attention_backend": backends[mode]} if backends[mode] else {}),
                          **({"block_size": blocks[mode]} if blocks[mode] else {}))  # None: the engine's default
@@ -94,29 +104,29 @@ def run(args) -> dict:
 
     # (A) throughput, in pairs of batches; VTENSOR's allocator sampled for (C)
     sp = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    tok_s = {m: [] for m in MODES}
+    tok_s = {m: [] for m in modes}
     samples, first_batch_samples = [], None
     stop = threading.Event()
     sampler = threading.Thread(target=_sample_stats, args=(os.environ["VTENSOR_STATS_FILE"], stop, samples))
     sampler.start()
     for i in range(args.batches):
-        for mode in _order(i):
+        for mode in _order(modes, i):
             t0 = time.perf_counter()
             outs = llms[mode].generate(prompts, sp, use_tqdm=False)
             tok_s[mode].append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0))
             if mode == "vtensor" and first_batch_samples is None:
                 first_batch_samples = len(samples)
-        print(f"(A) pair {i + 1}: vanilla {tok_s['vanilla'][-1]:.1f}, vtensor {tok_s['vtensor'][-1]:.1f} tok/s", flush=True)
+        print(f"(A) round {i + 1}: " + ", ".join(f"{m} {tok_s[m][-1]:.1f}" for m in modes) + " tok/s", flush=True)
     stop.set()
     sampler.join()
 
     # (B) multi-turn TTFT: each turn's call made by both engines back to back, order alternating
-    ttft = {m: [[] for _ in range(args.turns)] for m in MODES}  # [turn][round]
+    ttft = {m: [[] for _ in range(args.turns)] for m in modes}  # [turn][round]
     for rnd in range(args.rounds):
         convs = {m: [[{"role": "user", "content": f"Round {rnd + 1}. Tell me about {TOPICS[i % len(TOPICS)]}."}]
-                     for i in range(args.conversations)] for m in MODES}
+                     for i in range(args.conversations)] for m in modes}
         for turn in range(args.turns):
-            for mode in _order(rnd + turn):
+            for mode in _order(modes, rnd + turn):
                 t0 = time.perf_counter()
                 llms[mode].chat(convs[mode], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
                 ttft[mode][turn].append(time.perf_counter() - t0)
@@ -139,9 +149,11 @@ def run(args) -> dict:
     results = {
         m: {"throughput_tok_s": med(tok_s[m]), "first_batch_tok_s": tok_s[m][0], "batch_tok_s": tok_s[m],
             "ttft_s": [med(t) for t in ttft[m]], "ttft_rounds_s": ttft[m], "block_size": _block_size(llms[m])}
-        for m in MODES
+        for m in modes
     }
-    results["vanilla"]["peak_resident_kv_bytes"] = args.kv_bytes  # preallocated (and touched) at start-up
+    for m in modes:
+        if m != "vtensor":
+            results[m]["peak_resident_kv_bytes"] = args.kv_bytes  # preallocated (and touched) at start-up
     results["vtensor"].update({
         "peak_resident_kv_bytes": max(s["resident_bytes"] for s in first),
         "peak_needed_kv_bytes": max(s["live_tokens"] for s in first) * bytes_per_token,
@@ -161,6 +173,12 @@ def run(args) -> dict:
         "kv_bytes_per_token": bytes_per_token,
     }
     summary["ttft_ratio_all_turns"] = med(summary["ttft_pair_ratios"])
+    if SAME in modes:  # the same ratios against vanilla at VTENSOR's block size, and what that block size does to vanilla
+        for key, (a, b) in {"vs_vanilla_same_block": (SAME, "vtensor"), "vanilla_same_block_vs_vanilla": ("vanilla", SAME)}.items():
+            ttft_pairs = [r for x, y in zip(ttft[a], ttft[b]) for r in pair(x, y)]
+            summary[key] = {"throughput_ratio": med(pair(tok_s[a], tok_s[b])),
+                            "ttft_ratio_per_turn": [med(pair(x, y)) for x, y in zip(ttft[a], ttft[b])],
+                            "ttft_ratio_all_turns": med(ttft_pairs), "ttft_pair_ratios": ttft_pairs}
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "cpu")
@@ -175,9 +193,11 @@ def _plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     modes = list(results)
-    label = {m: f"{m}, block {results[m]['block_size']}" if "block_size" in results[m] else m for m in modes}
+    label = {m: f"{m.split('_')[0]}, block {results[m]['block_size']}" if "block_size" in results[m] else m
+             for m in modes}
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    axes[0].bar([label[m] for m in modes], [results[m]["throughput_tok_s"] for m in modes], color=["#888", "#2a7"])
+    axes[0].bar([label[m] for m in modes], [results[m]["throughput_tok_s"] for m in modes],
+                color=["#888", "#2a7", "#bbb"][:len(modes)])
     axes[0].set_title("(A) decode throughput, tok/s")
     for m in modes:
         axes[1].plot(range(1, len(results[m]["ttft_s"]) + 1), [t * 1e3 for t in results[m]["ttft_s"]], marker="o",
@@ -217,6 +237,9 @@ def main(argv=None) -> int:
                    "(e.g. a GPU run's dtype and compilation_config); they override the defaults")
     p.add_argument("--vanilla-backend", default=None, help="vanilla's attention backend (default: vLLM's choice; "
                    "TRITON_ATTN on a GPU compares like with like)")
+    p.add_argument("--vanilla-at-vtensor-block", action="store_true",
+                   help="a third engine: vanilla vLLM at VTENSOR's block size, measured in the same rotation (shows what "
+                   "the block size alone does when the engines' defaults differ)")
     p.add_argument("--quick", action="store_true", help="8 prompts x 32 tokens, 4 conversations x 2 turns, 2 pairs")
     p.add_argument("--out", default=str(RESULTS / "serve_compare-cpu.json"))
     args = p.parse_args(argv)
@@ -226,17 +249,28 @@ def main(argv=None) -> int:
     data = run(args)
     results, summary = data["results"], data["summary"]
     van, vt = results["vanilla"], results["vtensor"]
+    same = results.get(SAME)
     mib = 1 << 20
     print(f"\nvanilla vLLM vs VTENSOR on {data['device']}, {data['dtype']}, block sizes {van['block_size']} / "
           f"{vt['block_size']} (ratios: medians of paired measurements)")
-    print(f"{'':34}{'vanilla':>12}{'vtensor':>12}{'ratio':>9}")
-    print(f"{'(A) throughput, tok/s':34}{van['throughput_tok_s']:>12.1f}{vt['throughput_tok_s']:>12.1f}"
-          f"{summary['throughput_ratio']:>8.2f}x")
-    print(f"{'(A) first batch (makes KV memory)':34}{van['first_batch_tok_s']:>12.1f}{vt['first_batch_tok_s']:>12.1f}"
-          f"{summary['first_batch_throughput_ratio']:>8.2f}x")
-    for i, (a, b) in enumerate(zip(van["ttft_s"], vt["ttft_s"])):
-        print(f"{f'(B) TTFT turn {i + 1}, ms':34}{a * 1e3:>12.1f}{b * 1e3:>12.1f}{summary['ttft_ratio_per_turn'][i]:>8.2f}x")
-    print(f"{'(B) TTFT, all turns':34}{'':>24}{summary['ttft_ratio_all_turns']:>8.2f}x")
+    cols = [van, vt] + ([same] if same else [])
+    head = ["vanilla", "vtensor"] + ([f"vanilla@{same['block_size']}"] if same else [])
+    print(f"{'':34}" + "".join(f"{h:>12}" for h in head) + f"{'vt/van':>9}" + (f"{'vt/van@' + str(same['block_size']):>11}" if same else ""))
+
+    def row(label, values, fmt, ratio, ratio_same=None):
+        extra = f"{ratio_same:>10.2f}x" if ratio_same is not None else ""
+        print(f"{label:34}" + "".join(f"{v:>12{fmt}}" for v in values) + f"{ratio:>8.2f}x" + extra)
+
+    sb = summary.get("vs_vanilla_same_block")
+    row("(A) throughput, tok/s", [c["throughput_tok_s"] for c in cols], ".1f", summary["throughput_ratio"],
+        sb and sb["throughput_ratio"])
+    row("(A) first batch (makes KV memory)", [c["first_batch_tok_s"] for c in cols], ".1f",
+        summary["first_batch_throughput_ratio"], sb and vt["first_batch_tok_s"] / same["first_batch_tok_s"])
+    for i in range(len(van["ttft_s"])):
+        row(f"(B) TTFT turn {i + 1}, ms", [c["ttft_s"][i] * 1e3 for c in cols], ".1f", summary["ttft_ratio_per_turn"][i],
+            sb and sb["ttft_ratio_per_turn"][i])
+    print(f"{'(B) TTFT, all turns':34}{'':>{12 * len(cols)}}{summary['ttft_ratio_all_turns']:>8.2f}x"
+          + (f"{sb['ttft_ratio_all_turns']:>10.2f}x" if sb else ""))
     print(f"{'(C) peak resident KV, MiB':34}{van['peak_resident_kv_bytes'] / mib:>12.1f}"
           f"{vt['peak_resident_kv_bytes'] / mib:>12.1f}")
     print(f"{'(C) live tokens need, MiB':34}{'':>12}{vt['peak_needed_kv_bytes'] / mib:>12.1f}"
