@@ -196,7 +196,7 @@ def _plot(results: dict, path: Path) -> None:
     label = {m: f"{m.split('_')[0]}, block {results[m]['block_size']}" if "block_size" in results[m] else m
              for m in modes}
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    axes[0].bar([label[m] for m in modes], [results[m]["throughput_tok_s"] for m in modes],
+    axes[0].bar([label[m].replace(", ", "\n") for m in modes], [results[m]["throughput_tok_s"] for m in modes],
                 color=["#888", "#2a7", "#bbb"][:len(modes)])
     axes[0].set_title("(A) decode throughput, tok/s")
     for m in modes:
