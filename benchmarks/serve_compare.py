@@ -14,9 +14,10 @@ between processes and over minutes, and pairing measurements seconds apart cance
 (B) multi-turn chat: 8 conversations x 4 turns, time to first token per turn (each turn's
     8 requests as one batch, max_tokens=1, prefix caching on), ``--rounds`` rounds of
     fresh conversations;
-(C) KV memory: peak resident KV bytes against the bytes the live tokens need, sampled
-    from the allocator during VTENSOR's first batch (vanilla preallocates its whole
-    space).  The peak over all batches is reported apart: VTENSOR then also holds the
+(C) KV memory: peak resident KV bytes against the peak bytes the live tokens need, in
+    VTENSOR's first batch, as the worker tracks them exactly (resident memory at every
+    chunk creation, live tokens at every step; vanilla preallocates its whole space).
+    The peak over all batches is reported apart (sampled): VTENSOR then also holds the
     earlier batches' full blocks for vLLM's prefix cache until vLLM evicts them.
 
 With ``--vanilla-at-vtensor-block`` a third engine, vanilla vLLM at VTENSOR's block size, takes
@@ -105,17 +106,17 @@ def run(args) -> dict:
     # (A) throughput, in pairs of batches; VTENSOR's allocator sampled for (C)
     sp = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     tok_s = {m: [] for m in modes}
-    samples, first_batch_samples = [], None
+    samples, vt_starts = [], []  # allocator snapshots; where each of VTENSOR's batches began in them
     stop = threading.Event()
     sampler = threading.Thread(target=_sample_stats, args=(os.environ["VTENSOR_STATS_FILE"], stop, samples))
     sampler.start()
     for i in range(args.batches):
         for mode in _order(modes, i):
+            if mode == "vtensor":
+                vt_starts.append(len(samples))
             t0 = time.perf_counter()
             outs = llms[mode].generate(prompts, sp, use_tqdm=False)
             tok_s[mode].append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0))
-            if mode == "vtensor" and first_batch_samples is None:
-                first_batch_samples = len(samples)
         print(f"(A) round {i + 1}: " + ", ".join(f"{m} {tok_s[m][-1]:.1f}" for m in modes) + " tok/s", flush=True)
     stop.set()
     sampler.join()
@@ -138,7 +139,9 @@ def run(args) -> dict:
               + " ".join(f"{b[-1] / a[-1]:.2f}" for a, b in zip(ttft["vanilla"], ttft["vtensor"])), flush=True)
 
     # (C) from VTENSOR's first batch; the peak over all batches apart
-    first = samples[:first_batch_samples] or samples
+    # the first batch's peaks: the worker tracks them exactly (resident at every chunk creation, live tokens
+    # at every step) and they only grow, so the last snapshot before VTENSOR's second batch holds them
+    first = samples[:vt_starts[1]] if len(vt_starts) > 1 else samples
     top = max(samples, key=lambda s: s["resident_bytes"])
     allocator = stats.read()
     for llm in llms.values():
@@ -155,8 +158,11 @@ def run(args) -> dict:
         if m != "vtensor":
             results[m]["peak_resident_kv_bytes"] = args.kv_bytes  # preallocated (and touched) at start-up
     results["vtensor"].update({
-        "peak_resident_kv_bytes": max(s["resident_bytes"] for s in first),
-        "peak_needed_kv_bytes": max(s["live_tokens"] for s in first) * bytes_per_token,
+        "peak_resident_kv_bytes": max(s["peak_resident_bytes"] for s in first),
+        "peak_needed_kv_bytes": max(s["peak_live_tokens"] for s in first) * bytes_per_token,
+        # the same from snapshots sampled every 50 ms (published at most every 0.2 s): they miss the last steps
+        "sampled_peak_resident_kv_bytes": max(s["resident_bytes"] for s in first),
+        "sampled_peak_needed_kv_bytes": max(s["live_tokens"] for s in first) * bytes_per_token,
         "peak_resident_all_batches_bytes": top["resident_bytes"],
         "prefix_cache_bytes_at_that_peak": top["cached_bytes"],
         "allocator": allocator,

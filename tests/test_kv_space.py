@@ -319,6 +319,7 @@ def test_random_chats_under_vllms_block_pool_stay_in_budget_and_read_their_own_k
     pool = _VLLMBlocks(n_blocks)
     convs = [[rng.randrange(50) for _ in range(rng.randrange(3, 2 * B))] for _ in range(6)]
     running = {}
+    peak_live = peak_seen = 0
     deferring = getattr(backend, "deferring", contextlib.nullcontext)
     for step in range(80):
         added = []
@@ -342,6 +343,8 @@ def test_random_chats_under_vllms_block_pool_stay_in_budget_and_read_their_own_k
                 added.append((tokens, kv.add_request(req, blocks, num_cached_tokens=hits * B), hits))
                 kv.note_tokens(req, len(tokens))
                 running[req] = (tokens, blocks)
+        kv.note_step()  # what the worker does after each step's block updates
+        peak_live = max(peak_live, sum(len(tokens) for tokens, _ in running.values()))
         wait_all()  # what the attention layers do before touching KV
         for tokens, virtual, hits in added:  # the step's forward pass: read the hits, write the rest
             for i, v in enumerate(virtual):
@@ -351,6 +354,10 @@ def test_random_chats_under_vllms_block_pool_stay_in_budget_and_read_their_own_k
                     block_bytes(kv, v).fill_(_marker(tokens, i))
         s = kv.stats()
         assert s.resident_bytes <= s.budget_bytes and s.running_requests == len(running)
+        peak_seen = max(peak_seen, s.resident_bytes)
+        # exact peaks: every step's live tokens; resident memory at every creation, so at least what was seen
+        assert s.peak_live_tokens == peak_live
+        assert peak_seen <= s.peak_resident_bytes <= s.budget_bytes
     for req in running:
         kv.remove_request(req)
     kv.close()

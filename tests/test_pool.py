@@ -34,6 +34,18 @@ def test_budget_is_enforced_with_a_clear_error(backend):
     assert pool.can_acquire(4)
 
 
+def test_peak_resident_bytes_is_the_most_held_at_once(backend):
+    pool = ChunkPool(backend, 8 * MiB, MiB)
+    chunks = pool.acquire(3)
+    pool.release(chunks.pop())
+    chunks += pool.acquire(2)  # 4 held: one more than before
+    assert pool.stats().peak_resident_bytes == 4 * MiB
+    for c in chunks:
+        pool.release(c)
+    s = pool.stats()
+    assert s.resident_bytes == 0 and s.peak_resident_bytes == 4 * MiB  # given back; the peak stays
+
+
 def test_refcount_keeps_shared_chunks_alive(backend):
     pool = ChunkPool(backend, 4 * MiB, MiB)
     (c,) = pool.acquire(1)

@@ -85,6 +85,8 @@ class KVSpaceStats:
     step_seconds: float  # time the worker spent applying block decisions before steps, total
     deferred_ops: int  # memory operations run by a helper thread beside the compute (deferred backend), total
     wait_seconds: float  # time KV access waited for memory work running beside the compute (deferred backend), total
+    peak_resident_bytes: int  # the most physical memory held at once (exact, not sampled)
+    peak_live_tokens: int  # the most tokens with KV written at once, over running requests (as of each step)
 
 
 class KVSpace:
@@ -127,6 +129,7 @@ class KVSpace:
         self._unwanted: set[int] = set()  # blocks whose memory goes back once nothing maps them
         self._prefix_hit_bytes = self._copied_bytes = self._preemptions = self._slot_reuse_bytes = 0
         self.step_seconds = 0.0  # accumulated by the worker around each step's block updates
+        self._peak_live_tokens = 0
 
     def _released(self) -> None:
         if self.on_release is not None:
@@ -299,6 +302,11 @@ class KVSpace:
                     need += max(0, -(-(r.num_tokens + n) // self.block_size) - len(r.chunks))
             self.pool.expect(need)
 
+    def note_step(self) -> None:
+        """After a step's block updates: remember the most tokens running requests have had KV for."""
+        with self._lock:
+            self._peak_live_tokens = max(self._peak_live_tokens, sum(r.num_tokens for r in self._reqs.values()))
+
     def note_tokens(self, req_id: str, num_tokens: int) -> None:
         with self._lock:
             r = self._reqs.get(req_id)
@@ -369,6 +377,8 @@ class KVSpace:
                 step_seconds=self.step_seconds,
                 deferred_ops=getattr(self.backend, "deferred_ops", 0),
                 wait_seconds=getattr(self.backend, "waited_seconds", 0.0),
+                peak_resident_bytes=p.peak_resident_bytes,
+                peak_live_tokens=self._peak_live_tokens,
             )
 
     def close(self) -> None:

@@ -25,6 +25,8 @@ GAUGES = {
     "vllm_vtensor_lingering_bytes": ("lingering_bytes", "Freed physical KV bytes kept briefly for reuse"),
     "vllm_vtensor_reserve_bytes": ("reserve_bytes", "Ready physical KV chunks kept for new blocks"),
     "vllm_vtensor_budget_bytes": ("budget_bytes", "Physical KV budget"),
+    "vllm_vtensor_peak_resident_bytes": ("peak_resident_bytes", "The most physical KV memory held at once"),
+    "vllm_vtensor_peak_live_tokens": ("peak_live_tokens", "The most tokens with KV written at once, over running requests"),
     "vllm_vtensor_block_size_tokens": ("block_size", "Tokens per KV block (one chunk holds a block of every layer)"),
     "vllm_vtensor_chunk_bytes": ("chunk_bytes", "Bytes of one physical chunk"),
     "vllm_vtensor_prefix_hit_bytes": ("prefix_hit_bytes", "Cached-prefix bytes mapped into new requests (cumulative)"),

@@ -42,6 +42,7 @@ class PoolStats:
     unmaps: int
     chunks_created: int
     chunks_released: int
+    peak_resident_bytes: int  # the most physical bytes held at once since the pool was made
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -111,6 +112,7 @@ class ChunkPool:
         self._held = 0  # chunks an acquire in progress has in hand (not yet in _ref)
         self._expected = 0  # chunks callers expect to acquire soon (see expect())
         self._maps = self._unmaps = self._created = self._released = 0
+        self._peak = 0  # the most chunks created and not yet given back at once
         self._lock = threading.Condition()
         self._closed = False
         self._thread = None
@@ -129,6 +131,10 @@ class ChunkPool:
 
     def _created_now(self) -> int:
         return len(self._ref) + len(self._cache) + len(self._lingering) + self._held + self._pending
+
+    def _note_peak(self) -> None:
+        """After a chunk is created (under the lock): the peak counts chunks an acquire holds too."""
+        self._peak = max(self._peak, len(self._ref) + len(self._cache) + len(self._lingering) + self._held)
 
     def _take_unused(self) -> int:
         """A created, unused chunk: from the cache, else the most recently released lingering one."""
@@ -169,6 +175,7 @@ class ChunkPool:
                     self._pending -= 1
                     self._held += 1
                     self._created += 1
+                    self._note_peak()
         except BaseException:
             with self._lock:
                 self._pending -= n - len(chunks)  # the creations that never happened
@@ -245,6 +252,7 @@ class ChunkPool:
                 unmaps=self._unmaps,
                 chunks_created=self._created,
                 chunks_released=self._released,
+                peak_resident_bytes=self._peak * self.chunk_bytes,
             )
 
     # -- cache management ----------------------------------------------
@@ -288,6 +296,7 @@ class ChunkPool:
                 self._pending -= 1
                 self._created += 1
                 self._cache.append(chunk)
+                self._note_peak()
                 self._lock.notify_all()
 
     def _reap_loop(self) -> None:

@@ -220,6 +220,7 @@ def translate_scheduler_output(kv: KVSpace, so) -> None:
     deferring = getattr(kv.backend, "deferring", None)
     with deferring() if deferring is not None else contextlib.nullcontext():
         _apply(kv, so)
+    kv.note_step()
     kv.step_seconds += time.perf_counter() - t0
     vt_stats.publish(kv, force=bool(so.finished_req_ids or so.preempted_req_ids or so.scheduled_new_reqs
                                     or so.scheduled_cached_reqs.resumed_req_ids))
