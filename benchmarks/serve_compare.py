@@ -73,6 +73,24 @@ def _order(modes: list[str], i: int) -> list[str]:
     return modes[k:] + modes[:k]
 
 
+def _paired(tok_s: dict, ttft: dict, a: str, b: str) -> dict:
+    """Engine ``b`` over engine ``a``: medians of the ratios of measurements taken back to back."""
+    med = statistics.median
+
+    def pair(x, y):
+        return [q / p for p, q in zip(x, y)]
+
+    ttft_pairs = [r for x, y in zip(ttft[a], ttft[b]) for r in pair(x, y)]
+    return {
+        "throughput_ratio": med(pair(tok_s[a], tok_s[b])),
+        "throughput_pair_ratios": pair(tok_s[a], tok_s[b]),
+        "first_batch_throughput_ratio": tok_s[b][0] / tok_s[a][0],
+        "ttft_ratio_per_turn": [med(pair(x, y)) for x, y in zip(ttft[a], ttft[b])],
+        "ttft_pair_ratios": ttft_pairs,
+        "ttft_ratio_all_turns": med(ttft_pairs),
+    }
+
+
 def run(args) -> dict:
     from vllm import LLM, SamplingParams
 
@@ -148,7 +166,6 @@ def run(args) -> dict:
         llm.llm_engine.engine_core.shutdown()
 
     med = statistics.median
-    pair = lambda a, b: [y / x for x, y in zip(a, b)]  # noqa: E731  (vtensor / vanilla, pair by pair)
     results = {
         m: {"throughput_tok_s": med(tok_s[m]), "first_batch_tok_s": tok_s[m][0], "batch_tok_s": tok_s[m],
             "ttft_s": [med(t) for t in ttft[m]], "ttft_rounds_s": ttft[m], "block_size": _block_size(llms[m])}
@@ -168,23 +185,14 @@ def run(args) -> dict:
         "allocator": allocator,
     })
     van, vt = results["vanilla"], results["vtensor"]
-    summary = {
-        "throughput_ratio": med(pair(tok_s["vanilla"], tok_s["vtensor"])),
-        "throughput_pair_ratios": pair(tok_s["vanilla"], tok_s["vtensor"]),
-        "first_batch_throughput_ratio": vt["first_batch_tok_s"] / van["first_batch_tok_s"],
-        "ttft_ratio_per_turn": [med(pair(a, b)) for a, b in zip(ttft["vanilla"], ttft["vtensor"])],
-        "ttft_pair_ratios": [r for a, b in zip(ttft["vanilla"], ttft["vtensor"]) for r in pair(a, b)],
+    summary = _paired(tok_s, ttft, "vanilla", "vtensor") | {
         "vtensor_peak_resident_over_needed": vt["peak_resident_kv_bytes"] / vt["peak_needed_kv_bytes"],
         "vanilla_resident_over_vtensor_needed": van["peak_resident_kv_bytes"] / vt["peak_needed_kv_bytes"],
         "kv_bytes_per_token": bytes_per_token,
     }
-    summary["ttft_ratio_all_turns"] = med(summary["ttft_pair_ratios"])
     if SAME in modes:  # the same ratios against vanilla at VTENSOR's block size, and what that block size does to vanilla
-        for key, (a, b) in {"vs_vanilla_same_block": (SAME, "vtensor"), "vanilla_same_block_vs_vanilla": ("vanilla", SAME)}.items():
-            ttft_pairs = [r for x, y in zip(ttft[a], ttft[b]) for r in pair(x, y)]
-            summary[key] = {"throughput_ratio": med(pair(tok_s[a], tok_s[b])),
-                            "ttft_ratio_per_turn": [med(pair(x, y)) for x, y in zip(ttft[a], ttft[b])],
-                            "ttft_ratio_all_turns": med(ttft_pairs), "ttft_pair_ratios": ttft_pairs}
+        summary["vs_vanilla_same_block"] = _paired(tok_s, ttft, SAME, "vtensor")
+        summary["vanilla_same_block_vs_vanilla"] = _paired(tok_s, ttft, "vanilla", SAME)
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "cpu")
@@ -271,7 +279,7 @@ def main(argv=None) -> int:
     row("(A) throughput, tok/s", [c["throughput_tok_s"] for c in cols], ".1f", summary["throughput_ratio"],
         sb and sb["throughput_ratio"])
     row("(A) first batch (makes KV memory)", [c["first_batch_tok_s"] for c in cols], ".1f",
-        summary["first_batch_throughput_ratio"], sb and vt["first_batch_tok_s"] / same["first_batch_tok_s"])
+        summary["first_batch_throughput_ratio"], sb and sb["first_batch_throughput_ratio"])
     for i in range(len(van["ttft_s"])):
         row(f"(B) TTFT turn {i + 1}, ms", [c["ttft_s"][i] * 1e3 for c in cols], ".1f", summary["ttft_ratio_per_turn"][i],
             sb and sb["ttft_ratio_per_turn"][i])

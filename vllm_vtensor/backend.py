@@ -34,6 +34,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 
 from . import BACKEND_NAME
 from .vmm.deferred import wait_all as _kv_memory_ready
+from .worker import preferred_block_size
 
 _FIX = "Run it without --attention-backend VTENSOR (attention_backend=\"VTENSOR\")."
 ATTENTION_ENV = "VTENSOR_ATTENTION"
@@ -171,23 +172,6 @@ def block_layout(isa: str, block_size: int, head_size: int, dtype: torch.dtype) 
                              f"{ATTENTION_ENV} kernels cannot address by strides: unset {ATTENTION_ENV}")
         layouts.append((t_stride, d_stride))
     return tuple(layouts)
-
-
-def preferred_block_size(default_block_size: int, granularity: int, multiple: int) -> int:
-    """The smallest block (a multiple of ``multiple`` tokens, as the kernel needs) whose KV over all
-    layers fills its chunk (a multiple of the memory ``granularity``) to within 10%, for the model
-    of the current vLLM config; ``default_block_size`` without one."""
-    from vllm.config import get_current_vllm_config
-
-    from .worker import smallest_block_size
-
-    cfg = get_current_vllm_config()
-    mc = cfg.model_config
-    if mc is None:
-        return default_block_size
-    per_token = (2 * mc.get_num_layers(cfg.parallel_config) * mc.get_num_kv_heads(cfg.parallel_config)
-                 * mc.get_head_size() * mc.dtype.itemsize)
-    return smallest_block_size(per_token, granularity, multiple=multiple)
 
 
 class VTensorCPUBackend(CPUAttentionBackend):

@@ -23,7 +23,8 @@ from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
 
 from . import BACKEND_NAME
-from .backend import ATTENTION_ENV, chosen_kernel, preferred_block_size, refuse_unsupported, run_kernels
+from .backend import ATTENTION_ENV, chosen_kernel, refuse_unsupported, run_kernels
+from .worker import preferred_block_size
 
 CUDA_ATTENTION_KERNELS = ("triton", "vllm")
 # The CUDA VMM granularity (cuMemGetAllocationGranularity, minimum) on NVIDIA GPUs: a chunk is a

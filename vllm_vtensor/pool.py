@@ -134,7 +134,7 @@ class ChunkPool:
 
     def _note_peak(self) -> None:
         """After a chunk is created (under the lock): the peak counts chunks an acquire holds too."""
-        self._peak = max(self._peak, len(self._ref) + len(self._cache) + len(self._lingering) + self._held)
+        self._peak = max(self._peak, self._created_now() - self._pending)
 
     def _take_unused(self) -> int:
         """A created, unused chunk: from the cache, else the most recently released lingering one."""

@@ -119,6 +119,21 @@ def smallest_block_size(bytes_per_token: int, granularity: int, multiple: int = 
     return next(b for b in range(multiple, 1 << 30, multiple) if _pads_little(b * bytes_per_token, granularity))
 
 
+def preferred_block_size(default_block_size: int, granularity: int, multiple: int) -> int:
+    """The smallest block (a multiple of ``multiple`` tokens, as the kernel needs) whose KV over all
+    layers fills its chunk (a multiple of the memory ``granularity``) to within 10%, for the model
+    of the current vLLM config; ``default_block_size`` without one."""
+    from vllm.config import get_current_vllm_config
+
+    cfg = get_current_vllm_config()
+    mc = cfg.model_config
+    if mc is None:
+        return default_block_size
+    per_token = (2 * mc.get_num_layers(cfg.parallel_config) * mc.get_num_kv_heads(cfg.parallel_config)
+                 * mc.get_head_size() * mc.dtype.itemsize)
+    return smallest_block_size(per_token, granularity, multiple=multiple)
+
+
 def check_chunk_padding(block_bytes: int, block_size: int, granularity: int) -> None:
     """Refuse a block whose chunk (all layers' pages, rounded up to the VMM granularity: 2 MiB on
     CUDA) would waste more than 10% of its memory, naming the ``--block-size`` that fits."""
