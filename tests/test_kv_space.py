@@ -248,8 +248,12 @@ def test_growth_expected_from_this_step_is_made_ready_beside_the_compute(backend
     kv.note_tokens("a", B - 1 + 3 * B)  # this step scheduled 3 blocks' worth of tokens...
     kv.expect_growth({"a": 3 * B})  # ...so the next one like it needs ceil((4B - 1 + 3B) / B) - 1 = 6 more
     assert reserve_settles_at(6) == 6
-    kv.expect_growth({})
-    kv.remove_request("a")
+    kv.expect_growth({})  # a step with nothing scheduled keeps them ready for the next burst
+    assert kv.stats().reserve_bytes == 6 * kv.chunk_bytes
+    kv.remove_request("a")  # the last request went: what was made for its growth goes back too
+    wait_all()
+    s = kv.stats()
+    assert s.reserve_bytes == 2 * kv.chunk_bytes and s.resident_bytes == s.reserve_bytes + s.cached_bytes
     kv.close()
 
 

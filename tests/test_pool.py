@@ -153,6 +153,35 @@ def test_expected_demand_is_created_ahead_then_forgotten(backend):
     pool.close()
 
 
+@pytest.mark.parametrize("linger_s", [0.0, 0.2])
+def test_settle_gives_back_what_was_made_for_growth_that_never_came(backend, linger_s):
+    """Chunks made ready for an expected burst stay cached while requests run; once callers settle
+    (every request gone), all but the standing reserve are released like other unused chunks."""
+    pool = ChunkPool(backend, 16 * MiB, MiB, low_watermark=1, high_watermark=2, linger_s=linger_s)
+    deadline = time.monotonic() + 10
+    pool.expect(6)
+    while pool.stats().chunks_cached < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pool.expect(0)  # a lower expectation alone keeps them ready (the next burst may still come)
+    assert pool.stats().chunks_cached == 6
+    ready = set(pool._cache)
+    pool.settle()
+    s = pool.stats()
+    assert s.chunks_cached == 2 and s.chunks_lingering == (4 if linger_s else 0)
+    assert s.chunks_released == (0 if linger_s else 4)
+    got = pool.acquire(5)
+    if linger_s:  # lingering chunks are still handed out while they linger
+        assert set(got) <= ready
+    pool.settle()
+    while backend.resident_bytes() > 5 * MiB and time.monotonic() < deadline:
+        time.sleep(0.02)
+    s = pool.stats()
+    # in use 5; the refill thread restored the reserve of 2; nothing else resident
+    assert s.chunks_in_use == 5 and s.chunks_lingering == 0 and s.resident_bytes <= 7 * MiB
+    assert s.chunks_cached <= 2 and s.resident_bytes == backend.resident_bytes()
+    pool.close()
+
+
 def test_create_ahead_without_a_standing_reserve(backend):
     pool = ChunkPool(backend, 8 * MiB, MiB, create_ahead=True)
     time.sleep(0.05)

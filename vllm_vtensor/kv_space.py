@@ -338,6 +338,8 @@ class KVSpace:
                 self._parked[r.slot] = r
             else:
                 self._free_slots.append(r.slot)
+            if not self._reqs:  # idle: chunks made ready for growth that did not come go back too
+                self.pool.settle()
 
     def reset_cache(self) -> None:
         """Give back every block that only the prefix cache was holding (parked slots let go first)."""

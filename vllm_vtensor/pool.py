@@ -201,6 +201,26 @@ class ChunkPool:
             if len(self._cache) < max(self.low, self._expected):
                 self._lock.notify_all()
 
+    def settle(self) -> None:
+        """Callers expect nothing more for now (say, every request finished): chunks made ready beyond
+        the standing reserve (``high_watermark``) for an expected burst are released like any other
+        unused chunk, so an idle pool holds no more than its reserve (after ``linger_s``, when set)."""
+        with self._lock:
+            self._expected = 0
+            excess = len(self._cache) - self.high
+            if excess <= 0:
+                return
+            chunks, self._cache = self._cache[:excess], self._cache[excess:]
+            if self.linger_s > 0 and not self._closed:
+                now = time.monotonic()
+                for c in chunks:
+                    self._lingering[c] = now
+                self._lock.notify_all()
+                return
+            self._released += len(chunks)
+        for c in chunks:
+            self.backend.release_chunk(c)
+
     def _target(self) -> int:
         return max(self.high, self._expected)
 
@@ -295,9 +315,12 @@ class ChunkPool:
             with self._lock:
                 self._pending -= 1
                 self._created += 1
-                self._cache.append(chunk)
                 self._note_peak()
                 self._lock.notify_all()
+                if len(self._cache) < self._target() or self.linger_s == 0 or self._closed:
+                    self._cache.append(chunk)
+                else:  # settle() lowered the target while this one was made: it lingers like the rest
+                    self._lingering[chunk] = time.monotonic()
 
     def _reap_loop(self) -> None:
         """Give lingering chunks back once they have been unused for ``linger_s``."""
