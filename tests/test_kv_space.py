@@ -76,6 +76,20 @@ def test_finished_requests_keep_only_full_blocks_for_the_cache(backend):
     assert kv.stats().resident_bytes == 0 and backend.resident_bytes() == 0
 
 
+def test_rejected_draft_tokens_do_not_count_as_filling_a_block(backend):
+    """Speculative decoding writes KV for draft tokens; rejected ones are taken back by the next
+    step's count, so a block they alone filled is not kept as a full block for the prefix cache."""
+    kv = make(backend, keep=True)
+    kv.add_request("a", [1, 2])
+    kv.note_tokens("a", B + 2)  # B - 2 computed, 1 token + 3 drafts scheduled: into block 2
+    kv.note_tokens("a", B - 1)  # all drafts rejected: B - 2 computed, 1 token scheduled
+    assert kv.stats().live_tokens == B - 1
+    kv.remove_request("a")
+    s = kv.stats()
+    assert s.cached_bytes == s.resident_bytes == 0 == backend.resident_bytes() and s.parked_bytes == 0
+    kv.close()
+
+
 def test_without_prefix_caching_everything_is_given_back(backend):
     kv = make(backend, keep=False)
     kv.add_request("a", [1, 2, 3])

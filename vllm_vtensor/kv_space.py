@@ -308,10 +308,14 @@ class KVSpace:
             self._peak_live_tokens = max(self._peak_live_tokens, sum(r.num_tokens for r in self._reqs.values()))
 
     def note_tokens(self, req_id: str, num_tokens: int) -> None:
+        """After this step, ``req_id`` has KV for ``num_tokens`` tokens (computed plus scheduled).
+
+        The count may fall: speculative decoding's rejected draft tokens leave the computed count
+        lower in the next step, and only what vLLM counts decides which blocks are full."""
         with self._lock:
             r = self._reqs.get(req_id)
             if r is not None:
-                r.num_tokens = max(r.num_tokens, num_tokens)
+                r.num_tokens = num_tokens
 
     def remove_request(self, req_id: str, *, preempted: bool = False) -> None:
         """Unmap a finished or preempted request and free its slot.
