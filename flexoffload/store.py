@@ -70,7 +70,7 @@ class WeightStore:
     @classmethod
     def write(cls, path: Path, tensors: dict[str, torch.Tensor]) -> None:
         index, offset = {}, 0
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # engines building the same store never share one
         with open(tmp, "wb") as f:
             for name, t in tensors.items():
                 data = t.detach().contiguous().view(torch.uint8).reshape(-1).cpu().numpy().tobytes()
@@ -88,6 +88,13 @@ class WeightStore:
     def open(cls, path: Path, direct_io: bool) -> "WeightStore":
         raw = json.loads(path.with_suffix(".json").read_text())["tensors"]
         index = {k: Entry(v["offset"], v["nbytes"], v["dtype"], tuple(v["shape"])) for k, v in raw.items()}
+        # a store cut short (disk full, copied in part) would fail mid-inference, or kill the process
+        # with SIGBUS where the mmap baseline touches a page past its end: refuse it here instead
+        need = max((e.offset + e.padded for e in index.values()), default=0)
+        have = os.stat(path).st_size
+        if have < need:
+            raise OSError(f"the flexinfer weight store {path} is damaged: {have} bytes where its index needs {need}; "
+                          f"delete {path} and {path.with_suffix('.json')} and the next load rebuilds them")
         return cls(path, index, direct_io)
 
     def read_into(self, name: str, buf: memoryview) -> int:

@@ -3,6 +3,7 @@ synchronously (window 0) or ahead; a unit the model skips (no logits this pass) 
 deadlocks the ring; the arena bounds memory; a damaged store is reported, not hidden."""
 from __future__ import annotations
 
+import os
 import random
 import threading
 
@@ -81,17 +82,28 @@ def test_arena_smaller_than_a_unit_is_refused(store):
 
 
 def test_truncated_store_is_reported(store):
+    """Cut short while in use: the read that misses its bytes fails with the tensor's name."""
     path, _ = store
-    s_ok = WeightStore.open(path, False)
-    last = max(s_ok.index.values(), key=lambda e: e.offset)
+    opened = WeightStore.open(path, False)
+    last = max(opened.index.values(), key=lambda e: e.offset)
     with open(path, "r+b") as f:
         f.truncate(last.offset + 10)
-    s = Streamer(WeightStore.open(path, False), units(), 1 << 20, window=0, io_threads=1, lock_memory=False)
+    s = Streamer(opened, units(), 1 << 20, window=0, io_threads=1, lock_memory=False)
     for u in range(4):
         s.release(s.acquire(u))
     with pytest.raises(RuntimeError, match="could not read head"):
         s.acquire(4)
     s.close()
+
+
+def test_truncated_store_is_refused_when_opened(store):
+    """Cut short before a load (disk full, partial copy): refused up front with the fix, before any
+    read, and before the mmap baseline could map pages past the file's end (SIGBUS)."""
+    path, _ = store
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 1)
+    with pytest.raises(OSError, match="is damaged.*delete .* and the next load rebuilds them"):
+        WeightStore.open(path, False)
 
 
 def test_unknown_device_is_refused(store):
