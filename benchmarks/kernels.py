@@ -37,7 +37,7 @@ if not ON_GPU:
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_vtensor.kernels.attention import context_attention, decode_attention  # noqa: E402
-from vllm_vtensor.kernels.reference import context_attention_ref, decode_attention_ref  # noqa: E402
+from vllm_vtensor.kernels.reference import context_attention_ref  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 
