@@ -106,7 +106,7 @@ def _engine(model, stats_file, **kw):
     return LLM(model=model, **{**ENGINE, **kw})
 
 
-def _stats(path, timeout=20.0):
+def _stats(path, timeout=20.0, until=None):
     """The worker's figures once it has cleared finished requests and given freed memory back.
 
     vLLM tells the worker about finished requests in one more engine step after
@@ -118,7 +118,7 @@ def _stats(path, timeout=20.0):
     while True:
         stats = json.loads(path.read_text())
         settled = stats["running_requests"] == 0 and stats["lingering_bytes"] == 0
-        if settled or time.monotonic() > deadline:
+        if (until(stats) if until else settled) or time.monotonic() > deadline:
             return stats
         time.sleep(0.1)
 
@@ -144,6 +144,11 @@ def vtensor_run(smollm2_path, tmp_path_factory, reference):
     out = _run_workloads(llm)
     after = _stats(stats)
     after["frontend_block_size"] = llm.llm_engine.vllm_config.cache_config.block_size
+    # vLLM's prefix-cache reset reaches the worker, which gives the cached blocks' memory back
+    assert llm.reset_prefix_cache()
+    after["reset"] = _stats(stats, until=lambda s: s["cached_bytes"] == 0 and s["lingering_bytes"] == 0)
+    out["after_reset"] = _ids(llm.chat(SHARED[:1], _params()))  # recomputed from scratch: same tokens
+    after["reset"]["prefix_hit_bytes_after"] = _stats(stats)["prefix_hit_bytes"]
     _shutdown(llm)
     return out, after
 
@@ -159,6 +164,7 @@ def test_without_block_size_vtensor_takes_the_cpu_kernels_finest_block(reference
 
 def test_vtensor_matches_vanilla_token_for_token(reference, vtensor_run):
     (ref, _, _), (out, stats) = reference, vtensor_run
+    assert out["after_reset"] == ref["shared"][:1]
     for workload in ref:
         if workload == "prompt_logprobs":  # floats (the engines run at different block sizes)
             flat = [lp for r in ref[workload] for pos in r if pos for lp in pos]
@@ -181,6 +187,18 @@ def test_mapped_bytes_return_to_zero_after_requests_finish(vtensor_run):
     # what stays mapped is in parked slots (finished requests' full blocks, kept for the next turn)
     assert stats["maps"] - stats["unmaps"] == stats["parked_bytes"] // stats["chunk_bytes"]
     assert stats["unmaps"] > 0 and stats["parked_bytes"] > 0  # (mappings: one cached chunk may be in several)
+
+
+def test_resetting_the_prefix_cache_gives_its_memory_back(vtensor_run):
+    """`LLM.reset_prefix_cache()` (or `POST /reset_prefix_cache`): vLLM forgets its cached blocks,
+    and VTENSOR, told by the engine core, gives their memory back (parked slots let go too); the
+    next request computes its prefix anew (no hit) and gets the same tokens (the test above)."""
+    _, stats = vtensor_run
+    assert stats["cached_bytes"] > 0  # before: the prefix cache kept blocks
+    reset = stats["reset"]
+    assert reset["cached_bytes"] == reset["parked_bytes"] == reset["mapped_bytes"] == 0
+    assert reset["resident_bytes"] == reset["reserve_bytes"] <= max(4 << 20, reset["chunk_bytes"])
+    assert reset["prefix_hit_bytes_after"] == reset["prefix_hit_bytes"]  # nothing left to hit
 
 
 def test_cached_prefix_is_mapped_not_copied(vtensor_run):

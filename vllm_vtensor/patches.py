@@ -238,6 +238,26 @@ def _patch_cpu_block_size() -> None:
     CpuPlatform.update_block_size_for_backend = classmethod(update_block_size_for_backend)
 
 
+# -- 7. Engine core: a prefix-cache reset reaches the workers ----------------
+def _patch_reset_prefix_cache() -> None:
+    from vllm.v1.engine.core import EngineCore
+
+    original = EngineCore.reset_prefix_cache
+    if _is_ours(original):
+        return
+    from .worker import is_vtensor, reset_prefix_cache_memory
+
+    @_mark
+    @functools.wraps(original)
+    def reset_prefix_cache(self, *args, **kwargs) -> bool:
+        done = original(self, *args, **kwargs)
+        if done and is_vtensor(self.vllm_config):
+            self.model_executor.collective_rpc(reset_prefix_cache_memory)
+        return done
+
+    EngineCore.reset_prefix_cache = reset_prefix_cache
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         "cpu-platform-backend",
@@ -285,6 +305,14 @@ PATCHES: tuple[Patch, ...] = (
         "for its preferred size; VTENSOR maps memory per block and prefers the CPU kernel's finest block (32).",
         "0005-cpu-platform-backend-preferred-block-size.diff",
         _patch_cpu_block_size,
+    ),
+    Patch(
+        "engine-reset-prefix-cache",
+        "vllm.v1.engine.core:EngineCore.reset_prefix_cache",
+        "Resetting the prefix cache only clears the scheduler's block hashes; the workers are never told. VTENSOR "
+        "keeps the memory of blocks the cache may hand out again, and must give it back once it cannot.",
+        "0006-reset-prefix-cache-reaches-the-attention-backend.diff",
+        _patch_reset_prefix_cache,
     ),
 )
 

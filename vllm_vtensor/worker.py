@@ -241,6 +241,24 @@ def translate_scheduler_output(kv: KVSpace, so) -> None:
                                     or so.scheduled_cached_reqs.resumed_req_ids))
 
 
+def reset_prefix_cache_memory(worker) -> int:
+    """After vLLM's prefix cache was reset (``LLM.reset_prefix_cache()``, ``POST /reset_prefix_cache``):
+    give back the memory of every block only the cache was keeping; return the bytes it held.
+
+    Run in each worker by the engine core (``collective_rpc``) once the scheduler's reset succeeded:
+    no request can hit those blocks any more, and blocks running requests map stay."""
+    kv = getattr(getattr(worker, "model_runner", None), "_vtensor_kv", None)
+    if kv is None:
+        return 0
+    held = kv.stats().cached_bytes
+    deferring = getattr(kv.backend, "deferring", None)
+    with deferring() if deferring is not None else contextlib.nullcontext():  # after any queued step
+        kv.reset_cache()
+    vt_stats.publish(kv, force=True)
+    logger.info("vTensor: prefix cache reset, %.1f MiB of cached KV given back", held / 2**20)
+    return held
+
+
 def _apply(kv: KVSpace, so) -> None:
     for req_id in so.finished_req_ids:
         kv.remove_request(req_id)
