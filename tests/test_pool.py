@@ -120,6 +120,7 @@ def test_background_precreation_fills_to_high_watermark(backend):
         time.sleep(0.01)
     s = pool.stats()
     assert s.chunks_cached == 4 and s.chunks_in_use == 3 and s.resident_bytes <= s.budget_bytes
+    assert s.peak_resident_bytes == s.resident_bytes  # chunks made ahead count towards the peak too
     for c in got:
         pool.release(c)
     pool.close()
@@ -150,6 +151,7 @@ def test_expected_demand_is_created_ahead_then_forgotten(backend):
     assert s.chunks_cached == 2 and s.resident_bytes == 2 * MiB
     pool.expect(100)  # capped by the budget
     assert settle(16) == 16 and pool.stats().resident_bytes == 16 * MiB == backend.resident_bytes()
+    assert pool.stats().peak_resident_bytes == 16 * MiB
     pool.close()
 
 

@@ -315,12 +315,12 @@ class ChunkPool:
             with self._lock:
                 self._pending -= 1
                 self._created += 1
-                self._note_peak()
-                self._lock.notify_all()
                 if len(self._cache) < self._target() or self.linger_s == 0 or self._closed:
                     self._cache.append(chunk)
                 else:  # settle() lowered the target while this one was made: it lingers like the rest
                     self._lingering[chunk] = time.monotonic()
+                self._note_peak()
+                self._lock.notify_all()
 
     def _reap_loop(self) -> None:
         """Give lingering chunks back once they have been unused for ``linger_s``."""
