@@ -80,6 +80,18 @@ def _sampling_features(llm):
     }
 
 
+def _same_step_hit(llm):
+    """Two prompts sharing 290 tokens, sent together: the first's prefill runs in 64-token chunks and
+    the second is scheduled beside its last chunk, hitting a block that chunk fills in the same step
+    (VTENSOR at block 32: tokens 256-287)."""
+    from vllm import SamplingParams
+
+    ids = llm.get_tokenizer()("The quick brown fox jumps over the lazy dog. " * 40)["input_ids"][:300]
+    outs = llm.generate([{"prompt_token_ids": ids}, {"prompt_token_ids": ids[:290]}],
+                        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
 def _run_workloads(llm):
     first = _ids(llm.chat(SHARED[:1], _params()))  # fills the prefix cache
     rest = _ids(llm.chat(SHARED[1:], _params()))  # each hits the cached system prompt
@@ -90,6 +102,7 @@ def _run_workloads(llm):
         "shared": first + rest,
         "multi_turn": _ids(llm.chat([turn2], _params())),
         **_sampling_features(llm),
+        "same_step_hit": _same_step_hit(llm),
     }
 
 

@@ -90,6 +90,24 @@ def test_rejected_draft_tokens_do_not_count_as_filling_a_block(backend):
     kv.close()
 
 
+def test_hit_on_a_block_another_request_fills_in_the_same_step(backend):
+    """vLLM caches a block as soon as the tokens that fill it are scheduled, so a request scheduled
+    later in the same step may hit it before its filler's new blocks are applied: mapped, same chunk."""
+    kv = make(backend, keep=True)
+    va = kv.add_request("a", [1])
+    kv.note_tokens("a", B)
+    with pytest.raises(KVSpaceError, match="whose content was not kept"):  # not handed out this step
+        kv.add_request("b", [1, 2, 3], num_cached_tokens=2 * B)
+    vb = kv.add_request("b", [1, 2, 3], num_cached_tokens=2 * B, written_this_step={2})
+    (va2,) = kv.append_blocks("a", [2])  # "a" fills block 2 in this step
+    block_bytes(kv, va2).fill_(4)  # the forward pass writes a's new KV...
+    assert int(block_bytes(kv, vb[1]).min()) == 4  # ...which b reads through its own range
+    s = kv.stats()
+    assert s.shared_bytes == 2 * kv.chunk_bytes and s.copied_bytes == 0 and s.prefix_hit_bytes == 2 * kv.chunk_bytes
+    assert va == [kv.virtual_block(kv.slot_of("a"), 0)]
+    kv.close()
+
+
 def test_without_prefix_caching_everything_is_given_back(backend):
     kv = make(backend, keep=False)
     kv.add_request("a", [1, 2, 3])

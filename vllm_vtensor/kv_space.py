@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from .pool import ChunkPool
@@ -202,12 +202,17 @@ class KVSpace:
         self.pool.note_maps(maps=len(blocks))
         return [self.virtual_block(r.slot, j) for j in range(start, start + len(blocks))]
 
-    def add_request(self, req_id: str, blocks: list[int], num_cached_tokens: int = 0) -> list[int]:
+    def add_request(self, req_id: str, blocks: list[int], num_cached_tokens: int = 0,
+                    written_this_step: Collection[int] = ()) -> list[int]:
         """Give a new (or resumed) request a slot and map its blocks; return their virtual ids.
 
         The first ``num_cached_tokens // block_size`` blocks are prefix-cache hits:
         their content must already be here, and is mapped, not copied - or found
-        already mapped in a parked slot with the same leading chunks.
+        already mapped in a parked slot with the same leading chunks.  A hit may
+        also be on a block another request fills in this very step (vLLM caches a
+        block when it schedules the tokens that fill it): those are passed in
+        ``written_this_step`` and mapped like any other (the forward pass writes
+        each layer's new KV before any request's attention reads it).
         """
         with self._lock:
             if req_id in self._reqs:
@@ -215,7 +220,9 @@ class KVSpace:
             hits = min(num_cached_tokens // self.block_size, len(blocks))
             for b in blocks[:hits]:
                 if b not in self._phys:
-                    raise KVSpaceError(f"prefix-cache hit on physical block {b}, whose content was not kept")
+                    if b not in written_this_step:
+                        raise KVSpaceError(f"prefix-cache hit on physical block {b}, whose content was not kept")
+                    self._chunk(b)  # the request filling it maps the same chunk when its turn comes
             r = self._reuse_parked(blocks[:hits])
             if r is None:
                 if not self._free_slots and self._parked:

@@ -271,16 +271,23 @@ def _apply(kv: KVSpace, so) -> None:
         kv.copy_blocks([(c.src_block_id, c.dst_block_id) for c in so.kv_cache_block_copies])
         so.kv_cache_block_copies = None
     scheduled = so.num_scheduled_tokens
+    cached = so.scheduled_cached_reqs
+    # blocks handed out in this step (beyond each request's own hits): a new request may hit one that
+    # another request fills in this same step (vLLM caches a block once the tokens filling it are scheduled)
+    written = {b for new in so.scheduled_new_reqs for b in new.block_ids[0][new.num_computed_tokens // kv.block_size:]}
+    for i, blocks in enumerate(cached.new_block_ids):
+        if blocks is not None:
+            resumed = cached.req_ids[i] in cached.resumed_req_ids
+            written.update(blocks[0][cached.num_computed_tokens[i] // kv.block_size if resumed else 0:])
     for new in so.scheduled_new_reqs:
         (blocks,) = new.block_ids
-        new.block_ids = (kv.add_request(new.req_id, blocks, new.num_computed_tokens),)
+        new.block_ids = (kv.add_request(new.req_id, blocks, new.num_computed_tokens, written),)
         kv.note_tokens(new.req_id, new.num_computed_tokens + scheduled.get(new.req_id, 0))
-    cached = so.scheduled_cached_reqs
     for i, req_id in enumerate(cached.req_ids):
         new_blocks = cached.new_block_ids[i]
         if req_id in cached.resumed_req_ids:
             (blocks,) = new_blocks
-            cached.new_block_ids[i] = (kv.add_request(req_id, blocks, cached.num_computed_tokens[i]),)
+            cached.new_block_ids[i] = (kv.add_request(req_id, blocks, cached.num_computed_tokens[i], written),)
         elif new_blocks is not None:
             (blocks,) = new_blocks
             cached.new_block_ids[i] = (kv.append_blocks(req_id, blocks),)
