@@ -3,11 +3,12 @@ FlexInfer loader streaming half the weights, give the same greedy tokens as vani
 bfloat16, for a mixed batch split by chunked prefill."""
 from __future__ import annotations
 
-import gc
 import json
 import os
 
 import pytest
+
+from test_e2e_vtensor import _shutdown
 
 pytestmark = pytest.mark.e2e
 
@@ -27,9 +28,7 @@ def _generate(model, **kw):
     outs = llm.chat(CHATS, SamplingParams(temperature=0, max_tokens=24))
     config = llm.llm_engine.vllm_config
     result = [list(o.outputs[0].token_ids) for o in outs], (config.cache_config.block_size, str(config.model_config.dtype))
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+    _shutdown(llm)
     return result
 
 

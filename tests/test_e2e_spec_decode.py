@@ -4,12 +4,11 @@ within the blocks it was given.  Greedy tokens equal vanilla vLLM's with the sam
 were both accepted and rejected, and the KV memory is given back at the end."""
 from __future__ import annotations
 
-import gc
-import json
 import os
-import time
 
 import pytest
+
+from test_e2e_vtensor import _shutdown, _stats
 
 pytestmark = pytest.mark.e2e
 
@@ -23,16 +22,6 @@ PROMPTS = [  # repetitive text, so the n-gram drafter finds matches (some right,
 SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 
 
-def _settled(path, timeout=20.0):
-    """The worker's figures once finished requests are cleared and lingering memory is given back."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = json.loads(path.read_text()) if path.exists() else {}
-        if (stats.get("running_requests") == 0 and stats.get("lingering_bytes") == 0) or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.1)
-
-
 def _generate(model, stats_file, **kw):
     from vllm import LLM, SamplingParams
 
@@ -42,10 +31,8 @@ def _generate(model, stats_file, **kw):
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=48))
     metrics = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
     block_size = llm.llm_engine.vllm_config.cache_config.block_size
-    stats = _settled(stats_file) if kw else {}
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+    stats = _stats(stats_file) if kw else {}
+    _shutdown(llm)
     stats["full_blocks"] = sum((len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1) // block_size for o in outs)
     return [list(o.outputs[0].token_ids) for o in outs], metrics, block_size, stats
 
