@@ -1,5 +1,5 @@
 """The OpenAI server with `--attention-backend VTENSOR` and `--load-format flexinfer` (50% budget):
-chat and completions, streaming and not,
+chat and completions, streaming and not, clients hanging up mid-stream,
 answers equal to vanilla greedy decoding, and the allocator's figures in /metrics."""
 from __future__ import annotations
 
@@ -70,3 +70,45 @@ def test_metrics_expose_the_allocator(server, client):
         <= float(values["vllm_vtensor_budget_bytes"])
     assert float(values["vllm_vtensor_peak_live_tokens"]) >= prompt_tokens
     assert "vllm:" in text  # vLLM's own metrics are still there
+
+
+def _settled_metrics(server, timeout=30.0):
+    """The allocator's gauges once the worker has cleared finished or aborted requests."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        values = {k: float(v) for k, v in re.findall(r"^(vllm_vtensor_\w+) (\S+)$", server.metrics(), re.M)}
+        if values["vllm_vtensor_running_requests"] == 0 or time.monotonic() > deadline:
+            return values
+        time.sleep(0.2)
+
+
+def test_clients_that_hang_up_mid_stream_leave_nothing_mapped(server, client):
+    """Streaming clients that disconnect after a few tokens: vLLM aborts their requests, VTENSOR
+    unmaps their KV, and the server answers the next request as before."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = _model(client)
+
+    def hang_up(i):
+        stream = client.chat.completions.create(
+            model=model, stream=True, max_tokens=300, temperature=0, extra_body={"ignore_eos": True},
+            messages=[{"role": "user", "content": f"Tell a long story about the number {i}. " * (1 + 5 * i)}])
+        got = sum(1 for _, _ in zip(range(3), stream))  # three chunks, then close the connection
+        stream.close()
+        return got
+
+    def generated():
+        found = re.search(r"^vllm:generation_tokens_total\{[^}]*\} (\S+)$", server.metrics(), re.M)
+        return float(found.group(1))
+
+    before = generated()
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(hang_up, range(4))) == [3] * 4
+    values = _settled_metrics(server)
+    assert generated() - before < 4 * 300 / 3  # vLLM aborted them: none ran on to its 300 tokens
+    assert values["vllm_vtensor_running_requests"] == 0 and values["vllm_vtensor_mapped_bytes"] == 0
+    reply = client.chat.completions.create(model=model, max_tokens=12, temperature=0,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in reply.choices[0].message.content
