@@ -207,19 +207,24 @@ class ChunkPool:
         unused chunk, so an idle pool holds no more than its reserve (after ``linger_s``, when set)."""
         with self._lock:
             self._expected = 0
-            excess = len(self._cache) - self.high
-            if excess <= 0:
-                return
-            chunks, self._cache = self._cache[:excess], self._cache[excess:]
-            if self.linger_s > 0 and not self._closed:
-                now = time.monotonic()
-                for c in chunks:
-                    self._lingering[c] = now
-                self._lock.notify_all()
-                return
-            self._released += len(chunks)
-        for c in chunks:
+            excess = max(0, len(self._cache) - self.high)
+            gone = self._let_go(self._cache[:excess])
+            del self._cache[:excess]
+        for c in gone:
             self.backend.release_chunk(c)
+
+    def _let_go(self, chunks: list[int]) -> list[int]:
+        """Under the lock: unused chunks the cache does not keep linger (with ``linger_s``), or are
+        returned, counted as released, for the caller to give back outside the lock."""
+        if self.linger_s > 0 and not self._closed:
+            now = time.monotonic()
+            for c in chunks:
+                self._lingering[c] = now
+            if chunks:
+                self._lock.notify_all()  # the reaper
+            return []
+        self._released += len(chunks)
+        return chunks
 
     def _target(self) -> int:
         return max(self.high, self._expected)
@@ -239,12 +244,9 @@ class ChunkPool:
             if len(self._cache) < self._target() and not self._closed:
                 self._cache.append(chunk)
                 return
-            if self.linger_s > 0 and not self._closed:
-                self._lingering[chunk] = time.monotonic()
-                self._lock.notify_all()
-                return
-            self._released += 1
-        self.backend.release_chunk(chunk)
+            gone = self._let_go([chunk])
+        for c in gone:
+            self.backend.release_chunk(c)
 
     def refcount(self, chunk: int) -> int:
         with self._lock:
@@ -315,12 +317,14 @@ class ChunkPool:
             with self._lock:
                 self._pending -= 1
                 self._created += 1
-                if len(self._cache) < self._target() or self.linger_s == 0 or self._closed:
-                    self._cache.append(chunk)
-                else:  # settle() lowered the target while this one was made: it lingers like the rest
-                    self._lingering[chunk] = time.monotonic()
+                self._cache.append(chunk)
                 self._note_peak()
                 self._lock.notify_all()
+                # settle() may have lowered the target while this one was made: then it goes like the rest
+                beyond = len(self._cache) > self._target() and not self._closed
+                gone = self._let_go([self._cache.pop()]) if beyond else []
+            for c in gone:
+                self.backend.release_chunk(c)
 
     def _reap_loop(self) -> None:
         """Give lingering chunks back once they have been unused for ``linger_s``."""
