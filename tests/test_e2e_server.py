@@ -60,16 +60,20 @@ def test_metrics_expose_the_allocator(server, client):
     reply = client.completions.create(model=_model(client), prompt="Once upon a time " * 60, max_tokens=4)
     prompt_tokens = reply.usage.prompt_tokens  # ~240
     text = server.metrics()
-    values = dict(re.findall(r"^(vllm_vtensor_\w+) (\S+)$", text, re.M))
-    assert float(values["vllm_vtensor_budget_bytes"]) > 0
-    block = float(values["vllm_vtensor_block_size_tokens"])
+    values = _vtensor_gauges(text)
+    assert values["vllm_vtensor_budget_bytes"] > 0
+    block = values["vllm_vtensor_block_size_tokens"]
     assert block == 32  # VTENSOR's choice on CPU when --block-size is not given
-    assert float(values["vllm_vtensor_chunk_bytes"]) == block * 2 * 30 * 3 * 64 * 4  # all layers' K and V, fp32
-    assert float(values["vllm_vtensor_map_operations"]) >= -(-prompt_tokens // block)  # the prompt's blocks
-    assert float(values["vllm_vtensor_resident_bytes"]) <= float(values["vllm_vtensor_peak_resident_bytes"]) \
-        <= float(values["vllm_vtensor_budget_bytes"])
-    assert float(values["vllm_vtensor_peak_live_tokens"]) >= prompt_tokens
+    assert values["vllm_vtensor_chunk_bytes"] == block * 2 * 30 * 3 * 64 * 4  # all layers' K and V, fp32
+    assert values["vllm_vtensor_map_operations"] >= -(-prompt_tokens // block)  # the prompt's blocks
+    assert values["vllm_vtensor_resident_bytes"] <= values["vllm_vtensor_peak_resident_bytes"] \
+        <= values["vllm_vtensor_budget_bytes"]
+    assert values["vllm_vtensor_peak_live_tokens"] >= prompt_tokens
     assert "vllm:" in text  # vLLM's own metrics are still there
+
+
+def _vtensor_gauges(text: str) -> dict[str, float]:
+    return {k: float(v) for k, v in re.findall(r"^(vllm_vtensor_\w+) (\S+)$", text, re.M)}
 
 
 def _settled_metrics(server, timeout=30.0):
@@ -78,7 +82,7 @@ def _settled_metrics(server, timeout=30.0):
 
     deadline = time.monotonic() + timeout
     while True:
-        values = {k: float(v) for k, v in re.findall(r"^(vllm_vtensor_\w+) (\S+)$", server.metrics(), re.M)}
+        values = _vtensor_gauges(server.metrics())
         if values["vllm_vtensor_running_requests"] == 0 or time.monotonic() > deadline:
             return values
         time.sleep(0.2)

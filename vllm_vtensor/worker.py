@@ -226,14 +226,20 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
     return views
 
 
+def _memory_work(kv: KVSpace):
+    """Where ``kv``'s memory operations run: queued for the helper thread with a deferred backend
+    (after those already queued), inline otherwise."""
+    deferring = getattr(kv.backend, "deferring", None)
+    return deferring() if deferring is not None else contextlib.nullcontext()
+
+
 def translate_scheduler_output(kv: KVSpace, so) -> None:
     """Apply the scheduler's block decisions to ``kv`` and make ``so``'s block ids virtual.
 
     With a deferred backend the bookkeeping is done here and the memory operations are queued for
     its helper thread; the attention layers wait for them before touching KV."""
     t0 = time.perf_counter()
-    deferring = getattr(kv.backend, "deferring", None)
-    with deferring() if deferring is not None else contextlib.nullcontext():
+    with _memory_work(kv):
         _apply(kv, so)
     kv.note_step()
     kv.step_seconds += time.perf_counter() - t0
@@ -251,8 +257,7 @@ def reset_prefix_cache_memory(worker) -> int:
     if kv is None:
         return 0
     held = kv.stats().cached_bytes
-    deferring = getattr(kv.backend, "deferring", None)
-    with deferring() if deferring is not None else contextlib.nullcontext():  # after any queued step
+    with _memory_work(kv):  # after any queued step's
         kv.reset_cache()
     vt_stats.publish(kv, force=True)
     logger.info("vTensor: prefix cache reset, %.1f MiB of cached KV given back", held / 2**20)
