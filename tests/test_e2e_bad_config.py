@@ -57,3 +57,14 @@ def test_block_size_the_cpu_kernel_cannot_take_is_refused(tiny_llama_path):
     run = _start(tiny_llama_path, "max_model_len=512, kv_cache_memory_bytes=64 << 20, block_size=48")
     assert run.returncode != 0
     assert "--block-size 48 is not one. Pass --block-size 64" in run.stdout + run.stderr
+
+
+def test_kv_connector_is_refused(tiny_llama_path, tmp_path):
+    """A KV connector would copy KV by physical block ids into VTENSOR's virtually indexed cache
+    (vLLM's ExampleConnector stopped the engine that way before this refusal)."""
+    connector = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
+                 "kv_connector_extra_config": {"shared_storage_path": str(tmp_path)}}
+    run = _start(tiny_llama_path, f"max_model_len=512, kv_cache_memory_bytes=64 << 20, kv_transfer_config={connector!r}")
+    assert run.returncode != 0
+    assert "VTENSOR cannot run with KV connectors" in run.stdout + run.stderr
+    assert "run without --kv-transfer-config / --kv-offloading-size" in run.stdout + run.stderr

@@ -65,3 +65,25 @@ def test_the_backend_class_follows_the_platform():
     from vllm_vtensor import BACKEND_PATH, backend_path
 
     assert backend_path() == BACKEND_PATH  # CPU here; on CUDA: vllm_vtensor.backend_cuda.VTensorCudaBackend
+
+
+def _config(kv_transfer_config=None, enable_sleep_mode=False):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(kv_transfer_config=kv_transfer_config,
+                           model_config=SimpleNamespace(enable_sleep_mode=enable_sleep_mode))
+
+
+@pytest.mark.parametrize("kw, problem, fix", [
+    (dict(kv_transfer_config={"kv_connector": "ExampleConnector"}), "KV connectors",
+     "run without --kv-transfer-config / --kv-offloading-size"),
+    (dict(enable_sleep_mode=True), "sleep mode", "run without --enable-sleep-mode"),
+])
+def test_engine_features_that_bypass_the_kv_space_are_refused(kw, problem, fix):
+    from vllm_vtensor.worker import check_engine_features
+
+    check_engine_features(_config())  # neither: runs
+    with pytest.raises(VTensorConfigError) as e:
+        check_engine_features(_config(**kw))
+    assert problem in str(e.value) and fix in str(e.value)
+    assert "or run without --attention-backend VTENSOR" in str(e.value)

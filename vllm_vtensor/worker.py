@@ -54,6 +54,32 @@ def _the_attention_group(kv_cache_config):
     return groups[0]
 
 
+def check_engine_features(vllm_config) -> None:
+    """Refuse engine features that would read or free KV memory behind VTENSOR's back, naming the fix.
+
+    * KV connectors (``--kv-transfer-config``, which ``--kv-offloading-size`` also sets): their
+      worker side copies KV in and out of the cache tensors by the scheduler's block ids, which are
+      physical ids; VTENSOR's cache tensors are indexed by virtual ids (each request's own range),
+      so a connector would read and write other blocks than it means.  Seen on vLLM 0.32's
+      ExampleConnector: a block it loaded was never mapped, and the engine stopped.
+    * Sleep mode: vLLM frees memory at sleep through its CuMemAllocator pool, which VTENSOR's KV
+      memory is not in (the VMM backend maps its own chunks).  VTENSOR already gives KV memory
+      back as requests finish; what an idle engine keeps is the prefix cache's blocks, which
+      ``LLM.reset_prefix_cache()`` (``POST /reset_prefix_cache``) gives back."""
+    problems = []
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        problems.append("KV connectors (--kv-transfer-config, --kv-offloading-size) address vLLM's KV cache by "
+                        "physical block ids, and VTENSOR's cache is indexed by each request's virtual blocks: "
+                        "run without --kv-transfer-config / --kv-offloading-size")
+    if getattr(getattr(vllm_config, "model_config", None), "enable_sleep_mode", False):
+        problems.append("sleep mode frees memory through vLLM's allocator pool, which VTENSOR's KV memory is not in "
+                        "(VTENSOR gives KV memory back as requests finish, and LLM.reset_prefix_cache() / "
+                        "POST /reset_prefix_cache gives back the prefix cache's): run without --enable-sleep-mode")
+    if problems:
+        raise VTensorConfigError("--attention-backend VTENSOR cannot run with " + "; ".join(problems)
+                                 + "; or run without --attention-backend VTENSOR.")
+
+
 LINGER_ENV = "VTENSOR_CHUNK_LINGER_S"
 DEFAULT_LINGER_S = 1.0
 PRECREATE_ENV = "VTENSOR_PRECREATE_BYTES"
@@ -171,6 +197,7 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
     from vllm.v1.kv_cache_interface import compute_layer_kv_cache_shape_bytes
 
     vllm_config = runner.vllm_config
+    check_engine_features(vllm_config)
     group = _the_attention_group(kv_cache_config)
     spec = group.kv_cache_spec
     layers = list(group.layer_names)
