@@ -1,6 +1,8 @@
 """The worker's environment settings: defaults, accepted values, and errors naming the fix."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from vllm_vtensor.vmm.host import HostBackend
@@ -68,14 +70,12 @@ def test_the_backend_class_follows_the_platform():
 
 
 def _config(kv_transfer_config=None, enable_sleep_mode=False):
-    from types import SimpleNamespace
-
     return SimpleNamespace(kv_transfer_config=kv_transfer_config,
                            model_config=SimpleNamespace(enable_sleep_mode=enable_sleep_mode))
 
 
 @pytest.mark.parametrize("kw, problem, fix", [
-    (dict(kv_transfer_config={"kv_connector": "ExampleConnector"}), "KV connectors",
+    (dict(kv_transfer_config=SimpleNamespace(kv_connector="OffloadingConnector")), "KV connectors",
      "run without --kv-transfer-config / --kv-offloading-size"),
     (dict(enable_sleep_mode=True), "sleep mode", "run without --enable-sleep-mode"),
 ])
@@ -83,6 +83,7 @@ def test_engine_features_that_bypass_the_kv_space_are_refused(kw, problem, fix):
     from vllm_vtensor.worker import check_engine_features
 
     check_engine_features(_config())  # neither: runs
+    check_engine_features(_config(kv_transfer_config=SimpleNamespace(kv_connector=None)))  # no connector set
     with pytest.raises(VTensorConfigError) as e:
         check_engine_features(_config(**kw))
     assert problem in str(e.value) and fix in str(e.value)

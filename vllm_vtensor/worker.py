@@ -67,7 +67,7 @@ def check_engine_features(vllm_config) -> None:
       back as requests finish; what an idle engine keeps is the prefix cache's blocks, which
       ``LLM.reset_prefix_cache()`` (``POST /reset_prefix_cache``) gives back."""
     problems = []
-    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+    if getattr(getattr(vllm_config, "kv_transfer_config", None), "kv_connector", None):
         problems.append("KV connectors (--kv-transfer-config, --kv-offloading-size) address vLLM's KV cache by "
                         "physical block ids, and VTENSOR's cache is indexed by each request's virtual blocks: "
                         "run without --kv-transfer-config / --kv-offloading-size")
