@@ -28,6 +28,7 @@ from vllm_vtensor.vmm import make_backend  # noqa: E402
 from vllm_vtensor.vtensor import VTensor  # noqa: E402
 
 MiB = 1 << 20
+GiB = 1 << 30
 
 
 def _sync(device: str) -> None:
@@ -110,6 +111,22 @@ def grow_vs_copy(pool: ChunkPool, device: str, sizes_mib: list[int], grow_chunks
     return rows
 
 
+def reserve_cost(backend, sizes_gib: list[float]) -> list[dict]:
+    """Time reserving a fresh range of each size, reading as zeros everywhere: what a KV space does
+    once at start-up (VTENSOR reserves max_num_seqs slots of max_model_len).  The host backend maps
+    one read-only zero file over the range; the CUDA backend maps its zero granule over every
+    granule of it.  Ranges stay reserved until the backend closes."""
+    rows = []
+    for gib in sizes_gib:
+        size = int(gib * GiB) // backend.granularity * backend.granularity
+        t = time.perf_counter()
+        backend.reserve(size)
+        _sync(backend.device)
+        dt = time.perf_counter() - t
+        rows.append({"reserve_gib": gib, "ms": dt * 1e3, "us_per_granule": dt * 1e6 / (size // backend.granularity)})
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
@@ -119,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--sizes-mib", default="16,64,256,1024")
     p.add_argument("--grow-chunks", type=int, default=8)
+    p.add_argument("--reserve-gib", default="1,4,16",
+                   help="sizes of fresh virtual ranges to time reserving (comma-separated GiB; '' for none)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -135,6 +154,7 @@ def main(argv=None) -> int:
     lat["share"] = share_latency(pool, args.reps)
     grow = grow_vs_copy(pool, args.device, sizes, args.grow_chunks, reps=5)
     pool.close()
+    reserve = reserve_cost(backend, [float(g) for g in args.reserve_gib.split(",") if g])
     backend.close()
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
@@ -150,12 +170,18 @@ def main(argv=None) -> int:
         r["speedup"] = r["copy_on_grow_ms"] / r["vtensor_ms"]
         print(f"{r['current_mib']:>12}{r['vtensor_ms']:>12.2f}{r['copy_on_grow_ms']:>17.2f}{r['speedup']:>8.1f}x")
 
+    if reserve:
+        print(f"\nReserving a fresh range that reads as zeros (once per KV space, at start-up)")
+        print(f"{'GiB':>8}{'ms':>12}{'us/granule':>12}")
+        for r in reserve:
+            print(f"{r['reserve_gib']:>8g}{r['ms']:>12.3f}{r['us_per_granule']:>12.3f}")
+
     out = Path(args.out or Path(__file__).parent / "results" / f"vmm-{args.device.replace(':', '')}{'-staged' if args.stage else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": "python benchmarks/vmm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": args.device, "device_name": device_name, "chunk_bytes": chunk, "staged": args.stage,
-        "latency": summary, "grow": grow, "torch": torch.__version__, **backend_facts,
+        "latency": summary, "grow": grow, "reserve": reserve, "torch": torch.__version__, **backend_facts,
     }, indent=2))
     print(f"\nwrote {out}")
     return 0

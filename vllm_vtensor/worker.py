@@ -229,6 +229,7 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
     else:
         raise VTensorConfigError(f"--attention-backend VTENSOR runs on CPU and CUDA GPUs, not on {device}. "
                                  "Run without --attention-backend VTENSOR.")
+    t0 = time.perf_counter()
     kv = KVSpace(
         backend,
         num_blocks=kv_cache_config.num_blocks,
@@ -246,9 +247,10 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
     views = dict(zip(layers, layer_views(kv, len(layers), (heads, tokens, content), spec.dtype)))
     logger.info(
         "VTENSOR KV cache: %d layers, %d slots x %d blocks of %d tokens, chunk %.2f MiB (all layers of one block), "
-        "physical budget %.2f GiB (%d blocks), virtual %.1f GiB, nothing committed yet",
+        "physical budget %.2f GiB (%d blocks), virtual %.1f GiB (set up in %.2f s), nothing committed yet",
         len(layers), kv.num_slots, kv.blocks_per_slot, spec.block_size, kv.chunk_bytes / 2**20,
         kv_cache_config.num_blocks * kv.chunk_bytes / 2**30, kv_cache_config.num_blocks, kv.range.size / 2**30,
+        time.perf_counter() - t0,
     )
     return views
 
