@@ -41,6 +41,10 @@ class FlexConfig:
             raise FlexConfigError("prefetch_window must be >= 0 and io_threads >= 1")
         if cfg.policy not in POLICIES + BASELINES:
             raise FlexConfigError(f"policy {cfg.policy!r} is not one of {POLICIES + BASELINES}")
+        streaming_only = sorted(set(extra) & {"prefetch_window", "io_threads", "direct_io", "lock_memory"})
+        if cfg.policy == "mmap" and streaming_only:
+            raise FlexConfigError(f"{streaming_only} apply to streamed weights; the mmap baseline (policy 'mmap') "
+                                  "leaves paging to the OS: drop them, or pick a streaming policy")
         cfg.budget_bytes(1)  # validates the budget's form
         return cfg
 

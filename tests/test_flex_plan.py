@@ -135,6 +135,9 @@ def test_config_validation():
         FlexConfig.from_extra({"memory_budget": 1.5})
     with pytest.raises(FlexConfigError, match="KiB/MiB/GiB"):
         FlexConfig.from_extra({"memory_budget": "lots"})
+    with pytest.raises(FlexConfigError, match=r"\['io_threads', 'prefetch_window'\] apply to streamed weights"):
+        FlexConfig.from_extra({"memory_budget": 0.5, "policy": "mmap", "prefetch_window": 2, "io_threads": 4})
+    assert FlexConfig.from_extra({"memory_budget": 0.5, "policy": "mmap", "cache_dir": "/tmp"}).policy == "mmap"
     cfg = FlexConfig.from_extra({"memory_budget": 0.5})
     assert cfg.budget_bytes(1000) == 500 and FlexConfig.from_extra({"memory_budget": "25%"}).budget_bytes(1000) == 250
     assert FlexConfig.from_extra({"memory_budget": "800MB"}).budget_bytes(1) == 800_000_000
