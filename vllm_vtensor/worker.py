@@ -61,7 +61,9 @@ def check_engine_features(vllm_config) -> None:
       worker side copies KV in and out of the cache tensors by the scheduler's block ids, which are
       physical ids; VTENSOR's cache tensors are indexed by virtual ids (each request's own range),
       so a connector would read and write other blocks than it means.  Seen on vLLM 0.32's
-      ExampleConnector: a block it loaded was never mapped, and the engine stopped.
+      ExampleConnector: the scheduler counted the blocks it was to load as cached, the worker had
+      never kept such blocks ("prefix-cache hit on physical block 7, whose content was not kept"),
+      and the engine stopped.
     * Sleep mode: vLLM frees memory at sleep through its CuMemAllocator pool, which VTENSOR's KV
       memory is not in (the VMM backend maps its own chunks).  VTENSOR already gives KV memory
       back as requests finish; what an idle engine keeps is the prefix cache's blocks, which
