@@ -88,3 +88,19 @@ def test_engine_features_that_bypass_the_kv_space_are_refused(kw, problem, fix):
         check_engine_features(_config(**kw))
     assert problem in str(e.value) and fix in str(e.value)
     assert "or run without --attention-backend VTENSOR" in str(e.value)
+
+
+def test_a_virtual_range_too_large_names_the_flags_that_size_it():
+    from vllm_vtensor.worker import kv_space_for
+
+    backend = HostBackend()
+    kw = dict(max_model_len=1 << 20, block_size=32, block_bytes=32 * 4096, num_blocks=4, keep_full_blocks=False)
+    try:
+        kv = kv_space_for(backend, max_num_seqs=2, **kw)  # 2 x 32769 blocks of 128 KiB: 8 GiB, reserved
+        assert kv.num_slots == 2 and kv.blocks_per_slot == (1 << 20) // 32 + 1
+        kv.close()
+        with pytest.raises(VTensorConfigError) as e:  # 2^31 requests of 1M tokens: beyond any address space
+            kv_space_for(backend, max_num_seqs=1 << 31, **kw)
+        assert "Lower --max-num-seqs or --max-model-len" in str(e.value) and "--max-num-seqs 2147483648" in str(e.value)
+    finally:
+        backend.close()

@@ -115,13 +115,14 @@ class KVSpace:
         self.keep_full_blocks = keep_full_blocks
         self._lock = threading.RLock()
         self.on_release = on_release  # called (from the reaper thread) after lingering memory is given back
+        # the virtual range first: it is what fails when max_num_seqs x max_model_len is too large
+        self.range = backend.reserve(num_slots * blocks_per_slot * self.chunk_bytes)
         # A small reserve of ready chunks, refilled by a background thread, keeps making memory
         # (allocating and clearing pages) off the step's critical path while requests grow.
         high = min(precreate_bytes // self.chunk_bytes, num_blocks)
         self.pool = ChunkPool(backend, num_blocks * self.chunk_bytes, self.chunk_bytes, linger_s=linger_s,
                               on_release=self._released, low_watermark=max(1, high // 2) if high else 0,
                               high_watermark=high, create_ahead=precreate_bytes > 0)
-        self.range = backend.reserve(num_slots * blocks_per_slot * self.chunk_bytes)
         self._phys: dict[int, int] = {}  # physical block -> chunk, for blocks with content worth keeping
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._reqs: dict[str, _RequestKV] = {}

@@ -26,7 +26,7 @@ from . import stats as vt_stats
 from . import BACKEND_NAME
 from .kv_space import KVSpace, chunk_bytes_for
 from .log import get_logger
-from .vmm import make_backend
+from .vmm import VMMError, make_backend
 from .vmm.deferred import DeferredBackend
 
 logger = get_logger(__name__)
@@ -194,6 +194,24 @@ def layer_views(kv: KVSpace, num_layers: int, page_shape: tuple[int, int, int], 
     ]
 
 
+def kv_space_for(backend, *, max_num_seqs: int, max_model_len: int, block_size: int, block_bytes: int,
+                 **kw) -> KVSpace:
+    """A :class:`KVSpace` with one slot per request vLLM may run (``max_num_seqs``), each long enough
+    for ``max_model_len`` tokens (plus one block); a virtual reservation the system refuses is
+    reported with the flags that size it."""
+    blocks_per_slot = math.ceil(max_model_len / block_size) + 1
+    try:
+        return KVSpace(backend, num_slots=max_num_seqs, blocks_per_slot=blocks_per_slot, block_size=block_size,
+                       block_bytes=block_bytes, **kw)
+    except VMMError as e:
+        virtual = max_num_seqs * blocks_per_slot * chunk_bytes_for(block_bytes, backend.granularity)
+        raise VTensorConfigError(
+            f"VTENSOR reserves a virtual range for each of --max-num-seqs {max_num_seqs} requests, long enough for "
+            f"--max-model-len {max_model_len} tokens: {virtual / 2**30:.1f} GiB of address space in all (no memory "
+            f"is committed for it), which {backend.device} refused ({e}). Lower --max-num-seqs or --max-model-len."
+        ) from e
+
+
 def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[str, torch.Tensor]:
     """Per-layer KV views over a fresh :class:`KVSpace`, stored on ``runner``."""
     from vllm.v1.kv_cache_interface import compute_layer_kv_cache_shape_bytes
@@ -232,11 +250,11 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
         raise VTensorConfigError(f"--attention-backend VTENSOR runs on CPU and CUDA GPUs, not on {device}. "
                                  "Run without --attention-backend VTENSOR.")
     t0 = time.perf_counter()
-    kv = KVSpace(
+    kv = kv_space_for(
         backend,
+        max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
+        max_model_len=vllm_config.model_config.max_model_len,
         num_blocks=kv_cache_config.num_blocks,
-        num_slots=vllm_config.scheduler_config.max_num_seqs,
-        blocks_per_slot=math.ceil(vllm_config.model_config.max_model_len / spec.block_size) + 1,
         block_bytes=block_bytes,
         block_size=spec.block_size,
         keep_full_blocks=bool(vllm_config.cache_config.enable_prefix_caching),
