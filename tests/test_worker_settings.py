@@ -104,3 +104,17 @@ def test_a_virtual_range_too_large_names_the_flags_that_size_it():
         assert "Lower --max-num-seqs or --max-model-len" in str(e.value) and "--max-num-seqs 2147483648" in str(e.value)
     finally:
         backend.close()
+
+
+def test_a_cuda_range_slow_to_cover_is_warned_about_naming_the_flags(caplog):
+    import logging
+
+    from vllm_vtensor.worker import SLOW_COVER_GRANULES, warn_if_slow_to_cover
+
+    big = (SLOW_COVER_GRANULES + 1) * (2 << 20)
+    with caplog.at_level(logging.WARNING):
+        assert not warn_if_slow_to_cover("cpu", big, 4096, 256, 8192)  # the host maps one zero file: no cost
+        assert not warn_if_slow_to_cover("cuda:0", SLOW_COVER_GRANULES * (2 << 20), 2 << 20, 256, 8192)
+        assert warn_if_slow_to_cover("cuda:0", big, 2 << 20, 1024, 131072)
+    assert "--max-num-seqs 1024 x --max-model-len 131072" in caplog.text
+    assert "lower --max-num-seqs or --max-model-len" in caplog.text

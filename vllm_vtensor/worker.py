@@ -194,12 +194,31 @@ def layer_views(kv: KVSpace, num_layers: int, page_shape: tuple[int, int, int], 
     ]
 
 
+SLOW_COVER_GRANULES = 1 << 16  # ~3-6 s of start-up at the ~50-100 us per granule measured on H100/H200
+
+
+def warn_if_slow_to_cover(device: str, virtual_bytes: int, granularity: int, max_num_seqs: int,
+                          max_model_len: int) -> bool:
+    """On CUDA every granule of the virtual range gets the read-only zero granule mapped at start-up
+    (one cuMemMap + cuMemSetAccess each): warn, naming what sizes the range, when that is many."""
+    granules = virtual_bytes // granularity
+    if not device.startswith("cuda") or granules <= SLOW_COVER_GRANULES:
+        return False
+    logger.warning(
+        "VTENSOR: the KV space's virtual range (--max-num-seqs %d x --max-model-len %d: %.1f GiB) maps the zero "
+        "granule over %d granules at start-up, ~50-100 us each; lower --max-num-seqs or --max-model-len to start "
+        "faster", max_num_seqs, max_model_len, virtual_bytes / 2**30, granules)
+    return True
+
+
 def kv_space_for(backend, *, max_num_seqs: int, max_model_len: int, block_size: int, block_bytes: int,
                  **kw) -> KVSpace:
     """A :class:`KVSpace` with one slot per request vLLM may run (``max_num_seqs``), each long enough
     for ``max_model_len`` tokens (plus one block); a virtual reservation the system refuses is
     reported with the flags that size it."""
     blocks_per_slot = math.ceil(max_model_len / block_size) + 1
+    warn_if_slow_to_cover(backend.device, max_num_seqs * blocks_per_slot * chunk_bytes_for(block_bytes, backend.granularity),
+                          backend.granularity, max_num_seqs, max_model_len)
     try:
         return KVSpace(backend, num_slots=max_num_seqs, blocks_per_slot=blocks_per_slot, block_size=block_size,
                        block_bytes=block_bytes, **kw)
