@@ -50,7 +50,7 @@ export VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
 if [ "${BENCH:-0}" = 1 ] || [ "${BENCH_ONLY:-0}" = 1 ]; then
   # the start-up cost of a KV space's virtual range on CUDA (the zero granule mapped over every
   # granule of it): VTENSOR reserves max_num_seqs slots of max_model_len, tens of GiB by default
-  timeout 90 $PY benchmarks/vmm.py --device cuda --reps 50 --sizes-mib 16 --reserve-gib 1,4,16,64 \
+  timeout 45 $PY benchmarks/vmm.py --device cuda --reps 50 --sizes-mib 16 --reserve-gib 1,4,16,64 \
       --out "$OUT/vmm-reserve-cuda.json" 2>&1 | tail -n 8 | tee "$OUT/vmm-reserve-cuda.log"
   model=$($PY -c "from vllm_vtensor.models import build_tiny_llama as b; print(b(head_dim=64, num_layers=30, num_heads=9, num_kv_heads=3, hidden_size=576, intermediate_size=1536))")
   engine='{"dtype": "bfloat16", "max_num_seqs": 64, "compilation_config": {"custom_ops": ["none"]}, "kernel_config": {"ir_op_priority": {"rms_norm": ["native"], "fused_add_rms_norm": ["native"]}}}'
