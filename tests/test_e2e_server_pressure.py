@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from test_e2e_server import _vtensor_gauges
 from vllm_vtensor.demo import Server
 
 pytestmark = pytest.mark.e2e
@@ -64,4 +65,4 @@ def test_concurrent_requests_under_memory_pressure_match_vanilla(smollm2_path, t
     out, preemptions, metrics = _serve(smollm2_path, ["--attention-backend", "VTENSOR"], tmp_path / "vtensor.log")
     assert out == ref
     assert preemptions > 0 and ref_preemptions > 0  # both engines ran out of KV and preempted
-    assert float(re.search(r"^vllm_vtensor_preemptions (\S+)$", metrics, re.M).group(1)) == preemptions
+    assert _vtensor_gauges(metrics)["vllm_vtensor_preemptions"] == preemptions

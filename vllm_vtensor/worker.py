@@ -217,13 +217,12 @@ def kv_space_for(backend, *, max_num_seqs: int, max_model_len: int, block_size: 
     for ``max_model_len`` tokens (plus one block); a virtual reservation the system refuses is
     reported with the flags that size it."""
     blocks_per_slot = math.ceil(max_model_len / block_size) + 1
-    warn_if_slow_to_cover(backend.device, max_num_seqs * blocks_per_slot * chunk_bytes_for(block_bytes, backend.granularity),
-                          backend.granularity, max_num_seqs, max_model_len)
+    virtual = max_num_seqs * blocks_per_slot * chunk_bytes_for(block_bytes, backend.granularity)
+    warn_if_slow_to_cover(backend.device, virtual, backend.granularity, max_num_seqs, max_model_len)
     try:
         return KVSpace(backend, num_slots=max_num_seqs, blocks_per_slot=blocks_per_slot, block_size=block_size,
                        block_bytes=block_bytes, **kw)
     except VMMError as e:
-        virtual = max_num_seqs * blocks_per_slot * chunk_bytes_for(block_bytes, backend.granularity)
         raise VTensorConfigError(
             f"VTENSOR reserves a virtual range for each of --max-num-seqs {max_num_seqs} requests, long enough for "
             f"--max-model-len {max_model_len} tokens: {virtual / 2**30:.1f} GiB of address space in all (no memory "
@@ -332,6 +331,19 @@ def reset_prefix_cache_memory(worker) -> int:
     return held
 
 
+def _handed_out_this_step(so, block_size: int) -> set[int]:
+    """Blocks the scheduler handed out in this step (beyond each request's own hits): a new request may
+    hit one that another request fills in this same step (vLLM caches a block once the tokens filling
+    it are scheduled)."""
+    cached = so.scheduled_cached_reqs
+    written = {b for new in so.scheduled_new_reqs for b in new.block_ids[0][new.num_computed_tokens // block_size:]}
+    for i, blocks in enumerate(cached.new_block_ids):
+        if blocks is not None:
+            resumed = cached.req_ids[i] in cached.resumed_req_ids
+            written.update(blocks[0][cached.num_computed_tokens[i] // block_size if resumed else 0:])
+    return written
+
+
 def _apply(kv: KVSpace, so) -> None:
     for req_id in so.finished_req_ids:
         kv.remove_request(req_id)
@@ -345,13 +357,8 @@ def _apply(kv: KVSpace, so) -> None:
         so.kv_cache_block_copies = None
     scheduled = so.num_scheduled_tokens
     cached = so.scheduled_cached_reqs
-    # blocks handed out in this step (beyond each request's own hits): a new request may hit one that
-    # another request fills in this same step (vLLM caches a block once the tokens filling it are scheduled)
-    written = {b for new in so.scheduled_new_reqs for b in new.block_ids[0][new.num_computed_tokens // kv.block_size:]}
-    for i, blocks in enumerate(cached.new_block_ids):
-        if blocks is not None:
-            resumed = cached.req_ids[i] in cached.resumed_req_ids
-            written.update(blocks[0][cached.num_computed_tokens[i] // kv.block_size if resumed else 0:])
+    # only a new or resumed request's prefix hits can land on a block filled in this step
+    written = _handed_out_this_step(so, kv.block_size) if so.scheduled_new_reqs or cached.resumed_req_ids else ()
     for new in so.scheduled_new_reqs:
         (blocks,) = new.block_ids
         new.block_ids = (kv.add_request(new.req_id, blocks, new.num_computed_tokens, written),)
