@@ -40,10 +40,11 @@ export VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
   echo "filesystems: cache $(stat -f -c %T "$PWD") (models, FlexInfer's O_DIRECT weight store), /tmp $(stat -f -c %T /tmp)"
   $PY -c "import torch, triton, vllm; print('torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__); from vllm.platforms import current_platform as p; print('platform', p.device_name)"
 } 2>&1 | tee "$OUT/card-vllm.txt"
-# 10 engines (~45 s each to start and run); each failure is written to failures.txt as it happens.
+# 10 engines (~45 s each to start and run); each outcome is written to outcomes.txt as it happens (a pass as one
+# line, a failure with its report), and output goes to the log line by line: a run cut off by its limit keeps both.
 # BENCH_ONLY=1 skips the tests (a second call for the benchmark: one call cannot hold both in 10 minutes)
-[ "${BENCH_ONLY:-0}" = 1 ] || VTENSOR_FAILURES="$OUT/failures.txt" timeout ${E2E_TIMEOUT:-540} $PY -m pytest -v -p no:cacheprovider -rA \
-    --durations=0 ${E2E_TESTS:-tests/test_backend_cuda_impl.py tests/test_e2e_cuda.py tests/test_e2e_flexinfer_cuda.py} "$@" 2>&1 | grep -v "^(EngineCore\|^INFO\|^WARNING" | tee "$OUT/e2e-cuda.log"
+[ "${BENCH_ONLY:-0}" = 1 ] || VTENSOR_OUTCOMES="$OUT/outcomes.txt" timeout ${E2E_TIMEOUT:-540} $PY -m pytest -v -p no:cacheprovider -rA \
+    --durations=0 ${E2E_TESTS:-tests/test_backend_cuda_impl.py tests/test_e2e_cuda.py tests/test_e2e_flexinfer_cuda.py} "$@" 2>&1 | grep --line-buffered -v "^(EngineCore\|^INFO\|^WARNING" | tee "$OUT/e2e-cuda.log"
 
 # BENCH=1 (or BENCH_ONLY=1): then vanilla (Triton backend) vs VTENSOR side by side on a random-weight llama of SmolLM2-135M's
 # shape, bf16 (block 176: SmolLM2's 23040 B of KV per token make a 4 MiB chunk with 3% padding)
@@ -56,5 +57,5 @@ if [ "${BENCH:-0}" = 1 ] || [ "${BENCH_ONLY:-0}" = 1 ]; then
   engine='{"dtype": "bfloat16", "max_num_seqs": 64, "compilation_config": {"custom_ops": ["none"]}, "kernel_config": {"ir_op_priority": {"rms_norm": ["native"], "fused_add_rms_norm": ["native"]}}}'
   timeout ${BENCH_TIMEOUT:-300} $PY benchmarks/serve_compare.py --model "$model" --block-size 176 --kv-bytes $((2 << 30)) \
       --vanilla-backend TRITON_ATTN --engine-json "$engine" --out "$OUT/serve_compare-cuda.json" ${BENCH_ARGS:-} 2>&1 \
-      | grep -v "^(EngineCore\|^INFO\|^WARNING" | tee "$OUT/serve_compare-cuda.log"
+      | grep --line-buffered -v "^(EngineCore\|^INFO\|^WARNING" | tee "$OUT/serve_compare-cuda.log"
 fi

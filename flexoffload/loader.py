@@ -76,6 +76,11 @@ class FlexInferLoader(BaseModelLoader):
         target = torch.device(vllm_config.device_config.device)
         with set_default_torch_dtype(model_config.dtype), target:
             model = self.create_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+        # weights are loaded and processed under the model's dtype as the default, as vLLM's loader does
+        with set_default_torch_dtype(model_config.dtype):
+            return self._load_into(model, model_config, target, t0)
+
+    def _load_into(self, model, model_config: ModelConfig, target: torch.device, t0: float) -> torch.nn.Module:
         layers = getattr(getattr(model, "model", None), "layers", None)
         if layers is None:
             raise FlexConfigError(f"flexinfer supports llama-style decoders (model.model.layers); "

@@ -24,9 +24,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_runtest_logreport(report):
-    """With ``$VTENSOR_FAILURES`` naming a file, each failure's report is appended to it as it happens
-    (a lent GPU's run may be cut off by its time limit before pytest prints its summary)."""
-    path = os.environ.get("VTENSOR_FAILURES")
+    """With ``$VTENSOR_OUTCOMES`` naming a file, each failure's report is appended to it as it happens,
+    and each passed test gets one line (a lent GPU's run may be cut off by its time limit before pytest
+    prints its summary)."""
+    path = os.environ.get("VTENSOR_OUTCOMES")
+    if path and report.passed and report.when == "call":
+        with open(path, "a") as f:
+            f.write(f"== {report.nodeid} PASSED in {report.duration:.1f} s\n")
     if path and report.failed:
         with open(path, "a") as f:
             f.write(f"== {report.nodeid} ({report.when}) FAILED\n{report.longreprtext}\n")

@@ -85,8 +85,17 @@ def test_an_unknown_kernel_names_the_choices(monkeypatch):
         _impl(monkeypatch, "cpu")
 
 
+@pytest.fixture(scope="module")
+def smollm2_shaped():
+    """A random-weight llama of SmolLM2-135M's shape (GPU machines have no network to fetch SmolLM2)."""
+    from vllm_vtensor.models import build_tiny_llama
+
+    return str(build_tiny_llama(head_dim=64, num_layers=30, num_heads=9, num_kv_heads=3, hidden_size=576,
+                                intermediate_size=1536))
+
+
 @pytest.mark.parametrize("dtype, expected", [("bfloat16", 176), ("float32", None)])
-def test_block_size_without_a_flag_fills_chunks(smollm2_path, dtype, expected):
+def test_block_size_without_a_flag_fills_chunks(smollm2_shaped, dtype, expected):
     """Without --block-size vLLM asks the backend for its preferred size: VTENSOR on CUDA picks the
     smallest multiple of 16 tokens whose KV over all layers fills a 2 MiB-granular chunk to within
     10% (vLLM's default 16 would pad SmolLM2's 0.37 MB block to 2 MiB)."""
@@ -96,7 +105,7 @@ def test_block_size_without_a_flag_fills_chunks(smollm2_path, dtype, expected):
     from vllm_vtensor.backend_cuda import CUDA_GRANULARITY, VTensorCudaBackend
     from vllm_vtensor.worker import check_chunk_padding
 
-    cfg = EngineArgs(model=smollm2_path, dtype=dtype, max_model_len=1024).create_engine_config()
+    cfg = EngineArgs(model=smollm2_shaped, dtype=dtype, max_model_len=1024).create_engine_config()
     with set_current_vllm_config(cfg):
         block = VTensorCudaBackend.get_preferred_block_size(16)
     per_token = 2 * 30 * 3 * 64 * (2 if dtype == "bfloat16" else 4)  # SmolLM2-135M: 30 layers, 3 KV heads of 64

@@ -1,5 +1,7 @@
-"""`--load-format flexinfer` on a CUDA GPU, on a random-weight llama of 24 layers (0.83 GB in bf16):
-greedy outputs equal vLLM's default loader at 25%, 50% and 100% of the weight bytes; the weights' device memory (parameter storages plus the device
+"""`--load-format flexinfer` on a CUDA GPU, on a random-weight llama of 24 layers (1.66 GB in fp32):
+greedy outputs equal vLLM's default loader's at 25%, 50% and 100% of the weight bytes, up to numerical
+ties (the harness's rule, tests/test_e2e_cuda.py: a session-11 run in bf16 saw one prompt of six go
+another way from its 9th token at every budget, 100% included, where nothing streams); the weights' device memory (parameter storages plus the device
 arena, measured) stays within the budget; at 100% nothing streams.
 
 Needs a GPU and vLLM; skipped otherwise (benchmarks/gpu_vllm.sh runs it on a lent GPU, with vLLM's
@@ -17,7 +19,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 pytest.importorskip("vllm", reason="needs vLLM")
 
-from test_e2e_cuda import ENGINE  # noqa: E402  (the harness settings)
+from test_e2e_cuda import ENGINE, _assert_same_up_to_ties, _gen  # noqa: E402  (the harness settings)
 from test_e2e_vtensor import MIXED, _shutdown  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.gpu]
@@ -32,14 +34,13 @@ def model():
 
 
 def _run(model, **kw):
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     engine = {k: v for k, v in ENGINE.items() if k not in ("block_size", "max_num_batched_tokens")}
-    llm = LLM(model=model, **{**engine, "dtype": "bfloat16", "attention_backend": "TRITON_ATTN",
-                              "kv_cache_memory_bytes": 256 << 20, **kw})
-    outs = llm.chat(MIXED, SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)
+    llm = LLM(model=model, **{**engine, "attention_backend": "TRITON_ATTN", "kv_cache_memory_bytes": 256 << 20, **kw})
+    out = {"mixed": _gen(llm, MIXED)}
     _shutdown(llm)
-    return [list(o.outputs[0].token_ids) for o in outs]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,8 @@ def test_flexinfer_matches_default_loader_on_cuda(fraction, reference, model, tm
     finally:
         del os.environ["FLEXOFFLOAD_STATS_FILE"]
     stats = json.loads(stats_path.read_text())
-    assert out == reference
+    print("identical tokens:", [ids for ids, _ in out["mixed"]] == [ids for ids, _ in reference["mixed"]])
+    _assert_same_up_to_ties(reference, out)
     assert stats["device"] == "cuda"
     assert stats["resident_bytes"] + stats["arena_bytes"] <= stats["budget_bytes"]
     assert stats["device_weight_bytes"] <= stats["budget_bytes"]  # measured on the device
