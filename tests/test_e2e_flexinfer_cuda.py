@@ -1,8 +1,9 @@
 """`--load-format flexinfer` on a CUDA GPU, on a random-weight llama of 24 layers (1.66 GB in fp32):
-greedy outputs equal vLLM's default loader's at 25%, 50% and 100% of the weight bytes, up to numerical
-ties (the harness's rule, tests/test_e2e_cuda.py: a session-11 run in bf16 saw one prompt of six go
-another way from its 9th token at every budget, 100% included, where nothing streams); the weights' device memory (parameter storages plus the device
-arena, measured) stays within the budget; at 100% nothing streams.
+greedy outputs equal vLLM's default loader's at 25%, 50% and 100% of the weight bytes, up to
+numerical ties (the rule of tests/test_e2e_cuda.py: a session-11 run in bf16 saw one prompt of six
+go another way from its 9th token at every budget, 100% included, where nothing streams); the
+weights' device memory (parameter storages plus the device arena, measured) stays within the
+budget; at 100% nothing streams.
 
 Needs a GPU and vLLM; skipped otherwise (benchmarks/gpu_vllm.sh runs it on a lent GPU, with vLLM's
 Python source and its native layers: see tests/test_e2e_cuda.py).
