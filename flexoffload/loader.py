@@ -74,10 +74,11 @@ class FlexInferLoader(BaseModelLoader):
             raise FlexConfigError("--load-format flexinfer supports tensor/pipeline parallel size 1 only")
         t0 = time.perf_counter()
         target = torch.device(vllm_config.device_config.device)
-        with set_default_torch_dtype(model_config.dtype), target:
-            model = self.create_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
-        # weights are loaded and processed under the model's dtype as the default, as vLLM's loader does
+        # as in vLLM's loader: the model is built on the device, and built, loaded and processed with
+        # its dtype as the default
         with set_default_torch_dtype(model_config.dtype):
+            with target:
+                model = self.create_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
             return self._load_into(model, model_config, target, t0)
 
     def _load_into(self, model, model_config: ModelConfig, target: torch.device, t0: float) -> torch.nn.Module:

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 pytest.importorskip("vllm", reason="needs vLLM")
 
-from test_e2e_cuda import ENGINE, _assert_same_up_to_ties, _gen  # noqa: E402  (the harness settings)
+from test_e2e_cuda import ENGINE, _assert_same_up_to_ties, _gen, _tokens  # noqa: E402  (the harness settings)
 from test_e2e_vtensor import MIXED, _shutdown  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.gpu]
@@ -58,7 +58,7 @@ def test_flexinfer_matches_default_loader_on_cuda(fraction, reference, model, tm
     finally:
         del os.environ["FLEXOFFLOAD_STATS_FILE"]
     stats = json.loads(stats_path.read_text())
-    print("identical tokens:", [ids for ids, _ in out["mixed"]] == [ids for ids, _ in reference["mixed"]])
+    print("identical tokens:", _tokens(out) == _tokens(reference))
     _assert_same_up_to_ties(reference, out)
     assert stats["device"] == "cuda"
     assert stats["resident_bytes"] + stats["arena_bytes"] <= stats["budget_bytes"]

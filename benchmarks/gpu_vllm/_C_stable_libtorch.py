@@ -27,7 +27,7 @@ for _name in ("silu_and_mul", "mul_and_silu", "gelu_and_mul", "gelu_tanh_and_mul
 
 # CUDA graph capture keeps each graph's output through torch.ops._C.weak_ref_tensor (a tensor over the
 # same memory that does not keep it alive). Python cannot make a non-owning tensor simply, so this
-# returns an alias that does: a captured graph's output memory then lives as long as the graph,
-# which costs memory, not correctness (no output is read after its graph is replayed again).
+# returns an alias that does: a captured graph's output memory then lives as long as the graph
+# entry, which costs memory (no two graphs share output memory), not correctness.
 _lib.define("weak_ref_tensor(Tensor(a) tensor) -> Tensor(a)")
 _lib.impl("weak_ref_tensor", lambda tensor: tensor.view(tensor.shape), "CompositeExplicitAutograd")
