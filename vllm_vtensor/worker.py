@@ -194,7 +194,7 @@ def layer_views(kv: KVSpace, num_layers: int, page_shape: tuple[int, int, int], 
     ]
 
 
-SLOW_COVER_GRANULES = 1 << 16  # ~3-6 s of start-up at the ~50-100 us per granule measured on H100/H200
+SLOW_COVER_GRANULES = 1 << 16  # ~2 s of start-up at the 29-35 us per granule measured on an H100 (session 12)
 
 
 def warn_if_slow_to_cover(device: str, virtual_bytes: int, granularity: int, max_num_seqs: int,
@@ -206,7 +206,7 @@ def warn_if_slow_to_cover(device: str, virtual_bytes: int, granularity: int, max
         return False
     logger.warning(
         "VTENSOR: the KV space's virtual range (--max-num-seqs %d x --max-model-len %d: %.1f GiB) maps the zero "
-        "granule over %d granules at start-up, ~50-100 us each; lower --max-num-seqs or --max-model-len to start "
+        "granule over %d granules at start-up, ~30 us each; lower --max-num-seqs or --max-model-len to start "
         "faster", max_num_seqs, max_model_len, virtual_bytes / 2**30, granules)
     return True
 
