@@ -1,29 +1,35 @@
 """``--load-format flexinfer``: a memory-budgeted vLLM model loader (FlexInfer).
 
-Load path: the model is built and loaded by vLLM's default loader, its
-tensors (in their final dtype, before CPU weight packing) are written once to
-an aligned weight store, the plan picks what stays resident, then streamed
-tensors are dropped from memory and the decoder layers get hooks that swap
-each layer's streamed tensors in from the prefetch arena while it computes.
-Steady-state weight memory is resident tensors + arena <= ``memory_budget``.
-Loading itself needs the whole model in memory once (as vLLM's loader does).
+Load path: the model is built by vLLM with its parameters on the meta device
+(no memory), the plan picks what stays resident, only those tensors are
+materialised and read from an aligned weight store, and the decoder layers get
+hooks that swap each layer's streamed tensors in from the prefetch arena while
+it computes.  The store holds the tensors in their final dtype (before CPU
+weight packing); the first load of a checkpoint writes it with vLLM's default
+weight loading aimed straight into the file's shared mapping
+(:meth:`WeightStore.build`), so not even that load holds the model in memory.
+Weight memory is resident tensors + arena <= ``memory_budget``, while loading
+too (up to a tensor being converted: measured in the stats snapshot).
 
 Supported: CPU and CUDA, llama-style decoders (``model.model.layers``), eager
 mode (``--enforce-eager``: forward hooks must run on every pass).  On CUDA the
 budget is device memory: resident tensors and the device arena stay on the
 GPU, streamed tensors are read into a pinned host arena and copied on a side
-stream (:class:`~flexoffload.runtime.Streamer`); loading still builds the whole
-model on the device once, as vLLM's loader does.
+stream (:class:`~flexoffload.runtime.Streamer`); each parameter is allocated on
+the device for a moment as vLLM's layer creates it, then moved to meta.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import threading
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from vllm.config import ModelConfig, VllmConfig
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
@@ -37,7 +43,7 @@ from vllm_vtensor.stats import write_json_atomic
 from .config import FlexConfig, FlexConfigError
 from .plan import classify, plan_for_budget
 from .runtime import Streamer, Unit, mlock
-from .store import WeightStore, aligned, store_key
+from .store import WeightStore, aligned, rehome, store_key
 
 logger = get_logger(__name__)
 STATS_ENV = "FLEXOFFLOAD_STATS_FILE"
@@ -75,11 +81,13 @@ class FlexInferLoader(BaseModelLoader):
         t0 = time.perf_counter()
         target = torch.device(vllm_config.device_config.device)
         # as in vLLM's loader: the model is built on the device, and built, loaded and processed with
-        # its dtype as the default
-        with set_default_torch_dtype(model_config.dtype):
-            with target:
+        # its dtype as the default; its parameters go to meta as they are registered
+        with set_default_torch_dtype(model_config.dtype), _LoadPeak(target) as peak:
+            with target, _parameters_on_meta():
                 model = self.create_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
-            return self._load_into(model, model_config, target, t0)
+            model = self._load_into(model, model_config, target, t0)
+        _write_stats(os.environ.get(STATS_ENV), peak.figures())
+        return model
 
     def _load_into(self, model, model_config: ModelConfig, target: torch.device, t0: float) -> torch.nn.Module:
         layers = getattr(getattr(model, "model", None), "layers", None)
@@ -93,16 +101,18 @@ class FlexInferLoader(BaseModelLoader):
         path = self.cfg.store_dir() / f"{store_key(model_config.model, model_config.dtype, list(params))}.bin"
         if self.cfg.policy == "mmap":
             mapped = [n for n, p in params.items() if p.dim() >= 2]
-            self._fill(model, model_config, params, path, lambda n: n not in mapped)
+            self._fill(model, model_config, params, path, target, lambda n: n not in mapped)
             del params  # see below: no reference may outlive CPU weight packing
             return self._load_mmap_baseline(model, model_config, target, mapped, path)
         plan = plan_for_budget(tensors, budget, window=self.cfg.prefetch_window, policy=self.cfg.policy)
         logger.info("flexinfer plan (weights %.1f MiB):\n%s", weight_bytes / 2**20, plan.table())
         streamed = [n for names in plan.streamed.values() for n in names] + (plan.head_names if plan.head_streamed else [])
         if streamed:
-            self._fill(model, model_config, params, path, lambda n: n in plan.resident)
+            self._fill(model, model_config, params, path, target, lambda n: n in plan.resident)
             store = WeightStore.open(path, self.cfg.direct_io)
-        else:
+        else:  # the whole model fits: vLLM's own weight loading, no store
+            for p in params.values():
+                rehome(p, torch.empty(p.shape, dtype=p.dtype, device=target))
             self.load_weights(model, model_config)
 
         # When anything streams, resident weights (the embedding/lm_head too) are not repacked for CPU
@@ -111,7 +121,8 @@ class FlexInferLoader(BaseModelLoader):
         # CPU weight packing replaces packed layers' Parameters: a reference kept here would hold
         # every original weight alive beside its packed copy (a second model's worth of memory).
         del params
-        _drop(model, streamed + list(kept))
+        _drop(model, streamed + list(kept), target)
+        _check_materialised(model)
         process_weights_after_loading(model, model_config, target)
         for name, data in kept.items():
             _param(model, name).data = data
@@ -138,18 +149,13 @@ class FlexInferLoader(BaseModelLoader):
             "device": target.type, "device_weight_bytes": _device_bytes(model, self.streamer, target)})
         return model.eval()
 
-    def _fill(self, model, model_config, params, path, wanted) -> None:
-        """Load the tensors ``wanted(name)`` selects.
-
-        With a weight store on disk, only those tensors are read from it: the others are never
-        materialised, so loading stays within the budget.  Without one, vLLM's loader fills the
-        whole model once and the store is written from it (the one time the full model is in memory).
-        """
+    def _fill(self, model, model_config, params, path, target: torch.device, wanted) -> None:
+        """Materialise the tensors ``wanted(name)`` selects on ``target`` and read them from the
+        weight store; the others stay on meta and are never materialised, so loading stays within
+        the budget.  Without a store, vLLM's loader first writes one straight into its file."""
         if not WeightStore.exists(path):
             logger.info("flexinfer: writing the aligned weight store %s (once per checkpoint and dtype)", path)
-            self.load_weights(model, model_config)
-            WeightStore.write(path, {n: p.data for n, p in params.items()})
-            return
+            WeightStore.build(path, params, lambda: self.load_weights(model, model_config))
         store = WeightStore.open(path, direct_io=False)
         missing = set(params) - set(store.index)
         if missing:
@@ -157,7 +163,8 @@ class FlexInferLoader(BaseModelLoader):
         for name, p in params.items():
             if wanted(name):
                 e = store.index[name]
-                host = p.data if p.device.type == "cpu" else torch.empty(p.shape, dtype=p.dtype)
+                rehome(p, torch.empty(p.shape, dtype=p.dtype, device=target))
+                host = p.data if target.type == "cpu" else torch.empty(p.shape, dtype=p.dtype)
                 dst = memoryview(host.view(torch.uint8).reshape(-1).numpy())
                 if os.preadv(store.row_fd, [dst], e.offset) != e.nbytes:
                     raise OSError(f"short read of {name} from {path}")
@@ -175,7 +182,8 @@ class FlexInferLoader(BaseModelLoader):
         with open(path, "rb") as f:
             self._mmap = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
         raw = torch.frombuffer(self._mmap, dtype=torch.uint8)  # read-only memory: never written
-        _drop(model, mapped)
+        _drop(model, mapped, target)
+        _check_materialised(model)
         process_weights_after_loading(model, model_config, target)
         for name in mapped:
             e = index[name]
@@ -269,11 +277,84 @@ def _param(model, name: str) -> torch.nn.Parameter:
     return getattr(model.get_submodule(module_name), attr)
 
 
-def _drop(model, names: list[str]) -> None:
+def _drop(model, names: list[str], device: torch.device) -> None:
     """Empty these parameters (before CPU GEMM packing, so no packed copies of them are made)."""
     for name in names:
         p = _param(model, name)
-        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        rehome(p, torch.empty(0, dtype=p.dtype, device=device))
+
+
+@contextmanager
+def _parameters_on_meta():
+    """While vLLM builds the model, each parameter's data moves to the meta device as the layer
+    registers it: the memory it was created in (on the device, by vLLM's layer code) is freed at
+    once, so building never holds more than one tensor.  The Parameter objects themselves, with
+    the attributes vLLM sets on them (weight loaders and such), stay."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            rehome(param, torch.empty(param.shape, dtype=param.dtype, device="meta"))
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _check_materialised(model) -> None:
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise RuntimeError(f"flexinfer left {len(left)} parameters without memory ({left[:3]}...): "
+                           "neither resident nor streamed in the plan; please report this")
+
+
+class _LoadPeak:
+    """The most weight memory loading took: on CUDA the allocator's peak on the device, on CPU the
+    process's anonymous resident memory (/proc/self/status RssAnon) sampled every 5 ms, above what
+    it was when loading began."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self.base = device, 0, 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _anon() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._anon())
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.base = self.peak = self._anon()
+            self._thread = threading.Thread(target=self._sample, name="flexinfer-load-peak", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._anon())
+        return False
+
+    def figures(self) -> dict:
+        key = "load_peak_device_bytes" if self.device.type == "cuda" else "load_peak_anon_bytes"
+        return {key: self.peak - self.base}
 
 
 def _device_bytes(model, streamer, device: torch.device) -> int | None:

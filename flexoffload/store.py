@@ -1,18 +1,20 @@
 """The weight store: a model's tensors, in their final in-memory form, at 4096-aligned offsets.
 
-Written once per (checkpoint, dtype) from the loaded model, so streamed reads
-need no conversion or fusing: a tensor's bytes go straight from disk into its
+Written once per (checkpoint, dtype) by vLLM's own weight loading, straight into
+the file (``WeightStore.build``), so streamed reads need no conversion or fusing: a tensor's bytes go straight from disk into its
 buffer.  Aligned offsets and sizes allow ``O_DIRECT`` reads (no page cache, so
 streamed bytes are not held twice and do not count against a cgroup budget).
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -67,22 +69,77 @@ class WeightStore:
     def exists(path: Path) -> bool:
         return (path.with_suffix(".json")).exists() and json.loads(path.with_suffix(".json").read_text()).get(_COMPLETE)
 
+    @staticmethod
+    def _layout(tensors) -> tuple[dict[str, dict], int]:
+        """Each tensor's place in the file (4096-aligned offsets, in order) and the file's size."""
+        index, offset = {}, 0
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            index[name] = {"offset": offset, "nbytes": nbytes, "dtype": str(t.dtype), "shape": list(t.shape)}
+            offset += aligned(nbytes)
+        return index, offset
+
+    @staticmethod
+    def _publish(tmp: Path, path: Path, index: dict) -> None:
+        os.replace(tmp, path)
+        path.with_suffix(".json").write_text(json.dumps({"tensors": index, _COMPLETE: True}))
+
     @classmethod
     def write(cls, path: Path, tensors: dict[str, torch.Tensor]) -> None:
-        index, offset = {}, 0
+        index, size = cls._layout(tensors)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")  # engines building the same store never share one
         with open(tmp, "wb") as f:
             for name, t in tensors.items():
-                data = t.detach().contiguous().view(torch.uint8).reshape(-1).cpu().numpy().tobytes()
-                f.seek(offset)
-                f.write(data)
-                index[name] = {"offset": offset, "nbytes": len(data), "dtype": str(t.dtype), "shape": list(t.shape)}
-                offset += aligned(len(data))
-            f.truncate(offset)
+                f.seek(index[name]["offset"])
+                f.write(t.detach().contiguous().view(torch.uint8).reshape(-1).cpu().numpy().tobytes())
+            f.truncate(size)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        path.with_suffix(".json").write_text(json.dumps({"tensors": index, _COMPLETE: True}))
+        cls._publish(tmp, path, index)
+
+    @classmethod
+    def build(cls, path: Path, params: dict[str, torch.nn.Parameter], load: Callable[[], None]) -> None:
+        """Write the store by loading straight into it: while ``load()`` runs (vLLM's weight loading),
+        each parameter's data is a view of the store file mapped shared, so the weights land in the
+        file's pages, which the kernel writes back and reclaims under memory pressure, and never in
+        anonymous memory: a device or a memory limit that cannot hold the model does not have to.
+        Afterwards every parameter holds an empty meta tensor of its dtype."""
+        index, size = cls._layout({n: p.data for n, p in params.items()})
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            try:  # blocks reserved up front: a full disk under a shared mapping would be a SIGBUS mid-load
+                os.posix_fallocate(fd, 0, max(size, ALIGN))
+            except OSError as e:
+                raise OSError(f"cannot make the flexinfer weight store {path} ({size / 2**30:.2f} GiB): {e}; free disk "
+                              f"space there or point the \"cache_dir\" option at a disk that has it") from e
+            mem = mmap.mmap(fd, max(size, ALIGN), flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                raw = torch.frombuffer(mem, dtype=torch.uint8)
+                for name, p in params.items():
+                    e = index[name]
+                    rehome(p, raw[e["offset"]: e["offset"] + e["nbytes"]].view(p.dtype).view(p.shape))
+                del raw
+                try:
+                    load()
+                finally:  # no view of the mapping may outlive it
+                    for p in params.values():
+                        rehome(p, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+                    gc.collect()
+                mem.flush()
+            finally:
+                try:
+                    mem.close()
+                except BufferError:  # a view still held somewhere: the mapping goes when it does
+                    pass
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        cls._publish(tmp, path, index)
 
     @classmethod
     def open(cls, path: Path, direct_io: bool) -> "WeightStore":
@@ -121,6 +178,20 @@ class WeightStore:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def rehome(p: torch.nn.Parameter, t: torch.Tensor) -> None:
+    """Point parameter ``p`` at ``t``, keeping the Parameter object, its class (vLLM's parameter
+    classes hold ``weight_loader`` as a property) and the attributes vLLM set on it.  ``p.data = t``
+    cannot move a tensor to or from the meta device, so that case swaps the tensors themselves."""
+    if p.is_meta == t.is_meta:
+        p.data = t
+        return
+    attrs = dict(p.__dict__)
+    new = t.detach().as_subclass(type(p))  # no __init__: the class, not a fresh vLLM parameter
+    new.requires_grad_(p.requires_grad)
+    torch.utils.swap_tensors(p, new)
+    p.__dict__.update(attrs)
 
 
 def aligned_buffer(nbytes: int) -> mmap.mmap:

@@ -1,6 +1,7 @@
 """`--load-format flexinfer` on SmolLM2: greedy outputs equal vLLM's default loader at 25%, 50% and
-100% of the weight bytes; the worker's memory shrinks by what is streamed (measured); at 100%
-nothing streams; a budget below the minimum fails with the minimum named."""
+100% of the weight bytes; the worker's memory shrinks by what is streamed (measured), and loading,
+the weight store's first build included, stays within the budget (measured); at 100% nothing
+streams; a budget below the minimum fails with the minimum named."""
 from __future__ import annotations
 
 import gc
@@ -54,9 +55,12 @@ def test_flexinfer_matches_default_loader(fraction, reference, smollm2_path, tmp
     stats_path = tmp_path / "flex.json"
     os.environ["FLEXOFFLOAD_STATS_FILE"] = str(stats_path)
     before = set(_workers())
+    # at 25% the weight store is built from the checkpoint in a fresh folder: that first load must stay
+    # within the budget too
+    fresh = {"cache_dir": str(tmp_path / "store")} if fraction == 0.25 else {}
     llm = LLM(model=smollm2_path, dtype="float32", max_model_len=2048, enforce_eager=True, seed=0,
               kv_cache_memory_bytes=256 << 20, load_format="flexinfer",
-              model_loader_extra_config={"memory_budget": fraction})
+              model_loader_extra_config={"memory_budget": fraction, **fresh})
     out = [list(o.outputs[0].token_ids) for o in llm.chat(PROMPTS, _params())]
     (worker,) = [p for pid, p in _workers().items() if pid not in before]
     rss = worker.memory_info().rss
@@ -67,6 +71,11 @@ def test_flexinfer_matches_default_loader(fraction, reference, smollm2_path, tmp
 
     assert out == ref_ids
     assert stats["resident_bytes"] + stats["arena_bytes"] <= stats["budget_bytes"]
+    if fresh:
+        assert list((tmp_path / "store").glob("flexinfer/*.bin")), "the store was not built in the fresh folder"
+        # measured: the worker's anonymous memory grew by no more than the budget while it loaded
+        # (a load that held the model, as vLLM's loader does, grows by all 540 MB of it)
+        assert stats["load_peak_anon_bytes"] <= stats["budget_bytes"] + (32 << 20), stats
     if fraction == 1.0:
         assert stats["streamed_bytes_per_forward"] == 0 and stats["bytes_streamed"] == 0
     else:
