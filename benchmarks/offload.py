@@ -96,12 +96,17 @@ def _kill_all(cg: Path) -> None:
         time.sleep(0.1)
 
 
-def run_in_cgroup(name: str, limit: int | None, argv: list[str], env: dict, result: Path) -> dict:
-    """Run the child in a fresh cgroup, unlimited while it loads, held to ``limit`` once it has."""
+def run_in_cgroup(name: str, limit: int | None, argv: list[str], env: dict, result: Path,
+                  limit_from_start: bool = False, load_timeout: float = 1200) -> dict:
+    """Run the child in a fresh cgroup, unlimited while it loads (or, with ``limit_from_start``, held
+    to ``limit`` from its start), held to ``limit`` once it has loaded; one that has not loaded after
+    ``load_timeout`` seconds (thrashing under its limit, say) is killed."""
     cg = CGROUP / f"vllm-vtensor-bench-{name}"
     if cg.exists():
         cg.rmdir()
     cg.mkdir()
+    if limit and limit_from_start:
+        (cg / "memory.limit_in_bytes").write_text(str(limit))
     info = {"over_steady_limit": False}
     try:
         cmd = f'echo $$ > {cg}/cgroup.procs && exec "$0" "$@"'
@@ -109,9 +114,12 @@ def run_in_cgroup(name: str, limit: int | None, argv: list[str], env: dict, resu
             proc = subprocess.Popen(["sh", "-c", cmd, sys.executable, *argv], env=env, stdout=log,
                                     stderr=subprocess.STDOUT, text=True)
             loaded = Path(str(result) + ".loaded")
-            deadline = time.monotonic() + 1200
+            deadline = time.monotonic() + load_timeout
             while proc.poll() is None and not loaded.exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
+            info["load_timed_out"] = proc.poll() is None and not loaded.exists()
+            if info["load_timed_out"]:
+                _kill_all(cg)
             if proc.poll() is None and loaded.exists():
                 info["memory_after_load"] = mem = _memory(cg)
                 info["needed_after_load_bytes"] = sum(mem.values())

@@ -134,6 +134,9 @@ class WeightStore:
                     pass
             os.ftruncate(fd, size)
             os.fsync(fd)
+            # written back, so clean: drop the pages now rather than leave them for a memory limit's
+            # reclaim to find (streamed reads bypass the page cache anyway)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
