@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         print(f"{r['current_mib']:>12}{r['vtensor_ms']:>12.2f}{r['copy_on_grow_ms']:>17.2f}{r['speedup']:>8.1f}x")
 
     if reserve:
-        print(f"\nReserving a fresh range that reads as zeros (once per KV space, at start-up)")
+        print("\nReserving a fresh range that reads as zeros (once per KV space, at start-up)")
         print(f"{'GiB':>8}{'ms':>12}{'us/granule':>12}")
         for r in reserve:
             print(f"{r['reserve_gib']:>8g}{r['ms']:>12.3f}{r['us_per_granule']:>12.3f}")
