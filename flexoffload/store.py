@@ -1,8 +1,8 @@
 """The weight store: a model's tensors, in their final in-memory form, at 4096-aligned offsets.
 
 Written once per (checkpoint, dtype) by vLLM's own weight loading, straight into
-the file (``WeightStore.build``), so streamed reads need no conversion or fusing: a tensor's bytes go straight from disk into its
-buffer.  Aligned offsets and sizes allow ``O_DIRECT`` reads (no page cache, so
+the file (``WeightStore.build``), so streamed reads need no conversion or fusing:
+a tensor's bytes go straight from disk into its buffer.  Aligned offsets and sizes allow ``O_DIRECT`` reads (no page cache, so
 streamed bytes are not held twice and do not count against a cgroup budget).
 """
 from __future__ import annotations
@@ -138,10 +138,10 @@ class WeightStore:
             # reclaim to find (streamed reads bypass the page cache anyway)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except BaseException:
-            os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
-        os.close(fd)
+        finally:
+            os.close(fd)
         cls._publish(tmp, path, index)
 
     @classmethod
