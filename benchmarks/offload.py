@@ -192,18 +192,19 @@ def drop_page_cache() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("1")
 
 
-def run_config(model, cfg_name, fraction, limit, tokens, tmp) -> dict:
-    extra = CONFIGS[cfg_name]
-    extra = None if extra is None else {"memory_budget": fraction, **extra}
-    result, stats = Path(tmp) / f"{cfg_name}-{fraction}.json", Path(tmp) / f"{cfg_name}-{fraction}-stats.json"
+def run_child(tag: str, cgroup: str, model: str, extra: dict | None, limit: int | None, tokens: int, tmp,
+              **cgroup_kw) -> dict:
+    """One engine (``extra``: flexinfer's options, None for vLLM's own loader) from a cold page cache in
+    cgroup ``cgroup`` (see run_in_cgroup): its limit, the cgroup's figures, tok/s (None when it
+    failed) and flexinfer's stats snapshot."""
+    result, stats = Path(tmp) / f"{tag}.json", Path(tmp) / f"{tag}-stats.json"
     for leftover in (result, stats, Path(f"{result}.loaded"), Path(f"{result}.go")):
         leftover.unlink(missing_ok=True)
     env = {**os.environ, "FLEXOFFLOAD_STATS_FILE": str(stats)}
     argv = [__file__, "--child", "--model", model, "--extra", json.dumps(extra), "--tokens", str(tokens),
             "--result", str(result)]
     drop_page_cache()
-    run = run_in_cgroup(f"{cfg_name}-{int(fraction * 100)}", limit, argv, env, result)
-    row = {"config": cfg_name, "fraction": fraction, "limit_bytes": limit, **run}
+    row = {"limit_bytes": limit, **run_in_cgroup(cgroup, limit, argv, env, result, **cgroup_kw)}
     if result.exists():
         row.update(json.loads(result.read_text()))
     else:
@@ -211,6 +212,31 @@ def run_config(model, cfg_name, fraction, limit, tokens, tmp) -> dict:
     if stats.exists():
         row["flexinfer"] = json.loads(stats.read_text())
     return row
+
+
+def run_config(model, cfg_name, fraction, limit, tokens, tmp) -> dict:
+    extra = CONFIGS[cfg_name]
+    extra = None if extra is None else {"memory_budget": fraction, **extra}
+    return {"config": cfg_name, "fraction": fraction,
+            **run_child(f"{cfg_name}-{fraction}", f"{cfg_name}-{int(fraction * 100)}", model, extra, limit, tokens, tmp)}
+
+
+def steady_overhead(probe: dict) -> int:
+    """The engine's fixed memory after warm-up, from a flexinfer run's row: anonymous + shared + mapped
+    memory minus its weights and buffers, + 64 MiB of headroom (run-to-run noise: allocator, page cache
+    of small files, must not decide OOMs)."""
+    weights_held = probe["flexinfer"]["resident_bytes"] + probe["flexinfer"]["arena_bytes"]
+    return probe["needed_after_load_bytes"] - weights_held + (64 << 20)
+
+
+def resolve_model(name: str) -> tuple[str, int]:
+    """bench-llama / smollm2 (built locally) or a model folder, and its weight bytes in float32."""
+    from flexoffload.plan import checkpoint_tensors
+    from vllm_vtensor.models import build_bench_llama, build_smollm2
+
+    builders = {"bench-llama": build_bench_llama, "smollm2": build_smollm2}
+    model = str(builders[name]()) if name in builders else name
+    return model, sum(t.nbytes for t in checkpoint_tensors(model, dtype_bytes=4))
 
 
 def main(argv=None) -> int:
@@ -242,12 +268,7 @@ def main(argv=None) -> int:
     if os.geteuid() != 0 or not (CGROUP / "memory.limit_in_bytes").exists():
         raise SystemExit("this benchmark needs root and the cgroup v1 memory controller at /sys/fs/cgroup/memory")
 
-    from flexoffload.plan import checkpoint_tensors
-    from vllm_vtensor.models import build_bench_llama, build_smollm2
-
-    builders = {"bench-llama": build_bench_llama, "smollm2": build_smollm2}
-    model = str(builders[args.model]()) if args.model in builders else args.model
-    weight_bytes = sum(t.nbytes for t in checkpoint_tensors(model, dtype_bytes=4))
+    model, weight_bytes = resolve_model(args.model)
     budgets = [float(b) for b in args.budgets.split(",")]
     configs = args.configs.split(",")
     with tempfile.TemporaryDirectory() as tmp:
@@ -257,9 +278,7 @@ def main(argv=None) -> int:
         base = run_config(model, "vanilla", 1.0, None, args.tokens, tmp)
         run_config(model, "flexinfer", min(budgets), None, 2, tmp)  # writes the weight store
         probe = run_config(model, "flexinfer", min(budgets), None, 2, tmp)
-        weights_held = probe["flexinfer"]["resident_bytes"] + probe["flexinfer"]["arena_bytes"]
-        # + 64 MiB of headroom: run-to-run noise (allocator, page cache of small files) must not decide OOMs
-        overhead = probe["needed_after_load_bytes"] - weights_held + (64 << 20)
+        overhead = steady_overhead(probe)
         # At 100% the limit is what vanilla vLLM itself holds after loading: its CPU weight packing keeps
         # more than the weights (a packed copy of the tied lm_head beside the embedding, padded oneDNN
         # layouts, load-time leftovers), so "the whole model" means vanilla's own footprint there.

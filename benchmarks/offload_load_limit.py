@@ -24,24 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from offload import CGROUP, RESULTS, drop_page_cache, run_in_cgroup  # noqa: E402
+from offload import CGROUP, RESULTS, resolve_model, run_child, steady_overhead  # noqa: E402
 
 LOAD_TIMEOUT = 300  # s; unlimited, each engine here loads in under a minute
 
 
 def _run(name: str, model: str, extra: dict | None, limit: int | None, tokens: int, tmp: str) -> dict:
-    result, stats = Path(tmp) / f"{name}.json", Path(tmp) / f"{name}-stats.json"
-    env = {**os.environ, "FLEXOFFLOAD_STATS_FILE": str(stats)}
-    argv = [str(Path(__file__).resolve().parent / "offload.py"), "--child", "--model", model,
-            "--extra", json.dumps(extra), "--tokens", str(tokens), "--result", str(result)]
-    drop_page_cache()
-    row = {"run": name, "limit_bytes": limit,
-           **run_in_cgroup(f"load-limit-{name}", limit, argv, env, result, limit_from_start=True,
-                           load_timeout=LOAD_TIMEOUT)}
-    row.update(json.loads(result.read_text()) if result.exists() else {"tok_s": None})
-    if stats.exists():
-        row["flexinfer"] = json.loads(stats.read_text())
-    return row
+    return {"run": name, **run_child(name, f"load-limit-{name}", model, extra, limit, tokens, tmp,
+                                     limit_from_start=True, load_timeout=LOAD_TIMEOUT)}
 
 
 def main(argv=None) -> int:
@@ -53,20 +43,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if os.geteuid() != 0 or not (CGROUP / "memory.limit_in_bytes").exists():
         raise SystemExit("this benchmark needs root and the cgroup v1 memory controller at /sys/fs/cgroup/memory")
-    from flexoffload.plan import checkpoint_tensors
-    from vllm_vtensor.models import build_bench_llama, build_smollm2
-
-    builders = {"bench-llama": build_bench_llama, "smollm2": build_smollm2}
-    model = str(builders[args.model]()) if args.model in builders else args.model
-    weight_bytes = sum(t.nbytes for t in checkpoint_tensors(model, dtype_bytes=4))
+    model, weight_bytes = resolve_model(args.model)
     budget = int(args.budget * weight_bytes)
     with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:  # the stores: on disk, not on a tmpfs /tmp
         flex = lambda store: {"memory_budget": args.budget, "cache_dir": str(Path(tmp) / store)}  # noqa: E731
         probe = _run("flexinfer-unlimited", model, flex("a"), None, args.tokens, tmp)
         if probe["tok_s"] is None:
             raise SystemExit(f"the unlimited flexinfer run failed:\n{probe['log_tail']}")
-        held = probe["flexinfer"]["resident_bytes"] + probe["flexinfer"]["arena_bytes"]
-        overhead = probe["needed_after_load_bytes"] - held + (64 << 20)
+        overhead = steady_overhead(probe)
         limit = budget + overhead
         rows = [probe,
                 _run("flexinfer-limited", model, flex("b"), limit, args.tokens, tmp),
