@@ -40,6 +40,17 @@ export VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
   echo "filesystems: cache $(stat -f -c %T "$PWD") (models, FlexInfer's O_DIRECT weight store), /tmp $(stat -f -c %T /tmp)"
   $PY -c "import torch, triton, vllm; print('torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__); from vllm.platforms import current_platform as p; print('platform', p.device_name)"
 } 2>&1 | tee "$OUT/card-vllm.txt"
+# GPU_E2E=1: only the end-to-end benchmark at a real model's shape (GPU_E2E_SHAPE, default llama-3.1-8b; GPU_E2E_ARGS
+# for more): vanilla (Triton backend), VTENSOR and VTENSOR with vLLM's kernel side by side; JSON, PNG and log in $OUT
+# (with the per-step profile of benchmarks/step_profile/ in $OUT/step-profile.txt)
+if [ "${GPU_E2E:-0}" = 1 ]; then
+  VTENSOR_STEP_PROFILE="$OUT/steps" PYTHONPATH="$PWD/benchmarks/step_profile:$PYTHONPATH" \
+  timeout ${E2E_TIMEOUT:-530} $PY benchmarks/gpu_e2e.py --shape "${GPU_E2E_SHAPE:-llama-3.1-8b}" --out-dir "$OUT" \
+      ${GPU_E2E_ARGS:-} 2>&1 | tee "$OUT/gpu-e2e-full.log" | grep --line-buffered -v "^(EngineCore\|^INFO\|^WARNING\|^(Worker\|^(MainProcess" \
+      | tee "$OUT/gpu-e2e.log"
+  $PY benchmarks/step_profile/report.py "$OUT/steps" >"$OUT/step-profile.txt" 2>&1
+  exit 0
+fi
 # 10 engines (~45 s each to start and run); each outcome is written to outcomes.txt as it happens (a pass as one
 # line, a failure with its report), and output goes to the log line by line: a run cut off by its limit keeps both.
 # BENCH_ONLY=1 skips the tests (a second call for the benchmark: one call cannot hold both in 10 minutes)

@@ -315,6 +315,12 @@ class KVSpace:
         with self._lock:
             self._peak_live_tokens = max(self._peak_live_tokens, sum(r.num_tokens for r in self._reqs.values()))
 
+    def reset_peaks(self) -> None:
+        """Start the peak figures (resident bytes, live tokens) over from the current ones."""
+        with self._lock:
+            self._peak_live_tokens = sum(r.num_tokens for r in self._reqs.values())
+        self.pool.reset_peak()
+
     def note_tokens(self, req_id: str, num_tokens: int) -> None:
         """After this step, ``req_id`` has KV for ``num_tokens`` tokens (computed plus scheduled).
 

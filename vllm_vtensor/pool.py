@@ -136,6 +136,11 @@ class ChunkPool:
         """After a chunk is created (under the lock): the peak counts chunks an acquire holds too."""
         self._peak = max(self._peak, self._created_now() - self._pending)
 
+    def reset_peak(self) -> None:
+        """Start the peak figure over from what is held now (to measure one stretch of load)."""
+        with self._lock:
+            self._peak = self._created_now() - self._pending
+
     def _take_unused(self) -> int:
         """A created, unused chunk: from the cache, else the most recently released lingering one."""
         if self._cache:

@@ -16,6 +16,7 @@ Two hooks (installed by :mod:`vllm_vtensor.patches`):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -291,6 +292,28 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
         time.perf_counter() - t0,
     )
     return views
+
+
+class VTensorWorkerExtension:
+    """Calls on VTENSOR's KV space from the front end, by vLLM's ``worker_extension_cls``:
+    ``LLM(..., worker_extension_cls="vllm_vtensor.worker.VTensorWorkerExtension")``, then
+    ``llm.collective_rpc("vtensor_reset_peaks")``."""
+
+    def vtensor_reset_peaks(self) -> bool:
+        """Start the exact peak figures (``peak_resident_bytes``, ``peak_live_tokens``) over from the
+        current ones and publish them; False in a worker without a VTENSOR KV space."""
+        kv = getattr(getattr(self, "model_runner", None), "_vtensor_kv", None)
+        if kv is None:
+            return False
+        with _memory_work(kv):  # after any queued step's
+            kv.reset_peaks()
+        vt_stats.publish(kv, force=True)
+        return True
+
+    def vtensor_stats(self) -> dict | None:
+        """The KV space's figures now (exact, unlike the snapshot file's), as a dict; None without one."""
+        kv = getattr(getattr(self, "model_runner", None), "_vtensor_kv", None)
+        return None if kv is None else dataclasses.asdict(kv.stats())
 
 
 def _memory_work(kv: KVSpace):

@@ -15,6 +15,7 @@ across the two engines of serve_compare.
 import os
 
 _DIR = os.environ.get("VTENSOR_STEP_PROFILE")
+_LABEL = os.environ.get("VTENSOR_STEP_PROFILE_LABEL")  # the engine's name, where a benchmark runs several
 
 if _DIR:
     import dataclasses
@@ -55,7 +56,7 @@ if _DIR:
             t0 = time.perf_counter()
             out = execute(self, so, *args, **kwargs)
             ms = (time.perf_counter() - t0) * 1e3
-            engine = "vt" if getattr(self, "_vtensor_kv", None) is not None else "va"
+            engine = _LABEL or ("vt" if getattr(self, "_vtensor_kv", None) is not None else "va")
             _log(f"{time.time():.4f} {engine} {ms:.3f} {_updates[0] * 1e3:.3f} tok={so.total_num_scheduled_tokens} "
                  f"new={len(so.scheduled_new_reqs)} fin={len(so.finished_req_ids)} sched={len(so.num_scheduled_tokens)}")
             return out

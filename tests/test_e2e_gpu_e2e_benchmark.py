@@ -1,0 +1,84 @@
+"""benchmarks/gpu_e2e.py (the end-to-end comparison at a real model's shape) runs on a CPU at a tiny
+shape: random weights (load_format="dummy"), requests by token ids, vanilla and VTENSOR (vLLM's
+kernel over VTENSOR's memory) side by side on all workloads, and the JSON holds what the docs and
+the goals read, each figure consistent with the others."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_vtensor.worker import DEFAULT_PRECREATE_BYTES
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+SUMMARY_KEYS = ("throughput_ratio", "itl_ratio", "multi_turn_ttft_ratio", "long_doc_ttft_ratio",
+                "kv_committed_over_need", "failed_requests")
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-e2e")
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_e2e.py"), "--shape", "tiny", "--quick",
+                          "--rounds-c", "1", "--settle-s", "1.5", "--out-dir", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    path = out / "gpu-e2e-cpu-tiny.json"
+    return json.loads(path.read_text()), path, run.stdout
+
+
+def test_every_workload_ran_on_both_engines_and_nothing_failed(result):
+    data, path, stdout = result
+    assert data["partial"] is False and data["engines_run"] == ["vanilla", "vtensor_vllm_kernel"]
+    assert data["engines"]["vtensor_vllm_kernel"]["attention_backend"] == "VTENSOR"
+    assert data["engines"]["vtensor_vllm_kernel"]["prefix_caching"] is True
+    w = data["workload_sizes"]
+    for name in data["engines_run"]:
+        a, b, c = (data["results"][k][name] for k in "ABC")
+        assert a["failed"] == b["failed"] == c["failed"] == 0
+        assert a["output_tok_s"] > 0 and 0 < a["itl_p50_s"] <= a["itl_p99_s"]
+        assert len(b["turns"]) == w["b_turns"] and 0 < b["ttft_p50_s"] <= b["ttft_p99_s"]
+        # each turn's prompts hold the whole conversation so far: system prompt, every turn's question and answer
+        assert b["turns"][-1]["context_tokens_max"] >= w["b_system"] + w["b_turns"] * w["b_new"][0] + (
+            w["b_turns"] - 1) * w["b_out"]
+        assert c["ttft_p50_s"] > 0
+    assert data["summary"]["failed_requests"] == 0
+    assert path.with_suffix(".png").stat().st_size > 0
+    assert "(B) TTFT p50 all turns" in stdout
+
+
+def test_summary_holds_the_goal_figures_as_ratios(result):
+    data, _, _ = result
+    s, res = data["summary"], data["results"]
+    assert all(k in s for k in SUMMARY_KEYS)
+    van, vt = res["A"]["vanilla"], res["A"]["vtensor_vllm_kernel"]
+    assert s["throughput_ratio"] == pytest.approx(vt["output_tok_s"] / van["output_tok_s"])
+    assert s["multi_turn_ttft_ratio"] == pytest.approx(
+        res["B"]["vtensor_vllm_kernel"]["ttft_p50_s"] / res["B"]["vanilla"]["ttft_p50_s"])
+    assert set(data["goals"]) >= set(SUMMARY_KEYS)
+    assert data["goals"]["failed_requests"]["met"] is True
+    assert data["commit"] and data["date"] and data["command"].startswith("python benchmarks/gpu_e2e.py")
+
+
+def test_kv_memory_peaks_are_exact_and_given_back(result):
+    """(D): VTENSOR's peak is at least what the live tokens needed (no shared prefix in A) and within its
+    budget; after the load and a prefix-cache reset its memory falls to the ready reserve."""
+    data, _, _ = result
+    per_token = data["kv_bytes_per_token"]
+    a = data["memory"]["A"]["vtensor_vllm_kernel"]
+    assert 0 < a["peak_need_bytes"] <= a["peak_committed_bytes"]
+    assert a["peak_need_bytes"] % per_token == 0
+    vanilla = data["memory"]["A"]["vanilla"]
+    assert vanilla["peak_committed_bytes"] == data["engine_kwargs"]["kv_cache_memory_bytes"]
+    for wl in "ABC":
+        mem = data["results"][wl]["vtensor_vllm_kernel"]
+        mems = [r["memory"] for r in mem["rounds"]] if "rounds" in mem else [mem["memory"]]
+        for m in mems:
+            assert m["running_requests_after"] == 0 and m["mapped_bytes_after"] == 0
+            assert m["peak_resident_bytes"] <= m["allocator"]["budget_bytes"]
+            # what stays once the prefix cache is reset and the linger time passed: the ready reserve, nothing else
+            assert m["resident_bytes_after_prefix_cache_reset"] <= DEFAULT_PRECREATE_BYTES + m["allocator"]["chunk_bytes"]
