@@ -528,8 +528,10 @@ def main(argv=None) -> int:
                    help="each engine's KV budget (kv_cache_memory_bytes); default 20 GiB on CUDA, 1 GiB on a CPU")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.28,
                    help="each engine's share of the GPU (the engines run side by side on one device)")
-    p.add_argument("--max-num-seqs", type=int, default=256,
-                   help="the same for every engine; VTENSOR reserves a virtual range per sequence")
+    p.add_argument("--max-num-seqs", type=int, default=128,
+                   help="the same for every engine (default 128). VTENSOR reserves a virtual range of max_model_len per "
+                   "sequence and maps the zero granule over all of it: at 256 x 16896 tokens of the 8B shape (528 GiB each) "
+                   "the second VTENSOR engine on one H200 could not map its range (CUDA_ERROR_OUT_OF_MEMORY)")
     p.add_argument("--rounds-a", type=int, default=1)
     p.add_argument("--rounds-c", type=int, default=2)
     p.add_argument("--settle-s", type=float, default=3.0, help="how long memory is watched after each load")
