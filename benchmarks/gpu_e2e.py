@@ -399,6 +399,25 @@ def _goals(summary: dict) -> dict:
     return out
 
 
+def _step_profile() -> dict | None:
+    """Where each engine's step time went, when the run was profiled ($VTENSOR_STEP_PROFILE, see
+    benchmarks/step_profile/): host milliseconds per step in the worker (execute_model; on CUDA it
+    returns once the step is launched) and VTENSOR's block updates within them."""
+    directory = os.environ.get("VTENSOR_STEP_PROFILE")
+    if not directory:
+        return None
+    sys.path.insert(0, str(ROOT / "benchmarks" / "step_profile"))
+    from report import load
+
+    out = {}
+    for engine, rows in load(directory).items():
+        slow = sorted(rows, key=lambda r: -r[2])[:5]
+        out[engine] = {"steps": len(rows), "step_host_seconds": round(sum(r[1] for r in rows) / 1e3, 3),
+                       "block_update_seconds": round(sum(r[2] for r in rows) / 1e3, 3),
+                       "slowest_block_updates_ms": [(round(r[2], 1), r[3]) for r in slow]}
+    return out
+
+
 def _device(cuda: bool) -> str:
     """The card's name from nvidia-smi (no CUDA context in this process: the engines' workers hold theirs)."""
     if not cuda:
@@ -651,6 +670,7 @@ def main(argv=None) -> int:
             save()
         data["partial"] = False
         data["seconds"] = round(time.perf_counter() - t_start, 1)
+        data["step_profile"] = _step_profile()
         save()
     finally:
         for e in engines.values():
