@@ -288,8 +288,9 @@ def main(argv=None) -> int:
         # (3.47 vs 3.81 GiB RSS measured), and at 100% the limit must bind neither loader.
         van = base["memory_after_load"]
         full_limit = van["rss"] + van["shmem"] + probe["memory_after_load"]["mapped_file"] + (256 << 20)
-        store = max((Path(os.environ.get("VTENSOR_CACHE", Path.home() / ".cache/vllm-vtensor")) / "flexinfer")
-                    .glob("*.bin"), key=lambda q: q.stat().st_mtime)
+        from vllm_vtensor.settings import cache_dir
+
+        store = max((cache_dir() / "flexinfer").glob("*.bin"), key=lambda q: q.stat().st_mtime)
         bw_before = disk_bandwidth(store)
         rows = []
         partial = Path(args.out).with_suffix(".partial.json")

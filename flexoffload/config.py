@@ -1,11 +1,11 @@
 """FlexInfer options, from ``--model-loader-extra-config`` (one frozen dataclass, validated once)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from vllm_vtensor.pool import parse_bytes
+from vllm_vtensor import settings
+from vllm_vtensor.settings import parse_bytes
 
 POLICIES = ("flexinfer", "attention_first", "ffn_first", "no_balance")
 BASELINES = ("mmap",)  # every layer tensor a view of the mmap'd store: the OS pages it in and out (llama.cpp's way)
@@ -64,7 +64,6 @@ class FlexConfig:
         return n
 
     def store_dir(self) -> Path:
-        base = self.cache_dir or os.environ.get("VTENSOR_CACHE") or Path.home() / ".cache" / "vllm-vtensor"
-        path = Path(base) / "flexinfer"
+        path = Path(self.cache_dir or settings.cache_dir()) / "flexinfer"
         path.mkdir(parents=True, exist_ok=True)
         return path

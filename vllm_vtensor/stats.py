@@ -14,10 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import threading
 import time
 
+from . import settings
 from .log import get_logger
 from .threads import move_off_compute_cores
 
@@ -29,11 +29,7 @@ _attached = None
 
 def ensure_stats_path() -> str:
     """Choose the snapshot file once, in the first process; children inherit it."""
-    path = os.environ.get(ENV)
-    if not path:
-        path = os.path.join(tempfile.gettempdir(), f"vllm-vtensor-stats-{os.getpid()}.json")
-        os.environ[ENV] = path
-    return path
+    return settings.stats_file()
 
 
 def attach(kv) -> None:
@@ -51,7 +47,7 @@ def publish(kv, force: bool = False) -> None:
     """Have ``kv``'s figures written soon (by the helper thread); at most every ``_MIN_INTERVAL_S``
     unless ``force``."""
     global _last_write
-    path = os.environ.get(ENV)
+    path = settings.raw(ENV)  # checked at start-up (settings.check_all); read here on every step
     now = time.monotonic()
     if not path or (not force and now - _last_write < _MIN_INTERVAL_S):
         return
@@ -107,7 +103,7 @@ def write_json_atomic(path: str, data: dict) -> None:
 
 
 def read() -> dict | None:
-    path = os.environ.get(ENV)
+    path = settings.get(ENV)
     try:
         with open(path) as f:
             return json.load(f)

@@ -18,13 +18,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import time
 
 import torch
 
+from . import BACKEND_NAME, settings
 from . import stats as vt_stats
-from . import BACKEND_NAME
 from .kv_space import KVSpace, chunk_bytes_for
 from .log import get_logger
 from .vmm import VMMError, make_backend
@@ -84,56 +83,10 @@ def check_engine_features(vllm_config) -> None:
 
 
 LINGER_ENV = "VTENSOR_CHUNK_LINGER_S"
-DEFAULT_LINGER_S = 1.0
 PRECREATE_ENV = "VTENSOR_PRECREATE_BYTES"
 STAGE_ENV = "VTENSOR_STAGE_MAPPINGS"
 ASYNC_ENV = "VTENSOR_ASYNC_MAPPING"
-DEFAULT_PRECREATE_BYTES = 4 << 20
-
-
-def _env_setting(name: str, parse, default, fix: str):
-    """``$name`` read by ``parse`` (``default`` when unset); a value that does not parse or is
-    negative raises naming ``fix``."""
-    raw = os.environ.get(name, "")
-    try:
-        value = parse(raw) if raw else default
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise VTensorConfigError(f"{name}={raw!r}: {fix}")
-    return value
-
-
-def linger_seconds() -> float:
-    """How long freed KV memory is kept for reuse before it is given back (``$VTENSOR_CHUNK_LINGER_S``)."""
-    return _env_setting(LINGER_ENV, float, DEFAULT_LINGER_S, "give seconds >= 0 (0 gives freed memory back at once)")
-
-
-def precreate_bytes() -> int:
-    """Bytes of ready KV chunks kept in reserve by a background thread (``$VTENSOR_PRECREATE_BYTES``;
-    0 turns creating chunks ahead off altogether, the reserve and the next step's growth alike)."""
-    from .pool import parse_bytes
-
-    return _env_setting(PRECREATE_ENV, parse_bytes, DEFAULT_PRECREATE_BYTES,
-                        "give a size such as 8MiB, or 0 for no reserve")
-
-
-def _env_flag(name: str, fix: str) -> bool:
-    """``$name`` as an opt-in switch: ``1`` on, ``0`` or unset off; anything else raises naming ``fix``."""
-    return bool(_env_setting(name, lambda raw: int(raw) if raw in ("0", "1") else -1, 0, fix))
-
-
-def stage_mappings() -> bool:
-    """Whether the host backend keeps each chunk's page tables filled beside the compute and maps by
-    moving them (``$VTENSOR_STAGE_MAPPINGS=1``; off by default: see the README's benchmarks)."""
-    return _env_flag(STAGE_ENV, "give 1 to map by moving page tables, or 0")
-
-
-def async_mapping() -> bool:
-    """Whether each step's memory operations run in a helper thread while the forward pass starts
-    (``$VTENSOR_ASYNC_MAPPING=1``; off by default: see :mod:`vllm_vtensor.vmm.deferred` and the README's
-    benchmarks)."""
-    return _env_flag(ASYNC_ENV, "give 1 to map beside the compute, or 0 to map before each step")
+DEFAULT_PRECREATE_BYTES = settings.SETTINGS_BY_NAME[PRECREATE_ENV].default
 
 
 MAX_CHUNK_PADDING = 0.10
@@ -236,6 +189,7 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
     from vllm.v1.kv_cache_interface import compute_layer_kv_cache_shape_bytes
 
     vllm_config = runner.vllm_config
+    settings.check_all()  # every setting, once, with its fix
     check_engine_features(vllm_config)
     group = _the_attention_group(kv_cache_config)
     spec = group.kv_cache_spec
@@ -259,11 +213,11 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
                 f"VTENSOR's KV budget of {kv_cache_config.num_blocks} chunks ({budget / 2**30:.2f} GiB) exceeds the "
                 f"{free / 2**30:.2f} GiB free on {device}: lower --gpu-memory-utilization or --kv-cache-memory-bytes")
         for name in (STAGE_ENV, ASYNC_ENV):
-            if os.environ.get(name):
+            if settings.get(name):
                 logger.warning("%s applies to the host (CPU) backend only; ignored on %s", name, device)
     elif device.type == "cpu":
-        backend = make_backend("cpu", stage=stage_mappings())
-        if async_mapping():
+        backend = make_backend("cpu", stage=settings.get(STAGE_ENV))
+        if settings.get(ASYNC_ENV):
             backend = DeferredBackend(backend)
     else:
         raise VTensorConfigError(f"--attention-backend VTENSOR runs on CPU and CUDA GPUs, not on {device}. "
@@ -277,8 +231,8 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
         block_bytes=block_bytes,
         block_size=spec.block_size,
         keep_full_blocks=bool(vllm_config.cache_config.enable_prefix_caching),
-        linger_s=linger_seconds(),
-        precreate_bytes=precreate_bytes(),
+        linger_s=settings.get(LINGER_ENV),
+        precreate_bytes=settings.get(PRECREATE_ENV),
         on_release=lambda space: vt_stats.publish(space, force=True),
     )
     runner._vtensor_kv = kv

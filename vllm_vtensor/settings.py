@@ -1,0 +1,228 @@
+"""Every setting of vllm-vtensor and FlexInfer, in one table, and the only place they are read.
+
+Environment variables (``VTENSOR_*``, ``FLEXOFFLOAD_*``) are read through :func:`get`, which parses
+and checks each against its range and raises :class:`SettingError` naming the fix. FlexInfer's
+loader options (``--model-loader-extra-config``) are parsed by :class:`flexoffload.config.FlexConfig`;
+their names, defaults and meanings are listed here too (a test keeps the two in step), so that
+``docs/user-guide/configuration.md`` - generated from :data:`SETTINGS` by
+``python -m vllm_vtensor.settings --markdown`` and checked by a test - covers them all.
+
+Sizes follow vLLM's rules (``--kv-cache-memory-bytes``): a single-letter suffix is binary in
+capitals and decimal in lower case (``512M`` = 512 x 2^20, ``512m`` = 512 x 10^6); ``KiB``/``MiB``/``GiB``
+are binary and ``KB``/``MB``/``GB`` decimal in any case.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+
+class SettingError(ValueError):
+    """A setting's value cannot be used; the message names the setting and the fix."""
+
+
+_SINGLE = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_NAMED = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_bytes(value: int | str) -> int:
+    """``4096``, ``"512M"`` (binary, as vLLM reads it), ``"512m"`` (decimal), ``"1.5GiB"``, ``"800MB"`` -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"cannot read {value!r} as a size")
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().replace(" ", "")
+    num = text.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    unit = text[len(num):]
+    try:
+        number = float(num)
+    except ValueError:
+        number = math.nan
+    if unit in _SINGLE:
+        mult = _SINGLE[unit]
+    elif unit.lower() in _NAMED or unit == "":
+        mult = _NAMED.get(unit.lower(), 1)
+    else:
+        mult = None
+    if mult is None or math.isnan(number) or not math.isfinite(number):
+        raise ValueError(f"cannot read {value!r} as a size: use bytes, or a number with K/M/G (binary, as vLLM "
+                         "reads them), k/m/g (decimal), KiB/MiB/GiB or KB/MB/GB")
+    return int(number * mult)
+
+
+def _seconds(raw: str) -> float:
+    return float(raw)
+
+
+def _flag(raw: str) -> bool:
+    if raw not in ("0", "1"):
+        raise ValueError(raw)
+    return raw == "1"
+
+
+def _path(raw: str) -> str:
+    return raw
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: str  # "env" or "flexinfer option"
+    type: str  # as the docs show it
+    default: Any  # None: unset (see ``default_text``)
+    meaning: str
+    parse: Callable[[str], Any] | None = None  # env only
+    check: Callable[[Any], bool] | None = None  # the accepted range
+    fix: str = ""  # what to give instead, for the error
+    default_text: str | None = None  # the default as the docs show it, where it is not a plain value
+
+    def shown_default(self) -> str:
+        if self.default_text is not None:
+            return self.default_text
+        return "unset" if self.default is None else f"`{self.default}`"
+
+
+MAX_LINGER_S = 3600.0
+SETTINGS: tuple[Setting, ...] = (
+    # -- VTENSOR (the KV cache): read by the worker at start-up --------------------------------------
+    Setting("VTENSOR_ATTENTION", "env", "choice", None,
+            "The attention kernel VTENSOR runs over its contiguous KV ranges. On a CPU: `cpu` (vLLM's CPU "
+            "kernel, default), `triton` (this project's Triton kernels; only under `TRITON_INTERPRET=1`, for "
+            "testing) or `reference` (a torch reference). On CUDA: `triton` (this project's kernels, default) or "
+            "`vllm` (vLLM's Triton kernel over the same memory).",
+            parse=str, default_text="`cpu` on a CPU, `triton` on CUDA"),
+    Setting("VTENSOR_CHUNK_LINGER_S", "env", "seconds", 1.0,
+            "How long freed KV memory is kept for reuse before it is given back to the system (0: at once).",
+            parse=_seconds, check=lambda v: 0 <= v <= MAX_LINGER_S,
+            fix=f"give seconds from 0 (freed memory goes back at once) to {MAX_LINGER_S:.0f}"),
+    Setting("VTENSOR_PRECREATE_BYTES", "env", "size", 4 << 20,
+            "KV memory kept created and ready by a background thread, so new blocks do not wait for it; 0 turns "
+            "creating memory ahead off (the reserve and the next step's expected growth alike).",
+            parse=parse_bytes, check=lambda v: v >= 0, fix="give a size such as 8M or 8MiB, or 0 for no reserve",
+            default_text="`4MiB`"),
+    Setting("VTENSOR_STATS_FILE", "env", "path", None,
+            "Where the worker writes VTENSOR's KV figures as JSON (read by the API server's `/metrics` and by "
+            "benchmarks). Its folder must exist.",
+            parse=_path, check=lambda v: Path(v).parent.is_dir(),
+            fix="name a file in an existing folder (the folder is not created)",
+            default_text="a file in the temporary folder, per server"),
+    Setting("VTENSOR_STAGE_MAPPINGS", "env", "0 or 1", False,
+            "Experimental, CPU only: keep each chunk's page tables filled beside the compute and map by moving "
+            "them. Measured: mapping ~16 us instead of ~250 us per 2 MiB chunk, but no end-to-end gain on a "
+            "2-core CPU (the helper competes with the compute).",
+            parse=_flag, fix="give 1 to map by moving page tables, or 0", default_text="`0`"),
+    Setting("VTENSOR_ASYNC_MAPPING", "env", "0 or 1", False,
+            "Experimental, CPU only: run each step's memory operations in a helper thread while the forward pass "
+            "starts. Measured slower than mapping before each step on a 2-core CPU.",
+            parse=_flag, fix="give 1 to map beside the compute, or 0 to map before each step", default_text="`0`"),
+    # -- models and caches ----------------------------------------------------------------------------
+    Setting("VTENSOR_CACHE", "env", "path", None,
+            "Folder for converted models (`python -m vllm_vtensor.models`) and FlexInfer's weight stores.",
+            parse=_path, default_text="`~/.cache/vllm-vtensor`"),
+    Setting("VTENSOR_TOKENIZER", "env", "path", None,
+            "A folder with SmolLM2's tokenizer files, used for the random-weight test models on machines that "
+            "cannot fetch SmolLM2 itself.", parse=_path),
+    # -- FlexInfer ------------------------------------------------------------------------------------
+    Setting("FLEXOFFLOAD_STATS_FILE", "env", "path", None,
+            "Where the FlexInfer loader writes its figures as JSON (plan, bytes streamed, I/O seconds, wait, load "
+            "peak). Its folder must exist.",
+            parse=_path, check=lambda v: Path(v).parent.is_dir(),
+            fix="name a file in an existing folder (the folder is not created)"),
+    Setting("memory_budget", "flexinfer option", "size or fraction", None,
+            "Required. The memory the model's weights may hold: bytes, a size (`\"1.5GiB\"`, `\"800M\"`), or a "
+            "fraction of the weights (`0.25`, `\"25%\"`).", default_text="required"),
+    Setting("prefetch_window", "flexinfer option", "int >= 0", None,
+            "Layers read ahead of the one computing (0: synchronous reads).",
+            default_text="3, fewer where the budget cannot hold that many layer buffers"),
+    Setting("io_threads", "flexinfer option", "int >= 1", 2, "Threads reading streamed tensors."),
+    Setting("direct_io", "flexinfer option", "bool", True,
+            "Read streamed tensors with `O_DIRECT` (no page cache, so streamed bytes do not count twice)."),
+    Setting("policy", "flexinfer option", "choice", "flexinfer",
+            "Which tensors stay resident: `flexinfer` (the paper's preservation order, balanced across layers), "
+            "ablations `attention_first`, `ffn_first`, `no_balance`, or the `mmap` baseline (the OS pages weights "
+            "in and out)."),
+    Setting("lock_memory", "flexinfer option", "bool", True,
+            "`mlock` resident weights and buffers where the limit allows."),
+    Setting("cache_dir", "flexinfer option", "path", None,
+            "Where the aligned weight store is written.", default_text="`$VTENSOR_CACHE/flexinfer`"),
+)
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def get(name: str):
+    """The value of the environment setting ``name``: parsed, checked, or its default when unset."""
+    s = SETTINGS_BY_NAME[name]
+    if s.kind != "env":
+        raise KeyError(f"{name} is a FlexInfer option, read from --model-loader-extra-config")
+    raw = os.environ.get(name, "")
+    if not raw:
+        return s.default
+    try:
+        value = s.parse(raw)
+    except ValueError:
+        raise SettingError(f"{name}={raw!r} cannot be read as {s.type}: {s.fix or 'see docs/user-guide/configuration.md'}") from None
+    if s.check is not None and not s.check(value):
+        raise SettingError(f"{name}={raw!r} is out of range: {s.fix}")
+    return value
+
+
+def raw(name: str) -> str | None:
+    """``$name`` as set, unchecked: for a hot path whose setting :func:`check_all` checked at start-up."""
+    assert SETTINGS_BY_NAME[name].kind == "env", name
+    return os.environ.get(name) or None
+
+
+def check_all() -> None:
+    """Read every environment setting once (at start-up), so a bad value stops the engine with its fix."""
+    for s in SETTINGS:
+        if s.kind == "env":
+            get(s.name)
+
+
+def cache_dir() -> Path:
+    return Path(get("VTENSOR_CACHE") or Path.home() / ".cache" / "vllm-vtensor")
+
+
+def stats_file() -> str:
+    """``$VTENSOR_STATS_FILE``, chosen once in the first process (children inherit it) when unset."""
+    path = get("VTENSOR_STATS_FILE")
+    if not path:
+        path = os.path.join(tempfile.gettempdir(), f"vllm-vtensor-stats-{os.getpid()}.json")
+        os.environ["VTENSOR_STATS_FILE"] = path
+    return path
+
+
+def markdown_table() -> str:
+    rows = ["| name | where | type | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    for s in SETTINGS:
+        where = "environment" if s.kind == "env" else "`--model-loader-extra-config`"
+        rows.append(f"| `{s.name}` | {where} | {s.type} | {s.shown_default()} | {s.meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vllm_vtensor.settings", description=__doc__.split("\n\n")[0])
+    p.add_argument("--markdown", action="store_true", help="print the settings table as Markdown")
+    args = p.parse_args(argv)
+    if args.markdown:
+        sys.stdout.write(markdown_table())
+        return 0
+    for s in SETTINGS:
+        if s.kind == "env":
+            try:
+                value = get(s.name)
+            except SettingError as e:
+                value = f"ERROR: {e}"
+            print(f"{s.name} = {value!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
