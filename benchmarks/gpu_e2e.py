@@ -52,8 +52,9 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from provenance import card_name, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("vanilla", "vtensor", "vtensor_vllm_kernel")
@@ -429,21 +430,6 @@ def _device(cuda: bool) -> str:
         return "cuda"
 
 
-def _card(device: str, cuda: bool) -> str:
-    d = device.lower()
-    return next((c for c in ("h200", "h100", "a100", "l40s", "b200") if c in d), "cuda") if cuda else "cpu"
-
-
-def _commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return (rev or "unknown") + ("+uncommitted changes" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 def _plot(data: dict, path: Path) -> None:
     import matplotlib
 
@@ -602,13 +588,10 @@ def main(argv=None) -> int:
         kw[k] = (kw.get(k) or {}) | v if isinstance(v, dict) else v
 
     device = _device(cuda)
-    name = args.name or f"gpu-e2e-{_card(device, cuda)}-{args.shape if not args.model else Path(model).name}"
+    name = args.name or f"gpu-e2e-{card_name(device) if cuda else 'cpu'}-{args.shape if not args.model else Path(model).name}"
     out, png = out_dir / f"{name}.json", out_dir / f"{name}.png"
     data = {
-        "command": "python benchmarks/gpu_e2e.py " + " ".join(argv),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        **provenance("gpu_e2e.py", argv),
         "device": device, "shape": args.shape if not args.model else model,
         "model_config": {k: hf.get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                  "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")},

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything this project checks on a lent CUDA GPU, in one run (a GPU machine here has PyTorch,
+# Everything this project checks on a CUDA GPU, in one run (a GPU machine here has PyTorch,
 # Triton, cuda-bindings, pytest, pytest-xdist and hypothesis, but no vLLM and no network).
 #
 # Prepare here (never commit the copies; /.vllm-kernels/ is git-ignored):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# VTENSOR through vLLM on a lent CUDA GPU. Those machines have PyTorch 2.11, Triton and cuda-bindings
+# VTENSOR through vLLM on a CUDA GPU machine without vLLM. Such machines have PyTorch 2.11, Triton and cuda-bindings
 # but no vLLM and no network, and vLLM's wheel (its CUDA ops built for torch 2.13) is too big to carry.
 # So this runs vLLM 0.32's own Python source (engine, scheduler, GPU model runner, Triton attention)
 # with none of its compiled ops: both engines use vLLM's native torch layers and Triton kernels

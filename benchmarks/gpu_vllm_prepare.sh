@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepares what benchmarks/gpu_vllm.sh carries to a lent GPU machine (none of it is committed;
+# Prepares what benchmarks/gpu_vllm.sh carries to a GPU machine without vLLM or network (none of it is committed;
 # /.gpuvllm/ and /.whl/ go to .git/info/exclude):
 #   .gpuvllm/vllm-src.tar.xz  the .py files of the vllm==0.32.0 wheel (no compiled ops), its dist-info
 #   .gpuvllm/tokenizer/       SmolLM2's tokenizer files

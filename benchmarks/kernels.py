@@ -290,7 +290,9 @@ def main(argv=None) -> int:
     p.add_argument("--decode-only", action="store_true", help="GPU: the decode cases only")
     args = p.parse_args(argv)
     out_path = Path(args.out or Path(__file__).parent / "results" / f"kernels-{DEVICE}.json")
-    result = {"command": "python benchmarks/kernels.py " + " ".join(argv or sys.argv[1:]), "device": DEVICE}
+    from provenance import provenance
+
+    result = {**provenance("kernels.py", argv), "device": DEVICE}
 
     kernels = load_vllm(args.vllm_src)
     if not ON_GPU:

@@ -154,7 +154,7 @@ def disk_bandwidth(path: Path, io_threads: int = 2, window: int = DEFAULT_WINDOW
     """Read bandwidth of the weight store ``path`` (bytes/s) through flexinfer's own streaming runtime with
     no compute: a Streamer with every decoder layer as one unit (as when a whole layer streams), the
     default I/O threads and prefetch window, an mlocked arena (O_DIRECT into page-aligned buffers); a
-    pass acquires and releases every layer in order.  Best of ``passes`` (this VM's disk varies by up
+    pass acquires and releases every layer in order.  Best of ``passes`` (a virtual machine's disk can vary by up
     to 2x from one measurement to the next; main() also measures again after the runs).  An earlier
     version read each tensor with a plain thread pool and measured ~0.6x of the rate the runtime
     itself reached during the runs, which made the bound no bound."""
@@ -304,7 +304,9 @@ def main(argv=None) -> int:
                       + (f"{row['tok_s']:7.2f} tok/s" if row["tok_s"] else "  over the memory limit"), flush=True)
         bw_after = disk_bandwidth(store)
 
-    meta = {"command": "python benchmarks/offload.py " + " ".join(argv or sys.argv[1:]),
+    from provenance import provenance
+
+    meta = {**provenance("offload.py", argv),
             "weight_bytes": weight_bytes, "overhead_bytes": overhead, "limit_at_100_bytes": full_limit,
             "disk_bytes_per_s_before": bw_before, "disk_bytes_per_s_after": bw_after,
             "model": model, "baseline_unlimited": base, "budgets": budgets, "configs": configs}
@@ -315,9 +317,9 @@ def main(argv=None) -> int:
 def _apply_io_bound(meta: dict, rows: list[dict]) -> float:
     """The I/O bound of each flexinfer-family row: disk bandwidth / bytes streamed per forward.
 
-    The bandwidth is the best rate this disk was seen to deliver in the session: the pure-read
+    The bandwidth is the best rate the disk was seen to deliver during the run: the pure-read
     measurements before and after the runs, and the rate every run's reads ran at (bytes streamed
-    over the time reads were in flight).  This VM's disk varies by up to 2x from one try to the next,
+    over the time reads were in flight).  A virtual machine's disk can vary by up to 2x from one try to the next,
     and reads ran faster inside the runs than in any separate measurement, so a bound taken from
     the measurements alone was exceeded by every run (no bound at all)."""
     for row in rows:
@@ -362,7 +364,7 @@ def _report(meta: dict, rows: list[dict], out: Path) -> None:
 
 
 def _ratios(rows, budgets) -> dict:
-    """The issue's goals as ratios of runs made side by side: flexinfer vs the mmap baseline,
+    """The goals as ratios of runs made side by side: flexinfer vs the mmap baseline,
     vs the I/O bound, and vs vanilla vLLM at 100%.  A run killed by its limit gives no ratio."""
     def tok(cfg, b):
         r = next((r for r in rows if r["config"] == cfg and r["fraction"] == b), None)

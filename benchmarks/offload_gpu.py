@@ -116,10 +116,12 @@ def main(argv=None) -> int:
         rows_out.append(row)
         print(f"{m:>7}{t_res:>13.2f}{t_io:>12.2f}{t_sync:>10.2f}{t_pre:>13.2f}{bound:>10.2f}"
               f"{row['efficiency']:>12.2f}{stats.overlap:>9.2f}", flush=True)
-    out = Path(args.out or Path(__file__).parent / "results" / "offload_gpu-cuda.json")
+    from provenance import card_name, provenance
+
+    out = Path(args.out or Path(__file__).parent / "results" / f"offload_gpu-{card_name(torch.cuda.get_device_name())}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "command": "python benchmarks/offload_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **provenance("offload_gpu.py", argv),
         "card": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers, "dim": args.dim,
         "window": args.window, "direct_io": args.direct_io, "rows": rows_out}, indent=2))
     print(f"wrote {out}")

@@ -70,7 +70,9 @@ def main(argv=None) -> int:
                  if r.get("load_timed_out") else "  killed by the limit" if r["limit_hits"] else "  failed"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "python benchmarks/offload_load_limit.py " + " ".join(argv or sys.argv[1:]),
+    from provenance import provenance
+
+    out.write_text(json.dumps({**provenance("offload_load_limit.py", argv),
                                "model": model, "weight_bytes": weight_bytes, "budget_bytes": budget,
                                "overhead_bytes": overhead, "limit_bytes": limit, "rows": rows}, indent=2))
     print(f"\nwrote {out}", flush=True)

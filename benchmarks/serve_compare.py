@@ -5,7 +5,7 @@
 
 Both engines live in this one process (each with its own engine-core process) and take
 turns on every measurement, in alternating order (vanilla first, then VTENSOR first, ...).
-Each ratio is the median of the paired ratios: this VM's speed drifts by several percent
+Each ratio is the median of the paired ratios: a virtual machine's speed can drift by several percent
 between processes and over minutes, and pairing measurements seconds apart cancels that.
 
 (A) offline throughput: 32 prompts of ~100 tokens, 128 output tokens each, ``--batches``
@@ -293,9 +293,10 @@ def main(argv=None) -> int:
           "   (earlier batches' full blocks kept for the prefix cache)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from provenance import provenance
+
     out.write_text(json.dumps({
-        "command": "python benchmarks/serve_compare.py " + " ".join(argv),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores", "device": data["device"], "dtype": data["dtype"],
+        **provenance("serve_compare.py", argv), "device": data["device"], "dtype": data["dtype"],
         "results": results, "summary": summary,
     }, indent=2))
     png = out.with_suffix(".png")

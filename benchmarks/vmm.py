@@ -176,10 +176,13 @@ def main(argv=None) -> int:
         for r in reserve:
             print(f"{r['reserve_gib']:>8g}{r['ms']:>12.3f}{r['us_per_granule']:>12.3f}")
 
-    out = Path(args.out or Path(__file__).parent / "results" / f"vmm-{args.device.replace(':', '')}{'-staged' if args.stage else ''}.json")
+    from provenance import card_name, provenance
+
+    where = "cpu" if args.device == "cpu" else card_name(device_name)
+    out = Path(args.out or Path(__file__).parent / "results" / f"vmm-{where}{'-staged' if args.stage else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "command": "python benchmarks/vmm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **provenance("vmm.py", argv),
         "device": args.device, "device_name": device_name, "chunk_bytes": chunk, "staged": args.stage,
         "latency": summary, "grow": grow, "reserve": reserve, "torch": torch.__version__, **backend_facts,
     }, indent=2))

@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_runtest_logreport(report):
     """With ``$VTENSOR_OUTCOMES`` naming a file, each failure's report is appended to it as it happens,
-    and each passed test gets one line (a lent GPU's run may be cut off by its time limit before pytest
+    and each passed test gets one line (a GPU run may be cut off by its time limit before pytest
     prints its summary)."""
     path = os.environ.get("VTENSOR_OUTCOMES")
     if path and report.passed and report.when == "call":

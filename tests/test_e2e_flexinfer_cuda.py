@@ -5,7 +5,7 @@ go another way from its 9th token at every budget, 100% included, where nothing 
 weights' device memory (parameter storages plus the device arena, measured) stays within the
 budget, and so does the allocator's peak while loading; at 100% nothing streams.
 
-Needs a GPU and vLLM; skipped otherwise (benchmarks/gpu_vllm.sh runs it on a lent GPU, with vLLM's
+Needs a GPU and vLLM; skipped otherwise (benchmarks/gpu_vllm.sh runs it on a GPU machine without vLLM, with vLLM's
 Python source and its native layers: see tests/test_e2e_cuda.py).
 """
 from __future__ import annotations

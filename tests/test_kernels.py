@@ -201,7 +201,7 @@ def test_benchmark_feeds_vllm_kernels_the_same_data(tmp_path):
 def test_a_strided_column_of_first_blocks_is_refused(kernel):
     """The kernels read kv_start_block[r] as a plain array. A block table's first column
     (``block_table[:, 0]``) is a strided view: read as an array it would hand request r the range of
-    request 0 shifted by r blocks (session 7's first CUDA run of VTENSOR did this). It is refused,
+    request 0 shifted by r blocks (an early CUDA backend did this). It is refused,
     naming the fix, and its .contiguous() copy gives the reference's result."""
     batch = _decode_batch([17, 50, 9], 4, 2, 64, 16, torch.float32, "packed")
     table = torch.stack([batch["kv_start_block"] + j for j in range(5)], dim=1)  # rows of consecutive ids

@@ -300,7 +300,7 @@ class KVSpace:
 
         After a prefill this over-predicts on purpose: the chunks it makes stay ready (cached, within
         the budget) for the next burst of new requests, such as the next turn of a chat.  A precise
-        guess from each request's prompt length and token limit was measured (session 6): fewer
+        guess from each request's prompt length and token limit was measured: fewer
         chunks made, but more of them made on the critical path (README, "How VTENSOR works")."""
         with self._lock:
             need = 0

@@ -148,7 +148,7 @@ def layer_views(kv: KVSpace, num_layers: int, page_shape: tuple[int, int, int], 
     ]
 
 
-SLOW_COVER_GRANULES = 1 << 16  # ~2 s of start-up at the 29-35 us per granule measured on an H100 (session 12)
+SLOW_COVER_GRANULES = 1 << 16  # ~2 s of start-up at the 29-35 us per granule measured on an H100 (benchmarks/results/vmm-reserve-h100.json)
 
 
 def warn_if_slow_to_cover(device: str, virtual_bytes: int, granularity: int, max_num_seqs: int,

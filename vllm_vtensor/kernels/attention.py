@@ -256,7 +256,7 @@ def _check(q, k_cache, v_cache, out, *per_request):
 
 # Tile shapes and launch options on a GPU ("BLOCK_M"/"BLOCK_N" tiles, Triton's num_warps and
 # num_stages).  The interpreter uses small tiles.  ``launch_config=`` overrides them per call.
-# Picked from benchmarks/kernels.py's sweeps on an H100 and an H200 (benchmarks/results/kernels-cuda*.json):
+# Picked from benchmarks/kernels.py's sweeps on an H100 and an H200 (benchmarks/results/kernels-h100-sweep.json, kernels-h200-sweep.json):
 # 16-bit prefill runs 128x128 tiles with 8 warps (within 5% of the best everywhere measured) unless
 # the grid would leave most SMs idle (one request with a short chunk: 64x128 with 4 warps); fp32
 # tiles take twice the shared memory and keep 64x64.  Decode uses 64-key tiles, or 32-key tiles with
