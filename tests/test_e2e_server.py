@@ -65,7 +65,7 @@ def test_metrics_expose_the_allocator(server, client):
     block = values["vllm_vtensor_block_size_tokens"]
     assert block == 32  # VTENSOR's choice on CPU when --block-size is not given
     assert values["vllm_vtensor_chunk_bytes"] == block * 2 * 30 * 3 * 64 * 4  # all layers' K and V, fp32
-    assert values["vllm_vtensor_map_operations"] >= -(-prompt_tokens // block)  # the prompt's blocks
+    assert values["vllm_vtensor_map_operations_total"] >= -(-prompt_tokens // block)  # the prompt's blocks
     assert values["vllm_vtensor_resident_bytes"] <= values["vllm_vtensor_peak_resident_bytes"] \
         <= values["vllm_vtensor_budget_bytes"]
     assert values["vllm_vtensor_peak_live_tokens"] >= prompt_tokens

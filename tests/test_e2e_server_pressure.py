@@ -65,4 +65,4 @@ def test_concurrent_requests_under_memory_pressure_match_vanilla(smollm2_path, t
     out, preemptions, metrics = _serve(smollm2_path, ["--attention-backend", "VTENSOR"], tmp_path / "vtensor.log")
     assert out == ref
     assert preemptions > 0 and ref_preemptions > 0  # both engines ran out of KV and preempted
-    assert _vtensor_gauges(metrics)["vllm_vtensor_preemptions"] == preemptions
+    assert _vtensor_gauges(metrics)["vllm_vtensor_preemptions_total"] == preemptions

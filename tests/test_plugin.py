@@ -28,7 +28,37 @@ def test_entry_points_are_declared():
 
 @pytest.mark.parametrize("name", ["vtensor", "flexoffload"])
 def test_register_is_idempotent(name, caplog):
+    """vLLM may call it again in the same process: the second call registers and logs nothing more."""
+    import logging
+
     ep = next(ep for ep in md.entry_points(group="vllm.general_plugins") if ep.name == name)
     register = ep.load()
-    register()
-    register()  # vLLM may call it again in the same process; nothing breaks or repeats
+    assert register() is True
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()
+    assert register() is True
+    assert not [r for r in caplog.records if "registered" in r.getMessage()]
+    if name == "vtensor":
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        assert "VTENSOR" in AttentionBackendEnum._member_map_
+
+
+@pytest.mark.parametrize("name", ["vtensor", "flexoffload"])
+def test_another_vllm_version_warns_and_stays_out_of_the_way(name, monkeypatch, caplog):
+    """With another vLLM installed every vLLM command must still work: the plugin registers nothing
+    and warns once, naming the version to install."""
+    import logging
+
+    import vllm
+
+    module = __import__({"vtensor": "vllm_vtensor.plugin", "flexoffload": "flexoffload.plugin"}[name],
+                        fromlist=["register"])
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    monkeypatch.setattr(module, "_registered", None)
+    caplog.set_level(logging.WARNING)
+    assert module.register() is False
+    assert module.register() is False
+    if name == "vtensor":
+        warnings = [r.getMessage() for r in caplog.records if "vllm-vtensor is written for" in r.getMessage()]
+        assert len(warnings) == 1 and "install vllm==0.32.0" in warnings[0]

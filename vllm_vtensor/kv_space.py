@@ -301,7 +301,7 @@ class KVSpace:
         After a prefill this over-predicts on purpose: the chunks it makes stay ready (cached, within
         the budget) for the next burst of new requests, such as the next turn of a chat.  A precise
         guess from each request's prompt length and token limit was measured: fewer
-        chunks made, but more of them made on the critical path (README, "How VTENSOR works")."""
+        chunks made, but more of them made on the critical path (docs/benchmarks/serve-compare-cpu.md)."""
         with self._lock:
             need = 0
             for req_id, n in scheduled.items():

