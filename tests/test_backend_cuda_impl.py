@@ -103,7 +103,7 @@ def test_block_size_without_a_flag_fills_chunks(smollm2_shaped, dtype, expected)
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_vtensor.backend_cuda import CUDA_GRANULARITY, VTensorCudaBackend
-    from vllm_vtensor.worker import check_chunk_padding
+    from vllm_vtensor.policy import check_chunk_padding
 
     cfg = EngineArgs(model=smollm2_shaped, dtype=dtype, max_model_len=1024).create_engine_config()
     with set_current_vllm_config(cfg):

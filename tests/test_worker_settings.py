@@ -125,7 +125,7 @@ def test_the_host_backend_moves_mappings_only_when_staging(stage):
 def test_chunk_padding_over_a_tenth_is_refused_naming_the_block_size():
     """On CUDA a chunk is a multiple of 2 MiB: a block whose KV (all layers) pads by more than 10%
     is refused, and the block size named in the message pads by at most 10%."""
-    from vllm_vtensor.worker import check_chunk_padding
+    from vllm_vtensor.policy import check_chunk_padding
 
     gran = 2 << 20
     check_chunk_padding(128 * 16384, 128, gran)  # exactly one chunk
@@ -186,7 +186,7 @@ def test_a_virtual_range_too_large_names_the_flags_that_size_it():
 def test_a_cuda_range_slow_to_cover_is_warned_about_naming_the_flags(caplog):
     import logging
 
-    from vllm_vtensor.worker import SLOW_COVER_GRANULES, warn_if_slow_to_cover
+    from vllm_vtensor.policy import SLOW_COVER_GRANULES, warn_if_slow_to_cover
 
     big = (SLOW_COVER_GRANULES + 1) * (2 << 20)
     with caplog.at_level(logging.WARNING):

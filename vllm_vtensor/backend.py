@@ -34,7 +34,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 
 from . import BACKEND_NAME, settings
 from .vmm.deferred import wait_all as _kv_memory_ready
-from .worker import preferred_block_size
+from .policy import preferred_block_size
 
 _FIX = "Run it without --attention-backend VTENSOR (attention_backend=\"VTENSOR\")."
 ATTENTION_ENV = "VTENSOR_ATTENTION"

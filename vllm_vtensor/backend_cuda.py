@@ -24,7 +24,7 @@ from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, Trito
 
 from . import BACKEND_NAME
 from .backend import ATTENTION_ENV, chosen_kernel, refuse_unsupported, run_kernels
-from .worker import preferred_block_size
+from .policy import preferred_block_size
 
 CUDA_ATTENTION_KERNELS = ("triton", "vllm")
 # The CUDA VMM granularity (cuMemGetAllocationGranularity, minimum) on NVIDIA GPUs: a chunk is a

@@ -11,6 +11,14 @@ Contents of freshly grown chunks are undefined (like ``torch.empty``) unless
 ``grow(..., zero=True)``.  Before writing into a chunk that is shared, call
 :meth:`prepare_write`: it gives this VTensor a private copy first
 (copy-on-write), so the other holders keep their contents.
+
+Its role: the vTensor paper's abstraction as a library API over the VMM core (one tensor, one
+reserved range, chunks from a :class:`~vllm_vtensor.pool.ChunkPool`), for use outside vLLM and as
+the executable specification of the VMM core's guarantees (tests/test_vtensor.py runs property
+tests over it on CPU and CUDA). The vLLM integration does not use it: a
+:class:`~vllm_vtensor.kv_space.KVSpace` manages many requests' ranges inside one reservation with
+the same pool and backends, because vLLM's scheduler, not the tensor, decides which physical
+block goes where.
 """
 from __future__ import annotations
 

@@ -25,15 +25,12 @@ import torch
 from . import BACKEND_NAME, settings
 from . import stats as vt_stats
 from .kv_space import KVSpace, chunk_bytes_for
+from .policy import VTensorConfigError, check_chunk_padding, warn_if_slow_to_cover
 from .log import get_logger
 from .vmm import VMMError, make_backend
 from .vmm.deferred import DeferredBackend
 
 logger = get_logger(__name__)
-
-
-class VTensorConfigError(ValueError):
-    """A configuration VTENSOR cannot run; the message names the fix."""
 
 
 def is_vtensor(vllm_config) -> bool:
@@ -89,47 +86,6 @@ ASYNC_ENV = "VTENSOR_ASYNC_MAPPING"
 DEFAULT_PRECREATE_BYTES = settings.SETTINGS_BY_NAME[PRECREATE_ENV].default
 
 
-MAX_CHUNK_PADDING = 0.10
-
-
-def _pads_little(block_bytes: int, granularity: int) -> bool:
-    return chunk_bytes_for(block_bytes, granularity) <= block_bytes * (1 + MAX_CHUNK_PADDING)
-
-
-def smallest_block_size(bytes_per_token: int, granularity: int, multiple: int = 16) -> int:
-    """The smallest block (a multiple of ``multiple`` tokens) whose chunk pads by at most 10%."""
-    return next(b for b in range(multiple, 1 << 30, multiple) if _pads_little(b * bytes_per_token, granularity))
-
-
-def preferred_block_size(default_block_size: int, granularity: int, multiple: int) -> int:
-    """The smallest block (a multiple of ``multiple`` tokens, as the kernel needs) whose KV over all
-    layers fills its chunk (a multiple of the memory ``granularity``) to within 10%, for the model
-    of the current vLLM config; ``default_block_size`` without one."""
-    from vllm.config import get_current_vllm_config
-
-    cfg = get_current_vllm_config()
-    mc = cfg.model_config
-    if mc is None:
-        return default_block_size
-    per_token = (2 * mc.get_num_layers(cfg.parallel_config) * mc.get_num_kv_heads(cfg.parallel_config)
-                 * mc.get_head_size() * mc.dtype.itemsize)
-    return smallest_block_size(per_token, granularity, multiple=multiple)
-
-
-def check_chunk_padding(block_bytes: int, block_size: int, granularity: int) -> None:
-    """Refuse a block whose chunk (all layers' pages, rounded up to the VMM granularity: 2 MiB on
-    CUDA) would waste more than 10% of its memory, naming the ``--block-size`` that fits."""
-    if _pads_little(block_bytes, granularity):
-        return
-    chunk = chunk_bytes_for(block_bytes, granularity)
-    fits = smallest_block_size(block_bytes // block_size, granularity)
-    raise VTensorConfigError(
-        f"VTENSOR maps one chunk per block holding all layers' KV; a block of {block_size} tokens is "
-        f"{block_bytes} B, which pads to a {chunk} B chunk ({granularity} B granularity), wasting "
-        f"{1 - block_bytes / chunk:.0%} of KV memory. Pass --block-size {fits} (block_size={fits}), the smallest "
-        f"block that wastes at most {MAX_CHUNK_PADDING:.0%}, or leave --block-size unset (VTENSOR then picks it).")
-
-
 def layer_views(kv: KVSpace, num_layers: int, page_shape: tuple[int, int, int], dtype: torch.dtype) -> list[torch.Tensor]:
     """Each layer's KV tensor ``[virtual blocks, *page_shape]`` as a strided view of ``kv``'s range.
 
@@ -146,23 +102,6 @@ def layer_views(kv: KVSpace, num_layers: int, page_shape: tuple[int, int, int], 
                          stride=(kv.chunk_bytes, tokens * content, content, 1), storage_offset=l * page).view(dtype)
         for l in range(num_layers)
     ]
-
-
-SLOW_COVER_GRANULES = 1 << 16  # ~2 s of start-up at the 29-35 us per granule measured on an H100 (benchmarks/results/vmm-reserve-h100.json)
-
-
-def warn_if_slow_to_cover(device: str, virtual_bytes: int, granularity: int, max_num_seqs: int,
-                          max_model_len: int) -> bool:
-    """On CUDA every granule of the virtual range gets the read-only zero granule mapped at start-up
-    (one cuMemMap + cuMemSetAccess each): warn, naming what sizes the range, when that is many."""
-    granules = virtual_bytes // granularity
-    if not device.startswith("cuda") or granules <= SLOW_COVER_GRANULES:
-        return False
-    logger.warning(
-        "VTENSOR: the KV space's virtual range (--max-num-seqs %d x --max-model-len %d: %.1f GiB) maps the zero "
-        "granule over %d granules at start-up, ~30 us each; lower --max-num-seqs or --max-model-len to start "
-        "faster", max_num_seqs, max_model_len, virtual_bytes / 2**30, granules)
-    return True
 
 
 def kv_space_for(backend, *, max_num_seqs: int, max_model_len: int, block_size: int, block_bytes: int,
@@ -216,6 +155,10 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
             if settings.get(name):
                 logger.warning("%s applies to the host (CPU) backend only; ignored on %s", name, device)
     elif device.type == "cpu":
+        for name in (STAGE_ENV, ASYNC_ENV):
+            if settings.get(name):
+                logger.warning("%s=1 is experimental: measured no faster end to end on a 2-core CPU "
+                               "(docs/design/architecture.md, \"Experimental paths\")", name)
         backend = make_backend("cpu", stage=settings.get(STAGE_ENV))
         if settings.get(ASYNC_ENV):
             backend = DeferredBackend(backend)
