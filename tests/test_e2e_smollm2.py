@@ -11,6 +11,9 @@ pytestmark = pytest.mark.e2e
 
 
 def test_llm_chat_answers_paris(vanilla_llm):
+    """The converted checkpoint is a working SmolLM2 (a test of the model files, so vanilla vLLM runs
+    it; VTENSOR on this model is compared with vanilla token for token in test_e2e_vtensor.py, and
+    served by the demo below)."""
     from vllm import SamplingParams
 
     out = vanilla_llm.chat(

@@ -184,9 +184,18 @@ def test_settle_gives_back_what_was_made_for_growth_that_never_came(backend, lin
     pool.close()
 
 
+def _refill_thread_looked(pool) -> None:
+    """Wake the refill thread and wait until it has looked at the pool's state as it is now and gone
+    idle: a check made after this sees what the thread decided, not a thread that never ran."""
+    with pool._lock:
+        seen = pool.refill_idle_waits
+        pool._lock.notify_all()
+        assert pool._lock.wait_for(lambda: pool.refill_idle_waits > seen, timeout=10), "the refill thread never ran"
+
+
 def test_create_ahead_without_a_standing_reserve(backend):
     pool = ChunkPool(backend, 8 * MiB, MiB, create_ahead=True)
-    time.sleep(0.05)
+    _refill_thread_looked(pool)
     assert pool.stats().resident_bytes == 0  # nothing kept while nothing is expected
     pool.expect(3)
     deadline = time.monotonic() + 10
@@ -240,7 +249,7 @@ def test_a_refill_woken_during_an_acquire_never_exceeds_the_budget(backend):
 
     backend.create_chunk = create_and_expect_more
     got = pool.acquire(8)  # the 3 ready chunks + 5 made here: exactly the budget
-    time.sleep(0.05)  # a refill that ignored the 3 in hand would create past the budget now
+    _refill_thread_looked(pool)  # a refill that ignored the 3 in hand would have created past the budget
     assert len(set(got)) == 8 and pool.stats().resident_bytes == 8 * MiB == backend.resident_bytes()
     with pytest.raises(VTensorOutOfMemory):
         pool.acquire(1)
@@ -255,7 +264,7 @@ def test_precreation_never_exceeds_the_budget(backend):
     got = []
     for _ in range(4):
         got += pool.acquire(1)
-    time.sleep(0.05)
+    _refill_thread_looked(pool)
     assert pool.stats().resident_bytes == 4 * MiB == backend.resident_bytes()
     with pytest.raises(VTensorOutOfMemory):
         pool.acquire(1)
@@ -282,3 +291,20 @@ def test_bad_watermarks(backend):
         ChunkPool(backend, 4 * MiB, MiB, low_watermark=3, high_watermark=1)
     with pytest.raises(ValueError, match="linger_s"):
         ChunkPool(backend, 4 * MiB, MiB, linger_s=-1)
+
+
+def test_trim_gives_back_every_unused_chunk_and_counts_it(backend):
+    pool = ChunkPool(backend, 8 * MiB, MiB, linger_s=60)
+    got = pool.acquire(4)
+    pool.release(got[0])
+    pool.release(got[1])
+    assert pool.stats().chunks_lingering == 2
+    pool.trim()
+    s = pool.stats()  # checks created - released == in use + cached + lingering
+    assert s.chunks_lingering == s.chunks_cached == 0 and s.chunks_released == 2
+    assert s.resident_bytes == 2 * MiB == backend.resident_bytes()
+    for c in got[2:]:
+        pool.release(c)
+    pool.close()
+    assert backend.resident_bytes() == 0
+

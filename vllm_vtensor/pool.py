@@ -103,6 +103,7 @@ class ChunkPool:
         self._lock = threading.Condition()
         self._closed = False
         self._thread = None
+        self.refill_idle_waits = 0  # times the refill thread went idle (tests wait on it, not on sleeps)
         if self.high > 0 or create_ahead:
             self._thread = threading.Thread(target=self._refill_loop, name="vtensor-chunk-precreate", daemon=True)
             self._thread.start()
@@ -249,8 +250,18 @@ class ChunkPool:
             self._maps += maps
             self._unmaps += unmaps
 
+    def _check_accounting(self) -> None:
+        """Every chunk created and not yet given back is in use, cached, lingering or in an acquire's
+        hands (under the lock). A broken count would misreport memory and let the budget drift."""
+        held = len(self._ref) + len(self._cache) + len(self._lingering) + self._held
+        if self._created - self._released != held:
+            raise AssertionError(f"vTensor pool accounting broke: created {self._created} - released "
+                                 f"{self._released} != in use {len(self._ref)} + cached {len(self._cache)} + "
+                                 f"lingering {len(self._lingering)} + held {self._held}")
+
     def stats(self) -> PoolStats:
         with self._lock:
+            self._check_accounting()
             refs = self._ref.values()
             created = len(self._ref) + len(self._cache) + len(self._lingering)
             return PoolStats(
@@ -295,6 +306,8 @@ class ChunkPool:
                         if filling and len(self._cache) < self._target():
                             break
                     filling = False
+                    self.refill_idle_waits += 1  # it looked at the state and found nothing to make
+                    self._lock.notify_all()
                     self._lock.wait()
                 self._pending += 1
             try:
