@@ -102,7 +102,8 @@ def test_settings_are_read_only_through_the_settings_module():
         if path.name == "settings.py":
             continue
         for i, line in enumerate(path.read_text().splitlines(), 1):
-            if re.search(r"(os\.environ|getenv)[^#]*(VTENSOR_|FLEXOFFLOAD_|ENV\b)", line):
+            reads = re.search(r"(os\.environ\.get|getenv|os\.environ\[[^\]]+\](?!\s*=[^=]))", line)
+            if reads and re.search(r"VTENSOR_|FLEXOFFLOAD_|ENV\b", line[reads.start():].split("#")[0]):
                 offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
     assert not offenders, offenders
 
@@ -195,3 +196,41 @@ def test_a_cuda_range_slow_to_cover_is_warned_about_naming_the_flags(caplog):
         assert warn_if_slow_to_cover("cuda:0", big, 2 << 20, 1024, 131072)
     assert "--max-num-seqs 1024 x --max-model-len 131072" in caplog.text
     assert "lower --max-num-seqs or --max-model-len" in caplog.text
+
+
+def test_attention_choice_outside_the_kernels_is_refused(monkeypatch):
+    monkeypatch.setenv("VTENSOR_ATTENTION", "flash")
+    with pytest.raises(SettingError, match="VTENSOR_ATTENTION.*cpu, triton or reference on a CPU"):
+        settings.check_all()
+
+
+def test_stats_files_are_private_and_do_not_outlive_their_process(monkeypatch, tmp_path):
+    """Without VTENSOR_STATS_FILE the snapshot goes to a folder of this user (0700), written 0600;
+    the file goes at exit, and files of processes that died are removed when a server starts."""
+    import os
+    import stat
+    import tempfile
+
+    from vllm_vtensor import stats
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("VTENSOR_STATS_FILE", "")  # unset for the settings; restored after the test
+    folder = tmp_path / f"vllm-vtensor-{os.getuid()}"
+    folder.mkdir(mode=0o755)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = folder / f"stats-{dead.pid}.json"
+    stale.write_text("{}")
+    alive = folder / f"stats-{os.getppid()}.json"
+    alive.write_text("{}")
+    registered = []
+    monkeypatch.setattr(stats.atexit, "register", lambda fn, *a: registered.append((fn, a)))
+    path = stats.ensure_stats_path()
+    assert path == str(folder / f"stats-{os.getpid()}.json") and os.environ["VTENSOR_STATS_FILE"] == path
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert not stale.exists() and alive.exists()
+    stats.write_json_atomic(path, {"resident_bytes": 1})
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    (fn, args), = registered
+    fn(*args)  # what runs at exit
+    assert not os.path.exists(path)

@@ -17,7 +17,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -97,7 +96,9 @@ SETTINGS: tuple[Setting, ...] = (
             "kernel, default), `triton` (this project's Triton kernels; only under `TRITON_INTERPRET=1`, for "
             "testing) or `reference` (a torch reference). On CUDA: `triton` (this project's kernels, default) or "
             "`vllm` (vLLM's Triton kernel over the same memory).",
-            parse=str, default_text="`cpu` on a CPU, `triton` on CUDA"),
+            parse=str, check=lambda v: v in ("cpu", "triton", "reference", "vllm"),
+            fix="give cpu, triton or reference on a CPU, triton or vllm on CUDA",
+            default_text="`cpu` on a CPU, `triton` on CUDA"),
     Setting("VTENSOR_CHUNK_LINGER_S", "env", "seconds", 1.0,
             "How long freed KV memory is kept for reuse before it is given back to the system (0: at once).",
             parse=_seconds, check=lambda v: 0 <= v <= MAX_LINGER_S,
@@ -112,7 +113,8 @@ SETTINGS: tuple[Setting, ...] = (
             "benchmarks). Its folder must exist.",
             parse=_path, check=lambda v: Path(v).parent.is_dir(),
             fix="name a file in an existing folder (the folder is not created)",
-            default_text="a file in the temporary folder, per server"),
+            default_text="`stats-<pid>.json` in a private folder of the temporary folder "
+                         "(`vllm-vtensor-<uid>`, mode 0700), removed when the server exits"),
     Setting("VTENSOR_STAGE_MAPPINGS", "env", "0 or 1", False,
             "Experimental, CPU only: keep each chunk's page tables filled beside the compute and map by moving "
             "them. Measured: mapping ~16 us instead of ~250 us per 2 MiB chunk, but no end-to-end gain on a "
@@ -190,13 +192,6 @@ def cache_dir() -> Path:
     return Path(get("VTENSOR_CACHE") or Path.home() / ".cache" / "vllm-vtensor")
 
 
-def stats_file() -> str:
-    """``$VTENSOR_STATS_FILE``, chosen once in the first process (children inherit it) when unset."""
-    path = get("VTENSOR_STATS_FILE")
-    if not path:
-        path = os.path.join(tempfile.gettempdir(), f"vllm-vtensor-stats-{os.getpid()}.json")
-        os.environ["VTENSOR_STATS_FILE"] = path
-    return path
 
 
 def markdown_table() -> str:

@@ -11,11 +11,17 @@ critical path of every step that added or finished requests).
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
+import glob
 import json
 import os
+import stat
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 from . import settings
 from .log import get_logger
@@ -27,9 +33,62 @@ _last_write = 0.0
 _attached = None
 
 
+def private_folder() -> Path:
+    """``$TMPDIR/vllm-vtensor-<uid>``: created mode 0700, and refused if another user owns it."""
+    folder = Path(tempfile.gettempdir()) / f"vllm-vtensor-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    st = folder.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise settings.SettingError(f"{folder} is not a folder of this user: remove it, or set {ENV} to a file in a "
+                                    "folder of your own")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(folder, 0o700)
+    return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(folder: Path) -> list[Path]:
+    """Snapshot files (and half-written ones) of processes that no longer run; return what went."""
+    gone = []
+    for f in folder.glob("stats-*.json*"):
+        try:
+            pid = int(f.name.split("-", 1)[1].split(".", 1)[0])
+        except ValueError:
+            continue
+        if not _alive(pid):
+            f.unlink(missing_ok=True)
+            gone.append(f)
+    return gone
+
+
+def _remove(path: str) -> None:
+    for p in [path, *glob.glob(f"{glob.escape(path)}.*.tmp")]:
+        with contextlib.suppress(OSError):
+            os.unlink(p)
+
+
 def ensure_stats_path() -> str:
-    """Choose the snapshot file once, in the first process; children inherit it."""
-    return settings.stats_file()
+    """Choose the snapshot file once, in the first process (children inherit it through the
+    environment): ``$VTENSOR_STATS_FILE`` if set, else a file of this process in the private folder,
+    removed when this process exits (stale ones of processes that died are removed here)."""
+    path = settings.get(ENV)
+    if path:
+        return path
+    folder = private_folder()
+    remove_stale(folder)
+    path = str(folder / f"stats-{os.getpid()}.json")
+    os.environ[ENV] = path
+    atexit.register(_remove, path)
+    return path
 
 
 def attach(kv) -> None:
@@ -97,7 +156,7 @@ _publisher = _Publisher()
 def write_json_atomic(path: str, data: dict) -> None:
     """Replace ``path`` with ``data`` as JSON; readers never see a half-written file."""
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # the pool's reaper thread publishes too
-    with open(tmp, "w") as f:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:  # readable by its user only
         json.dump(data, f)
     os.replace(tmp, path)
 
