@@ -541,6 +541,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds-c", type=int, default=2)
     p.add_argument("--settle-s", type=float, default=3.0, help="how long memory is watched after each load")
     p.add_argument("--engine-json", default="{}", help="more LLM(...) arguments for every engine, as JSON")
+    p.add_argument("--vtensor-block-size", type=int, default=None,
+                   help="the VTENSOR engines' block size (default: VTENSOR's choice, 16 at the 8B shape on CUDA): a "
+                   "larger block maps fewer, larger chunks")
     p.add_argument("--quick", action="store_true", help="small workloads (a CPU's tiny model)")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default=None, help="result file name without suffix (default gpu-e2e-<card>-<shape>)")
@@ -621,7 +624,8 @@ def main(argv=None) -> int:
     try:
         for n in names:
             try:
-                engines[n] = Engine(n, model, kw, out_dir, cuda)
+                ekw = kw | ({"block_size": args.vtensor_block_size} if args.vtensor_block_size and n in VT_ENGINES else {})
+                engines[n] = Engine(n, model, ekw, out_dir, cuda)
                 data["engines"][n] = engines[n].config
             except Exception as e:  # the others still run; the result says why this one is missing
                 print(f"{n} failed to start: {e!r}", flush=True)
