@@ -4,6 +4,8 @@ may reuse a full block; limits fail with errors that name the fix."""
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 
 import pytest
 
@@ -26,9 +28,27 @@ def backend(request):
     b.close()
 
 
-def make(backend, keep=True, blocks=8, slots=3, per_slot=4, linger=0.0):
+def make(backend, keep=True, blocks=8, slots=3, per_slot=4, linger=0.0, defer=False):
     return KVSpace(backend, num_blocks=blocks, num_slots=slots, blocks_per_slot=per_slot, block_bytes=PAGE,
-                   block_size=B, keep_full_blocks=keep, linger_s=linger)
+                   block_size=B, keep_full_blocks=keep, linger_s=linger, defer_unmaps=defer)
+
+
+class _LaggingDevice(HostBackend):
+    """A host backend whose synchronize() waits like a device still running earlier work: for a
+    random few milliseconds, or until the test opens ``gate``."""
+
+    def __init__(self, rng=None):
+        super().__init__()
+        self.rng = rng
+        self.gate = threading.Event()
+        self.gate.set()
+        self.syncs = 0
+
+    def synchronize(self):
+        self.gate.wait()
+        if self.rng is not None:
+            time.sleep(self.rng.random() * 0.003)
+        self.syncs += 1
 
 
 def block_bytes(kv, virtual_block):
@@ -340,9 +360,10 @@ def _marker(tokens, i):
     return hash(tuple(tokens[: (i + 1) * B])) % 250 + 1
 
 
+@pytest.mark.parametrize("defer", [False, True], ids=["unmap-at-once", "deferred-unmaps"])
 @pytest.mark.parametrize("linger", [0.0, 30.0])
 @pytest.mark.parametrize("seed", range(12))
-def test_random_chats_under_vllms_block_pool_stay_in_budget_and_read_their_own_kv(backend, seed, linger):
+def test_random_chats_under_vllms_block_pool_stay_in_budget_and_read_their_own_kv(backend, seed, linger, defer):
     """Conversations that grow turn by turn, scheduled by a miniature vLLM block pool that fills and
     evicts its prefix cache: every step stays within the budget (no VTensorOutOfMemory), and every
     request reads, through its own range, the KV its tokens had when written (prefix hits, parked
@@ -351,7 +372,11 @@ def test_random_chats_under_vllms_block_pool_stay_in_budget_and_read_their_own_k
 
     rng = random.Random(seed)
     n_blocks, n_slots = 10, 4
-    kv = make(backend, blocks=n_blocks, slots=n_slots, per_slot=6, linger=linger)
+    if defer:  # unmaps deferred until a lagging "device" catches up (CUDA's way), on a fresh host backend
+        if isinstance(backend, DeferredBackend) or backend._stage:
+            pytest.skip("deferred unmaps run with the plain backend (CUDA's), not the host's experimental ones")
+        backend = _LaggingDevice(random.Random(seed + 100))
+    kv = make(backend, blocks=n_blocks, slots=n_slots, per_slot=6, linger=linger, defer=defer)
     pool = _VLLMBlocks(n_blocks)
     convs = [[rng.randrange(50) for _ in range(rng.randrange(3, 2 * B))] for _ in range(6)]
     running = {}
@@ -397,3 +422,68 @@ def test_random_chats_under_vllms_block_pool_stay_in_budget_and_read_their_own_k
     for req in running:
         kv.remove_request(req)
     kv.close()
+    if defer:
+        assert backend.syncs > 0 and backend.resident_bytes() == 0
+        backend.close()
+
+
+# ---- deferred unmaps (CUDA's way: no step waits for the device) ----
+def test_deferred_unmap_waits_for_the_device_then_parks_and_gives_memory_back():
+    backend = _LaggingDevice()
+    kv = make(backend, defer=True, blocks=8, slots=2, per_slot=4)
+    kv.add_request("a", [0, 1, 2], 0)
+    kv.note_tokens("a", 2 * B + 5)  # two full blocks, one partial
+    backend.gate.clear()  # the device is still running the step that read "a"
+    kv.remove_request("a")  # returns at once: nothing waits for the device
+    s = kv.stats()
+    assert s.running_requests == 0 and s.resident_bytes == 3 * PAGE  # still mapped: the device may read it
+    assert kv.add_request("b", [5], 0) == [4]  # another slot meanwhile
+    backend.gate.set()  # the device catches up; nobody calls in: the drainer unmaps on its own
+    deadline = time.monotonic() + 10
+    while kv.stats().parked_bytes != 2 * PAGE and time.monotonic() < deadline:
+        time.sleep(0.01)
+    s = kv.stats()
+    assert s.parked_bytes == 2 * PAGE and s.resident_bytes == 3 * PAGE  # "a"'s two full blocks + "b"'s
+    kv.remove_request("b")
+    kv.drain()
+    assert kv.add_request("c", [0, 1, 6], 2 * B) == [0, 1, 2]  # the next turn gets "a"'s parked slot back
+    kv.close()
+    assert backend.resident_bytes() == 0
+    backend.close()
+
+
+def test_a_new_request_waits_for_a_retired_slot_when_none_is_free():
+    backend = _LaggingDevice()
+    kv = make(backend, keep=False, defer=True, blocks=8, slots=1, per_slot=4)
+    kv.add_request("a", [0, 1], 0)
+    backend.gate.clear()
+    kv.remove_request("a")
+    threading.Timer(0.1, backend.gate.set).start()  # the device finishes a little later
+    t0 = time.monotonic()
+    assert kv.add_request("b", [2], 0) == [0]  # the only slot, once "a"'s range is unmapped
+    assert time.monotonic() - t0 >= 0.05
+    kv.close()
+    backend.close()
+
+
+def test_a_block_handed_out_again_before_its_unmap_keeps_its_new_content():
+    """vLLM frees a partial block and hands it to another request before the device has caught up:
+    the retired range must not mark the block's (new) content unwanted when its unmap finally runs."""
+    backend = _LaggingDevice()
+    kv = make(backend, defer=True, blocks=8, slots=3, per_slot=4)
+    kv.add_request("a", [0, 1], 0)
+    kv.note_tokens("a", B + 3)  # block 1 partial: no cache wants it
+    backend.gate.clear()
+    kv.remove_request("a")
+    kv.add_request("b", [1], 0)  # block 1 again, new content
+    kv.note_tokens("b", B)  # now full: the prefix cache keeps it when "b" finishes
+    block_bytes(kv, kv.add_request("c", [2], 0)[0])  # another request meanwhile
+    backend.gate.set()
+    kv.drain()
+    kv.remove_request("b")
+    kv.drain()
+    virtual = kv.add_request("d", [1], B)  # a prefix-cache hit on block 1: its content is still here
+    assert len(virtual) == 1
+    kv.close()
+    backend.close()
+

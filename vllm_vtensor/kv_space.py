@@ -103,6 +103,7 @@ class KVSpace:
         linger_s: float = 0.0,
         on_release: Callable[["KVSpace"], None] | None = None,
         precreate_bytes: int = 0,
+        defer_unmaps: bool = False,
     ):
         if min(num_blocks, num_slots, blocks_per_slot, block_bytes, block_size) <= 0:
             raise ValueError("KVSpace sizes must be positive")
@@ -131,6 +132,16 @@ class KVSpace:
         self._prefix_hit_bytes = self._copied_bytes = self._preemptions = self._slot_reuse_bytes = 0
         self.step_seconds = 0.0  # accumulated by the worker around each step's block updates
         self._peak_live_tokens = 0
+        # Deferred unmaps (see _retire): finished and preempted requests' ranges waiting for the device
+        # to pass the work that may still read them, and a thread that unmaps them once it has
+        self._cond = threading.Condition(self._lock)
+        self._retiring: list[tuple[_RequestKV, int]] = []
+        self._unmapping = 0  # retired slots the drainer is unmapping right now (outside the lock)
+        self._closed = False
+        self._drainer = None
+        if defer_unmaps:
+            self._drainer = threading.Thread(target=self._drain_loop, name="vtensor-unmap", daemon=True)
+            self._drainer.start()
 
     def _released(self) -> None:
         if self.on_release is not None:
@@ -228,6 +239,11 @@ class KVSpace:
             if r is None:
                 if not self._free_slots and self._parked:
                     self._evict_parked(next(iter(self._parked)))
+                if not self._free_slots and (self._retiring or self._unmapping):
+                    self._cond.wait_for(lambda: self._free_slots or self._parked
+                                        or not (self._retiring or self._unmapping))
+                    if not self._free_slots and self._parked:
+                        self._evict_parked(next(iter(self._parked)))
                 if not self._free_slots:
                     raise KVSpaceError(f"all {self.num_slots} vTensor slots are in use: raise max_num_seqs")
                 r = _RequestKV(slot=self._free_slots.pop())
@@ -256,22 +272,35 @@ class KVSpace:
         if best is None:
             return None
         p = self._parked.pop(best)
-        self._unmap_tail(p, best_n)
+        self._unmap_tail(p, best_n, in_flight=False)
         return p
 
-    def _unmap_tail(self, r: _RequestKV, keep: int) -> None:
-        """Unmap ``r``'s blocks from position ``keep`` on and drop the references they held."""
+    def _unmap_tail(self, r: _RequestKV, keep: int, *, in_flight: bool = True) -> None:
+        """Unmap ``r``'s blocks from position ``keep`` on and drop the references they held.
+
+        ``in_flight``: work already submitted to the device may still read the range (a request that
+        ran until now), so the device is synchronized first; a parked slot's range is read by nobody."""
         if keep >= len(r.chunks):
             return
-        self.backend.synchronize()  # the last forward pass may still read this range
+        if in_flight:
+            self.backend.synchronize()  # the last forward pass may still read this range
         self.backend.unmap(self.range, self.virtual_block(r.slot, keep) * self.chunk_bytes,
                            (len(r.chunks) - keep) * self.chunk_bytes)
-        self.pool.note_maps(unmaps=len(r.chunks) - keep)
+        self._mark_unwanted(r, keep)
+        self._let_go_tail(r, keep)
+
+    def _mark_unwanted(self, r: _RequestKV, keep: int) -> None:
+        """The blocks from ``keep`` on that no cache wants (past the full ones): their memory goes back
+        once nothing maps them (unless vLLM hands one out again first, which un-marks it)."""
         full = r.num_tokens // self.block_size if self.keep_full_blocks else 0
+        for j in range(max(keep, full), len(r.chunks)):
+            self._unwanted.add(r.blocks[j])
+
+    def _let_go_tail(self, r: _RequestKV, keep: int) -> None:
+        """After the range from ``keep`` on is unmapped: drop its references and forget it."""
+        self.pool.note_maps(unmaps=len(r.chunks) - keep)
         for j in range(keep, len(r.chunks)):
             self.pool.release(r.chunks[j])
-            if j >= full:
-                self._unwanted.add(r.blocks[j])  # no cache wants its content
         self._collect(r.blocks[keep:])
         del r.blocks[keep:], r.chunks[keep:]
 
@@ -287,7 +316,7 @@ class KVSpace:
 
     def _evict_parked(self, slot: int) -> None:
         p = self._parked.pop(slot)
-        self._unmap_tail(p, 0)
+        self._unmap_tail(p, 0, in_flight=False)
         self._free_slots.append(slot)
 
     def append_blocks(self, req_id: str, blocks: list[int]) -> list[int]:
@@ -350,18 +379,71 @@ class KVSpace:
                 full = min(r.num_tokens // self.block_size, len(r.chunks))
                 while keep < full and self._phys.get(r.blocks[keep]) == r.chunks[keep]:
                     keep += 1
-            self._unmap_tail(r, keep)
-            if keep:
-                r.num_tokens = keep * self.block_size
-                self._parked[r.slot] = r
+            if self._drainer is not None and keep < len(r.chunks):
+                self._retire(r, keep)
             else:
-                self._free_slots.append(r.slot)
-            if not self._reqs:  # idle: chunks made ready for growth that did not come go back too
-                self.pool.settle()
+                self._unmap_tail(r, keep)
+                self._vacate(r, keep)
+
+    def _vacate(self, r: _RequestKV, keep: int) -> None:
+        """``r``'s range is unmapped from ``keep`` on: park its slot with the rest, or free it."""
+        if keep:
+            r.num_tokens = keep * self.block_size
+            self._parked[r.slot] = r
+        else:
+            self._free_slots.append(r.slot)
+        if not self._reqs:  # idle: chunks made ready for growth that did not come go back too
+            self.pool.settle()
+        self._cond.notify_all()
+
+    # -- deferred unmaps -------------------------------------------------
+    def _retire(self, r: _RequestKV, keep: int) -> None:
+        """Queue ``r``'s range from ``keep`` on for the drainer instead of synchronizing the device now.
+
+        What vLLM's decision means for the blocks is recorded at once (which contents no cache wants),
+        so a block vLLM hands out again meanwhile is wanted again; the slot, the mappings and the
+        references stay until the device has finished the work submitted so far, which may still
+        read the range: then the drainer unmaps it, gives the references back and parks or frees the
+        slot. No step waits for the device."""
+        self._mark_unwanted(r, keep)
+        self._retiring.append((r, keep))
+        self._cond.notify_all()
+
+    def _drain_loop(self) -> None:
+        while True:
+            with self._lock:
+                self._cond.wait_for(lambda: self._retiring or self._closed)
+                if not self._retiring and self._closed:
+                    return
+                batch, self._retiring = self._retiring, []
+                self._unmapping += len(batch)
+            try:
+                # every kernel submitted so far - the last steps that read these ranges included - has
+                # finished once this returns (it blocks this thread only); nobody maps into these slots
+                # until they are vacated, so their unmaps need no lock
+                self.backend.synchronize()
+                for r, keep in batch:
+                    self.backend.unmap(self.range, self.virtual_block(r.slot, keep) * self.chunk_bytes,
+                                       (len(r.chunks) - keep) * self.chunk_bytes)
+            finally:
+                with self._lock:
+                    for r, keep in batch:
+                        self._let_go_tail(r, keep)
+                        self._vacate(r, keep)
+                    self._unmapping -= len(batch)
+                    self._cond.notify_all()
+            if self.on_release is not None:
+                self.on_release(self)
+
+    def drain(self) -> None:
+        """Wait until every retired range is unmapped (before a reset, a close, or a test's check)."""
+        with self._lock:
+            self._cond.wait_for(lambda: not (self._retiring or self._unmapping))
 
     def reset_cache(self) -> None:
         """Give back every block that only the prefix cache was holding (parked slots let go first)."""
         with self._lock:
+            self.drain()
             for slot in list(self._parked):
                 self._evict_parked(slot)
             mapped = {c for r in self._reqs.values() for c in r.chunks}
@@ -405,4 +487,9 @@ class KVSpace:
         for req_id in list(self._reqs):
             self.remove_request(req_id)
         self.reset_cache()
+        with self._lock:
+            self._closed = True
+            self._cond.notify_all()
+        if self._drainer is not None:
+            self._drainer.join(timeout=30)
         self.pool.close()

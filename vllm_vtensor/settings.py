@@ -115,6 +115,12 @@ SETTINGS: tuple[Setting, ...] = (
             fix="name a file in an existing folder (the folder is not created)",
             default_text="`stats-<pid>.json` in a private folder of the temporary folder "
                          "(`vllm-vtensor-<uid>`, mode 0700), removed when the server exits"),
+    Setting("VTENSOR_DEFERRED_UNMAP", "env", "0 or 1", False,
+            "Experimental, CUDA only: a finished or preempted request's range is unmapped by a helper thread "
+            "once the GPU has finished the work that may still read it, instead of synchronizing the device in "
+            "the step that finishes it (which stalls vLLM's async scheduling). Tested on CPU with a lagging "
+            "device; not yet measured on a GPU.",
+            parse=_flag, fix="give 1 to unmap finished requests beside the compute, or 0", default_text="`0`"),
     Setting("VTENSOR_STAGE_MAPPINGS", "env", "0 or 1", False,
             "Experimental, CPU only: keep each chunk's page tables filled beside the compute and map by moving "
             "them. Measured: mapping ~16 us instead of ~250 us per 2 MiB chunk, but no end-to-end gain on a "

@@ -83,6 +83,7 @@ LINGER_ENV = "VTENSOR_CHUNK_LINGER_S"
 PRECREATE_ENV = "VTENSOR_PRECREATE_BYTES"
 STAGE_ENV = "VTENSOR_STAGE_MAPPINGS"
 ASYNC_ENV = "VTENSOR_ASYNC_MAPPING"
+DEFERRED_UNMAP_ENV = "VTENSOR_DEFERRED_UNMAP"
 DEFAULT_PRECREATE_BYTES = settings.SETTINGS_BY_NAME[PRECREATE_ENV].default
 
 
@@ -154,7 +155,13 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
         for name in (STAGE_ENV, ASYNC_ENV):
             if settings.get(name):
                 logger.warning("%s applies to the host (CPU) backend only; ignored on %s", name, device)
+        if settings.get(DEFERRED_UNMAP_ENV):
+            logger.warning("%s=1 is experimental: finished requests' ranges are unmapped beside the compute "
+                           "(not yet measured on a GPU)", DEFERRED_UNMAP_ENV)
     elif device.type == "cpu":
+        if settings.get(DEFERRED_UNMAP_ENV):
+            logger.warning("%s applies to CUDA only (a CPU runs no work ahead of the worker); ignored",
+                           DEFERRED_UNMAP_ENV)
         for name in (STAGE_ENV, ASYNC_ENV):
             if settings.get(name):
                 logger.warning("%s=1 is experimental: measured no faster end to end on a 2-core CPU "
@@ -176,6 +183,7 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
         keep_full_blocks=bool(vllm_config.cache_config.enable_prefix_caching),
         linger_s=settings.get(LINGER_ENV),
         precreate_bytes=settings.get(PRECREATE_ENV),
+        defer_unmaps=device.type == "cuda" and settings.get(DEFERRED_UNMAP_ENV),
         on_release=lambda space: vt_stats.publish(space, force=True),
     )
     runner._vtensor_kv = kv
