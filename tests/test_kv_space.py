@@ -487,3 +487,47 @@ def test_a_block_handed_out_again_before_its_unmap_keeps_its_new_content():
     kv.close()
     backend.close()
 
+
+
+# ---- the process's RSS (a CPU's mappings) ----
+def _range_rss(kv) -> int:
+    """Bytes of ``kv``'s virtual range in this process's page tables (what RSS counts), from smaps."""
+    import re
+
+    lo, hi = kv.range.addr, kv.range.addr + kv.range.size
+    rss, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                a, b = (int(x, 16) for x in line.split()[0].split("-"))
+                inside = lo <= a and b <= hi
+            elif inside and line.startswith("Rss:"):
+                rss += int(line.split()[1]) * 1024
+    return rss
+
+
+def test_a_prefix_kept_in_many_parked_slots_counts_once_in_rss():
+    """Six finished chats that share a two-block system prompt keep their slots parked: each chunk's
+    pages stay in the page tables at one place only, so the range's RSS stays within the memory held;
+    a parked slot taken back reads the shared prefix (its pages fault back in)."""
+    backend = HostBackend()
+    kv = KVSpace(backend, num_blocks=16, num_slots=8, blocks_per_slot=4, block_bytes=PAGE, block_size=B,
+                 keep_full_blocks=True)
+    for i in range(6):
+        virtual = kv.add_request(f"c{i}", [0, 1, 2 + i], num_cached_tokens=2 * B if i else 0)
+        if not i:
+            block_bytes(kv, virtual[0]).fill_(7)
+            block_bytes(kv, virtual[1]).fill_(8)
+        block_bytes(kv, virtual[2]).fill_(10 + i)
+        kv.note_tokens(f"c{i}", 3 * B)
+    assert _range_rss(kv) > kv.stats().resident_bytes  # six running requests really share the prefix
+    for i in range(6):
+        kv.remove_request(f"c{i}")
+    s = kv.stats()
+    assert s.parked_bytes == 6 * 3 * PAGE and s.resident_bytes == 8 * PAGE
+    assert _range_rss(kv) <= s.resident_bytes  # each chunk counted once (was 18 pages for 8)
+    virtual = kv.add_request("c3-next", [0, 1, 5, 9], num_cached_tokens=3 * B)  # c3's next turn
+    assert virtual[:3] == [kv.virtual_block(kv.slot_of("c3-next"), j) for j in range(3)]
+    assert [int(block_bytes(kv, v).max()) for v in virtual[:3]] == [7, 8, 13]  # faulted back in
+    kv.close()
+    backend.close()

@@ -128,6 +128,9 @@ class KVSpace:
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._reqs: dict[str, _RequestKV] = {}
         self._parked: OrderedDict[int, _RequestKV] = OrderedDict()  # slot -> kept mappings, oldest first
+        # chunk -> the one (slot, position) where a parked slot keeps it with its pages in the page tables;
+        # every other parked mapping of a chunk mapped elsewhere has its pages released (see _vacate)
+        self._parked_at: dict[int, tuple[int, int]] = {}
         self._unwanted: set[int] = set()  # blocks whose memory goes back once nothing maps them
         self._prefix_hit_bytes = self._copied_bytes = self._preemptions = self._slot_reuse_bytes = 0
         self.step_seconds = 0.0  # accumulated by the worker around each step's block updates
@@ -207,6 +210,9 @@ class KVSpace:
         for j, b in enumerate(blocks, start=start):
             self._unwanted.discard(b)  # live again
             chunk = self._chunk(b)
+            parked = self._parked_at.pop(chunk, None)
+            if parked is not None:  # the running mapping is the one that counts from now on
+                self.backend.release_pages(self.range, self.virtual_block(*parked) * self.chunk_bytes, self.chunk_bytes)
             self.pool.retain(chunk)
             self.backend.map(self.range, self.virtual_block(r.slot, j) * self.chunk_bytes, chunk, self.chunk_bytes)
             r.blocks.append(b)
@@ -272,8 +278,15 @@ class KVSpace:
         if best is None:
             return None
         p = self._parked.pop(best)
+        self._unpark(p)
         self._unmap_tail(p, best_n, in_flight=False)
         return p
+
+    def _unpark(self, p: _RequestKV) -> None:
+        """``p`` leaves the parked slots: it no longer holds any chunk's populated parked mapping."""
+        for j, c in enumerate(p.chunks):
+            if self._parked_at.get(c) == (p.slot, j):
+                del self._parked_at[c]
 
     def _unmap_tail(self, r: _RequestKV, keep: int, *, in_flight: bool = True) -> None:
         """Unmap ``r``'s blocks from position ``keep`` on and drop the references they held.
@@ -316,6 +329,7 @@ class KVSpace:
 
     def _evict_parked(self, slot: int) -> None:
         p = self._parked.pop(slot)
+        self._unpark(p)
         self._unmap_tail(p, 0, in_flight=False)
         self._free_slots.append(slot)
 
@@ -390,11 +404,25 @@ class KVSpace:
         if keep:
             r.num_tokens = keep * self.block_size
             self._parked[r.slot] = r
+            self._bound_parked_pages(r)
         else:
             self._free_slots.append(r.slot)
         if not self._reqs:  # idle: chunks made ready for growth that did not come go back too
             self.pool.settle()
         self._cond.notify_all()
+
+    def _bound_parked_pages(self, r: _RequestKV) -> None:
+        """Parked mappings cost no memory of their own, but on a CPU each mapping's pages count in the
+        process's RSS: a chunk kept in many parked slots (a shared system prompt) would count many times.
+        So at most one mapping per chunk keeps its pages - a running request's, else one parked slot's -
+        and the others release theirs (a later read faults them back in)."""
+        for j, c in enumerate(r.chunks):
+            mappings = self.pool.refcount(c) - 1  # minus the content reference the cache holds
+            if mappings > 1 or c in self._parked_at:
+                self.backend.release_pages(self.range, self.virtual_block(r.slot, j) * self.chunk_bytes,
+                                           self.chunk_bytes)
+            else:
+                self._parked_at[c] = (r.slot, j)
 
     # -- deferred unmaps -------------------------------------------------
     def _retire(self, r: _RequestKV, keep: int) -> None:

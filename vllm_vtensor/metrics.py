@@ -31,6 +31,10 @@ GAUGES = {
     "vllm_vtensor_chunk_bytes": ("chunk_bytes", "Bytes of one physical chunk"),
     "vllm_vtensor_parked_bytes": ("parked_bytes", "KV bytes left mapped in finished requests' slots for reuse"),
     "vllm_vtensor_running_requests": ("running_requests", "Requests with a mapped KV range"),
+    "vllm_vtensor_worker_rss_bytes": ("process_rss_bytes", "The worker process's RSS (counts a page once per "
+                                      "mapping: shared prefixes count once per running request)"),
+    "vllm_vtensor_worker_pss_bytes": ("process_pss_bytes", "The worker process's PSS (each page shared between "
+                                      "processes divided among them)"),
 }
 # Counters: running totals since the engine started (Prometheus adds the _total suffix)
 COUNTERS = {

@@ -114,8 +114,26 @@ def publish(kv, force: bool = False) -> None:
     _publisher.request(kv, path)
 
 
+def process_memory() -> dict[str, int]:
+    """This process's RSS and PSS in bytes (Linux ``/proc/self/smaps_rollup``; empty elsewhere).
+
+    RSS counts a page once per place it is mapped; PSS divides each page among the processes that
+    map it. Neither is the KV memory itself (``resident_bytes``); they are what ``ps``/``top`` and
+    container dashboards show for the worker."""
+    out = {}
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Rss", "Pss"):
+                    out[f"process_{key.lower()}_bytes"] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
 def _write_snapshot(kv, path: str) -> None:
-    data = dataclasses.asdict(kv.stats())
+    data = dataclasses.asdict(kv.stats()) | process_memory()
     data["pid"] = os.getpid()
     data["time"] = time.time()
     write_json_atomic(path, data)

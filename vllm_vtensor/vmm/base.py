@@ -105,6 +105,11 @@ class VMMBackend(abc.ABC):
     def as_tensor(self, addr: int, nbytes: int):
         """A ``torch.uint8`` tensor of ``nbytes`` viewing ``addr`` (no copy)."""
 
+    def release_pages(self, vr: VirtualRange, offset: int, size: int) -> None:
+        """Let this process's page tables forget a mapped range: the mapping and the memory stay (a
+        later access faults the pages back in), but the range no longer counts in the process's RSS.
+        A hint: backends whose mappings do not count that way do nothing."""
+
     def synchronize(self) -> None:
         """Wait until no kernel may still read memory about to be unmapped."""
 

@@ -174,6 +174,9 @@ class DeferredBackend(VMMBackend):
     def unmap(self, vr: VirtualRange, offset: int, size: int) -> None:
         self._call(self.inner.unmap, vr, offset, size)
 
+    def release_pages(self, vr: VirtualRange, offset: int, size: int) -> None:
+        self._call(self.inner.release_pages, vr, offset, size)
+
     def synchronize(self) -> None:
         self.inner.synchronize()
 

@@ -38,6 +38,7 @@ PROT_READ, PROT_WRITE = 0x1, 0x2
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 MAP_NORESERVE, MAP_POPULATE = 0x4000, 0x8000
 MADV_DONTFORK = 10
+MADV_DONTNEED = 4
 MREMAP_MAYMOVE, MREMAP_FIXED, MREMAP_DONTUNMAP = 0x1, 0x2, 0x4
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 _MAP_FAILED = ctypes.c_void_p(-1).value
@@ -197,6 +198,10 @@ class HostBackend(VMMBackend):
                 i = bisect.bisect_left(self._placed_addrs, addr)
                 self._placed_addrs.insert(i, addr)
                 self._placed[addr] = handle
+
+    def release_pages(self, vr: VirtualRange, offset: int, size: int) -> None:
+        # On a shared file mapping MADV_DONTNEED only drops the page-table entries: the memfd keeps the data
+        _check(self._libc.madvise(vr.addr + offset, size, MADV_DONTNEED), "madvise(MADV_DONTNEED)")
 
     def unmap(self, vr: VirtualRange, offset: int, size: int) -> None:
         start, end = vr.addr + offset, vr.addr + offset + size
