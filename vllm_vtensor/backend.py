@@ -44,7 +44,7 @@ CPU_BLOCK_MULTIPLE = 32  # vLLM's CPU attention backend takes blocks of a multip
 
 def chosen_kernel(choices: tuple[str, ...], where: str = "") -> str:
     """``$VTENSOR_ATTENTION`` among ``choices`` (the first is the default); anything else raises naming them."""
-    name = settings.get(ATTENTION_ENV) or choices[0]
+    name = settings.raw(ATTENTION_ENV) or choices[0]  # checked here against this platform's kernels
     if name not in choices:
         raise ValueError(f"{ATTENTION_ENV}={name!r} is not an attention kernel VTENSOR has{where}: use one of "
                          f"{', '.join(choices)} (default {choices[0]})")
