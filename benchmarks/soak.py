@@ -122,8 +122,19 @@ def run_engine(name: str, model: str, args) -> dict:
         if name == "vtensor":
             stats_file = next((line.split("=", 1)[1] for line in open(f"/proc/{worker.pid}/environ").read().split("\0")
                                if line.startswith("VTENSOR_STATS_FILE=")), None)
-    time.sleep(1.0)
-    left = [pid for pid in tree if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    def alive():
+        out = []
+        for pid in tree:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    out.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    deadline = time.monotonic() + 30  # the engine core and worker exit after the API server, within seconds
+    while (left := alive()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     return {"rows": rows, "processes_left": left,
             "stats_file_left": bool(stats_file and os.path.exists(stats_file)), "log": str(log)}
 
