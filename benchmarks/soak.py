@@ -21,6 +21,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -181,11 +182,12 @@ def main(argv=None) -> int:
     p.add_argument("--kv-bytes", type=int, default=128 << 20)
     p.add_argument("--quick", action="store_true", help="VTENSOR only, 2 rounds of 12 streams, 3 s idle")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "soak-cpu.json"))
-    p.add_argument("--log-dir", default=None, help="server logs (default: beside --out)")
+    p.add_argument("--log-dir", default=None, help="server logs (default: a temporary folder, printed)")
     args = p.parse_args(argv)
     if args.quick:
         args.engines, args.rounds, args.streams, args.max_tokens, args.idle_s = "vtensor", 2, 12, 48, 3.0
-    args.log_dir = args.log_dir or str(Path(args.out).parent)
+    args.log_dir = args.log_dir or tempfile.mkdtemp(prefix="vllm-vtensor-soak-")
+    print(f"server logs in {args.log_dir}", flush=True)
     Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     from vllm_vtensor.models import build_smollm2
