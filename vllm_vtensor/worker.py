@@ -39,14 +39,19 @@ def is_vtensor(vllm_config) -> bool:
 
 
 def _the_attention_group(kv_cache_config):
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    """The one KV cache group VTENSOR runs: every layer full attention, or every layer the same
+    sliding window. Hybrid models (several groups) and other kinds are refused, naming the fix."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
     groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, FullAttentionSpec):
+    spec = groups[0].kv_cache_spec if groups else None
+    if len(groups) != 1 or type(spec) not in (FullAttentionSpec, SlidingWindowSpec) or (
+            isinstance(spec, SlidingWindowSpec) and spec.extra_retained_tokens):
         kinds = [type(g.kv_cache_spec).__name__ for g in groups]
         raise VTensorConfigError(
-            f"--attention-backend VTENSOR supports models whose layers all use full attention "
-            f"(one KV cache group); this model has {kinds}. Run it without VTENSOR."
+            f"--attention-backend VTENSOR supports models whose layers all use full attention, or all the same "
+            f"sliding window (one KV cache group); this model has {kinds} (hybrid models, with sliding-window and "
+            f"full layers side by side, are not supported yet). Run it without VTENSOR."
         )
     return groups[0]
 
@@ -181,6 +186,10 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
         block_bytes=block_bytes,
         block_size=spec.block_size,
         keep_full_blocks=bool(vllm_config.cache_config.enable_prefix_caching),
+        # a sliding window: blocks left behind are unmapped as requests move on; vLLM hands out its null
+        # block (the block pool's first, id 0) in their place
+        sliding_window=getattr(spec, "sliding_window", None),
+        null_block=0 if getattr(spec, "sliding_window", None) else None,
         linger_s=settings.get(LINGER_ENV),
         precreate_bytes=settings.get(PRECREATE_ENV),
         defer_unmaps=device.type == "cuda" and settings.get(DEFERRED_UNMAP_ENV),
@@ -291,6 +300,7 @@ def _apply(kv: KVSpace, so) -> None:
         (blocks,) = new.block_ids
         new.block_ids = (kv.add_request(new.req_id, blocks, new.num_computed_tokens, written),)
         kv.note_tokens(new.req_id, new.num_computed_tokens + scheduled.get(new.req_id, 0))
+        kv.slide(new.req_id, new.num_computed_tokens)
     for i, req_id in enumerate(cached.req_ids):
         new_blocks = cached.new_block_ids[i]
         if req_id in cached.resumed_req_ids:
@@ -300,4 +310,5 @@ def _apply(kv: KVSpace, so) -> None:
             (blocks,) = new_blocks
             cached.new_block_ids[i] = (kv.append_blocks(req_id, blocks),)
         kv.note_tokens(req_id, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
+        kv.slide(req_id, cached.num_computed_tokens[i])
     kv.expect_growth(scheduled)  # blocks the next step will likely need, made while this one computes
