@@ -33,9 +33,13 @@ _last_write = 0.0
 _attached = None
 
 
+def private_folder_path() -> Path:
+    return Path(tempfile.gettempdir()) / f"vllm-vtensor-{os.getuid()}"
+
+
 def private_folder() -> Path:
     """``$TMPDIR/vllm-vtensor-<uid>``: created mode 0700, and refused if another user owns it."""
-    folder = Path(tempfile.gettempdir()) / f"vllm-vtensor-{os.getuid()}"
+    folder = private_folder_path()
     folder.mkdir(mode=0o700, exist_ok=True)
     st = folder.lstat()
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
@@ -94,7 +98,23 @@ def ensure_stats_path() -> str:
 def attach(kv) -> None:
     global _attached
     _attached = kv
+    path = settings.raw(ENV)
+    if path and _owner(path) is not None:  # a file chosen for the server: removed when this process ends too
+        import multiprocessing.util
+
+        multiprocessing.util.Finalize(None, _remove, args=(path,), exitpriority=10)
     publish(kv, force=True)
+
+
+def _owner(path: str) -> int | None:
+    """The process that chose a snapshot file of the private folder (``stats-<pid>.json``), else None."""
+    name = os.path.basename(path)
+    if os.path.dirname(path) != str(private_folder_path()) or not name.startswith("stats-"):
+        return None
+    try:
+        return int(name[len("stats-"):].split(".", 1)[0])
+    except ValueError:
+        return None
 
 
 def attached():
@@ -133,6 +153,10 @@ def process_memory() -> dict[str, int]:
 
 
 def _write_snapshot(kv, path: str) -> None:
+    owner = _owner(path)
+    if owner is not None and not _alive(owner):  # the server is gone: write nothing it would leave behind
+        _remove(path)
+        return
     data = dataclasses.asdict(kv.stats()) | process_memory()
     data["pid"] = os.getpid()
     data["time"] = time.time()
