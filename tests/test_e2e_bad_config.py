@@ -25,13 +25,6 @@ def test_budget_below_one_request_of_max_model_len(smollm2_path):
     assert "max_model_len" in run.stderr and "KV cache" in run.stderr
 
 
-def test_hybrid_model_with_sliding_window_and_full_layers_is_refused(sliding_window_llama_path):
-    run = _start(sliding_window_llama_path, "max_model_len=512, kv_cache_memory_bytes=64 << 20")
-    assert run.returncode != 0
-    assert "VTENSOR supports models whose layers all use full attention" in run.stderr
-    assert "Run it without VTENSOR" in run.stderr
-
-
 @pytest.fixture(scope="module")
 def head48_llama_path():
     from vllm_vtensor.models import build_tiny_llama

@@ -580,3 +580,39 @@ def test_a_prefix_hit_through_vllms_null_blocks_maps_only_the_window(backend):
     kv.remove_request("b")
     kv.close()
 
+
+
+# ---- several KV cache groups over one memory (hybrid models) ----
+def test_groups_share_one_memory_and_block_to_chunk_map(backend):
+    """A hybrid model's groups (sliding-window and full layers) each map their own blocks into their own
+    ranges, over one pool: a block freed by one group and handed to the other keeps its chunk, the
+    figures count memory once, and a prefix-cache reset covers every group."""
+    full = KVSpace(backend, num_blocks=8, num_slots=2, blocks_per_slot=4, block_bytes=PAGE, block_size=B,
+                   keep_full_blocks=True, null_block=0)
+    window = KVSpace(backend, num_blocks=8, num_slots=2, blocks_per_slot=4, block_bytes=PAGE, block_size=B,
+                     keep_full_blocks=True, null_block=0, sliding_window=B, shares_memory_with=full)
+    assert full.family == window.family == [full, window] and window.pool is full.pool
+    a_full = full.add_request("a", [1, 2], 0)
+    a_win = window.add_request("a", [3, 4], 0)
+    for space, virtual, mark in ((full, a_full, 5), (window, a_win, 9)):
+        for v in virtual:
+            block_bytes(space, v).fill_(mark)
+        space.note_tokens("a", 2 * B - 3)  # block 1 of each partial
+    wait_all()
+    s = full.stats()
+    assert s.resident_bytes == 4 * PAGE and s.mapped_bytes == 4 * PAGE and s.running_requests == 1
+    window.slide("a", 2 * B - 1)  # the window's first block is behind the next token's window
+    wait_all()
+    assert full.stats().mapped_bytes == 3 * PAGE
+    for space in full.family:
+        space.remove_request("a")
+    s = full.stats()
+    assert s.mapped_bytes == 0 and s.cached_bytes == 2 * PAGE  # blocks 1 and 3: full, kept for the cache
+    b_win = window.add_request("b", [1], num_cached_tokens=0)  # vLLM reuses block 1 for the other group
+    wait_all()
+    assert int(block_bytes(window, b_win[0]).max()) == 5  # the same chunk (content until written)
+    window.remove_request("b")
+    window.reset_cache()  # either space resets the family's cached blocks
+    assert full.stats().cached_bytes == 0
+    full.close()
+    assert window._closed

@@ -234,3 +234,27 @@ def test_stats_files_are_private_and_do_not_outlive_their_process(monkeypatch, t
     (fn, args), = registered
     fn(*args)  # what runs at exit
     assert not os.path.exists(path)
+
+
+def test_kv_cache_groups_vtensor_cannot_map_are_refused_naming_them():
+    """Full-attention and sliding-window groups (also side by side: hybrid models) run; chunked-local,
+    MLA, or groups of different block sizes are refused with the kinds named."""
+    import torch
+    from vllm.v1.kv_cache_interface import (ChunkedLocalAttentionSpec, FullAttentionSpec, MLAAttentionSpec,
+                                            SlidingWindowSpec)
+
+    from vllm_vtensor.worker import _attention_groups
+
+    kw = dict(block_size=32, num_kv_heads=2, head_size=64, dtype=torch.float32)
+
+    def config(*specs):
+        return SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=s, layer_names=[f"l{i}"])
+                                                for i, s in enumerate(specs)])
+
+    assert len(_attention_groups(config(FullAttentionSpec(**kw)))) == 1
+    assert len(_attention_groups(config(SlidingWindowSpec(**kw, sliding_window=64), FullAttentionSpec(**kw)))) == 2
+    for bad, name in ((ChunkedLocalAttentionSpec(**kw, attention_chunk_size=64), "ChunkedLocalAttentionSpec"),
+                      (MLAAttentionSpec(**kw), "MLAAttentionSpec"),
+                      (FullAttentionSpec(**(kw | {"block_size": 64})), "FullAttentionSpec")):
+        with pytest.raises(VTensorConfigError, match=f"{name}.*Run it without VTENSOR"):
+            _attention_groups(config(FullAttentionSpec(**kw), bad))

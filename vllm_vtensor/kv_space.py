@@ -109,6 +109,7 @@ class KVSpace:
         sliding_window: int | None = None,
         retained_tokens: int = 0,
         null_block: int | None = None,
+        shares_memory_with: "KVSpace | None" = None,
     ):
         if min(num_blocks, num_slots, blocks_per_slot, block_bytes, block_size) <= 0:
             raise ValueError("KVSpace sizes must be positive")
@@ -124,30 +125,43 @@ class KVSpace:
         self.sliding_window = sliding_window
         self.retained_tokens = retained_tokens
         self.null_block = null_block
-        self._lock = threading.RLock()
+        first = shares_memory_with
+        if first is not None and (first.chunk_bytes != self.chunk_bytes or first.block_size != block_size):
+            raise ValueError("KV spaces that share memory need the same chunk and block sizes")
+        # Several KV cache groups (a hybrid model: sliding-window and full-attention layers) each get a space
+        # of their own - their own slots and virtual range - over one physical memory: one chunk pool and one
+        # block -> chunk map (vLLM hands a block to one group at a time), one lock. ``family`` lists them.
+        self.family: list[KVSpace] = first.family if first is not None else []
+        self.family.append(self)
+        self._lock = first._lock if first is not None else threading.RLock()
         self.on_release = on_release  # called (from the reaper thread) after lingering memory is given back
         # the virtual range first: it is what fails when max_num_seqs x max_model_len is too large
         self.range = backend.reserve(num_slots * blocks_per_slot * self.chunk_bytes)
         # A small reserve of ready chunks, refilled by a background thread, keeps making memory
         # (allocating and clearing pages) off the step's critical path while requests grow.
         high = min(precreate_bytes // self.chunk_bytes, num_blocks)
-        self.pool = ChunkPool(backend, num_blocks * self.chunk_bytes, self.chunk_bytes, linger_s=linger_s,
-                              on_release=self._released, low_watermark=max(1, high // 2) if high else 0,
-                              high_watermark=high, create_ahead=precreate_bytes > 0)
-        self._phys: dict[int, int] = {}  # physical block -> chunk, for blocks with content worth keeping
+        if first is not None:
+            self.pool = first.pool
+        else:
+            self.pool = ChunkPool(backend, num_blocks * self.chunk_bytes, self.chunk_bytes, linger_s=linger_s,
+                                  on_release=self._released, low_watermark=max(1, high // 2) if high else 0,
+                                  high_watermark=high, create_ahead=precreate_bytes > 0)
+        # physical block -> chunk, for blocks with content worth keeping
+        self._phys: dict[int, int] = first._phys if first is not None else {}
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._reqs: dict[str, _RequestKV] = {}
         self._parked: OrderedDict[int, _RequestKV] = OrderedDict()  # slot -> kept mappings, oldest first
         # chunk -> the one (slot, position) where a parked slot keeps it with its pages in the page tables;
         # every other parked mapping of a chunk mapped elsewhere has its pages released (see _vacate)
-        self._parked_at: dict[int, tuple[int, int]] = {}
-        self._unwanted: set[int] = set()  # blocks whose memory goes back once nothing maps them
+        self._parked_at: dict[int, tuple["KVSpace", int, int]] = first._parked_at if first is not None else {}
+        # blocks whose memory goes back once nothing maps them
+        self._unwanted: set[int] = first._unwanted if first is not None else set()
         self._prefix_hit_bytes = self._copied_bytes = self._preemptions = self._slot_reuse_bytes = 0
         self.step_seconds = 0.0  # accumulated by the worker around each step's block updates
         self._peak_live_tokens = 0
         # Deferred unmaps (see _retire): finished and preempted requests' ranges waiting for the device
         # to pass the work that may still read them, and a thread that unmaps them once it has
-        self._cond = threading.Condition(self._lock)
+        self._cond = first._cond if first is not None else threading.Condition(self._lock)
         self._retiring: list[tuple[_RequestKV, int]] = []
         self._unmapping = 0  # retired slots the drainer is unmapping right now (outside the lock)
         self._closed = False
@@ -228,7 +242,9 @@ class KVSpace:
             chunk = self._chunk(b)
             parked = self._parked_at.pop(chunk, None)
             if parked is not None:  # the running mapping is the one that counts from now on
-                self.backend.release_pages(self.range, self.virtual_block(*parked) * self.chunk_bytes, self.chunk_bytes)
+                space, slot, pos = parked
+                self.backend.release_pages(space.range, space.virtual_block(slot, pos) * self.chunk_bytes,
+                                           self.chunk_bytes)
             self.pool.retain(chunk)
             self.backend.map(self.range, self.virtual_block(r.slot, j) * self.chunk_bytes, chunk, self.chunk_bytes)
             r.blocks.append(b)
@@ -303,7 +319,7 @@ class KVSpace:
     def _unpark(self, p: _RequestKV) -> None:
         """``p`` leaves the parked slots: it no longer holds any chunk's populated parked mapping."""
         for j, c in enumerate(p.chunks):
-            if c is not None and self._parked_at.get(c) == (p.slot, j):
+            if c is not None and self._parked_at.get(c) == (self, p.slot, j):
                 del self._parked_at[c]
 
     def _unmap_tail(self, r: _RequestKV, keep: int, *, in_flight: bool = True) -> None:
@@ -379,10 +395,11 @@ class KVSpace:
         chunks made, but more of them made on the critical path (docs/benchmarks/serve-compare-cpu.md)."""
         with self._lock:
             need = 0
-            for req_id, n in scheduled.items():
-                r = self._reqs.get(req_id)
-                if r is not None and n:
-                    need += max(0, -(-(r.num_tokens + n) // self.block_size) - len(r.chunks))
+            for space in self.family:  # every KV cache group's requests grow from the one pool
+                for req_id, n in scheduled.items():
+                    r = space._reqs.get(req_id)
+                    if r is not None and n:
+                        need += max(0, -(-(r.num_tokens + n) // self.block_size) - len(r.chunks))
             self.pool.expect(need)
 
     def slide(self, req_id: str, num_computed_tokens: int) -> None:
@@ -418,7 +435,8 @@ class KVSpace:
     def reset_peaks(self) -> None:
         """Start the peak figures (resident bytes, live tokens) over from the current ones."""
         with self._lock:
-            self._peak_live_tokens = sum(r.num_tokens for r in self._reqs.values())
+            lead = self.family[0]
+            lead._peak_live_tokens = sum(r.num_tokens for r in lead._reqs.values())
         self.pool.reset_peak()
 
     def note_tokens(self, req_id: str, num_tokens: int) -> None:
@@ -464,7 +482,7 @@ class KVSpace:
             self._bound_parked_pages(r)
         else:
             self._free_slots.append(r.slot)
-        if not self._reqs:  # idle: chunks made ready for growth that did not come go back too
+        if not any(space._reqs for space in self.family):  # idle: chunks made ready for growth go back too
             self.pool.settle()
         self._cond.notify_all()
 
@@ -479,7 +497,7 @@ class KVSpace:
                 self.backend.release_pages(self.range, self.virtual_block(r.slot, j) * self.chunk_bytes,
                                            self.chunk_bytes)
             else:
-                self._parked_at[c] = (r.slot, j)
+                self._parked_at[c] = (self, r.slot, j)
 
     # -- deferred unmaps -------------------------------------------------
     def _retire(self, r: _RequestKV, keep: int) -> None:
@@ -527,18 +545,23 @@ class KVSpace:
     def reset_cache(self) -> None:
         """Give back every block that only the prefix cache was holding (parked slots let go first)."""
         with self._lock:
-            self.drain()
-            for slot in list(self._parked):
-                self._evict_parked(slot)
-            mapped = {c for r in self._reqs.values() for c in r.chunks}
+            for space in self.family:
+                space.drain()
+                for slot in list(space._parked):
+                    space._evict_parked(slot)
+            mapped = {c for space in self.family for r in space._reqs.values() for c in r.chunks}
             for b, chunk in list(self._phys.items()):
                 if chunk not in mapped:
                     self._drop(b)
 
     def stats(self) -> KVSpaceStats:
+        """The figures of this space and the others sharing its memory (every KV cache group of the model):
+        memory counted once, mappings and totals summed; requests and tokens as the first group sees them
+        (a request has blocks in every group)."""
         with self._lock:
             p = self.pool.stats()
-            per_chunk = Counter(c for r in self._reqs.values() for c in r.chunks if c is not None)
+            fam, lead = self.family, self.family[0]
+            per_chunk = Counter(c for space in fam for r in space._reqs.values() for c in r.chunks if c is not None)
             cached = sum(1 for c in self._phys.values() if c not in per_chunk)
             return KVSpaceStats(
                 block_size=self.block_size,
@@ -550,30 +573,37 @@ class KVSpace:
                 cached_bytes=cached * self.chunk_bytes,
                 lingering_bytes=p.chunks_lingering * self.chunk_bytes,
                 reserve_bytes=p.chunks_cached * self.chunk_bytes,
-                prefix_hit_bytes=self._prefix_hit_bytes,
-                copied_bytes=self._copied_bytes,
+                prefix_hit_bytes=sum(space._prefix_hit_bytes for space in fam),
+                copied_bytes=sum(space._copied_bytes for space in fam),
                 maps=p.maps,
                 unmaps=p.unmaps,
-                running_requests=len(self._reqs),
-                live_tokens=sum(r.num_tokens for r in self._reqs.values()),
-                preemptions=self._preemptions,
-                parked_bytes=sum(len(r.chunks) for r in self._parked.values()) * self.chunk_bytes,
-                slot_reuse_bytes=self._slot_reuse_bytes,
+                running_requests=len(lead._reqs),
+                live_tokens=sum(r.num_tokens for r in lead._reqs.values()),
+                preemptions=lead._preemptions,
+                parked_bytes=sum(sum(c is not None for c in r.chunks) for space in fam
+                                 for r in space._parked.values()) * self.chunk_bytes,
+                slot_reuse_bytes=sum(space._slot_reuse_bytes for space in fam),
                 chunks_created=p.chunks_created,
-                step_seconds=self.step_seconds,
+                step_seconds=sum(space.step_seconds for space in fam),
                 deferred_ops=getattr(self.backend, "deferred_ops", 0),
                 wait_seconds=getattr(self.backend, "waited_seconds", 0.0),
                 peak_resident_bytes=p.peak_resident_bytes,
-                peak_live_tokens=self._peak_live_tokens,
+                peak_live_tokens=lead._peak_live_tokens,
             )
 
     def close(self) -> None:
-        for req_id in list(self._reqs):
-            self.remove_request(req_id)
+        """Close this space and every other sharing its memory."""
+        if all(space._closed for space in self.family):
+            return
+        for space in self.family:
+            for req_id in list(space._reqs):
+                space.remove_request(req_id)
         self.reset_cache()
         with self._lock:
-            self._closed = True
+            for space in self.family:
+                space._closed = True
             self._cond.notify_all()
-        if self._drainer is not None:
-            self._drainer.join(timeout=30)
+        for space in self.family:
+            if space._drainer is not None:
+                space._drainer.join(timeout=30)
         self.pool.close()

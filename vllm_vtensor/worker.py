@@ -38,22 +38,23 @@ def is_vtensor(vllm_config) -> bool:
     return backend is not None and getattr(backend, "name", str(backend)) == BACKEND_NAME
 
 
-def _the_attention_group(kv_cache_config):
-    """The one KV cache group VTENSOR runs: every layer full attention, or every layer the same
-    sliding window. Hybrid models (several groups) and other kinds are refused, naming the fix."""
+def _attention_groups(kv_cache_config):
+    """The KV cache groups VTENSOR runs: each all full attention or all one sliding window (several
+    groups: a hybrid model such as Gemma 2/3), with one block size. Other kinds are refused, naming the fix."""
     from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
     groups = kv_cache_config.kv_cache_groups
-    spec = groups[0].kv_cache_spec if groups else None
-    if len(groups) != 1 or type(spec) not in (FullAttentionSpec, SlidingWindowSpec) or (
-            isinstance(spec, SlidingWindowSpec) and spec.extra_retained_tokens):
+    ok = bool(groups) and all(
+        type(g.kv_cache_spec) in (FullAttentionSpec, SlidingWindowSpec)
+        and not getattr(g.kv_cache_spec, "extra_retained_tokens", 0) for g in groups)
+    if not ok or len({g.kv_cache_spec.block_size for g in groups}) != 1 \
+            or len({g.kv_cache_spec.page_size_bytes for g in groups}) != 1:
         kinds = [type(g.kv_cache_spec).__name__ for g in groups]
         raise VTensorConfigError(
-            f"--attention-backend VTENSOR supports models whose layers all use full attention, or all the same "
-            f"sliding window (one KV cache group); this model has {kinds} (hybrid models, with sliding-window and "
-            f"full layers side by side, are not supported yet). Run it without VTENSOR."
+            f"--attention-backend VTENSOR supports models whose layers use full attention or sliding windows; "
+            f"this model has KV cache groups {kinds}. Run it without VTENSOR."
         )
-    return groups[0]
+    return groups
 
 
 def check_engine_features(vllm_config) -> None:
@@ -136,14 +137,15 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
     vllm_config = runner.vllm_config
     settings.check_all()  # every setting, once, with its fix
     check_engine_features(vllm_config)
-    group = _the_attention_group(kv_cache_config)
-    spec = group.kv_cache_spec
-    layers = list(group.layer_names)
+    groups = _attention_groups(kv_cache_config)
+    spec = groups[0].kv_cache_spec
     page = spec.page_size_bytes
-    block_bytes = page * len(layers)  # one block of every layer: what a chunk holds
-    if kernel_block_sizes and kernel_block_sizes[0] != spec.block_size:
+    # a chunk holds one block of every layer of a group (groups share one block pool: a block belongs to one
+    # group at a time, so the chunk is sized for the group with the most layers)
+    block_bytes = page * max(len(g.layer_names) for g in groups)
+    if kernel_block_sizes and any(k != spec.block_size for k in kernel_block_sizes):
         raise VTensorConfigError(f"VTENSOR needs the attention kernel's block size to be the cache's ({spec.block_size}); "
-                                 f"vLLM chose {kernel_block_sizes[0]}. Pass --block-size {kernel_block_sizes[0]}.")
+                                 f"vLLM chose {kernel_block_sizes}. Pass --block-size {kernel_block_sizes[0]}.")
     _, heads, tokens, content = compute_layer_kv_cache_shape_bytes(spec, 1)
     if heads * tokens * content != page:
         raise VTensorConfigError(f"VTENSOR needs dense KV pages; got page {page} for shape {(heads, tokens, content)}")
@@ -178,30 +180,39 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
         raise VTensorConfigError(f"--attention-backend VTENSOR runs on CPU and CUDA GPUs, not on {device}. "
                                  "Run without --attention-backend VTENSOR.")
     t0 = time.perf_counter()
-    kv = kv_space_for(
-        backend,
-        max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
-        max_model_len=vllm_config.model_config.max_model_len,
-        num_blocks=kv_cache_config.num_blocks,
-        block_bytes=block_bytes,
-        block_size=spec.block_size,
-        keep_full_blocks=bool(vllm_config.cache_config.enable_prefix_caching),
-        # a sliding window: blocks left behind are unmapped as requests move on; vLLM hands out its null
-        # block (the block pool's first, id 0) in their place
-        sliding_window=getattr(spec, "sliding_window", None),
-        null_block=0 if getattr(spec, "sliding_window", None) else None,
-        linger_s=settings.get(LINGER_ENV),
-        precreate_bytes=settings.get(PRECREATE_ENV),
-        defer_unmaps=device.type == "cuda" and settings.get(DEFERRED_UNMAP_ENV),
-        on_release=lambda space: vt_stats.publish(space, force=True),
-    )
-    runner._vtensor_kv = kv
+    spaces: list[KVSpace] = []
+    views: dict[str, torch.Tensor] = {}
+    for group in groups:
+        gspec = group.kv_cache_spec
+        kv = kv_space_for(
+            backend,
+            max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
+            max_model_len=vllm_config.model_config.max_model_len,
+            num_blocks=kv_cache_config.num_blocks,
+            block_bytes=block_bytes,
+            block_size=gspec.block_size,
+            keep_full_blocks=bool(vllm_config.cache_config.enable_prefix_caching),
+            # a sliding window: blocks left behind are unmapped as requests move on, and vLLM hands out its
+            # null block (the block pool's first, id 0) in their place
+            sliding_window=getattr(gspec, "sliding_window", None),
+            null_block=0,
+            linger_s=settings.get(LINGER_ENV),
+            precreate_bytes=settings.get(PRECREATE_ENV),
+            defer_unmaps=device.type == "cuda" and settings.get(DEFERRED_UNMAP_ENV),
+            on_release=lambda space: vt_stats.publish(space, force=True),
+            shares_memory_with=spaces[0] if spaces else None,
+        )
+        spaces.append(kv)
+        layers = list(group.layer_names)
+        views |= dict(zip(layers, layer_views(kv, len(layers), (heads, tokens, content), gspec.dtype)))
+    kv = spaces[0]
+    runner._vtensor_kv = kv  # the first group's space: figures and resets cover every group (its family)
     vt_stats.attach(kv)
-    views = dict(zip(layers, layer_views(kv, len(layers), (heads, tokens, content), spec.dtype)))
     logger.info(
-        "VTENSOR KV cache: %d layers, %d slots x %d blocks of %d tokens, chunk %.2f MiB (all layers of one block), "
-        "physical budget %.2f GiB (%d blocks), virtual %.1f GiB (set up in %.2f s), nothing committed yet",
-        len(layers), kv.num_slots, kv.blocks_per_slot, spec.block_size, kv.chunk_bytes / 2**20,
+        "VTENSOR KV cache: %d layers in %d group(s), %d slots x %d blocks of %d tokens, chunk %.2f MiB (a group's "
+        "layers of one block), physical budget %.2f GiB (%d blocks), virtual %.1f GiB per group (set up in %.2f s), "
+        "nothing committed yet",
+        len(views), len(spaces), kv.num_slots, kv.blocks_per_slot, spec.block_size, kv.chunk_bytes / 2**20,
         kv_cache_config.num_blocks * kv.chunk_bytes / 2**30, kv_cache_config.num_blocks, kv.range.size / 2**30,
         time.perf_counter() - t0,
     )
@@ -269,24 +280,30 @@ def reset_prefix_cache_memory(worker) -> int:
 
 
 def _handed_out_this_step(so, block_size: int) -> set[int]:
-    """Blocks the scheduler handed out in this step (beyond each request's own hits): a new request may
-    hit one that another request fills in this same step (vLLM caches a block once the tokens filling
-    it are scheduled)."""
+    """Blocks the scheduler handed out in this step (beyond each request's own hits), in any group: a new
+    request may hit one that another request fills in this same step (vLLM caches a block once the
+    tokens filling it are scheduled)."""
     cached = so.scheduled_cached_reqs
-    written = {b for new in so.scheduled_new_reqs for b in new.block_ids[0][new.num_computed_tokens // block_size:]}
+    written = {b for new in so.scheduled_new_reqs for group in new.block_ids
+               for b in group[new.num_computed_tokens // block_size:]}
     for i, blocks in enumerate(cached.new_block_ids):
         if blocks is not None:
             resumed = cached.req_ids[i] in cached.resumed_req_ids
-            written.update(blocks[0][cached.num_computed_tokens[i] // block_size if resumed else 0:])
+            for group in blocks:
+                written.update(group[cached.num_computed_tokens[i] // block_size if resumed else 0:])
     return written
 
 
 def _apply(kv: KVSpace, so) -> None:
-    for req_id in so.finished_req_ids:
-        kv.remove_request(req_id)
-    for req_id in so.preempted_req_ids or ():
-        kv.remove_request(req_id, preempted=True)
-    if so.new_block_ids_to_zero:
+    """``kv`` is the first KV cache group's space; ``kv.family`` holds every group's, in vLLM's group order
+    (the scheduler's block ids come as one list per group)."""
+    spaces = kv.family
+    for space in spaces:
+        for req_id in so.finished_req_ids:
+            space.remove_request(req_id)
+        for req_id in so.preempted_req_ids or ():
+            space.remove_request(req_id, preempted=True)
+    if so.new_block_ids_to_zero:  # physical ids: one block -> chunk map for all groups
         kv.zero_blocks(so.new_block_ids_to_zero)
         so.new_block_ids_to_zero = None  # done on the physical chunks; the runner would index virtual ids
     if so.kv_cache_block_copies:
@@ -297,18 +314,20 @@ def _apply(kv: KVSpace, so) -> None:
     # only a new or resumed request's prefix hits can land on a block filled in this step
     written = _handed_out_this_step(so, kv.block_size) if so.scheduled_new_reqs or cached.resumed_req_ids else ()
     for new in so.scheduled_new_reqs:
-        (blocks,) = new.block_ids
-        new.block_ids = (kv.add_request(new.req_id, blocks, new.num_computed_tokens, written),)
-        kv.note_tokens(new.req_id, new.num_computed_tokens + scheduled.get(new.req_id, 0))
-        kv.slide(new.req_id, new.num_computed_tokens)
+        new.block_ids = tuple(space.add_request(new.req_id, blocks, new.num_computed_tokens, written)
+                              for space, blocks in zip(spaces, new.block_ids, strict=True))
+        for space in spaces:
+            space.note_tokens(new.req_id, new.num_computed_tokens + scheduled.get(new.req_id, 0))
+            space.slide(new.req_id, new.num_computed_tokens)
     for i, req_id in enumerate(cached.req_ids):
         new_blocks = cached.new_block_ids[i]
         if req_id in cached.resumed_req_ids:
-            (blocks,) = new_blocks
-            cached.new_block_ids[i] = (kv.add_request(req_id, blocks, cached.num_computed_tokens[i], written),)
+            cached.new_block_ids[i] = tuple(space.add_request(req_id, blocks, cached.num_computed_tokens[i], written)
+                                            for space, blocks in zip(spaces, new_blocks, strict=True))
         elif new_blocks is not None:
-            (blocks,) = new_blocks
-            cached.new_block_ids[i] = (kv.append_blocks(req_id, blocks),)
-        kv.note_tokens(req_id, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
-        kv.slide(req_id, cached.num_computed_tokens[i])
-    kv.expect_growth(scheduled)  # blocks the next step will likely need, made while this one computes
+            cached.new_block_ids[i] = tuple(space.append_blocks(req_id, blocks)
+                                            for space, blocks in zip(spaces, new_blocks, strict=True))
+        for space in spaces:
+            space.note_tokens(req_id, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
+            space.slide(req_id, cached.num_computed_tokens[i])
+    kv.expect_growth(scheduled)  # blocks the next step will likely need (every group's), made while this one computes
