@@ -205,8 +205,9 @@ def test_attention_choice_outside_the_kernels_is_refused(monkeypatch):
 
 
 def test_stats_files_are_private_and_do_not_outlive_their_process(monkeypatch, tmp_path):
-    """Without VTENSOR_STATS_FILE the snapshot goes to a folder of this user (0700), written 0600;
-    the file goes at exit, and files of processes that died are removed when a server starts."""
+    """Without VTENSOR_STATS_FILE the snapshot goes to a folder of this server in a folder of this
+    user (both 0700), written 0600; the folder goes at exit, and those of processes that died (and
+    files of older versions) are removed when a server starts."""
     import os
     import stat
     import tempfile
@@ -219,21 +220,67 @@ def test_stats_files_are_private_and_do_not_outlive_their_process(monkeypatch, t
     folder.mkdir(mode=0o755)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = folder / f"stats-{dead.pid}.json"
-    stale.write_text("{}")
-    alive = folder / f"stats-{os.getppid()}.json"
-    alive.write_text("{}")
+    stale_file = folder / f"stats-{dead.pid}.json"
+    stale_file.write_text("{}")
+    stale = folder / f"stats-{dead.pid}"
+    stale.mkdir()
+    (stale / "stats.json").write_text("{}")
+    alive = folder / f"stats-{os.getppid()}"
+    alive.mkdir()
     registered = []
     monkeypatch.setattr(stats.atexit, "register", lambda fn, *a: registered.append((fn, a)))
     path = stats.ensure_stats_path()
-    assert path == str(folder / f"stats-{os.getpid()}.json") and os.environ["VTENSOR_STATS_FILE"] == path
+    assert path == str(folder / f"stats-{os.getpid()}" / "stats.json") and os.environ["VTENSOR_STATS_FILE"] == path
+    assert stats._owner(path) == os.getpid()
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
-    assert not stale.exists() and alive.exists()
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+    assert not stale_file.exists() and not stale.exists() and alive.exists()
     stats.write_json_atomic(path, {"resident_bytes": 1})
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     (fn, args), = registered
     fn(*args)  # what runs at exit
-    assert not os.path.exists(path)
+    assert not os.path.exists(os.path.dirname(path))
+
+
+def test_a_worker_writing_while_its_server_exits_leaves_nothing(monkeypatch, tmp_path):
+    """The server removes its snapshot folder at exit while still alive; a worker's snapshot written
+    then (the owner still runs) must not leave a file behind: the write finds no folder."""
+    import os
+    import tempfile
+    import threading
+    import time
+
+    from vllm_vtensor import stats
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("VTENSOR_STATS_FILE", "")
+    registered = []
+    monkeypatch.setattr(stats.atexit, "register", lambda fn, *a: registered.append((fn, a)))
+    path = stats.ensure_stats_path()
+    figures = dataclasses.make_dataclass("Figures", [("resident_bytes", int)])
+    kv = SimpleNamespace(stats=lambda: figures(1))
+    stop = threading.Event()
+
+    def worker():
+        while not stop.is_set():
+            stats._write_snapshot(kv, path)  # the owner (this process) stays alive throughout
+
+    writers = [threading.Thread(target=worker) for _ in range(2)]
+    for t in writers:
+        t.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.path.exists(path)
+        (fn, args), = registered
+        fn(*args)
+        time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in writers:
+            t.join()
+    assert not os.path.exists(os.path.dirname(path))
 
 
 def test_kv_cache_groups_vtensor_cannot_map_are_refused_naming_them():

@@ -113,7 +113,7 @@ SETTINGS: tuple[Setting, ...] = (
             "benchmarks). Its folder must exist.",
             parse=_path, check=lambda v: Path(v).parent.is_dir(),
             fix="name a file in an existing folder (the folder is not created)",
-            default_text="`stats-<pid>.json` in a private folder of the temporary folder "
+            default_text="`stats-<pid>/stats.json` in a private folder of the temporary folder "
                          "(`vllm-vtensor-<uid>`, mode 0700), removed when the server exits"),
     Setting("VTENSOR_DEFERRED_UNMAP", "env", "0 or 1", False,
             "Experimental, CUDA only: a finished or preempted request's range is unmapped by a helper thread "

@@ -61,15 +61,18 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale(folder: Path) -> list[Path]:
-    """Snapshot files (and half-written ones) of processes that no longer run; return what went."""
+    """Snapshot folders (and files) of servers that no longer run; return what went."""
     gone = []
-    for f in folder.glob("stats-*.json*"):
+    for f in folder.glob("stats-*"):
         try:
             pid = int(f.name.split("-", 1)[1].split(".", 1)[0])
         except ValueError:
             continue
         if not _alive(pid):
-            f.unlink(missing_ok=True)
+            if f.is_dir() and not f.is_symlink():
+                _retire(str(f))
+            else:
+                f.unlink(missing_ok=True)
             gone.append(f)
     return gone
 
@@ -80,18 +83,38 @@ def _remove(path: str) -> None:
             os.unlink(p)
 
 
+def _retire(folder: str) -> None:
+    """Remove a server's snapshot folder. A worker may still be writing into it: its files are
+    removed until the folder itself goes, after which no write can create one."""
+    for _ in range(200):
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(folder):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
+        try:
+            os.rmdir(folder)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:  # a file came in between: remove it too
+            time.sleep(0.005)
+
+
 def ensure_stats_path() -> str:
     """Choose the snapshot file once, in the first process (children inherit it through the
-    environment): ``$VTENSOR_STATS_FILE`` if set, else a file of this process in the private folder,
-    removed when this process exits (stale ones of processes that died are removed here)."""
+    environment): ``$VTENSOR_STATS_FILE`` if set, else ``stats.json`` in a folder of this process
+    (``stats-<pid>``) in the private folder, removed with its folder when this process exits (those
+    of processes that died are removed here)."""
     path = settings.get(ENV)
     if path:
         return path
     folder = private_folder()
     remove_stale(folder)
-    path = str(folder / f"stats-{os.getpid()}.json")
+    own = folder / f"stats-{os.getpid()}"
+    own.mkdir(mode=0o700, exist_ok=True)
+    path = str(own / "stats.json")
     os.environ[ENV] = path
-    atexit.register(_remove, path)
+    atexit.register(_retire, str(own))
     return path
 
 
@@ -107,12 +130,13 @@ def attach(kv) -> None:
 
 
 def _owner(path: str) -> int | None:
-    """The process that chose a snapshot file of the private folder (``stats-<pid>.json``), else None."""
-    name = os.path.basename(path)
-    if os.path.dirname(path) != str(private_folder_path()) or not name.startswith("stats-"):
+    """The process that chose a snapshot file of the private folder (``stats-<pid>/stats.json``), else None."""
+    folder = os.path.dirname(path)
+    name = os.path.basename(folder)
+    if os.path.dirname(folder) != str(private_folder_path()) or not name.startswith("stats-"):
         return None
     try:
-        return int(name[len("stats-"):].split(".", 1)[0])
+        return int(name[len("stats-"):])
     except ValueError:
         return None
 
@@ -154,13 +178,16 @@ def process_memory() -> dict[str, int]:
 
 def _write_snapshot(kv, path: str) -> None:
     owner = _owner(path)
-    if owner is not None and not _alive(owner):  # the server is gone: write nothing it would leave behind
-        _remove(path)
-        return
+    if owner is not None and not (_alive(owner) and os.path.isdir(os.path.dirname(path))):
+        return  # the server is gone or going: write nothing it would leave behind
     data = dataclasses.asdict(kv.stats()) | process_memory()
     data["pid"] = os.getpid()
     data["time"] = time.time()
-    write_json_atomic(path, data)
+    try:
+        write_json_atomic(path, data)
+    except FileNotFoundError:  # the server removed its folder as it exited: nothing to write to
+        if owner is None:
+            raise
 
 
 class _Publisher:
