@@ -118,7 +118,37 @@ def test_kv_views_read_what_vllms_cpu_kernel_wrote(dtype):
     slots = torch.arange(tokens, dtype=torch.int64) + block  # from block 1 on
     ops.cpu_attn_reshape_and_cache(key, value, k_cache, v_cache, slots, "vec", k_scale=1.0, v_scale=1.0,
                                    kv_cache_dtype="auto")
-    k, v = _kv_views(cache, "vec")
+    k, v = _kv_views(cache, block_layout("vec", block, dim, dtype))
     t = torch.arange(tokens)
     assert torch.equal(k[1 + t // block, :, t % block], key) and torch.equal(v[1 + t // block, :, t % block], value)
     assert block_layout("vec", block, dim, dtype) == ((1, block), (dim, 1))  # K transposed, V by rows
+
+
+@pytest.mark.parametrize("name", ["fp8", "fp8_e5m2"])
+def test_fp8_writes_land_where_the_kernels_read_them(name):
+    """write_fp8 stores key/value divided by the scales at the slots' blocks and offsets (padding
+    slots skipped, out-of-range values saturated), in the views the kernels read: nothing else changes."""
+    import torch
+
+    from vllm_vtensor.backend import FP8_KV_DTYPES, _kv_views, write_fp8
+
+    fp8 = FP8_KV_DTYPES[name]
+    blocks, heads, block, dim, tokens = 4, 2, 32, 64, 40
+    cache = torch.zeros(blocks, heads, block, 2 * dim, dtype=torch.uint8)  # as vLLM allocates an fp8 cache
+    k, v = _kv_views(cache.view(fp8), layout=None)
+    key, value = torch.randn(tokens, heads, dim), torch.randn(tokens, heads, dim)
+    key[0, 0, 0] = 1e6  # beyond either fp8 type's range
+    slots = torch.arange(tokens, dtype=torch.int64) + block + 5
+    slots[3] = -1  # padding
+    write_fp8(key, value, k, v, slots, k_scale=0.5, v_scale=2.0)
+    t = torch.arange(tokens)[slots >= 0]
+    at = (1 + (t + 5) // block, slice(None), (t + 5) % block)
+    expected = key.clone()
+    expected[0, 0, 0] = torch.finfo(fp8).max * 0.5
+    torch.testing.assert_close(k[at].float() * 0.5, expected[t], rtol=0.13, atol=0.01)
+    torch.testing.assert_close(v[at].float() * 2.0, value[t], rtol=0.13, atol=0.02)
+    assert k[1, 0, 5, 0].float() == torch.finfo(fp8).max
+    written = torch.zeros_like(cache, dtype=torch.bool)
+    written.view(blocks, heads, 2, block, dim)[1 + (t + 5) // block, :, :, (t + 5) % block] = True
+    assert (cache[~written] == 0).all()
+    assert (k[1, :, 8].view(torch.uint8) == 0).all() and (v[1, :, 8].view(torch.uint8) == 0).all()  # slot 3: padding

@@ -213,3 +213,37 @@ def test_a_strided_column_of_first_blocks_is_refused(kernel):
         fn(out=torch.empty_like(batch["q"]), **batch)
     batch["kv_start_block"] = table[:, 0].contiguous()
     check(fn, ref, batch, torch.float32)
+
+
+def _to_fp8(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``t / scale`` in ``dtype``, same strides (the whole storage converted: layouts stay as they are)."""
+    store = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage())
+    return (store / scale).to(dtype).as_strided(t.size(), t.stride(), t.storage_offset())
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("dtype, layout", [(torch.float32, "vllm_cpu"), (torch.bfloat16, "all_layers")])
+def test_fp8_caches_are_read_upcast_and_scaled(fp8, dtype, layout):
+    """fp8 K/V (stored divided by their scales, as vLLM stores them): both kernels equal the reference
+    over the same bytes, and the reference is the full-precision attention within fp8's rounding."""
+    batch = make_batch(*MIXED, 4, 2, 64, 16, dtype, layout)
+    full = torch.zeros_like(batch["q"])
+    context_attention_ref(out=full, **batch)
+    scales = dict(k_scale=0.5, v_scale=0.25)
+    batch |= {"k_cache": _to_fp8(batch["k_cache"], 0.5, fp8), "v_cache": _to_fp8(batch["v_cache"], 0.25, fp8)}
+    check(context_attention, context_attention_ref, batch, dtype, **scales)
+    expected = torch.zeros_like(batch["q"])
+    context_attention_ref(out=expected, **batch, **scales)
+    rel = ((expected.float() - full.float()).norm() / full.float().norm()).item()
+    assert 0 < rel < (0.05 if fp8 == torch.float8_e4m3fn else 0.1), rel  # fp8's rounding, not a wrong scale
+
+    dec = _decode_batch([1, 37, 100, 64], 4, 2, 64, 16, dtype, layout)
+    dec |= {"k_cache": _to_fp8(dec["k_cache"], 0.5, fp8), "v_cache": _to_fp8(dec["v_cache"], 0.25, fp8)}
+    check(decode_attention, decode_attention_ref, dec, dtype, num_splits=2, **scales)
+
+
+def test_an_unviewed_byte_cache_is_refused():
+    batch = make_batch([3], [3], 2, 2, 64, 16, torch.float32, "packed")
+    batch |= {"k_cache": batch["k_cache"].to(torch.uint8), "v_cache": batch["v_cache"].to(torch.uint8)}
+    with pytest.raises(ValueError, match="float8_e4m3fn or torch.float8_e5m2"):
+        context_attention(out=torch.empty_like(batch["q"]), **batch)

@@ -15,6 +15,12 @@ attention itself, chosen by ``$VTENSOR_ATTENTION`` in the worker:
   ``TRITON_INTERPRET=1`` (slow: for testing the wiring the GPU path will use);
 * ``reference``: the kernels' torch (SDPA) reference, same addressing.
 
+fp8 KV caches (``--kv-cache-dtype fp8``/``fp8_e4m3``/``fp8_e5m2``): with ``cpu``,
+vLLM's CPU kernel writes and reads them (x86 with AVX-512 or AMX only); with
+``triton``/``reference`` (any CPU) VTENSOR writes the cache itself (:func:`write_fp8`:
+values divided by the layer's scales, per block and head K as ``[B, D]`` then V
+as ``[B, D]``) and the kernels read the bytes upcast.
+
 Before touching KV, both the write (``do_kv_cache_update``) and the attention
 wait for the step's memory operations when a helper thread runs them while the
 forward pass starts (``VTENSOR_ASYNC_MAPPING=1``, :mod:`vllm_vtensor.vmm.deferred`;
@@ -30,7 +36,9 @@ import mmap
 import os
 
 import torch
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+from vllm.utils.torch_utils import is_quantized_kv_cache
+from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
+                                                 CPUAttentionMetadataBuilder)
 
 from . import BACKEND_NAME, settings
 from .vmm.deferred import wait_all as _kv_memory_ready
@@ -61,7 +69,7 @@ def refuse_unsupported(impl, sliding_window: bool, fix: str, *more: tuple[str, b
         raise ValueError(f"{ATTENTION_ENV}={impl.kernel} does not implement {', '.join(unsupported)}: {fix}")
 
 
-def run_kernels(impl, query, output, k_cache, v_cache, attn_metadata):
+def run_kernels(impl, query, output, k_cache, v_cache, attn_metadata, k_scale: float = 1.0, v_scale: float = 1.0):
     """``impl._decode`` for a decode-only batch, else ``impl._context``, over ``[blocks, H, B, D]`` views.
 
     Each request's block-table row is consecutive virtual ids, so the kernels get its first one
@@ -73,12 +81,51 @@ def run_kernels(impl, query, output, k_cache, v_cache, attn_metadata):
     kv_start = attn_metadata.block_table[:num_reqs, 0].contiguous()
     if attn_metadata.max_query_len == 1 and n == num_reqs:  # decode only: split-K over the context
         impl._decode(q=q, k_cache=k_cache, v_cache=v_cache, out=out, seq_lens=attn_metadata.seq_lens,
-                     kv_start_block=kv_start, scale=impl.scale, max_seq_len=attn_metadata.max_seq_len)
+                     kv_start_block=kv_start, scale=impl.scale, max_seq_len=attn_metadata.max_seq_len,
+                     k_scale=k_scale, v_scale=v_scale)
     else:
         impl._context(q=q, k_cache=k_cache, v_cache=v_cache, out=out, query_start_loc=attn_metadata.query_start_loc,
                       seq_lens=attn_metadata.seq_lens, kv_start_block=kv_start, scale=impl.scale,
-                      max_query_len=attn_metadata.max_query_len)
+                      max_query_len=attn_metadata.max_query_len, k_scale=k_scale, v_scale=v_scale)
     return output
+
+
+# vLLM's fp8 KV cache names -> the element type VTENSOR's kernels read (vLLM stores the bytes as uint8)
+FP8_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def cpu_kernel_reads_fp8() -> bool:
+    """Whether vLLM's CPU attention kernel takes fp8 KV on this CPU (x86 with AVX-512 or AMX)."""
+    return bool(torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def own_fp8(kv_cache_dtype: str, kernel: str) -> bool:
+    """Whether VTENSOR writes and reads this KV cache itself: an fp8 one, read by ``kernel`` other than vLLM's."""
+    return is_quantized_kv_cache(kv_cache_dtype) and kernel != "cpu"
+
+
+def check_fp8_kernel(kv_cache_dtype: str, kernel: str) -> None:
+    """Refuse, naming the fix, an fp8 KV cache for vLLM's CPU kernel on a CPU where it cannot read one."""
+    if is_quantized_kv_cache(kv_cache_dtype) and kernel == "cpu" and not cpu_kernel_reads_fp8():
+        raise ValueError(
+            f"kv_cache_dtype={kv_cache_dtype!r}: vLLM's CPU attention kernel reads fp8 KV only on x86 with AVX-512 "
+            f"or AMX, which this CPU lacks. Set {ATTENTION_ENV}=reference (VTENSOR's torch attention, reading "
+            f"fp8) - or {ATTENTION_ENV}=triton with TRITON_INTERPRET=1 - or run with --kv-cache-dtype auto")
+
+
+def write_fp8(key, value, k_cache, v_cache, slot_mapping, k_scale: float, v_scale: float) -> None:
+    """Store ``key``/``value`` ``[N, H, D]`` divided by their scales into fp8 ``[blocks, H, B, D]`` caches at
+    ``slot_mapping`` (block * B + offset; negative entries are padding, skipped). Values beyond the fp8
+    type's range saturate at its largest finite value."""
+    n = slot_mapping.shape[0]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    block_size = k_cache.shape[2]
+    blk, off = slots // block_size, slots % block_size
+    for src, cache, scale in ((key[:n][keep], k_cache, k_scale), (value[:n][keep], v_cache, v_scale)):
+        top = torch.finfo(cache.dtype).max
+        q = (src.float() / scale).clamp_(-top, top).to(cache.dtype)
+        cache.view(torch.uint8)[blk, :, off] = q.view(torch.uint8)  # index_put on the bytes: any dtype, in place
 
 
 def attention_kernel() -> str:
@@ -96,6 +143,8 @@ class VTensorCPUImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.kernel = attention_kernel()
+        self.own_fp8 = own_fp8(self.kv_cache_dtype, self.kernel)
+        check_fp8_kernel(self.kv_cache_dtype, self.kernel)
         if self.kernel == "cpu":
             return
         refuse_unsupported(self, self.sliding_window not in (None, -1),
@@ -111,7 +160,17 @@ class VTensorCPUImpl(CPUAttentionBackendImpl):
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         _kv_memory_ready()  # this step's blocks are mapped by a helper thread meanwhile (vmm.deferred)
+        if self.own_fp8:
+            k_cache, v_cache = self._views(kv_cache, layer)
+            write_fp8(key, value, k_cache, v_cache, slot_mapping, layer._k_scale_float, layer._v_scale_float)
+            return
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+
+    def _views(self, kv_cache, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.own_fp8:  # this project's own layout (write_fp8), read as fp8
+            return _kv_views(kv_cache.view(FP8_KV_DTYPES[self.kv_cache_dtype]), layout=None)
+        return _kv_views(kv_cache, layout=block_layout(layer.isa, kv_cache.shape[2], kv_cache.shape[3] // 2,
+                                                       kv_cache.dtype))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
@@ -121,21 +180,23 @@ class VTensorCPUImpl(CPUAttentionBackendImpl):
                 or not attn_metadata.causal):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
-        k_cache, v_cache = _kv_views(kv_cache, layer.isa)
-        return run_kernels(self, query, output, k_cache, v_cache, attn_metadata)
+        k_cache, v_cache = self._views(kv_cache, layer)
+        return run_kernels(self, query, output, k_cache, v_cache, attn_metadata,
+                           layer._k_scale_float, layer._v_scale_float)
 
 
-def _kv_views(kv_cache: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _kv_views(kv_cache: torch.Tensor, layout) -> tuple[torch.Tensor, torch.Tensor]:
     """``[blocks, H, B, D]`` K and V views of vLLM's CPU cache ``[blocks, H, B, 2D]`` (no copy).
 
-    Per block and head the cache holds B*D key values, then B*D values, each laid out as
-    ``isa``'s kernel writes them (the "vec" kernel stores K transposed, ``[D, B]``): see
-    :func:`block_layout`."""
+    Per block and head the cache holds B*D key values, then B*D values, laid out as ``layout``
+    says - ``((token stride, dim stride) of K, the same of V)``: as ``isa``'s kernel writes them
+    (the "vec" kernel stores K transposed, ``[D, B]``: see :func:`block_layout`) - or, when None,
+    each row-major ``[B, D]``."""
     num_blocks, heads, block_size, two_d = kv_cache.shape
     d = two_d // 2
     if kv_cache.stride(3) != 1 or kv_cache.stride(2) != two_d:
         raise RuntimeError(f"VTENSOR expects each block's per-head K/V area contiguous; got strides {kv_cache.stride()}")
-    (k_t, k_d), (v_t, v_d) = block_layout(isa, block_size, d, kv_cache.dtype)
+    (k_t, k_d), (v_t, v_d) = layout or ((d, 1), (d, 1))
     s_b, s_h, off = kv_cache.stride(0), kv_cache.stride(1), kv_cache.storage_offset()
     shape = (num_blocks, heads, block_size, d)
     return (kv_cache.as_strided(shape, (s_b, s_h, k_t, k_d), off),
@@ -174,6 +235,24 @@ def block_layout(isa: str, block_size: int, head_size: int, dtype: torch.dtype) 
     return tuple(layouts)
 
 
+class VTensorCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    """vLLM's CPU metadata builder; with an fp8 KV cache VTENSOR's kernels read themselves (see
+    :func:`own_fp8`), it is built as for the model dtype: vLLM's would refuse an fp8 kernel the CPU
+    lacks (AVX2), and VTENSOR's kernels use none of its scheduler metadata."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        cache = vllm_config.cache_config
+        dtype = cache.cache_dtype
+        if not own_fp8(dtype, attention_kernel()):
+            super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+            return
+        cache.cache_dtype = "auto"  # read by vLLM's __init__ alone; restored at once
+        try:
+            super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        finally:
+            cache.cache_dtype = dtype
+
+
 class VTensorCPUBackend(CPUAttentionBackend):
     """CPU attention over per-request contiguous virtual KV ranges."""
 
@@ -192,6 +271,10 @@ class VTensorCPUBackend(CPUAttentionBackend):
     @staticmethod
     def get_impl_cls() -> type[CPUAttentionBackendImpl]:
         return VTensorCPUImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[CPUAttentionMetadataBuilder]:
+        return VTensorCPUMetadataBuilder
 
 
 def check_supported(cfg) -> None:
@@ -215,8 +298,8 @@ def check_supported(cfg) -> None:
     if cfg.dtype not in VTensorCPUBackend.supported_dtypes:
         names = [str(d).removeprefix("torch.") for d in VTensorCPUBackend.supported_dtypes]
         problems.append(f"dtype {str(cfg.dtype).removeprefix('torch.')} is not supported (supported: {names})")
-    if cfg.kv_cache_dtype not in (None, "auto"):
-        problems.append(f"kv_cache_dtype={cfg.kv_cache_dtype!r} is not supported (the vTensor KV cache keeps the "
-                        "model dtype: use kv_cache_dtype='auto')")
+    if cfg.kv_cache_dtype not in (None, "auto", *FP8_KV_DTYPES):
+        problems.append(f"kv_cache_dtype={cfg.kv_cache_dtype!r} is not supported (use auto, "
+                        f"{', '.join(FP8_KV_DTYPES)})")
     if problems:
         raise ValueError("--attention-backend VTENSOR cannot serve this model: " + "; ".join(problems) + ". " + _FIX)

@@ -64,8 +64,8 @@ def _safetensors_ok(path: Path) -> int:
     return len(ends)
 
 
-def verify_model_dir(path: str | os.PathLike, rebuild_hint: str = "") -> Path:
-    """Raise :class:`ModelCacheError` unless ``path`` is a complete HF llama folder."""
+def verify_model_dir(path: str | os.PathLike, rebuild_hint: str = "", model_type: str = "llama") -> Path:
+    """Raise :class:`ModelCacheError` unless ``path`` is a complete HF folder of ``model_type``."""
     path = Path(path)
     fix = f" Rebuild it with: {rebuild_hint}" if rebuild_hint else ""
     if not path.is_dir():
@@ -76,8 +76,8 @@ def verify_model_dir(path: str | os.PathLike, rebuild_hint: str = "") -> Path:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise ModelCacheError(f"{path}/config.json is unreadable: {e}.{fix}") from e
-    if config.get("model_type") != "llama":
-        raise ModelCacheError(f"{path} holds model_type={config.get('model_type')!r}, expected 'llama'.{fix}")
+    if config.get("model_type") not in (model_type, f"{model_type}_text"):
+        raise ModelCacheError(f"{path} holds model_type={config.get('model_type')!r}, expected {model_type!r}.{fix}")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if not (path / name).is_file():
             raise ModelCacheError(f"{path}/{name} is missing.{fix}")
@@ -222,6 +222,59 @@ def build_tiny_llama(
         final = _finish(out, final)
     _say(f"saved to {final}")
     return verify_model_dir(final, hint)
+
+
+# Tiny random-weight models of real architectures (SmolLM2's tokenizer; the same sizes throughout): what
+# VTENSOR is tested on beyond llama. Gemma 2: sliding-window and full layers alternating, logit
+# soft-capping; Gemma 3: five sliding layers to one full, QK-norm; Qwen 3: full attention, QK-norm.
+ARCHITECTURES = ("gemma2", "gemma3", "qwen3")
+
+
+def build_tiny_model(arch: str, cache: str | os.PathLike | None = None, *, sliding_window: int = 64,
+                     num_layers: int = 6, seed: int = 0, force: bool = False,
+                     tokenizer: str | os.PathLike | None = None) -> Path:
+    """A random-weight model of architecture ``arch`` (one of :data:`ARCHITECTURES`), 4 heads of 64 (2 KV
+    heads), hidden 256, ``num_layers`` layers; deterministic for a seed."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}: use one of {', '.join(ARCHITECTURES)}")
+    root = cache_dir(cache)
+    final = root / f"tiny-{arch}-l{num_layers}-swa{sliding_window}-seed{seed}"
+    hint = f"python -m vllm_vtensor.models tiny-model {arch} --force"
+    if not force and (final / _COMPLETE).exists():
+        return verify_model_dir(final, hint, model_type=arch)
+
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer or settings.get("VTENSOR_TOKENIZER") or build_smollm2(cache))
+    common = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=num_layers,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                  tie_word_embeddings=True)
+    if arch == "gemma2":
+        config = transformers.Gemma2Config(**common, sliding_window=sliding_window, query_pre_attn_scalar=64,
+                                           attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                           layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                                        for i in range(num_layers)])
+        model_cls = transformers.Gemma2ForCausalLM
+    elif arch == "gemma3":
+        config = transformers.Gemma3TextConfig(**common, sliding_window=sliding_window, query_pre_attn_scalar=64,
+                                               layer_types=["full_attention" if (i + 1) % 6 == 0 else
+                                                            "sliding_attention" for i in range(num_layers)])
+        model_cls = transformers.Gemma3ForCausalLM
+    else:
+        config = transformers.Qwen3Config(**common)
+        model_cls = transformers.Qwen3ForCausalLM
+    config.dtype = "bfloat16"
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.bfloat16)
+    with tempfile.TemporaryDirectory(dir=root) as work:
+        out = Path(work) / "out"
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        final = _finish(out, final)
+    _say(f"saved to {final}")
+    return verify_model_dir(final, hint, model_type=arch)
 
 
 # The offload benchmark's model: a random-weight llama of 1.65 GB in float32 (412M parameters:

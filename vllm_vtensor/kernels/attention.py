@@ -13,6 +13,10 @@ large as the context, so ``t // B == 0``).
 Runs compiled on CUDA and under ``TRITON_INTERPRET=1`` on CPU tensors (where
 bf16/fp16 loads are converted to fp32 first: the interpreter computes them
 wrongly).  The same signatures are implemented in :mod:`.reference`.
+
+fp8 caches (``torch.float8_e4m3fn`` or ``torch.float8_e5m2`` views, values stored
+divided by ``k_scale``/``v_scale`` as vLLM stores them) are read as bytes and
+upcast in the kernel; the scales are folded into the scores and the output.
 """
 from __future__ import annotations
 
@@ -41,11 +45,16 @@ def _kv_tile_ptrs(base, start_block, offs_n, offs_d, kv_head, stride_b, stride_t
 
 @triton.jit
 def _load_tile(base, start_block, offs_n, offs_d, kv_head, n_ok, d_ok, stride_b, stride_t, stride_h, stride_d,
-               BLOCK_SIZE: tl.constexpr, CAST_F32: tl.constexpr):
-    """A masked [BLOCK_D, BLOCK_N] K or V tile (fp32 when CAST_F32)."""
+               BLOCK_SIZE: tl.constexpr, CAST_F32: tl.constexpr, KV_FP8: tl.constexpr, COMPUTE: tl.constexpr):
+    """A masked [BLOCK_D, BLOCK_N] K or V tile (fp32 when CAST_F32); fp8 bytes (KV_FP8 1: e4m3, 2: e5m2)
+    upcast to ``COMPUTE``, the queries' type."""
     t = tl.load(_kv_tile_ptrs(base, start_block, offs_n, offs_d, kv_head, stride_b, stride_t, stride_h, stride_d,
                               BLOCK_SIZE),
-                mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+                mask=d_ok[:, None] & n_ok[None, :], other=0)
+    if KV_FP8 == 1:
+        t = t.to(tl.float8e4nv, bitcast=True).to(COMPUTE)
+    elif KV_FP8 == 2:
+        t = t.to(tl.float8e5, bitcast=True).to(COMPUTE)
     if CAST_F32:
         t = t.to(tl.float32)
     return t
@@ -72,14 +81,14 @@ def _context_attention_kernel(
     QSL,  # [R + 1] query start offsets
     SEQ,  # [R] context length (prefix + new tokens)
     KV0,  # [R] first block of each request's range
-    scale, window,
+    scale, k_scale, v_scale, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     # head-dim strides are compile-time: 1, or the block size (vLLM's CPU layout keeps keys as [D, B])
     stride_kb: tl.int64, stride_kt: tl.int64, stride_kh: tl.int64, stride_kd: tl.constexpr,
     stride_vb: tl.int64, stride_vt: tl.int64, stride_vh: tl.int64, stride_vd: tl.constexpr,
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, CAST_F32: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     r = tl.program_id(0)
     h = tl.program_id(1)
@@ -107,7 +116,7 @@ def _context_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    qk_scale = scale * _LOG2E
+    qk_scale = scale * k_scale * _LOG2E
     hi = tl.minimum(seq, prefix + (m + 1) * BLOCK_M)  # causal: no key past the tile's last query
     lo = 0
     full_hi = 0  # keys below this are seen by every query row of the tile: no mask needed
@@ -120,26 +129,26 @@ def _context_attention_kernel(
     for n0 in range(0, full_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = _load_tile(K, kv0, offs_n, offs_d, kvh, all_n, d_ok,
-                       stride_kb, stride_kt, stride_kh, stride_kd, BLOCK_SIZE, CAST_F32)
+                       stride_kb, stride_kt, stride_kh, stride_kd, BLOCK_SIZE, CAST_F32, KV_FP8, Q.dtype.element_ty)
         s = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale
         v = _load_tile(V, kv0, offs_n, offs_d, kvh, all_n, d_ok,
-                       stride_vb, stride_vt, stride_vh, stride_vd, BLOCK_SIZE, CAST_F32)
+                       stride_vb, stride_vt, stride_vh, stride_vd, BLOCK_SIZE, CAST_F32, KV_FP8, Q.dtype.element_ty)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32, DOT_PREC)
     for n0 in range(tl.maximum(lo, full_hi), hi, BLOCK_N):  # the diagonal (and window edge): masked
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seq
         k = _load_tile(K, kv0, offs_n, offs_d, kvh, n_ok, d_ok,
-                       stride_kb, stride_kt, stride_kh, stride_kd, BLOCK_SIZE, CAST_F32)
+                       stride_kb, stride_kt, stride_kh, stride_kd, BLOCK_SIZE, CAST_F32, KV_FP8, Q.dtype.element_ty)
         s = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale
         allowed = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
         if USE_WINDOW:
             allowed = allowed & (offs_n[None, :] > pos[:, None] - window)
         s = tl.where(allowed, s, float("-inf"))
         v = _load_tile(V, kv0, offs_n, offs_d, kvh, n_ok, d_ok,
-                       stride_vb, stride_vt, stride_vh, stride_vd, BLOCK_SIZE, CAST_F32)
+                       stride_vb, stride_vt, stride_vh, stride_vd, BLOCK_SIZE, CAST_F32, KV_FP8, Q.dtype.element_ty)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32, DOT_PREC)
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = O + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -149,13 +158,13 @@ def _context_attention_kernel(
 def _decode_kernel(
     Q, K, V, O,  # Q, O: [R, Hq, D]
     PART_ACC, PART_ML,  # [R, Hq, S, D], [R, Hq, S, 2] (used when NUM_SPLITS > 1)
-    SEQ, KV0, scale, window,
+    SEQ, KV0, scale, k_scale, v_scale, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb: tl.int64, stride_kt: tl.int64, stride_kh: tl.int64, stride_kd: tl.constexpr,
     stride_vb: tl.int64, stride_vt: tl.int64, stride_vh: tl.int64, stride_vd: tl.constexpr,
     GQA: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    USE_WINDOW: tl.constexpr, CAST_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    USE_WINDOW: tl.constexpr, CAST_F32: tl.constexpr, DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """One program = one request x one kv head (all its GQA query heads) x one split of the keys."""
     r = tl.program_id(0)
@@ -189,12 +198,14 @@ def _decode_kernel(
         if USE_WINDOW:
             n_ok = n_ok & (offs_n > seq - 1 - window)
         k = _load_tile(K, kv0, offs_n, offs_d, kvh, n_ok, d_ok,
-                       stride_kb, stride_kt, stride_kh, stride_kd, BLOCK_SIZE, CAST_F32)
-        s = tl.where(n_ok[None, :], tl.dot(q, k, input_precision=DOT_PREC) * (scale * _LOG2E), float("-inf"))
+                       stride_kb, stride_kt, stride_kh, stride_kd, BLOCK_SIZE, CAST_F32, KV_FP8, Q.dtype.element_ty)
+        s = tl.where(n_ok[None, :], tl.dot(q, k, input_precision=DOT_PREC) * (scale * k_scale * _LOG2E),
+                     float("-inf"))
         v = _load_tile(V, kv0, offs_n, offs_d, kvh, n_ok, d_ok,
-                       stride_vb, stride_vt, stride_vh, stride_vd, BLOCK_SIZE, CAST_F32)
+                       stride_vb, stride_vt, stride_vh, stride_vd, BLOCK_SIZE, CAST_F32, KV_FP8, Q.dtype.element_ty)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32, DOT_PREC)
 
+    acc = acc * v_scale
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(O + r * stride_ot + heads[:, None] * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -318,9 +329,25 @@ def _fitting_key(kernel, cfg: dict, consts: dict) -> tuple:
     return kernel, tuple(sorted(cfg.items())), tuple(sorted((k, str(v)) for k, v in consts.items()))
 
 
+# fp8 cache dtypes the kernels read (as bytes, upcast inside): the KV_FP8 code of each
+FP8_CODES = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
+
+
+def _as_loaded(cache: torch.Tensor) -> torch.Tensor:
+    """What the kernels are handed: the cache, or the bytes of an fp8 cache (loaded as uint8, bitcast inside)."""
+    if cache.dtype in FP8_CODES:
+        return cache.view(torch.uint8)
+    if cache.dtype == torch.uint8:
+        raise ValueError("a uint8 KV cache is ambiguous: view it as torch.float8_e4m3fn or torch.float8_e5m2")
+    return cache
+
+
 def _common(q, k_cache, v_cache, sliding_window):
     head_dim = q.shape[2]
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"K and V caches differ in dtype ({k_cache.dtype}, {v_cache.dtype})")
     return dict(
+        KV_FP8=FP8_CODES.get(k_cache.dtype, 0),
         GQA=q.shape[1] // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_SIZE=k_cache.shape[2], USE_WINDOW=sliding_window is not None,
         CAST_F32=_interpreting() or q.dtype == torch.float32,
@@ -342,11 +369,13 @@ def context_attention(
     sliding_window: int | None = None,
     max_query_len: int | None = None,
     launch_config: dict | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Chunked prefill (and mixed prefill/decode): new tokens attend to their cached prefix and causally to each other.
 
     ``launch_config`` overrides the tile sizes, warps and stages chosen for the shape (see
-    :data:`CONTEXT_CONFIG`)."""
+    :data:`CONTEXT_CONFIG`). ``k_scale``/``v_scale``: what an fp8 cache's values are multiplied by."""
     _check(q, k_cache, v_cache, out, query_start_loc, seq_lens, kv_start_block)
     num_reqs = seq_lens.shape[0]
     if num_reqs == 0 or q.shape[0] == 0:
@@ -356,7 +385,8 @@ def context_attention(
     cfg = _launch_options(_context_defaults(num_reqs, q.shape[1], max_query_len, q.dtype, q.device), launch_config)
     _launch(
         _context_attention_kernel, lambda c: (num_reqs, q.shape[1], triton.cdiv(max(max_query_len, 1), c["BLOCK_M"])),
-        (q, k_cache, v_cache, out, query_start_loc, seq_lens, kv_start_block, scale, sliding_window or 0,
+        (q, _as_loaded(k_cache), _as_loaded(v_cache), out, query_start_loc, seq_lens, kv_start_block, scale,
+         float(k_scale), float(v_scale), sliding_window or 0,
          q.stride(0), q.stride(1), out.stride(0), out.stride(1),
          k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), k_cache.stride(3),
          v_cache.stride(0), v_cache.stride(2), v_cache.stride(1), v_cache.stride(3)),
@@ -409,11 +439,13 @@ def decode_attention(
     num_splits: int | None = None,
     max_seq_len: int | None = None,
     launch_config: dict | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Decode over long contexts; with ``num_splits > 1`` keys are split (flash-decoding) and merged.
 
     ``launch_config`` overrides the key tile, warps and stages chosen for the shape (see
-    :data:`DECODE_CONFIG`)."""
+    :data:`DECODE_CONFIG`). ``k_scale``/``v_scale``: what an fp8 cache's values are multiplied by."""
     _check(q, k_cache, v_cache, out, seq_lens, kv_start_block)
     num_reqs, hq, head_dim = q.shape
     if num_reqs == 0:
@@ -431,7 +463,8 @@ def decode_attention(
         part_acc = part_ml = out  # unused
     _launch(
         _decode_kernel, lambda c: (num_reqs, kv_heads, num_splits),
-        (q, k_cache, v_cache, out, part_acc, part_ml, seq_lens, kv_start_block, scale, sliding_window or 0,
+        (q, _as_loaded(k_cache), _as_loaded(v_cache), out, part_acc, part_ml, seq_lens, kv_start_block, scale,
+         float(k_scale), float(v_scale), sliding_window or 0,
          q.stride(0), q.stride(1), out.stride(0), out.stride(1),
          k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), k_cache.stride(3),
          v_cache.stride(0), v_cache.stride(2), v_cache.stride(1), v_cache.stride(3)),
