@@ -1,7 +1,8 @@
 """VTENSOR on tiny random-weight models of real architectures besides llama, token for token against
 vanilla vLLM: Gemma 2 (sliding-window and full layers alternating: two KV cache groups; attention
-logit soft-capping passed to vLLM's CPU kernel), Gemma 3 (five sliding layers to one full, QK-norm)
-and Qwen 3 (full attention, QK-norm). Prompts several windows long, chunked prefill forced, a prefix
+logit soft-capping passed to vLLM's CPU kernel), Gemma 3 (five sliding layers to one full, QK-norm),
+Qwen 3 (full attention, QK-norm) and gpt-oss (sliding and full layers alternating, attention sinks,
+a mixture of experts). Prompts several windows long, chunked prefill forced, a prefix
 hit; mapped bytes back to zero."""
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _run(llm):
     return [list(o.outputs[0].token_ids) for o in out + hit]
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "qwen3"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "qwen3", "gpt_oss"])
 def test_architecture_tokens_equal_vanilla(arch, tmp_path):
     from vllm import LLM
 

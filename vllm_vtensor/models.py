@@ -226,8 +226,9 @@ def build_tiny_llama(
 
 # Tiny random-weight models of real architectures (SmolLM2's tokenizer; the same sizes throughout): what
 # VTENSOR is tested on beyond llama. Gemma 2: sliding-window and full layers alternating, logit
-# soft-capping; Gemma 3: five sliding layers to one full, QK-norm; Qwen 3: full attention, QK-norm.
-ARCHITECTURES = ("gemma2", "gemma3", "qwen3")
+# soft-capping; Gemma 3: five sliding layers to one full, QK-norm; Qwen 3: full attention, QK-norm;
+# gpt-oss: sliding and full layers alternating, attention sinks, a mixture of experts (4, 2 per token).
+ARCHITECTURES = ("gemma2", "gemma3", "qwen3", "gpt_oss")
 
 
 def build_tiny_model(arch: str, cache: str | os.PathLike | None = None, *, sliding_window: int = 64,
@@ -262,6 +263,12 @@ def build_tiny_model(arch: str, cache: str | os.PathLike | None = None, *, slidi
                                                layer_types=["full_attention" if (i + 1) % 6 == 0 else
                                                             "sliding_attention" for i in range(num_layers)])
         model_cls = transformers.Gemma3ForCausalLM
+    elif arch == "gpt_oss":
+        config = transformers.GptOssConfig(**common, sliding_window=sliding_window, num_local_experts=4,
+                                           num_experts_per_tok=2,
+                                           layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                                        for i in range(num_layers)])
+        model_cls = transformers.GptOssForCausalLM
     else:
         config = transformers.Qwen3Config(**common)
         model_cls = transformers.Qwen3ForCausalLM
@@ -339,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--head-dim", type=int, default=64)
     t.add_argument("--layers", type=int, default=4)
     t.add_argument("--force", action="store_true")
+    m = sub.add_parser("tiny-model", help="write a random-weight tiny model of another architecture; print its folder")
+    m.add_argument("arch", choices=ARCHITECTURES)
+    m.add_argument("--force", action="store_true")
     b = sub.add_parser("bench-llama", help="write the 1.65 GB random-weight llama of benchmarks/offload.py")
     b.add_argument("--force", action="store_true")
     c = sub.add_parser("shape", help="write the config.json of a real model's shape (for load_format=dummy); print its folder")
@@ -351,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
             path = build_smollm2(args.cache_dir, force=args.force)
         elif args.cmd == "tiny-llama":
             path = build_tiny_llama(args.cache_dir, head_dim=args.head_dim, num_layers=args.layers, force=args.force)
+        elif args.cmd == "tiny-model":
+            path = build_tiny_model(args.arch, args.cache_dir, force=args.force)
         elif args.cmd == "bench-llama":
             path = build_bench_llama(args.cache_dir, force=args.force)
         elif args.cmd == "shape":
