@@ -6,7 +6,7 @@ vLLM's own closeness test for quantized models (where an answer first differs fr
 precision, each side's token is among the other's top-5). On CPUs with AVX-512 or AMX, vLLM's
 CPU kernel over VTENSOR's memory gives vanilla vLLM's fp8 answers token for token. SmolLM2
 (real weights) and a tiny random-weight Qwen 3 (QK-norm); mapped bytes back to zero after each.
-Measured agreement: benchmarks/results/fp8_kv-cpu.json (docs/benchmarks/fp8-kv-cpu.md)."""
+Measured agreement: docs/benchmarks/fp8-kv-cpu.md."""
 from __future__ import annotations
 
 import sys
