@@ -80,6 +80,25 @@ def test_what_the_kernels_lack_is_refused_naming_the_fix(monkeypatch, kw, what):
     assert _impl(monkeypatch, "vllm", **kw).kernel == "vllm"  # vLLM's kernel over the same memory takes them
 
 
+@pytest.mark.parametrize("kw, fix", [
+    (dict(kv_cache_dtype="fp8"), "use --kv-cache-dtype auto"),
+    (dict(has_sliding_window=True), "has not run sliding-window models yet"),
+    (dict(has_sink=True), "has not run attention sinks yet"),
+])
+def test_configurations_refused_at_selection_name_the_fix(kw, fix):
+    """vLLM refuses VTENSOR at backend selection for what its CUDA path has not run; each reason says what to do."""
+    from vllm.platforms.interface import DeviceCapability
+
+    from vllm_vtensor.backend_cuda import VTensorCudaBackend
+
+    args = dict(head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=16, use_mla=False,
+                has_sink=False, use_sparse=False, use_mm_prefix=False, use_per_head_quant_scales=False,
+                device_capability=DeviceCapability(9, 0), attn_type="decoder")
+    assert VTensorCudaBackend.validate_configuration(**args) == []
+    reasons = VTensorCudaBackend.validate_configuration(**(args | kw))
+    assert any(fix in r for r in reasons) and reasons[-1] == "or run without --attention-backend VTENSOR", reasons
+
+
 def test_an_unknown_kernel_names_the_choices(monkeypatch):
     with pytest.raises(ValueError, match="on CUDA: use one of triton, vllm"):
         _impl(monkeypatch, "cpu")

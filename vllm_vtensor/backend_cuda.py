@@ -87,6 +87,27 @@ class VTensorCudaBackend(TritonAttentionBackend):
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER  # only decoder self-attention keeps a KV cache here
 
+    @classmethod
+    def validate_configuration(cls, *args, **kwargs) -> list[str]:
+        """vLLM's reasons for refusing VTENSOR here, each with what to do about it."""
+        return _with_fixes(super().validate_configuration(*args, **kwargs))
+
+
+# vLLM's reasons for refusing a backend at selection -> what to do about them with VTENSOR on CUDA
+_CUDA_FIXES = {
+    "kv_cache_dtype not supported": "an fp8 KV cache is not yet wired into VTENSOR's CUDA path (its kernels read "
+                                    "fp8, so far tested under Triton's interpreter only): use --kv-cache-dtype auto",
+    "sliding window not supported": "VTENSOR's CUDA path has not run sliding-window models yet (they run on CPU)",
+    "attention sinks not supported": "VTENSOR's CUDA path has not run attention sinks yet (they run on CPU)",
+}
+
+
+def _with_fixes(reasons: list[str]) -> list[str]:
+    if not reasons:
+        return reasons
+    return [f"{r}: {_CUDA_FIXES[r]}" if r in _CUDA_FIXES else r for r in reasons] + [
+        "or run without --attention-backend VTENSOR"]
+
 
 # What the kernels do not implement (sinks, partial multimodal prefixes, sliding windows, R-SWA,
 # non-causal attention), and the V2 model runner, which calls none of VTENSOR's KV allocation and
