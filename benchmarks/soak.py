@@ -107,7 +107,10 @@ def run_engine(name: str, model: str, args) -> dict:
         served = client.models.list().data[0].id
         worker = _worker(server)
         tree = {p.pid for p in [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]}
-        stats_file = None
+        # the snapshot file the API server chose (the first process the plugin loads in): in a folder of its own
+        from vllm_vtensor.stats import private_folder_path
+
+        snapshots = private_folder_path() / f"stats-{server.proc.pid}"
         for rnd in range(args.rounds + 1):  # round 0: nothing sent, the server as it started
             t0 = time.perf_counter()
             load = _round(client, served, args.streams, args.max_tokens, rnd) if rnd else {}
@@ -120,9 +123,8 @@ def run_engine(name: str, model: str, args) -> dict:
             row["after_cache_reset"] = _measure(server, worker, name)
             rows.append(row)
             print(f"{name} round {rnd}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "round"), flush=True)
-        if name == "vtensor":
-            stats_file = next((line.split("=", 1)[1] for line in open(f"/proc/{worker.pid}/environ").read().split("\0")
-                               if line.startswith("VTENSOR_STATS_FILE=")), None)
+        stats_file_seen = (snapshots / "stats.json").exists()
+
     def alive():
         out = []
         for pid in tree:
@@ -137,7 +139,10 @@ def run_engine(name: str, model: str, args) -> dict:
     while (left := alive()) and time.monotonic() < deadline:
         time.sleep(0.2)
     return {"rows": rows, "processes_left": left,
-            "stats_file_left": bool(stats_file and os.path.exists(stats_file)), "log": str(log)}
+            "stats_file_seen": stats_file_seen,
+            # any snapshot file or folder of a process of the server's tree still there
+            "stats_file_left": sorted(str(f) for pid in tree for f in private_folder_path().glob(f"stats-{pid}*")),
+            "log": str(log)}
 
 
 def check(result: dict, engine: str) -> dict:
@@ -155,7 +160,8 @@ def check(result: dict, engine: str) -> dict:
            "worker_pss_after_reset_over_start": (max(r["worker_pss_bytes"] for r in resets) / start["worker_pss_bytes"]
                                                  if start["worker_pss_bytes"] else None),
            "memfds_constant": len({r["worker_memfds"] for r in rows}) == 1,
-           "processes_left": result["processes_left"], "stats_file_left": result["stats_file_left"]}
+           "processes_left": result["processes_left"], "stats_file_seen": result["stats_file_seen"],
+           "stats_file_left": result["stats_file_left"]}
     out["footprint_within_5pct"] = out["tree_rss_after_reset_over_start"] <= 1.05 and (
         out["worker_pss_after_reset_over_start"] or 0) <= 1.05
     if engine == "vtensor":
@@ -172,6 +178,9 @@ def check(result: dict, engine: str) -> dict:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # the servers choose their own snapshot file, which must go with them (checked): a file named in
+    # the environment (a caller's; an earlier test's) is the caller's to keep, so it is not inherited
+    os.environ.pop("VTENSOR_STATS_FILE", None)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct, built locally)")
     p.add_argument("--engines", default="vtensor,vanilla")
