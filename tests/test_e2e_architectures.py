@@ -2,8 +2,9 @@
 vanilla vLLM: Gemma 2 (sliding-window and full layers alternating: two KV cache groups; attention
 logit soft-capping passed to vLLM's CPU kernel), Gemma 3 (five sliding layers to one full, QK-norm),
 Qwen 3 (full attention, QK-norm) and gpt-oss (sliding and full layers alternating, attention sinks,
-a mixture of experts). Prompts several windows long, chunked prefill forced, a prefix
-hit; mapped bytes back to zero."""
+a mixture of experts). Prompts several windows long, chunked prefill forced; VTENSOR with prefix
+caching on (a prefix hit mapped, not recomputed) and off under a budget that forces preemption;
+mapped bytes back to zero."""
 from __future__ import annotations
 
 import os
@@ -14,11 +15,12 @@ from test_e2e_vtensor import _shutdown, _stats
 
 pytestmark = pytest.mark.e2e
 
-ENGINE = dict(dtype="float32", max_model_len=1024, enforce_eager=True, seed=0, max_num_batched_tokens=64,
-              kv_cache_memory_bytes=64 << 20)
+ENGINE = dict(dtype="float32", max_model_len=384, enforce_eager=True, seed=0, max_num_batched_tokens=64)
+KV_BYTES_PER_TOKEN = 6 * 2 * 64 * 2 * 4  # every tiny model: 6 layers x 2 KV heads x 64, K and V, float32
 
 
-def _run(llm):
+def _mixed(llm):
+    """Prompts of 17-300 tokens (several windows), chunked prefill, then one that hits a shared prefix."""
     from vllm import SamplingParams
 
     sp = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
@@ -29,6 +31,28 @@ def _run(llm):
     return [list(o.outputs[0].token_ids) for o in out + hit]
 
 
+def _pressure(llm):
+    """Six short prompts that all start at once and each grow by 300 tokens: under a budget of 512
+    tokens' KV the running requests outgrow it, whatever the model's KV cache groups, and vLLM preempts."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
+    prompts = [[200 + (i * 53 + k * 7) % 2000 for k in range(20)] for i in range(6)]
+    return [list(o.outputs[0].token_ids) for o in llm.generate([{"prompt_token_ids": p} for p in prompts], sp,
+                                                                use_tqdm=False)]
+
+
+def _vtensor(model, stats, workload, **kw):
+    from vllm import LLM
+
+    os.environ["VTENSOR_STATS_FILE"] = str(stats)  # the engine's processes inherit it at spawn
+    llm = LLM(model=model, attention_backend="VTENSOR", **ENGINE, **kw)
+    out = workload(llm)
+    after = _stats(stats)
+    _shutdown(llm)
+    return out, after
+
+
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3", "qwen3", "gpt_oss"])
 def test_architecture_tokens_equal_vanilla(arch, tmp_path):
     from vllm import LLM
@@ -36,15 +60,16 @@ def test_architecture_tokens_equal_vanilla(arch, tmp_path):
     from vllm_vtensor.models import build_tiny_model
 
     model = str(build_tiny_model(arch))
-    vanilla = LLM(model=model, **ENGINE)
-    ref = _run(vanilla)
+    vanilla = LLM(model=model, kv_cache_memory_bytes=64 << 20, **ENGINE)
+    ref_mixed, ref_pressure = _mixed(vanilla), _pressure(vanilla)
     _shutdown(vanilla)
-    stats = tmp_path / "stats.json"
-    os.environ["VTENSOR_STATS_FILE"] = str(stats)
-    llm = LLM(model=model, attention_backend="VTENSOR", **ENGINE)
-    out = _run(llm)
-    after = _stats(stats)
-    _shutdown(llm)
-    assert out == ref
+
+    out, after = _vtensor(model, tmp_path / "cached.json", _mixed, kv_cache_memory_bytes=64 << 20)
+    assert out == ref_mixed
     assert after["mapped_bytes"] == 0 and after["running_requests"] == 0
     assert after["prefix_hit_bytes"] > 0  # the shared prefix was mapped, not recomputed
+
+    out, after = _vtensor(model, tmp_path / "tight.json", _pressure, kv_cache_memory_bytes=512 * KV_BYTES_PER_TOKEN,
+                          enable_prefix_caching=False)
+    assert out == ref_pressure
+    assert after["preemptions"] > 0 and after["mapped_bytes"] == 0
