@@ -17,7 +17,8 @@ class FlexConfigError(ValueError):
 
 @dataclass(frozen=True)
 class FlexConfig:
-    memory_budget: str | int | float  # "1.5GiB", "800MB", bytes, or a fraction (0, 1] of the weight bytes
+    # "1.5GiB", "800MB", bytes, a fraction (0, 1] of the weight bytes, or "auto" (what is free: flexoffload.memory)
+    memory_budget: str | int | float
     # layers read ahead of the one computing (0: synchronous reads); None: 3, or fewer where the
     # budget cannot hold that many layer buffers
     prefetch_window: int | None = None
@@ -45,10 +46,21 @@ class FlexConfig:
         if cfg.policy == "mmap" and streaming_only:
             raise FlexConfigError(f"{streaming_only} apply to streamed weights; the mmap baseline (policy 'mmap') "
                                   "leaves paging to the OS: drop them, or pick a streaming policy")
-        cfg.budget_bytes(1)  # validates the budget's form
+        if not cfg.auto:
+            cfg.budget_bytes(1)  # validates the budget's form
         return cfg
 
-    def budget_bytes(self, weight_bytes: int) -> int:
+    @property
+    def auto(self) -> bool:
+        return isinstance(self.memory_budget, str) and self.memory_budget.strip().lower() == "auto"
+
+    def budget_bytes(self, weight_bytes: int, room: int | None = None) -> int:
+        """The budget in bytes for ``weight_bytes`` of weights; with ``"auto"``, the ``room`` the free
+        memory leaves (all the weights when they fit)."""
+        if self.auto:
+            if room is None:
+                raise FlexConfigError("memory_budget 'auto' is sized from the free memory when the engine loads")
+            return min(weight_bytes, room)
         b = self.memory_budget
         if isinstance(b, float) or (isinstance(b, str) and b.strip().endswith("%")):
             frac = float(str(b).strip().rstrip("%")) / (100 if str(b).strip().endswith("%") else 1)

@@ -42,7 +42,8 @@ from vllm_vtensor.log import get_logger
 from vllm_vtensor.stats import write_json_atomic
 
 from .config import FlexConfig, FlexConfigError
-from .plan import classify, plan_for_budget
+from .memory import AutoBudget, auto_budget
+from .plan import BudgetError, classify, plan_for_budget
 from .runtime import Streamer, Unit, mlock
 from .store import WeightStore, aligned, rehome, store_key
 
@@ -59,6 +60,7 @@ class FlexInferLoader(BaseModelLoader):
         inner = dataclasses.replace(load_config, load_format="auto", model_loader_extra_config={})
         self.inner = DefaultModelLoader(inner)
         self.streamer: Streamer | None = None
+        self.auto: AutoBudget | None = None  # what memory_budget "auto" found free
 
     def download_model(self, model_config: ModelConfig) -> None:
         self.inner.download_model(model_config)
@@ -82,6 +84,8 @@ class FlexInferLoader(BaseModelLoader):
             raise FlexConfigError("--load-format flexinfer supports tensor/pipeline parallel size 1 only")
         t0 = time.perf_counter()
         target = torch.device(vllm_config.device_config.device)
+        if self.cfg.auto:  # measured before any weight exists: the model is built on meta
+            self.auto = auto_budget(vllm_config, target)
         # as in vLLM's loader: the model is built on the device, and built, loaded and processed with
         # its dtype as the default; its parameters go to meta as they are registered
         with set_default_torch_dtype(model_config.dtype), _LoadPeak(target) as peak:
@@ -99,14 +103,24 @@ class FlexInferLoader(BaseModelLoader):
         params = dict(model.named_parameters())  # tied lm_head/embedding appear once
         tensors = [classify(n, aligned(p.numel() * p.element_size()), p.dim()) for n, p in params.items()]
         weight_bytes = sum(t.nbytes for t in tensors)  # the plan's (4096-aligned) sizes: 100% streams nothing
-        budget = self.cfg.budget_bytes(weight_bytes)
+        budget = self.cfg.budget_bytes(weight_bytes, self.auto.room_bytes if self.auto else None)
+        if self.auto:
+            logger.info("flexinfer: memory_budget auto: %s; %s", self.auto.describe(),
+                        "the whole model fits: nothing streams" if budget >= weight_bytes else
+                        f"{budget / 2**20:.0f} MiB of the {weight_bytes / 2**20:.0f} MiB of weights")
         path = self.cfg.store_dir() / f"{store_key(model_config.model, model_config.dtype, list(params))}.bin"
         if self.cfg.policy == "mmap":
             mapped = [n for n, p in params.items() if p.dim() >= 2]
             self._fill(model, model_config, params, path, target, lambda n: n not in mapped)
             del params  # see below: no reference may outlive CPU weight packing
             return self._load_mmap_baseline(model, model_config, target, mapped, path)
-        plan = plan_for_budget(tensors, budget, window=self.cfg.prefetch_window, policy=self.cfg.policy)
+        try:
+            plan = plan_for_budget(tensors, budget, window=self.cfg.prefetch_window, policy=self.cfg.policy)
+        except BudgetError as e:
+            if self.auto is None:
+                raise
+            raise BudgetError(f"memory_budget 'auto' found too little memory ({self.auto.describe()}): {e}; or free "
+                              "memory, lower --kv-cache-memory-bytes or --max-model-len") from None
         logger.info("flexinfer plan (weights %.1f MiB):\n%s", weight_bytes / 2**20, plan.table())
         streamed = [n for names in plan.streamed.values() for n in names] + (plan.head_names if plan.head_streamed else [])
         if streamed:
@@ -149,7 +163,8 @@ class FlexInferLoader(BaseModelLoader):
             "budget_bytes": budget, "weight_bytes": weight_bytes, "resident_bytes": plan.resident_bytes,
             "arena_bytes": plan.arena_bytes, "streamed_bytes_per_forward": plan.streamed_bytes_per_forward,
             "head_streamed": plan.head_streamed, "policy": plan.policy, "forwards": 0, "bytes_streamed": 0,
-            "device": target.type, "device_weight_bytes": _device_bytes(model, self.streamer, target)})
+            "device": target.type, "device_weight_bytes": _device_bytes(model, self.streamer, target),
+            "auto": self.auto.as_dict() if self.auto else None})
         return model.eval()
 
     def _fill(self, model, model_config, params, path, target: torch.device, wanted) -> None:

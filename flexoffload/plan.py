@@ -341,7 +341,9 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m flexoffload.plan", description="Print a FlexInfer plan for a checkpoint")
     p.add_argument("model", help="a Hugging Face folder with *.safetensors")
-    p.add_argument("--budget", required=True, help='"1GiB", "800MB", bytes, or a fraction like 0.5')
+    p.add_argument("--budget", required=True,
+                   help='"1GiB", "800MB", bytes, a fraction like 0.5, or auto (free host memory less --kv-bytes and a margin)')
+    p.add_argument("--kv-bytes", default="0", help="with --budget auto: the KV cache the engine will hold (e.g. 4GiB)")
     p.add_argument("--dtype-bytes", type=int, default=4, help="bytes per element when served (4: float32)")
     p.add_argument("--window", type=int, default=None,
                    help=f"layers read ahead (default {DEFAULT_WINDOW}, fewer where the budget cannot hold the buffers)")
@@ -353,7 +355,18 @@ def main(argv=None) -> int:
     mem = args.mem_gbps * 1e9 if args.mem_gbps else measure_memory_bandwidth()
     tensors = checkpoint_tensors(args.model, args.dtype_bytes)
     budget_value = float(args.budget) if re.fullmatch(r"0?\.\d+|1(\.0)?", args.budget) else args.budget
-    budget = FlexConfig(memory_budget=budget_value).budget_bytes(sum(t.nbytes for t in tensors))
+    room = None
+    if args.budget.strip().lower() == "auto":
+        from vllm_vtensor.settings import parse_bytes
+
+        from .memory import MARGIN_FRACTION, MIN_MARGIN, AutoBudget, free_host_bytes
+
+        free, where = free_host_bytes()
+        auto = AutoBudget(free_bytes=free, kv_bytes=parse_bytes(args.kv_bytes),
+                          margin_bytes=max(MIN_MARGIN, int(free * MARGIN_FRACTION)), where=where)
+        room = auto.room_bytes
+        print(f"memory_budget auto: {auto.describe()}")
+    budget = FlexConfig(memory_budget=budget_value).budget_bytes(sum(t.nbytes for t in tensors), room)
     try:
         plan = plan_for_budget(tensors, budget, window=args.window, policy=args.policy)
     except BudgetError as e:

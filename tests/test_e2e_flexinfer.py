@@ -1,5 +1,6 @@
 """`--load-format flexinfer` on SmolLM2: greedy outputs equal vLLM's default loader at 25%, 50% and
-100% of the weight bytes; the worker's memory shrinks by what is streamed (measured), and loading,
+100% of the weight bytes and with the budget "auto" (which here, with the model fitting in the free
+memory, streams nothing); the worker's memory shrinks by what is streamed (measured), and loading,
 the weight store's first build included, stays within the budget (measured); at 100% nothing
 streams; a budget below the minimum fails with the minimum named."""
 from __future__ import annotations
@@ -47,7 +48,7 @@ def reference(vanilla_llm):
     return [list(o.outputs[0].token_ids) for o in outs], rss
 
 
-@pytest.mark.parametrize("fraction", [0.25, 0.5, 1.0])
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 1.0, "auto"])
 def test_flexinfer_matches_default_loader(fraction, reference, smollm2_path, tmp_path):
     from vllm import LLM
 
@@ -76,7 +77,10 @@ def test_flexinfer_matches_default_loader(fraction, reference, smollm2_path, tmp
         # measured: the worker's anonymous memory grew by no more than the budget while it loaded
         # (a load that held the model, as vLLM's loader does, grows by all 540 MB of it)
         assert stats["load_peak_anon_bytes"] <= stats["budget_bytes"] + (32 << 20), stats
-    if fraction == 1.0:
+    if fraction == "auto":  # SmolLM2's 540 MB fit in what this machine has free: all of it, nothing streams
+        assert stats["auto"]["room_bytes"] >= stats["weight_bytes"] == stats["budget_bytes"], stats["auto"]
+        assert stats["auto"]["kv_bytes"] == 256 << 20 and stats["auto"]["free_bytes"] > stats["auto"]["room_bytes"]
+    if fraction in (1.0, "auto"):
         assert stats["streamed_bytes_per_forward"] == 0 and stats["bytes_streamed"] == 0
     else:
         assert stats["forwards"] > 0

@@ -143,9 +143,12 @@ SETTINGS: tuple[Setting, ...] = (
             "peak). Its folder must exist.",
             parse=_path, check=lambda v: Path(v).parent.is_dir(),
             fix="name a file in an existing folder (the folder is not created)"),
-    Setting("memory_budget", "flexinfer option", "size or fraction", None,
-            "Required. The memory the model's weights may hold: bytes, a size (`\"1.5GiB\"`, `\"800M\"`), or a "
-            "fraction of the weights (`0.25`, `\"25%\"`).", default_text="required"),
+    Setting("memory_budget", "flexinfer option", "size, fraction or auto", None,
+            "Required. The memory the model's weights may hold: bytes, a size (`\"1.5GiB\"`, `\"800M\"`), a "
+            "fraction of the weights (`0.25`, `\"25%\"`), or `\"auto\"`: what is free when the engine loads (the "
+            "tightest of MemAvailable and a cgroup limit on a CPU, the device's free memory on CUDA) less the KV "
+            "cache and a margin of 5% (at least 256 MiB); when the model fits, nothing streams.",
+            default_text="required"),
     Setting("prefetch_window", "flexinfer option", "int >= 0", None,
             "Layers read ahead of the one computing (0: synchronous reads).",
             default_text="3, fewer where the budget cannot hold that many layer buffers"),

@@ -1,0 +1,134 @@
+"""How much memory the weights may take when ``memory_budget`` is ``"auto"``.
+
+Like llama.cpp's ``--fit``: the budget is what is free when the engine loads its weights, less the
+KV cache vLLM will still allocate and a margin for activations and the runtime; when the whole
+model fits, nothing streams.
+
+* Free memory on a CPU: ``MemAvailable`` (``/proc/meminfo``), and, inside a cgroup with a memory
+  limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``), the limit less the cgroup's usage - the
+  tightest of the process's cgroup and its ancestors.
+* On CUDA: the device's free memory less the share ``--gpu-memory-utilization`` leaves to others.
+* The KV cache: ``--kv-cache-memory-bytes`` (or ``VLLM_CPU_KVCACHE_SPACE``) when set; else room for
+  one ``--max-model-len`` request, the least vLLM starts with (it sizes the KV cache from what the
+  weights leave).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+MIN_MARGIN = 256 << 20  # activations, vLLM's runtime, allocator slack
+MARGIN_FRACTION = 0.05  # of the free memory, when that is more
+
+
+@dataclass(frozen=True)
+class AutoBudget:
+    free_bytes: int  # free when the weights load
+    kv_bytes: int  # kept for the KV cache
+    margin_bytes: int  # kept for activations and the runtime
+    where: str  # what limited the free memory ("MemAvailable", "cgroup /x", "cuda:0")
+
+    @property
+    def room_bytes(self) -> int:
+        return max(0, self.free_bytes - self.kv_bytes - self.margin_bytes)
+
+    def describe(self) -> str:
+        mib = 1 << 20
+        return (f"{self.free_bytes / mib:.0f} MiB free ({self.where}) - KV cache {self.kv_bytes / mib:.0f} MiB - "
+                f"margin {self.margin_bytes / mib:.0f} MiB = {self.room_bytes / mib:.0f} MiB for weights")
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"room_bytes": self.room_bytes}
+
+
+def mem_available(meminfo: str | Path = "/proc/meminfo") -> int:
+    for line in Path(meminfo).read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no MemAvailable in {meminfo}")
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return None if text in ("", "max") else int(text)
+
+
+def _inactive_file(stat: Path, key: str) -> int:
+    """Reclaimable page cache counted in a cgroup's usage (``memory.stat``), as container tools subtract it."""
+    try:
+        for line in stat.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def cgroup_room(proc_cgroup: str | Path = "/proc/self/cgroup", root: str | Path = "/sys/fs/cgroup"
+                ) -> tuple[int, str] | None:
+    """``(limit - usage, the cgroup)`` of the tightest memory-limited cgroup this process is in (its own
+    or an ancestor), or None without a limit. Usage less its inactive page cache (reclaimed before
+    anything is killed); limits of 2**60 bytes or more count as none (cgroup v1's "unlimited")."""
+    root = Path(root)
+    best = None
+    for line in Path(proc_cgroup).read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2 (at the root, or under "unified" beside v1 controllers)
+            base = root / "unified" if (root / "unified").is_dir() else root
+            limit_file, usage_file, cache_key = "memory.max", "memory.current", "inactive_file"
+        elif "memory" in controllers.split(","):  # v1
+            base, limit_file, usage_file = root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+            cache_key = "total_inactive_file"
+        else:
+            continue
+        rel = Path(path.lstrip("/"))
+        for folder in [rel, *rel.parents]:
+            limit, usage = _read_int(base / folder / limit_file), _read_int(base / folder / usage_file)
+            if limit is None or usage is None or limit >= 1 << 60:
+                continue
+            usage -= _inactive_file(base / folder / "memory.stat", cache_key)
+            room = max(0, limit - usage)
+            if best is None or room < best[0]:
+                best = (room, f"cgroup /{folder}" if str(folder) != "." else "cgroup /")
+    return best
+
+
+def free_host_bytes() -> tuple[int, str]:
+    free, where = mem_available(), "MemAvailable"
+    limited = cgroup_room()
+    if limited is not None and limited[0] < free:
+        free, where = limited
+    return free, where
+
+
+def free_device_bytes(device, utilization: float) -> tuple[int, str]:
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, int(free - (1.0 - utilization) * total)), str(device)
+
+
+def kv_reserve_bytes(vllm_config) -> int:
+    """The KV cache vLLM will allocate after the weights: as set, else one max_model_len request's."""
+    cache, model = vllm_config.cache_config, vllm_config.model_config
+    if cache.kv_cache_memory_bytes:
+        return int(cache.kv_cache_memory_bytes)
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+
+    dtype = kv_cache_dtype_str_to_dtype(cache.cache_dtype, model)
+    per_token = (model.get_num_layers(vllm_config.parallel_config) * model.get_total_num_kv_heads()
+                 * model.get_head_size() * 2 * dtype.itemsize)
+    return per_token * model.max_model_len
+
+
+def auto_budget(vllm_config, device) -> AutoBudget:
+    if device.type == "cuda":
+        free, where = free_device_bytes(device, vllm_config.cache_config.gpu_memory_utilization)
+    else:
+        free, where = free_host_bytes()
+    margin = max(MIN_MARGIN, int(free * MARGIN_FRACTION))
+    return AutoBudget(free_bytes=free, kv_bytes=kv_reserve_bytes(vllm_config), margin_bytes=margin, where=where)

@@ -1,0 +1,84 @@
+"""memory_budget "auto": free memory read as the kernel reports it (MemAvailable; cgroup v1 and v2
+limits less usage less inactive page cache, the tightest of a cgroup and its ancestors), less the KV
+cache vLLM will allocate and a margin; all the weights when they fit."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from flexoffload.config import FlexConfig, FlexConfigError
+from flexoffload.memory import MIN_MARGIN, AutoBudget, cgroup_room, kv_reserve_bytes, mem_available
+
+GiB = 1 << 30
+
+
+def test_mem_available_is_read_from_meminfo(tmp_path):
+    (tmp_path / "meminfo").write_text("MemTotal:  24000000 kB\nMemFree:  1000 kB\nMemAvailable:  2048 kB\n")
+    assert mem_available(tmp_path / "meminfo") == 2048 * 1024
+    (tmp_path / "bad").write_text("MemTotal: 1 kB\n")
+    with pytest.raises(OSError, match="no MemAvailable"):
+        mem_available(tmp_path / "bad")
+
+
+def _cgroup(root, rel, files):
+    d = root / rel
+    d.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (d / name).write_text(text)
+
+
+def test_cgroup_v1_limit_less_usage_less_inactive_cache_tightest_ancestor(tmp_path):
+    root = tmp_path / "cg"
+    (tmp_path / "self").write_text("9:pids:/\n4:memory:/jobs/one\n0::/\n")
+    _cgroup(root, "memory/jobs/one", {"memory.limit_in_bytes": str(8 * GiB), "memory.usage_in_bytes": str(3 * GiB),
+                                      "memory.stat": f"cache 5\ntotal_inactive_file {GiB}\n"})
+    _cgroup(root, "memory/jobs", {"memory.limit_in_bytes": str(5 * GiB), "memory.usage_in_bytes": str(4 * GiB)})
+    _cgroup(root, "memory", {"memory.limit_in_bytes": "9223372036854771712", "memory.usage_in_bytes": "1"})
+    assert cgroup_room(tmp_path / "self", root) == (1 * GiB, "cgroup /jobs")  # the parent is tighter
+    (root / "memory/jobs/memory.limit_in_bytes").write_text("9223372036854771712")  # unlimited
+    assert cgroup_room(tmp_path / "self", root) == (6 * GiB, "cgroup /jobs/one")  # 8 - (3 - 1 inactive)
+
+
+def test_cgroup_v2_and_no_limit(tmp_path):
+    root = tmp_path / "cg"
+    (tmp_path / "self").write_text("0::/user.slice/job\n")
+    _cgroup(root, "user.slice/job", {"memory.max": str(2 * GiB), "memory.current": str(GiB // 2),
+                                     "memory.stat": "anon 1\ninactive_file 0\n"})
+    _cgroup(root, "user.slice", {"memory.max": "max", "memory.current": str(GiB)})
+    assert cgroup_room(tmp_path / "self", root) == (GiB + GiB // 2, "cgroup /user.slice/job")
+    (root / "user.slice/job/memory.max").write_text("max\n")
+    assert cgroup_room(tmp_path / "self", root) is None
+    # v2 mounted under "unified" beside v1 controllers (a hybrid hierarchy)
+    hybrid = tmp_path / "hybrid"
+    _cgroup(hybrid, "unified/user.slice/job", {"memory.max": str(GiB), "memory.current": "0"})
+    assert cgroup_room(tmp_path / "self", hybrid) == (GiB, "cgroup /user.slice/job")
+
+
+def test_auto_budget_leaves_the_kv_cache_and_a_margin():
+    b = AutoBudget(free_bytes=10 * GiB, kv_bytes=2 * GiB, margin_bytes=MIN_MARGIN, where="MemAvailable")
+    assert b.room_bytes == 8 * GiB - MIN_MARGIN and "for weights" in b.describe()
+    assert AutoBudget(free_bytes=GiB, kv_bytes=2 * GiB, margin_bytes=0, where="x").room_bytes == 0
+
+
+def test_auto_config_takes_all_the_weights_when_they_fit():
+    cfg = FlexConfig.from_extra({"memory_budget": "auto"})
+    assert cfg.auto and cfg.budget_bytes(3 * GiB, room=5 * GiB) == 3 * GiB
+    assert cfg.budget_bytes(3 * GiB, room=GiB) == GiB
+    with pytest.raises(FlexConfigError, match="sized from the free memory"):
+        cfg.budget_bytes(3 * GiB)
+    assert not FlexConfig.from_extra({"memory_budget": "1GiB"}).auto
+
+
+def test_kv_reserve_is_the_set_kv_cache_else_one_max_model_len_request():
+    import torch
+
+    model = SimpleNamespace(get_num_layers=lambda parallel: 30, get_total_num_kv_heads=lambda: 3,
+                            get_head_size=lambda: 64, max_model_len=2048, dtype=torch.float32)
+    config = SimpleNamespace(cache_config=SimpleNamespace(kv_cache_memory_bytes=None, cache_dtype="auto"),
+                             model_config=model, parallel_config=None)
+    assert kv_reserve_bytes(config) == 30 * 3 * 64 * 2 * 4 * 2048
+    config.cache_config.cache_dtype = "fp8"
+    assert kv_reserve_bytes(config) == 30 * 3 * 64 * 2 * 1 * 2048
+    config.cache_config.kv_cache_memory_bytes = 256 << 20
+    assert kv_reserve_bytes(config) == 256 << 20
