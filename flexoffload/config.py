@@ -27,6 +27,10 @@ class FlexConfig:
     policy: str = "flexinfer"  # or an ablation: attention_first, ffn_first, no_balance; or the "mmap" baseline
     lock_memory: bool = True  # mlock resident weights and buffers where the limit allows
     cache_dir: str | None = None  # where the aligned weight store is written
+    # streamed tensors kept in host memory instead of read from disk: a size, a fraction of the weight
+    # bytes, or "auto" (the free host memory less a margin); None: "auto" on CUDA, 0 on a CPU (there
+    # the host is the device, and memory_budget already covers it)
+    host_budget: str | int | float | None = None
 
     @classmethod
     def from_extra(cls, extra: dict | None) -> "FlexConfig":
@@ -48,7 +52,31 @@ class FlexConfig:
                                   "leaves paging to the OS: drop them, or pick a streaming policy")
         if not cfg.auto:
             cfg.budget_bytes(1)  # validates the budget's form
+        if cfg.host_budget is not None and not _is_auto(cfg.host_budget):
+            _size_or_fraction("host_budget", cfg.host_budget, 1, zero_ok=True)
+        if cfg.policy == "mmap" and cfg.host_budget:
+            raise FlexConfigError("host_budget applies to streamed weights; the mmap baseline (policy 'mmap') leaves "
+                                  "paging to the OS: drop it, or pick a streaming policy")
         return cfg
+
+    def host_budget_bytes(self, weight_bytes: int, free_host: int | None, device_type: str = "cpu") -> int:
+        """The host tier's bytes. ``free_host``: free host memory (None: not checked); the host tier may not
+        take more than that less a margin (it is pinned and never swapped)."""
+        from .memory import MARGIN_FRACTION, MIN_MARGIN
+
+        value = self.host_budget
+        if value is None:
+            value = "auto" if device_type == "cuda" else 0
+        spare = None if free_host is None else max(0, free_host - max(MIN_MARGIN, int(free_host * MARGIN_FRACTION)))
+        if _is_auto(value):
+            if spare is None:
+                raise FlexConfigError("host_budget 'auto' is sized from the free host memory when the engine loads")
+            return spare
+        n = _size_or_fraction("host_budget", value, weight_bytes, zero_ok=True)
+        if spare is not None and n > spare:
+            raise FlexConfigError(f"host_budget {value!r} ({n / 2**20:.0f} MiB) is more than the host can spare "
+                                  f"({spare / 2**20:.0f} MiB free after a margin): lower it, or use \"auto\"")
+        return n
 
     @property
     def auto(self) -> bool:
@@ -61,21 +89,29 @@ class FlexConfig:
             if room is None:
                 raise FlexConfigError("memory_budget 'auto' is sized from the free memory when the engine loads")
             return min(weight_bytes, room)
-        b = self.memory_budget
-        if isinstance(b, float) or (isinstance(b, str) and b.strip().endswith("%")):
-            frac = float(str(b).strip().rstrip("%")) / (100 if str(b).strip().endswith("%") else 1)
-            if not 0 < frac <= 1:
-                raise FlexConfigError(f"memory_budget fraction {b!r} must be in (0, 1] (or 0-100%)")
-            return int(frac * weight_bytes)
-        try:
-            n = parse_bytes(b)
-        except ValueError as e:
-            raise FlexConfigError(f"memory_budget {b!r}: {e}") from e
-        if n <= 0:
-            raise FlexConfigError(f"memory_budget {b!r} must be positive")
-        return n
+        return _size_or_fraction("memory_budget", self.memory_budget, weight_bytes)
 
     def store_dir(self) -> Path:
         path = Path(self.cache_dir or settings.cache_dir()) / "flexinfer"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def _is_auto(value) -> bool:
+    return isinstance(value, str) and value.strip().lower() == "auto"
+
+
+def _size_or_fraction(option: str, b, weight_bytes: int, zero_ok: bool = False) -> int:
+    """Bytes of ``b``: a fraction (0, 1] of ``weight_bytes`` (or 0-100%), bytes, or a size ("1.5GiB")."""
+    if isinstance(b, float) or (isinstance(b, str) and b.strip().endswith("%")):
+        frac = float(str(b).strip().rstrip("%")) / (100 if str(b).strip().endswith("%") else 1)
+        if not (0 <= frac if zero_ok else 0 < frac) or frac > 1:
+            raise FlexConfigError(f"{option} fraction {b!r} must be in {'[0' if zero_ok else '(0'}, 1] (or 0-100%)")
+        return int(frac * weight_bytes)
+    try:
+        n = parse_bytes(b)
+    except ValueError as e:
+        raise FlexConfigError(f"{option} {b!r}: {e}") from e
+    if n < 0 or (n == 0 and not zero_ok):
+        raise FlexConfigError(f"{option} {b!r} must be {'>= 0' if zero_ok else 'positive'}")
+    return n

@@ -42,9 +42,9 @@ from vllm_vtensor.log import get_logger
 from vllm_vtensor.stats import write_json_atomic
 
 from .config import FlexConfig, FlexConfigError
-from .memory import AutoBudget, auto_budget
-from .plan import BudgetError, classify, plan_for_budget
-from .runtime import Streamer, Unit, mlock
+from .memory import AutoBudget, auto_budget, free_host_bytes
+from .plan import BudgetError, assign_host_tier, classify, plan_for_budget
+from .runtime import HostTier, Streamer, Unit, mlock
 from .store import WeightStore, aligned, rehome, store_key
 
 logger = get_logger(__name__)
@@ -121,6 +121,9 @@ class FlexInferLoader(BaseModelLoader):
                 raise
             raise BudgetError(f"memory_budget 'auto' found too little memory ({self.auto.describe()}): {e}; or free "
                               "memory, lower --kv-cache-memory-bytes or --max-model-len") from None
+        if plan.streamed or plan.head_streamed:
+            host_budget = self.cfg.host_budget_bytes(weight_bytes, free_host_bytes()[0], target.type)
+            assign_host_tier(plan, host_budget)
         logger.info("flexinfer plan (weights %.1f MiB):\n%s", weight_bytes / 2**20, plan.table())
         streamed = [n for names in plan.streamed.values() for n in names] + (plan.head_names if plan.head_streamed else [])
         if streamed:
@@ -163,6 +166,9 @@ class FlexInferLoader(BaseModelLoader):
             "budget_bytes": budget, "weight_bytes": weight_bytes, "resident_bytes": plan.resident_bytes,
             "arena_bytes": plan.arena_bytes, "streamed_bytes_per_forward": plan.streamed_bytes_per_forward,
             "head_streamed": plan.head_streamed, "policy": plan.policy, "forwards": 0, "bytes_streamed": 0,
+            "host_budget_bytes": plan.host_budget, "host_bytes": plan.host_bytes, "bytes_from_host": 0,
+            "host_bytes_per_forward": plan.host_streamed_bytes_per_forward,
+            "disk_bytes_per_forward": plan.disk_bytes_per_forward,
             "device": target.type, "device_weight_bytes": _device_bytes(model, self.streamer, target),
             "auto": self.auto.as_dict() if self.auto else None})
         return model.eval()
@@ -219,8 +225,9 @@ class FlexInferLoader(BaseModelLoader):
             head_unit = len(units)
             units.append(Unit("head", list(plan.head_names)))
         device = next(model.parameters()).device
+        host = HostTier(store, sorted(plan.host), self.cfg.lock_memory) if plan.host else None
         streamer = Streamer(store, units, plan.arena_bytes, window=plan.window,
-                            io_threads=self.cfg.io_threads, lock_memory=self.cfg.lock_memory, device=device)
+                            io_threads=self.cfg.io_threads, lock_memory=self.cfg.lock_memory, device=device, host=host)
         self.streamer = streamer
 
         placeholders = {name: (_param(model, name), _param(model, name).data) for name in streamed}  # emptied
@@ -425,5 +432,6 @@ def _report(streamer: Streamer, stats_path: str | None, last_log: list) -> None:
     now = time.monotonic()
     if now - last_log[0] > 10:
         last_log[0] = now
-        logger.info("flexinfer: %d forwards, %.1f MiB streamed, I/O %.2fs, waited %.2fs (overlap %.0f%%)",
-                    s.forwards, s.bytes_streamed / 2**20, s.io_seconds, s.wait_seconds, 100 * s.overlap)
+        logger.info("flexinfer: %d forwards, %.1f MiB read from disk, %.1f MiB from the host tier, I/O %.2fs, "
+                    "waited %.2fs (overlap %.0f%%)", s.forwards, s.bytes_streamed / 2**20, s.bytes_from_host / 2**20,
+                    s.io_seconds, s.wait_seconds, 100 * s.overlap)

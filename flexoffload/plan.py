@@ -20,7 +20,13 @@ Policies (``flexinfer`` is the paper's; the others are its ablations):
 * ``no_balance`` - whole layers resident from the first one on (what a plain
   "offload the rest" does), so late layers stream everything.
 
-``python -m flexoffload.plan MODEL --budget 1GiB`` prints a plan for a checkpoint.
+Tiers: what does not stay resident is streamed into the arena for every forward pass, from a host
+tier (``host_budget`` bytes of pinned host memory holding streamed tensors: on a GPU server, RAM
+beside the device) or else from the weight store on disk. :func:`assign_host_tier` fills the host
+tier largest tensor kind first, each kind spread evenly over the layers that stream it, so every
+layer reads about the same bytes from disk.
+
+``python -m flexoffload.plan MODEL --budget 1GiB [--host-budget 2GiB]`` prints a plan for a checkpoint.
 """
 from __future__ import annotations
 
@@ -76,6 +82,8 @@ class Plan:
     head_names: list[str] = field(default_factory=list)
     arena_bytes: int = 0
     sizes: dict[str, int] = field(default_factory=dict)
+    host: set[str] = field(default_factory=set)  # streamed tensors kept in the host tier (not read from disk)
+    host_budget: int = 0
 
     @property
     def resident_bytes(self) -> int:
@@ -93,30 +101,87 @@ class Plan:
     def total_bytes(self) -> int:
         return sum(self.sizes.values())
 
-    def predicted_tokens_per_s(self, disk_bytes_per_s: float, mem_bytes_per_s: float) -> float:
-        """Decode bound: t >= max(weights touched / memory bandwidth, streamed bytes / disk bandwidth)."""
-        t = max(self.total_bytes / mem_bytes_per_s, self.streamed_bytes_per_forward / disk_bytes_per_s)
+    @property
+    def host_bytes(self) -> int:
+        return sum(self.sizes[n] for n in self.host)
+
+    def layer_host_bytes(self, layer: int) -> int:
+        return sum(self.sizes[n] for n in self.streamed.get(layer, []) if n in self.host)
+
+    @property
+    def host_streamed_bytes_per_forward(self) -> int:
+        """Bytes copied from the host tier into the arena per forward pass."""
+        head = sum(self.sizes[n] for n in self.head_names if n in self.host) if self.head_streamed else 0
+        return sum(self.layer_host_bytes(i) for i in range(self.num_layers)) + head
+
+    @property
+    def disk_bytes_per_forward(self) -> int:
+        return self.streamed_bytes_per_forward - self.host_streamed_bytes_per_forward
+
+    def predicted_tokens_per_s(self, disk_bytes_per_s: float, mem_bytes_per_s: float,
+                               host_bytes_per_s: float | None = None) -> float:
+        """Decode bound: each link carries its bytes at its bandwidth, overlapped: t >= the slowest of
+        weights touched / memory bandwidth, disk bytes / disk bandwidth, host-tier bytes / host-to-device
+        bandwidth (``host_bytes_per_s``; on a CPU a copy at memory bandwidth)."""
+        t = max(self.total_bytes / mem_bytes_per_s, self.disk_bytes_per_forward / disk_bytes_per_s,
+                self.host_streamed_bytes_per_forward / (host_bytes_per_s or mem_bytes_per_s))
         return 1.0 / t
 
-    def table(self, disk_bps: float | None = None, mem_bps: float | None = None) -> str:
+    def table(self, disk_bps: float | None = None, mem_bps: float | None = None,
+              host_bps: float | None = None) -> str:
         mib = 1 << 20
         lines = [
             f"policy {self.policy}, budget {self.budget / mib:.1f} MiB, prefetch window {self.window} layers",
             f"  resident weights {self.resident_bytes / mib:.1f} MiB + stream arena {self.arena_bytes / mib:.1f} MiB "
             f"= {(self.resident_bytes + self.arena_bytes) / mib:.1f} MiB of {self.total_bytes / mib:.1f} MiB weights",
-            f"  head (embedding/lm_head) {'streamed' if self.head_streamed else 'resident'}; "
-            f"streamed per forward pass {self.streamed_bytes_per_forward / mib:.1f} MiB",
-            f"  {'layer':>5} {'resident MiB':>13} {'streamed MiB':>13}  streamed tensors",
+            f"  host tier {self.host_bytes / mib:.1f} MiB of a {self.host_budget / mib:.1f} MiB host budget",
+            f"  head (embedding/lm_head) {'streamed' if self.head_streamed else 'resident'}"
+            f"{' from the host tier' if self.head_streamed and set(self.head_names) <= self.host else ''}; "
+            f"streamed per forward pass {self.streamed_bytes_per_forward / mib:.1f} MiB "
+            f"({self.host_streamed_bytes_per_forward / mib:.1f} from the host tier, "
+            f"{self.disk_bytes_per_forward / mib:.1f} from disk)",
+            f"  {'layer':>5} {'resident MiB':>13} {'host MiB':>9} {'disk MiB':>9}  streamed tensors (* from the host tier)",
         ]
         for i in range(self.num_layers):
             names = self.streamed.get(i, [])
             res = sum(s for n, s in self.sizes.items() if n in self.resident and _layer_of(n) == i)
-            short = ", ".join(n.split(f"layers.{i}.")[-1] for n in names) or "-"
-            lines.append(f"  {i:>5} {res / mib:>13.2f} {self.layer_streamed_bytes(i) / mib:>13.2f}  {short}")
+            short = ", ".join(n.split(f"layers.{i}.")[-1] + ("*" if n in self.host else "") for n in names) or "-"
+            host = self.layer_host_bytes(i)
+            lines.append(f"  {i:>5} {res / mib:>13.2f} {host / mib:>9.2f} "
+                         f"{(self.layer_streamed_bytes(i) - host) / mib:>9.2f}  {short}")
         if disk_bps and mem_bps:
-            lines.append(f"  predicted decode bound: {self.predicted_tokens_per_s(disk_bps, mem_bps):.2f} forward passes/s "
-                         f"(disk {disk_bps / 1e9:.2f} GB/s, memory {mem_bps / 1e9:.2f} GB/s)")
+            link = f", host to device {host_bps / 1e9:.2f} GB/s" if host_bps else ""
+            lines.append(f"  predicted decode bound: {self.predicted_tokens_per_s(disk_bps, mem_bps, host_bps):.2f} "
+                         f"forward passes/s (disk {disk_bps / 1e9:.2f} GB/s, memory {mem_bps / 1e9:.2f} GB/s{link})")
         return "\n".join(lines)
+
+
+def assign_host_tier(plan: Plan, host_budget: int) -> Plan:
+    """Keep streamed tensors in a host tier of ``host_budget`` bytes: tensor kinds largest first, each
+    spread evenly over the layers streaming it (the host tier saves the same disk bytes whichever
+    tensors it holds; spreading keeps every layer's disk read alike), then the head if it streams."""
+    if host_budget < 0:
+        raise BudgetError(f"host_budget {host_budget} must be >= 0")
+    plan.host, plan.host_budget = set(), host_budget
+    room = host_budget
+    by_kind: dict[str, list[tuple[int, str]]] = {}
+    for layer, names in sorted(plan.streamed.items()):
+        for name in names:
+            by_kind.setdefault(name.split(f"layers.{layer}.", 1)[1], []).append((layer, name))
+    for kind in sorted(by_kind, key=lambda k: -plan.sizes[by_kind[k][0][1]]):
+        entries = by_kind[kind]
+        size = plan.sizes[entries[0][1]]
+        k = min(len(entries), room // size) if size else len(entries)
+        for j in _spread(k, len(entries)):
+            if plan.sizes[entries[j][1]] <= room:
+                plan.host.add(entries[j][1])
+                room -= plan.sizes[entries[j][1]]
+    head = sum(plan.sizes[n] for n in plan.head_names)
+    if plan.head_streamed and plan.head_names and head <= room:
+        plan.host |= set(plan.head_names)
+        room -= head
+    assert plan.host_bytes <= host_budget, "host tier exceeds its budget"
+    return plan
 
 
 def _layer_of(name: str) -> int | None:
@@ -344,6 +409,10 @@ def main(argv=None) -> int:
     p.add_argument("--budget", required=True,
                    help='"1GiB", "800MB", bytes, a fraction like 0.5, or auto (free host memory less --kv-bytes and a margin)')
     p.add_argument("--kv-bytes", default="0", help="with --budget auto: the KV cache the engine will hold (e.g. 4GiB)")
+    p.add_argument("--host-budget", default="0",
+                   help="host memory for streamed tensors (a size or a fraction of the weights; default 0: all from disk)")
+    p.add_argument("--host-gbps", type=float, default=None,
+                   help="host-to-device bandwidth of the host tier (default: memory bandwidth, a copy on a CPU)")
     p.add_argument("--dtype-bytes", type=int, default=4, help="bytes per element when served (4: float32)")
     p.add_argument("--window", type=int, default=None,
                    help=f"layers read ahead (default {DEFAULT_WINDOW}, fewer where the budget cannot hold the buffers)")
@@ -369,10 +438,14 @@ def main(argv=None) -> int:
     budget = FlexConfig(memory_budget=budget_value).budget_bytes(sum(t.nbytes for t in tensors), room)
     try:
         plan = plan_for_budget(tensors, budget, window=args.window, policy=args.policy)
-    except BudgetError as e:
+        host_value = float(args.host_budget) if re.fullmatch(r"0?\.\d+|1(\.0)?", args.host_budget) else args.host_budget
+        host = FlexConfig(memory_budget=1.0, host_budget=host_value).host_budget_bytes(
+            sum(t.nbytes for t in tensors), free_host=None)
+        assign_host_tier(plan, host)
+    except (BudgetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(plan.table(disk, mem))
+    print(plan.table(disk, mem, args.host_gbps * 1e9 if args.host_gbps else None))
     return 0
 
 

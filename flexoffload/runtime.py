@@ -11,6 +11,10 @@ synchronous (the ablation).
 Invariant: bytes of resident weights + ``arena_bytes`` <= the budget; the ring
 never allocates outside the arena.
 
+A :class:`HostTier` (``host_budget``) holds some streamed tensors in host memory, read from the
+store once at load: the producer copies those into the ring instead of reading them from disk, the
+rest of a unit as before (the same ring, the same copy to the device on CUDA).
+
 On a CUDA device the host arena is pinned (``cudaHostRegister``) and mirrored
 by a device arena of the same size: after a unit's disk read lands in host
 slot ``[start, start + size)``, the producer copies it to the same offsets of
@@ -58,9 +62,40 @@ class _Slot:
     copied: object = None  # CUDA: event recorded after the host-to-device copy
 
 
+class HostTier:
+    """Streamed tensors kept in one page-aligned host buffer (mlocked where the limit allows), read
+    from the store once; :meth:`read_into` has the store's signature, so the producer reads a tensor
+    from whichever holds it."""
+
+    def __init__(self, store: WeightStore, names: list[str], lock_memory: bool):
+        self.index = {n: store.index[n] for n in names}
+        self.offsets, off = {}, 0
+        for n in names:
+            self.offsets[n] = off
+            off += self.index[n].padded
+        self.nbytes = off
+        self.buffer = aligned_buffer(off) if off else None
+        self._view = memoryview(self.buffer) if off else None
+        self.locked = False
+        if off:
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
+            self.locked = lock_memory and mlock(addr, len(self.buffer))
+            for n in names:
+                store.read_into(n, self._view[self.offsets[n]: self.offsets[n] + self.index[n].padded])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.offsets
+
+    def read_into(self, name: str, buf: memoryview) -> int:
+        e, off = self.index[name], self.offsets[name]
+        buf[: e.padded] = self._view[off: off + e.padded]
+        return e.nbytes
+
+
 @dataclass
 class StreamStats:
-    bytes_streamed: int = 0
+    bytes_streamed: int = 0  # read from disk
+    bytes_from_host: int = 0  # copied from the host tier
     io_seconds: float = 0.0  # time the reads took
     wait_seconds: float = 0.0  # time compute waited for reads (I/O not hidden)
     units_read: int = 0
@@ -89,13 +124,14 @@ def _pin(addr: int, nbytes: int) -> bool:
 
 class Streamer:
     def __init__(self, store: WeightStore, units: list[Unit], arena_bytes: int, *, window: int, io_threads: int,
-                 lock_memory: bool, device: str | torch.device = "cpu"):
+                 lock_memory: bool, device: str | torch.device = "cpu", host: HostTier | None = None):
         for u in units:
             u.nbytes = sum(store.index[n].padded for n in u.names)
         biggest = max(u.nbytes for u in units)
         if arena_bytes < biggest:
             raise ValueError(f"stream arena {arena_bytes} bytes cannot hold a unit of {biggest} bytes")
         self.store, self.units, self.window = store, units, window
+        self.host = host
         self.arena = aligned_buffer(arena_bytes)
         self.capacity = len(self.arena)
         self._addr = ctypes.addressof(ctypes.c_char.from_buffer(self.arena))
@@ -154,14 +190,18 @@ class Streamer:
         t0 = time.perf_counter()
         try:
             off = slot.start
-            futures = []
+            futures, from_host = [], 0
             for name in self.units[slot.unit].names:
                 e = self.store.index[name]
-                futures.append(self._pool.submit(self.store.read_into, name, self._view[off : off + e.padded]))
+                if self.host is not None and name in self.host:
+                    from_host += self.host.read_into(name, self._view[off : off + e.padded])
+                else:
+                    futures.append(self._pool.submit(self.store.read_into, name, self._view[off : off + e.padded]))
                 off += e.padded
             n = sum(f.result() for f in futures)
             with self._cond:
                 self.stats.bytes_streamed += n
+                self.stats.bytes_from_host += from_host
                 self.stats.units_read += 1
                 self.stats.io_seconds += time.perf_counter() - t0
             if self._dev_arena is not None:

@@ -1,5 +1,6 @@
 """`--load-format flexinfer` on SmolLM2: greedy outputs equal vLLM's default loader at 25%, 50% and
-100% of the weight bytes and with the budget "auto" (which here, with the model fitting in the free
+100% of the weight bytes, at 25% with a host tier of another 25% (tensors from memory, disk and the
+host tier at once), and with the budget "auto" (which here, with the model fitting in the free
 memory, streams nothing); the worker's memory shrinks by what is streamed (measured), and loading,
 the weight store's first build included, stays within the budget (measured); at 100% nothing
 streams; a budget below the minimum fails with the minimum named."""
@@ -48,7 +49,7 @@ def reference(vanilla_llm):
     return [list(o.outputs[0].token_ids) for o in outs], rss
 
 
-@pytest.mark.parametrize("fraction", [0.25, 0.5, 1.0, "auto"])
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 1.0, "auto", "0.25+host"])
 def test_flexinfer_matches_default_loader(fraction, reference, smollm2_path, tmp_path):
     from vllm import LLM
 
@@ -59,9 +60,9 @@ def test_flexinfer_matches_default_loader(fraction, reference, smollm2_path, tmp
     # at 25% the weight store is built from the checkpoint in a fresh folder: that first load must stay
     # within the budget too
     fresh = {"cache_dir": str(tmp_path / "store")} if fraction == 0.25 else {}
+    extra = {"memory_budget": 0.25, "host_budget": 0.25} if fraction == "0.25+host" else {"memory_budget": fraction}
     llm = LLM(model=smollm2_path, dtype="float32", max_model_len=2048, enforce_eager=True, seed=0,
-              kv_cache_memory_bytes=256 << 20, load_format="flexinfer",
-              model_loader_extra_config={"memory_budget": fraction, **fresh})
+              kv_cache_memory_bytes=256 << 20, load_format="flexinfer", model_loader_extra_config={**extra, **fresh})
     out = [list(o.outputs[0].token_ids) for o in llm.chat(PROMPTS, _params())]
     (worker,) = [p for pid, p in _workers().items() if pid not in before]
     rss = worker.memory_info().rss
@@ -80,13 +81,21 @@ def test_flexinfer_matches_default_loader(fraction, reference, smollm2_path, tmp
     if fraction == "auto":  # SmolLM2's 540 MB fit in what this machine has free: all of it, nothing streams
         assert stats["auto"]["room_bytes"] >= stats["weight_bytes"] == stats["budget_bytes"], stats["auto"]
         assert stats["auto"]["kv_bytes"] == 256 << 20 and stats["auto"]["free_bytes"] > stats["auto"]["room_bytes"]
+    if fraction == "0.25+host":  # three tiers: resident, host tier, disk
+        assert 0 < stats["host_bytes"] <= stats["host_budget_bytes"] and stats["disk_bytes_per_forward"] > 0
+        assert stats["host_bytes_per_forward"] + stats["disk_bytes_per_forward"] == stats["streamed_bytes_per_forward"]
+        assert stats["bytes_from_host"] >= stats["forwards"] * stats["host_bytes_per_forward"] * 0.9
+        assert stats["bytes_streamed"] >= stats["forwards"] * stats["disk_bytes_per_forward"] * 0.9
+    else:
+        assert stats["host_bytes"] == 0  # no host tier on a CPU unless asked for
     if fraction in (1.0, "auto"):
         assert stats["streamed_bytes_per_forward"] == 0 and stats["bytes_streamed"] == 0
     else:
         assert stats["forwards"] > 0
-        assert stats["bytes_streamed"] >= stats["forwards"] * stats["streamed_bytes_per_forward"] * 0.9
+        assert stats["bytes_streamed"] + stats["bytes_from_host"] >= (
+            stats["forwards"] * stats["streamed_bytes_per_forward"] * 0.9)
         # measured: the worker holds at least 3/4 of the bytes the plan keeps out of memory less than vanilla's
-        saved = stats["weight_bytes"] - stats["resident_bytes"] - stats["arena_bytes"]
+        saved = stats["weight_bytes"] - stats["resident_bytes"] - stats["arena_bytes"] - stats["host_bytes"]
         assert vanilla_rss - rss > 0.75 * saved, (vanilla_rss, rss, saved)
 
 

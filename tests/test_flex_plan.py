@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from flexoffload.config import FlexConfig, FlexConfigError
-from flexoffload.plan import BudgetError, TensorInfo, checkpoint_tensors, ffn_tier, make_plan, plan_for_budget
+from flexoffload.plan import (BudgetError, TensorInfo, assign_host_tier, checkpoint_tensors, ffn_tier, make_plan,
+                              plan_for_budget)
 
 MiB = 1 << 20
 
@@ -124,6 +125,62 @@ def test_plans_respect_budget_and_cover_every_tensor(n, ffn, attn, head, window,
         assert max(per_layer) - min(per_layer) <= sum(kinds.values())
         streams = [p.layer_streamed_bytes(i) for i in range(n)]
         assert max(streams) - min(streams) <= sum(kinds.values())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(1, 12), ffn=st.integers(1, 64), attn=st.integers(1, 32), head=st.integers(0, 200),
+    frac=st.floats(0.0, 1.0), host_frac=st.floats(0.0, 1.2),
+)
+def test_three_tiers_respect_their_budgets_place_every_tensor_once_and_balance(n, ffn, attn, head, frac, host_frac):
+    """Device (resident + arena), host tier and disk: no tier over its budget, every tensor in exactly one
+    (the host tier only streamed ones), and each layer's disk bytes within one tensor kind of the others'."""
+    table = llama_table(n, ffn * 65536, attn * 65536, head * 65536)
+    total = sum(t.nbytes for t in table)
+    try:
+        p = make_plan(table, int(frac * total), window=2)
+    except BudgetError:
+        return
+    streamed = {x for names in p.streamed.values() for x in names} | (set(p.head_names) if p.head_streamed else set())
+    host_budget = int(host_frac * sum(p.sizes[x] for x in streamed))
+    assign_host_tier(p, host_budget)
+    assert p.host_bytes <= host_budget and p.host <= streamed and p.host.isdisjoint(p.resident)
+    disk = streamed - p.host
+    assert p.resident | streamed == {t.name for t in table} and p.resident.isdisjoint(streamed)
+    assert p.disk_bytes_per_forward == sum(p.sizes[x] for x in disk)
+    assert p.disk_bytes_per_forward + p.host_streamed_bytes_per_forward == p.streamed_bytes_per_forward
+    if host_budget >= sum(p.sizes[x] for x in streamed):
+        assert p.disk_bytes_per_forward == 0  # a host tier as large as what streams takes all of it
+    kinds = {t.name.split(f"layers.{t.layer}.")[1]: t.nbytes for t in table if t.layer is not None}
+    per_layer_disk = [p.layer_streamed_bytes(i) - p.layer_host_bytes(i) for i in range(n)]
+    assert max(per_layer_disk) - min(per_layer_disk) <= sum(kinds.values())
+
+
+def test_host_tier_takes_the_largest_kinds_first_spread_over_the_layers():
+    table = llama_table(8, 4 * MiB, MiB)
+    p = make_plan(table, 30 * MiB, window=1)
+    assert p.streamed_bytes_per_forward > 0
+    gate = [n for names in p.streamed.values() for n in names if "gate_proj" in n]
+    assign_host_tier(p, 4 * 4 * MiB)  # room for four of the largest tensors: every other layer's
+    held = sorted(int(n.split("layers.")[1].split(".")[0]) for n in p.host)
+    assert len(p.host) == 4 and all(n in gate or "mlp" in n for n in p.host) and held == [0, 2, 4, 6], held
+    with pytest.raises(BudgetError, match="host_budget"):
+        assign_host_tier(p, -1)
+    assert "host tier 16.0 MiB" in p.table() and "*" in p.table()
+
+
+def test_host_budget_option():
+    cfg = FlexConfig.from_extra({"memory_budget": 0.5, "host_budget": 0.25})
+    assert cfg.host_budget_bytes(1000, free_host=None) == 250
+    assert FlexConfig.from_extra({"memory_budget": 0.5}).host_budget_bytes(1000, None, "cpu") == 0
+    assert FlexConfig.from_extra({"memory_budget": 0.5}).host_budget_bytes(1000, 8 << 30, "cuda") > 7 << 30  # auto
+    with pytest.raises(FlexConfigError, match="more than the host can spare"):
+        FlexConfig.from_extra({"memory_budget": 0.5, "host_budget": "10GiB"}).host_budget_bytes(1, free_host=1 << 30)
+    for bad, msg in (("-1GiB", "host_budget"), ("lots", "host_budget 'lots'"), (1.5, r"in \[0, 1\]")):
+        with pytest.raises(FlexConfigError, match=msg):
+            FlexConfig.from_extra({"memory_budget": 0.5, "host_budget": bad})
+    with pytest.raises(FlexConfigError, match="host_budget applies to streamed weights"):
+        FlexConfig.from_extra({"memory_budget": 0.5, "policy": "mmap", "host_budget": "1GiB"})
 
 
 def test_config_validation():

@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from flexoffload.runtime import Streamer, Unit
+from flexoffload.runtime import HostTier, Streamer, Unit
 from flexoffload.store import WeightStore, aligned
 
 
@@ -72,6 +72,35 @@ def test_units_arrive_intact_in_order(store, window, direct):
     run_with_timeout(forward_passes)
     consumed = 3 * sum(tensors[n].numel() * 4 for u in us[:4] for n in u.names) + 2 * tensors["head"].numel() * 4
     assert s.stats.units_read >= 14 and s.stats.bytes_streamed >= consumed and s.capacity >= arena
+    s.close()
+
+
+@pytest.mark.parametrize("window", [0, 2])
+def test_units_with_tensors_in_the_host_tier_arrive_intact(store, window):
+    """Some tensors from a host tier, the rest of the same units from disk: every unit intact, each
+    source's bytes counted, the host tier read from the store once."""
+    path, tensors = store
+    us = units()
+    host_names = ["layers.0.w0", "layers.1.w1", "layers.3.w0", "head"]
+    st = WeightStore.open(path, True)
+    host = HostTier(st, host_names, lock_memory=False)
+    assert "head" in host and "layers.0.w1" not in host and host.nbytes >= sum(tensors[n].numel() * 4 for n in host_names)
+    arena = 2 * max(sum(aligned(tensors[n].numel() * 4) for n in u.names) for u in us)
+    s = Streamer(st, us, arena, window=window, io_threads=2, lock_memory=False, host=host)
+
+    def forward_passes():
+        for _ in range(3):
+            for u in range(5):
+                slot = s.acquire(u)
+                for name, t in s.tensors(slot).items():
+                    assert torch.equal(t, tensors[name]), name
+                s.release(slot)
+
+    run_with_timeout(forward_passes)
+    from_host = sum(tensors[n].numel() * 4 for n in host_names)
+    from_disk = sum(t.numel() * 4 for n, t in tensors.items() if n not in host_names)
+    assert s.stats.bytes_from_host >= 3 * from_host and s.stats.bytes_streamed >= 3 * from_disk
+    assert s.stats.bytes_from_host < 5 * from_host  # a bounded read-ahead, not a flood
     s.close()
 
 

@@ -163,6 +163,11 @@ SETTINGS: tuple[Setting, ...] = (
             "`mlock` resident weights and buffers where the limit allows."),
     Setting("cache_dir", "flexinfer option", "path", None,
             "Where the aligned weight store is written.", default_text="`$VTENSOR_CACHE/flexinfer`"),
+    Setting("host_budget", "flexinfer option", "size, fraction or auto", None,
+            "Host memory that keeps streamed tensors (read from the weight store once, mlocked), so they are "
+            "copied into the stream arena instead of read from disk every forward pass: a size, a fraction of the "
+            "weights, or `\"auto\"` (the free host memory less a margin). More than the host can spare is refused.",
+            default_text="`auto` on CUDA; 0 on a CPU (the host is the device: `memory_budget` covers it)"),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
