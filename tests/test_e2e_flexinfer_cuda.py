@@ -49,12 +49,15 @@ def reference(model):
     return _run(model)
 
 
-@pytest.mark.parametrize("fraction", [0.25, 0.5, 1.0])
-def test_flexinfer_matches_default_loader_on_cuda(fraction, reference, model, tmp_path):
+@pytest.mark.parametrize("fraction, host", [(0.25, 0), (0.5, "auto"), (0.25, 0.25), (1.0, None)])
+def test_flexinfer_matches_default_loader_on_cuda(fraction, host, reference, model, tmp_path):
+    """Device budgets with the streamed tensors from disk (host 0), all from host memory (auto: the
+    default on CUDA) and from both (a host tier of a quarter of the weights)."""
     stats_path = tmp_path / "flex.json"
     os.environ["FLEXOFFLOAD_STATS_FILE"] = str(stats_path)
+    extra = {"memory_budget": fraction} | ({} if host is None else {"host_budget": host})
     try:
-        out = _run(model, load_format="flexinfer", model_loader_extra_config={"memory_budget": fraction})
+        out = _run(model, load_format="flexinfer", model_loader_extra_config=extra)
     finally:
         del os.environ["FLEXOFFLOAD_STATS_FILE"]
     stats = json.loads(stats_path.read_text())
@@ -70,4 +73,12 @@ def test_flexinfer_matches_default_loader_on_cuda(fraction, reference, model, tm
         assert stats["streamed_bytes_per_forward"] == 0 and stats["bytes_streamed"] == 0
     else:
         assert stats["forwards"] > 0 and stats["bytes_copied_to_device"] > 0
-        assert stats["bytes_streamed"] >= stats["forwards"] * stats["streamed_bytes_per_forward"] * 0.9
+        assert stats["host_bytes_per_forward"] + stats["disk_bytes_per_forward"] == stats["streamed_bytes_per_forward"]
+        assert stats["bytes_streamed"] >= stats["forwards"] * stats["disk_bytes_per_forward"] * 0.9
+        assert stats["bytes_from_host"] >= stats["forwards"] * stats["host_bytes_per_forward"] * 0.9
+        if host == 0:
+            assert stats["host_bytes"] == 0
+        elif host == "auto":  # the host can hold all that streams: nothing is read from disk
+            assert stats["disk_bytes_per_forward"] == 0 and stats["bytes_streamed"] == 0
+        else:
+            assert stats["host_bytes_per_forward"] > 0 and stats["disk_bytes_per_forward"] > 0
