@@ -18,7 +18,11 @@ kernel refuses to lower it) or that is killed by it is reported as over the
 limit.  Every run starts with the page cache dropped.  Configurations: ``flexinfer``; its
 ablations ``sync`` (no prefetch), ``no_balance``, ``attention_first``,
 ``ffn_first``; ``mmap`` (every matrix mapped from the store, paged by the
-kernel: the llama.cpp way); ``vanilla`` (vLLM's default loader).  The I/O
+kernel: the llama.cpp way); ``vanilla`` (vLLM's default loader); ``llamacpp`` (llama.cpp itself,
+through llama-cpp-python in its own environment - ``benchmarks/llamacpp_setup.sh`` - on the same
+weights converted to GGUF at the same precision by llama.cpp's converter, mapping the file as
+llama.cpp does by default; under the same limits, so with its smaller fixed overhead it has more
+of the limit for weights than the vLLM engines).  The I/O
 bound is disk bandwidth / bytes streamed per token, the bandwidth being the best
 rate flexinfer's own read path reaches with no compute, measured before and after
 the runs (each flexinfer row also records the rate its reads ran at).  Needs root.
@@ -47,7 +51,26 @@ CONFIGS = {
     "ffn_first": {"policy": "ffn_first"},
     "mmap": {"policy": "mmap"},
     "vanilla": None,
+    "llamacpp": "llama.cpp",
 }
+LLAMA_PY = Path(__file__).resolve().parents[1] / ".venv-llamacpp" / "bin" / "python"
+LLAMA_CONVERT = LLAMA_PY.parents[1] / "share" / "convert_hf_to_gguf.py"
+
+
+def ensure_gguf(model: str) -> Path:
+    """The model as GGUF in float32 (the precision the vLLM runs use), converted once by llama.cpp's
+    own converter (with this environment's torch and transformers) into the cache folder."""
+    from vllm_vtensor.settings import cache_dir
+
+    out = cache_dir() / "gguf" / f"{Path(model).name}-f32.gguf"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        env = {**os.environ, "PYTHONPATH": str(LLAMA_CONVERT.with_name("gguf-py"))}  # llama.cpp's own gguf package
+        subprocess.run([sys.executable, str(LLAMA_CONVERT), model, "--outtype", "f32", "--outfile", str(tmp)],
+                       check=True, env=env)
+        tmp.rename(out)
+    return out
 
 
 def child(args) -> None:
@@ -97,7 +120,7 @@ def _kill_all(cg: Path) -> None:
 
 
 def run_in_cgroup(name: str, limit: int | None, argv: list[str], env: dict, result: Path,
-                  limit_from_start: bool = False, load_timeout: float = 1200) -> dict:
+                  limit_from_start: bool = False, load_timeout: float = 1200, python: str = sys.executable) -> dict:
     """Run the child in a fresh cgroup, unlimited while it loads (or, with ``limit_from_start``, held
     to ``limit`` from its start), held to ``limit`` once it has loaded; one that has not loaded after
     ``load_timeout`` seconds (thrashing under its limit, say) is killed."""
@@ -111,7 +134,7 @@ def run_in_cgroup(name: str, limit: int | None, argv: list[str], env: dict, resu
     try:
         cmd = f'echo $$ > {cg}/cgroup.procs && exec "$0" "$@"'
         with tempfile.TemporaryFile("w+") as log:
-            proc = subprocess.Popen(["sh", "-c", cmd, sys.executable, *argv], env=env, stdout=log,
+            proc = subprocess.Popen(["sh", "-c", cmd, python, *argv], env=env, stdout=log,
                                     stderr=subprocess.STDOUT, text=True)
             loaded = Path(str(result) + ".loaded")
             deadline = time.monotonic() + load_timeout
@@ -201,8 +224,13 @@ def run_child(tag: str, cgroup: str, model: str, extra: dict | None, limit: int 
     for leftover in (result, stats, Path(f"{result}.loaded"), Path(f"{result}.go")):
         leftover.unlink(missing_ok=True)
     env = {**os.environ, "FLEXOFFLOAD_STATS_FILE": str(stats)}
-    argv = [__file__, "--child", "--model", model, "--extra", json.dumps(extra), "--tokens", str(tokens),
-            "--result", str(result)]
+    if extra == CONFIGS["llamacpp"]:
+        argv = [str(Path(__file__).with_name("llamacpp_child.py")), "--gguf", str(ensure_gguf(model)),
+                "--tokens", str(tokens), "--result", str(result)]
+        cgroup_kw["python"] = str(LLAMA_PY)
+    else:
+        argv = [__file__, "--child", "--model", model, "--extra", json.dumps(extra), "--tokens", str(tokens),
+                "--result", str(result)]
     drop_page_cache()
     row = {"limit_bytes": limit, **run_in_cgroup(cgroup, limit, argv, env, result, **cgroup_kw)}
     if result.exists():
@@ -216,7 +244,7 @@ def run_child(tag: str, cgroup: str, model: str, extra: dict | None, limit: int 
 
 def run_config(model, cfg_name, fraction, limit, tokens, tmp) -> dict:
     extra = CONFIGS[cfg_name]
-    extra = None if extra is None else {"memory_budget": fraction, **extra}
+    extra = extra if extra is None or isinstance(extra, str) else {"memory_budget": fraction, **extra}
     return {"config": cfg_name, "fraction": fraction,
             **run_child(f"{cfg_name}-{fraction}", f"{cfg_name}-{int(fraction * 100)}", model, extra, limit, tokens, tmp)}
 
@@ -244,7 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="bench-llama",
                    help="bench-llama (1.65 GB random-weight llama, the default), smollm2, or a model folder")
     p.add_argument("--budgets", default="0.25,0.5,0.75,1.0")
-    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--configs", default=None,
+                   help=f"comma-separated, of {', '.join(CONFIGS)} (default: all; llamacpp when its environment exists)")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--out", default=str(RESULTS / "offload-cpu.json"))
     p.add_argument("--recompute", metavar="JSON", help="re-derive the bound, table, ratios and plot from a "
@@ -270,7 +299,14 @@ def main(argv=None) -> int:
 
     model, weight_bytes = resolve_model(args.model)
     budgets = [float(b) for b in args.budgets.split(",")]
-    configs = args.configs.split(",")
+    configs = args.configs.split(",") if args.configs else [
+        c for c in CONFIGS if c != "llamacpp" or LLAMA_PY.exists()]
+    if not args.configs and not LLAMA_PY.exists():
+        print("llama.cpp's environment is missing (bash benchmarks/llamacpp_setup.sh): running without it")
+    if "llamacpp" in configs and not LLAMA_PY.exists():
+        raise SystemExit("the llamacpp configuration needs llama.cpp's environment: bash benchmarks/llamacpp_setup.sh")
+    if "llamacpp" in configs:
+        ensure_gguf(model)  # converted before any run is timed
     with tempfile.TemporaryDirectory() as tmp:
         # The engine's fixed overhead, after warm-up, from an unlimited flexinfer run at the smallest
         # budget: anonymous + shared + mapped memory minus its weights and buffers.  The first flexinfer
@@ -372,7 +408,8 @@ def _ratios(rows, budgets) -> dict:
     values, lines = {}, ["", "ratios (flexinfer / other, same budget):"]
     for b in budgets:
         flex, row = tok("flexinfer", b)
-        for other, key in (("mmap", "vs_mmap"), ("vanilla", "vs_vanilla"), ("io_bound", "vs_io_bound")):
+        for other, key in (("mmap", "vs_mmap"), ("vanilla", "vs_vanilla"), ("llamacpp", "vs_llamacpp"),
+                           ("io_bound", "vs_io_bound")):
             if other == "io_bound":
                 ref = row and row.get("io_bound_tok_s")
             else:
