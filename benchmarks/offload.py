@@ -21,8 +21,10 @@ ablations ``sync`` (no prefetch), ``no_balance``, ``attention_first``,
 kernel: the llama.cpp way); ``vanilla`` (vLLM's default loader); ``llamacpp`` (llama.cpp itself,
 through llama-cpp-python in its own environment - ``benchmarks/llamacpp_setup.sh`` - on the same
 weights converted to GGUF at the same precision by llama.cpp's converter, mapping the file as
-llama.cpp does by default; under the same limits, so with its smaller fixed overhead it has more
-of the limit for weights than the vLLM engines).  The I/O
+llama.cpp does by default), held to the budget + its own steady overhead (measured the same way,
+from an unlimited run: the same memory for weights as the others); ``llamacpp_same_limit``: llama.cpp
+under the vLLM engines' limit (budget + vLLM's much larger overhead, which leaves it room for
+more of the weights).  The I/O
 bound is disk bandwidth / bytes streamed per token, the bandwidth being the best
 rate flexinfer's own read path reaches with no compute, measured before and after
 the runs (each flexinfer row also records the rate its reads ran at).  Needs root.
@@ -52,7 +54,9 @@ CONFIGS = {
     "mmap": {"policy": "mmap"},
     "vanilla": None,
     "llamacpp": "llama.cpp",
+    "llamacpp_same_limit": "llama.cpp",
 }
+LLAMA_CONFIGS = ("llamacpp", "llamacpp_same_limit")
 LLAMA_PY = Path(__file__).resolve().parents[1] / ".venv-llamacpp" / "bin" / "python"
 LLAMA_CONVERT = LLAMA_PY.parents[1] / "share" / "convert_hf_to_gguf.py"
 
@@ -224,7 +228,7 @@ def run_child(tag: str, cgroup: str, model: str, extra: dict | None, limit: int 
     for leftover in (result, stats, Path(f"{result}.loaded"), Path(f"{result}.go")):
         leftover.unlink(missing_ok=True)
     env = {**os.environ, "FLEXOFFLOAD_STATS_FILE": str(stats)}
-    if extra == CONFIGS["llamacpp"]:
+    if isinstance(extra, str):  # llama.cpp
         argv = [str(Path(__file__).with_name("llamacpp_child.py")), "--gguf", str(ensure_gguf(model)),
                 "--tokens", str(tokens), "--result", str(result)]
         cgroup_kw["python"] = str(LLAMA_PY)
@@ -300,13 +304,12 @@ def main(argv=None) -> int:
     model, weight_bytes = resolve_model(args.model)
     budgets = [float(b) for b in args.budgets.split(",")]
     configs = args.configs.split(",") if args.configs else [
-        c for c in CONFIGS if c != "llamacpp" or LLAMA_PY.exists()]
+        c for c in CONFIGS if c not in LLAMA_CONFIGS or LLAMA_PY.exists()]
     if not args.configs and not LLAMA_PY.exists():
         print("llama.cpp's environment is missing (bash benchmarks/llamacpp_setup.sh): running without it")
-    if "llamacpp" in configs and not LLAMA_PY.exists():
+    if set(LLAMA_CONFIGS) & set(configs) and not LLAMA_PY.exists():
         raise SystemExit("the llamacpp configuration needs llama.cpp's environment: bash benchmarks/llamacpp_setup.sh")
-    if "llamacpp" in configs:
-        ensure_gguf(model)  # converted before any run is timed
+    gguf_bytes = ensure_gguf(model).stat().st_size if set(LLAMA_CONFIGS) & set(configs) else 0
     with tempfile.TemporaryDirectory() as tmp:
         # The engine's fixed overhead, after warm-up, from an unlimited flexinfer run at the smallest
         # budget: anonymous + shared + mapped memory minus its weights and buffers.  The first flexinfer
@@ -322,6 +325,10 @@ def main(argv=None) -> int:
         # its checkpoint, which the limit may evict).
         # 256 MiB of headroom there: vanilla's footprint after loading varies by ~300 MiB between runs
         # (3.47 vs 3.81 GiB RSS measured), and at 100% the limit must bind neither loader.
+        llama_overhead = None
+        if set(LLAMA_CONFIGS) & set(configs):  # llama.cpp's own fixed memory, measured the same way
+            llama_probe = run_config(model, "llamacpp", 1.0, None, 2, tmp)
+            llama_overhead = llama_probe["needed_after_load_bytes"] - gguf_bytes + (64 << 20)
         van = base["memory_after_load"]
         full_limit = van["rss"] + van["shmem"] + probe["memory_after_load"]["mapped_file"] + (256 << 20)
         from vllm_vtensor.settings import cache_dir
@@ -333,10 +340,13 @@ def main(argv=None) -> int:
         for fraction in budgets:
             limit = int(fraction * weight_bytes) + overhead if fraction < 1 else max(full_limit, weight_bytes + overhead)
             for cfg in configs:
-                row = run_config(model, cfg, fraction, limit, args.tokens, tmp)
+                cfg_limit = limit
+                if cfg == "llamacpp":  # the same memory for weights, on top of its own overhead
+                    cfg_limit = int(min(fraction, 1.0) * gguf_bytes) + llama_overhead
+                row = run_config(model, cfg, fraction, cfg_limit, args.tokens, tmp)
                 rows.append(row)
                 partial.write_text(json.dumps(rows))  # survives a crash of this script
-                print(f"{cfg:>16} {fraction:>5.0%} limit {limit / 2**20:7.0f} MiB: "
+                print(f"{cfg:>19} {fraction:>5.0%} limit {cfg_limit / 2**20:7.0f} MiB: "
                       + (f"{row['tok_s']:7.2f} tok/s" if row["tok_s"] else "  over the memory limit"), flush=True)
         bw_after = disk_bandwidth(store)
 
@@ -344,6 +354,7 @@ def main(argv=None) -> int:
 
     meta = {**provenance("offload.py", argv),
             "weight_bytes": weight_bytes, "overhead_bytes": overhead, "limit_at_100_bytes": full_limit,
+            "llamacpp_overhead_bytes": llama_overhead, "gguf_bytes": gguf_bytes,
             "disk_bytes_per_s_before": bw_before, "disk_bytes_per_s_after": bw_after,
             "model": model, "baseline_unlimited": base, "budgets": budgets, "configs": configs}
     _report(meta, rows, Path(args.out))
@@ -381,14 +392,14 @@ def _report(meta: dict, rows: list[dict], out: Path) -> None:
           f"decode tok/s (cgroup limit = budget + steady overhead).  I/O bound at {bw / 1e9:.2f} GB/s, the best "
           f"read rate seen (flexinfer's O_DIRECT path alone: {meta['disk_bytes_per_s_before'] / 1e9:.2f} before "
           f"the runs, {meta['disk_bytes_per_s_after'] / 1e9:.2f} after; fastest run's reads {fastest / 1e9:.2f})")
-    print(f"{'config':>16}" + "".join(f"{b:>9.0%}" for b in budgets))
+    print(f"{'config':>19}" + "".join(f"{b:>9.0%}" for b in budgets))
     for cfg in configs + ["io_bound"]:
         cells = []
         for b in budgets:
             r = next((r for r in rows if r["fraction"] == b and r["config"] == (cfg if cfg != "io_bound" else "flexinfer")), None)
             v = None if r is None else (r.get("io_bound_tok_s") if cfg == "io_bound" else r["tok_s"])
             cells.append(f"{v:>9.2f}" if v else f"{'OOM' if cfg != 'io_bound' and r else '-':>9}")
-        print(f"{cfg:>16}" + "".join(cells))
+        print(f"{cfg:>19}" + "".join(cells))
     ratios = _ratios(rows, budgets)
     for line in ratios["lines"]:
         print(line)
@@ -409,6 +420,7 @@ def _ratios(rows, budgets) -> dict:
     for b in budgets:
         flex, row = tok("flexinfer", b)
         for other, key in (("mmap", "vs_mmap"), ("vanilla", "vs_vanilla"), ("llamacpp", "vs_llamacpp"),
+                           ("llamacpp_same_limit", "vs_llamacpp_same_limit"),
                            ("io_bound", "vs_io_bound")):
             if other == "io_bound":
                 ref = row and row.get("io_bound_tok_s")
