@@ -15,6 +15,8 @@ import os
 import time
 from pathlib import Path
 
+from child_protocol import loaded_then_wait_for_go
+
 PROMPT = [{"role": "user", "content": "Tell me a long story about a lighthouse."}]
 
 
@@ -30,13 +32,7 @@ def main() -> None:
                 use_mlock=False, seed=0, verbose=False)
     prompt = _chat_prompt(llm)
     decode(llm, prompt, 2)  # warm-up: every layer touched once
-    Path(args.result + ".loaded").touch()
-    go = Path(args.result + ".go")
-    deadline = time.monotonic() + 600
-    while not go.exists():
-        if time.monotonic() > deadline:
-            raise SystemExit("no go from the parent")
-        time.sleep(0.05)
+    loaded_then_wait_for_go(args.result)
     t0 = time.perf_counter()
     n = decode(llm, prompt, args.tokens)
     elapsed = time.perf_counter() - t0

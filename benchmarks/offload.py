@@ -41,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from child_protocol import loaded_then_wait_for_go
 from flexoffload.plan import DEFAULT_WINDOW
 
 RESULTS = Path(__file__).parent / "results"
@@ -87,13 +88,7 @@ def child(args) -> None:
               kv_cache_memory_bytes=32 << 20, **kw)
     prompt = [{"role": "user", "content": "Tell me a long story about a lighthouse."}]
     llm.chat(prompt, SamplingParams(max_tokens=2))
-    Path(args.result + ".loaded").touch()
-    go = Path(args.result + ".go")
-    deadline = time.monotonic() + 600
-    while not go.exists():
-        if time.monotonic() > deadline:
-            raise SystemExit("no go from the parent")
-        time.sleep(0.05)
+    loaded_then_wait_for_go(args.result)
     t0 = time.perf_counter()
     out = llm.chat(prompt, SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True))
     elapsed = time.perf_counter() - t0

@@ -62,12 +62,12 @@ class FlexConfig:
     def host_budget_bytes(self, weight_bytes: int, free_host: int | None, device_type: str = "cpu") -> int:
         """The host tier's bytes. ``free_host``: free host memory (None: not checked); the host tier may not
         take more than that less a margin (it is pinned and never swapped)."""
-        from .memory import MARGIN_FRACTION, MIN_MARGIN
+        from .memory import margin_bytes
 
         value = self.host_budget
         if value is None:
             value = "auto" if device_type == "cuda" else 0
-        spare = None if free_host is None else max(0, free_host - max(MIN_MARGIN, int(free_host * MARGIN_FRACTION)))
+        spare = None if free_host is None else max(0, free_host - margin_bytes(free_host))
         if _is_auto(value):
             if spare is None:
                 raise FlexConfigError("host_budget 'auto' is sized from the free host memory when the engine loads")

@@ -125,10 +125,18 @@ def kv_reserve_bytes(vllm_config) -> int:
     return per_token * model.max_model_len
 
 
+def margin_bytes(free: int) -> int:
+    """What stays free of ``free`` bytes for activations, vLLM's runtime and allocator slack."""
+    return max(MIN_MARGIN, int(free * MARGIN_FRACTION))
+
+
+def budget_from(free: int, where: str, kv_bytes: int) -> AutoBudget:
+    return AutoBudget(free_bytes=free, kv_bytes=kv_bytes, margin_bytes=margin_bytes(free), where=where)
+
+
 def auto_budget(vllm_config, device) -> AutoBudget:
     if device.type == "cuda":
         free, where = free_device_bytes(device, vllm_config.cache_config.gpu_memory_utilization)
     else:
         free, where = free_host_bytes()
-    margin = max(MIN_MARGIN, int(free * MARGIN_FRACTION))
-    return AutoBudget(free_bytes=free, kv_bytes=kv_reserve_bytes(vllm_config), margin_bytes=margin, where=where)
+    return budget_from(free, where, kv_reserve_bytes(vllm_config))

@@ -401,6 +401,11 @@ def measure_memory_bandwidth(nbytes: int = 256 << 20) -> float:
     return nbytes / (time.perf_counter() - t0)
 
 
+def _cli_size(text: str) -> str | float:
+    """A budget as given on the command line: "0.5" or "1" is a fraction of the weights, else a size."""
+    return float(text) if re.fullmatch(r"0?\.\d+|1(\.0)?", text) else text
+
+
 def main(argv=None) -> int:
     from .config import FlexConfig
 
@@ -423,23 +428,19 @@ def main(argv=None) -> int:
     disk = args.disk_gbps * 1e9 if args.disk_gbps else measure_disk_bandwidth(next(Path(args.model).glob("*.safetensors")))
     mem = args.mem_gbps * 1e9 if args.mem_gbps else measure_memory_bandwidth()
     tensors = checkpoint_tensors(args.model, args.dtype_bytes)
-    budget_value = float(args.budget) if re.fullmatch(r"0?\.\d+|1(\.0)?", args.budget) else args.budget
     room = None
     if args.budget.strip().lower() == "auto":
         from vllm_vtensor.settings import parse_bytes
 
-        from .memory import MARGIN_FRACTION, MIN_MARGIN, AutoBudget, free_host_bytes
+        from .memory import budget_from, free_host_bytes
 
-        free, where = free_host_bytes()
-        auto = AutoBudget(free_bytes=free, kv_bytes=parse_bytes(args.kv_bytes),
-                          margin_bytes=max(MIN_MARGIN, int(free * MARGIN_FRACTION)), where=where)
+        auto = budget_from(*free_host_bytes(), parse_bytes(args.kv_bytes))
         room = auto.room_bytes
         print(f"memory_budget auto: {auto.describe()}")
-    budget = FlexConfig(memory_budget=budget_value).budget_bytes(sum(t.nbytes for t in tensors), room)
+    budget = FlexConfig(memory_budget=_cli_size(args.budget)).budget_bytes(sum(t.nbytes for t in tensors), room)
     try:
         plan = plan_for_budget(tensors, budget, window=args.window, policy=args.policy)
-        host_value = float(args.host_budget) if re.fullmatch(r"0?\.\d+|1(\.0)?", args.host_budget) else args.host_budget
-        host = FlexConfig(memory_budget=1.0, host_budget=host_value).host_budget_bytes(
+        host = FlexConfig(memory_budget=1.0, host_budget=_cli_size(args.host_budget)).host_budget_bytes(
             sum(t.nbytes for t in tensors), free_host=None)
         assign_host_tier(plan, host)
     except (BudgetError, ValueError) as e:

@@ -150,6 +150,20 @@ def build_smollm2(cache: str | os.PathLike | None = None, *, force: bool = False
     return verify_model_dir(final, hint)
 
 
+def _save_random(model_cls, config, tok, seed: int, root: Path, final: Path) -> None:
+    """A ``model_cls`` of ``config`` with seeded random weights, in bf16, saved with ``tok`` at ``final``."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.bfloat16)
+    with tempfile.TemporaryDirectory(dir=root) as work:
+        out = Path(work) / "out"
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        _finish(out, final)
+    _say(f"saved to {final}")
+
+
 def build_tiny_llama(
     cache: str | os.PathLike | None = None,
     *,
@@ -189,7 +203,6 @@ def build_tiny_llama(
     if not force and (final / _COMPLETE).exists():
         return verify_model_dir(final, hint)
 
-    import torch
     import transformers
 
     tokenizer = tokenizer or settings.get("VTENSOR_TOKENIZER")
@@ -213,14 +226,7 @@ def build_tiny_llama(
         config.sliding_window = sliding_window
         config.layer_types = ["sliding_attention" if i % sliding_every == 0 else "full_attention"
                               for i in range(num_layers)]
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    with tempfile.TemporaryDirectory(dir=root) as work:
-        out = Path(work) / "out"
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-        final = _finish(out, final)
-    _say(f"saved to {final}")
+    _save_random(transformers.LlamaForCausalLM, config, tok, seed, root, final)
     return verify_model_dir(final, hint)
 
 
@@ -244,7 +250,6 @@ def build_tiny_model(arch: str, cache: str | os.PathLike | None = None, *, slidi
     if not force and (final / _COMPLETE).exists():
         return verify_model_dir(final, hint, model_type=arch)
 
-    import torch
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(tokenizer or settings.get("VTENSOR_TOKENIZER") or build_smollm2(cache))
@@ -273,14 +278,7 @@ def build_tiny_model(arch: str, cache: str | os.PathLike | None = None, *, slidi
         config = transformers.Qwen3Config(**common)
         model_cls = transformers.Qwen3ForCausalLM
     config.dtype = "bfloat16"
-    torch.manual_seed(seed)
-    model = model_cls(config).to(torch.bfloat16)
-    with tempfile.TemporaryDirectory(dir=root) as work:
-        out = Path(work) / "out"
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-        final = _finish(out, final)
-    _say(f"saved to {final}")
+    _save_random(model_cls, config, tok, seed, root, final)
     return verify_model_dir(final, hint, model_type=arch)
 
 
