@@ -554,6 +554,28 @@ class KVSpace:
                 if chunk not in mapped:
                     self._drop(b)
 
+    def drop_blocks(self, blocks: Collection[int]) -> None:
+        """The scheduler evicted ``blocks`` from its prefix cache (to give their memory to another engine):
+        give back their memory, letting go of parked slots that map them; a block a request still maps (one
+        that finished in the step before, which the worker has not yet been told of) goes once unmapped."""
+        with self._lock:
+            for space in self.family:
+                space.drain()
+            chunks = {self._phys[b] for b in blocks if b in self._phys}
+            for space in self.family:
+                for slot, p in list(space._parked.items()):
+                    if any(c in chunks for c in p.chunks):
+                        space._evict_parked(slot)
+            mapped = {c for space in self.family for r in space._reqs.values() for c in r.chunks}
+            for b in blocks:
+                if b not in self._phys:
+                    continue
+                if self._phys[b] in mapped:  # a request that finished in the step before: goes once unmapped
+                    self._unwanted.add(b)
+                else:
+                    self._unwanted.discard(b)
+                    self._drop(b)
+
     def stats(self) -> KVSpaceStats:
         """The figures of this space and the others sharing its memory (every KV cache group of the model):
         memory counted once, mappings and totals summed; requests and tokens as the first group sees them

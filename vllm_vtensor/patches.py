@@ -264,6 +264,31 @@ def _patch_reset_prefix_cache() -> None:
     EngineCore.reset_prefix_cache = reset_prefix_cache
 
 
+# -- 8. Engine core: a KV pool shared with other engines ---------------------
+def _patch_engine_core_pool() -> None:
+    from vllm.v1.engine.core import EngineCore
+
+    original = EngineCore._initialize_effective_attention_block_size
+    if _is_ours(original):
+        return
+    from . import settings
+    from .worker import is_vtensor
+
+    @_mark
+    @functools.wraps(original)
+    def _initialize_effective_attention_block_size(self, *args, **kwargs):
+        # vLLM calls this right after building the scheduler (plugins load inside EngineCore.__init__, too late
+        # to wrap __init__ itself in the engine core's own process)
+        out = original(self, *args, **kwargs)
+        if settings.get("VTENSOR_POOL") is not None and is_vtensor(self.vllm_config):
+            from .shared_pool import attach_engine
+
+            self._vtensor_pool = attach_engine(self)
+        return out
+
+    EngineCore._initialize_effective_attention_block_size = _initialize_effective_attention_block_size
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         "cpu-platform-backend",
@@ -326,6 +351,20 @@ PATCHES: tuple[Patch, ...] = (
         "0006-reset-prefix-cache-reaches-the-attention-backend.diff",
         _patch_reset_prefix_cache,
         remove_when="a prefix-cache reset reaches the workers' attention backend (0006)",
+    ),
+    Patch(
+        "engine-core-shared-pool",
+        "vllm.v1.engine.core:EngineCore._initialize_effective_attention_block_size",
+        "With VTENSOR_POOL, several engines share one physical KV pool; vLLM's block pool only knows its own "
+        "fixed number of blocks. Once the engine core has built its scheduler (the first engine-core method vLLM calls after, wrapped; plugins load inside EngineCore.__init__, too late to wrap it), its block pool's free count, block hand-out and "
+        "frees, its KV manager's allocate_slots, its scheduler's schedule and _preempt_request, and the core's "
+        "_handle_client_request are wrapped on those instances (shared_pool.EngineShare): admission by the "
+        "memory the pool really has, claims in the ledger, cached blocks given back to other engines in the "
+        "engine's own thread. Without VTENSOR_POOL nothing is wrapped.",
+        "0007-block-pool-memory-arbiter.diff",
+        _patch_engine_core_pool,
+        remove_when="vLLM's block pool accepts an allocator that bounds its free blocks by memory shared with "
+                    "other engines (0007, or an equivalent such as an elastic block pool)",
     ),
 )
 

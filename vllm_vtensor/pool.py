@@ -15,6 +15,7 @@ import collections
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 from dataclasses import asdict, dataclass
 
 from .log import get_logger
@@ -23,6 +24,17 @@ from .threads import move_off_compute_cores
 from .vmm.base import VMMBackend
 
 DEFAULT_CHUNK_BYTES = 2 << 20  # the CUDA VMM granularity on stock drivers
+
+
+class PoolShare(Protocol):
+    """A budget several pools draw on (:mod:`vllm_vtensor.shared_pool`): told how many chunks this pool
+    holds, it may refuse more."""
+
+    def grow(self, chunks: int, *, force: bool = False) -> bool:
+        """This pool would hold ``chunks`` chunks: allowed? (``force``: it will, count them.)"""
+
+    def held(self, chunks: int) -> None:
+        """This pool holds ``chunks`` chunks now (after giving some back)."""
 
 
 class VTensorOutOfMemory(MemoryError):
@@ -104,6 +116,8 @@ class ChunkPool:
         self._closed = False
         self._thread = None
         self.refill_idle_waits = 0  # times the refill thread went idle (tests wait on it, not on sleeps)
+        self.share: PoolShare | None = None  # a pool shared with other engines, when set (attach_share)
+        self._over_share = False
         if self.high > 0 or create_ahead:
             self._thread = threading.Thread(target=self._refill_loop, name="vtensor-chunk-precreate", daemon=True)
             self._thread.start()
@@ -111,6 +125,28 @@ class ChunkPool:
         if linger_s > 0:
             self._reaper = threading.Thread(target=self._reap_loop, name="vtensor-chunk-reaper", daemon=True)
             self._reaper.start()
+
+    # -- a budget shared with other engines ------------------------------
+    def attach_share(self, share: PoolShare) -> None:
+        """From now on chunks are created within ``share`` too (the pool's own budget still applies)."""
+        with self._lock:
+            self.share = share
+            n = self._physical()
+        share.grow(n, force=True)
+        with self._lock:
+            self._lock.notify_all()
+
+    def _physical(self) -> int:
+        """Chunks created and not given back, those being created included (under the lock)."""
+        return self._created - self._released + self._pending
+
+    def _report(self) -> None:
+        """Tell the shared budget what this pool holds, after giving chunks back (outside the lock)."""
+        share = self.share
+        if share is not None:
+            with self._lock:
+                n = self._physical()
+            share.held(n)
 
     # -- accounting ----------------------------------------------------
     @property
@@ -155,11 +191,22 @@ class ChunkPool:
             while (len(self._cache) + len(self._lingering) < n
                    and len(self._ref) + self._held + self._pending + n > self.budget_chunks):
                 self._lock.wait()  # the refill thread is creating the last chunks of the budget
+            while self.share is not None and self._pending and len(self._cache) + len(self._lingering) < n:
+                self._lock.wait()  # a reserve chunk being made may be the shared pool's last room: use it
             take = min(n, len(self._cache) + len(self._lingering))
             chunks = [self._take_unused() for _ in range(take)]
             self._held += take
             need = n - take
             self._pending += need
+            share, target = self.share, self._physical()
+        if need and share is not None and not share.grow(target):
+            # the scheduler claims its blocks' memory before the worker maps them, so this is a miscount: the
+            # chunk is made anyway (a step never fails for it) and counted; said once
+            share.grow(target, force=True)
+            if not self._over_share:
+                self._over_share = True
+                get_logger(__name__).warning("vTensor pool: %d chunk(s) created beyond the shared pool's room "
+                                             "(the scheduler's claim and the worker's count disagree)", need)
         try:
             for _ in range(need):
                 c = self.backend.create_chunk(self.chunk_bytes)
@@ -205,6 +252,8 @@ class ChunkPool:
             del self._cache[:excess]
         for c in gone:
             self.backend.release_chunk(c)
+        if gone:
+            self._report()
 
     def _let_go(self, chunks: list[int]) -> list[int]:
         """Under the lock: unused chunks the cache does not keep linger (with ``linger_s``), or are
@@ -240,6 +289,8 @@ class ChunkPool:
             gone = self._let_go([chunk])
         for c in gone:
             self.backend.release_chunk(c)
+        if gone:
+            self._report()
 
     def refcount(self, chunk: int) -> int:
         with self._lock:
@@ -289,6 +340,8 @@ class ChunkPool:
             self._released += len(chunks)
         for c in chunks:
             self.backend.release_chunk(c)
+        if chunks:
+            self._report()
 
     def _refill_loop(self) -> None:
         """Keep the reserve: refill from below ``max(low, expected)`` up to the target, one chunk at a
@@ -309,6 +362,9 @@ class ChunkPool:
                     self.refill_idle_waits += 1  # it looked at the state and found nothing to make
                     self._lock.notify_all()
                     self._lock.wait()
+                if self.share is not None and not self.share.grow(self._physical() + 1):
+                    self._lock.wait(0.1)  # the shared pool has no room for a reserve now: look again later
+                    continue
                 self._pending += 1
             try:
                 chunk = self.backend.create_chunk(self.chunk_bytes)
@@ -330,6 +386,8 @@ class ChunkPool:
                 gone = self._let_go([self._cache.pop()]) if beyond else []
             for c in gone:
                 self.backend.release_chunk(c)
+            if gone:
+                self._report()
 
     def _reap_loop(self) -> None:
         """Give lingering chunks back once they have been unused for ``linger_s``."""
@@ -352,6 +410,7 @@ class ChunkPool:
             try:
                 for c in expired:
                     self.backend.release_chunk(c)
+                self._report()
                 if self.on_release is not None:
                     self.on_release()
             except Exception:  # keep reaping; the failure is logged, never lost in a dead thread

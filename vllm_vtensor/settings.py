@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,18 @@ SETTINGS: tuple[Setting, ...] = (
             fix="name a file in an existing folder (the folder is not created)",
             default_text="`stats-<pid>/stats.json` in a private folder of the temporary folder "
                          "(`vllm-vtensor-<uid>`, mode 0700), removed when the server exits"),
+    Setting("VTENSOR_POOL", "env", "name", None,
+            "Engines started with the same pool name on one device share one physical KV pool of "
+            "`VTENSOR_POOL_BYTES`: each commits memory as its requests grow and gives it back when they end, idle "
+            "engines give theirs back when another needs it, and none is refused memory the pool still has. Each "
+            "engine's own ceiling stays vLLM's (`--kv-cache-memory-bytes`); the ceilings may sum past the pool. "
+            "One worker per engine (tensor parallel size 1). Unset: the engine has its KV budget to itself.",
+            parse=str, check=lambda v: bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v)),
+            fix="give 1-64 letters, digits, '.', '_' or '-'"),
+    Setting("VTENSOR_POOL_BYTES", "env", "size", None,
+            "The size of the shared KV pool `VTENSOR_POOL` names, set by the engine that creates it (a later "
+            "engine that names another size while the pool is in use is refused; unset, it joins the pool as is).",
+            parse=parse_bytes, check=lambda v: v > 0, fix="give a size such as 8GiB"),
     Setting("VTENSOR_DEFERRED_UNMAP", "env", "0 or 1", False,
             "Experimental, CUDA only: a finished or preempted request's range is unmapped by a helper thread "
             "once the GPU has finished the work that may still read it, instead of synchronizing the device in "

@@ -23,8 +23,10 @@ import time
 import torch
 
 from . import BACKEND_NAME, settings
+from . import shared_pool
 from . import stats as vt_stats
 from .kv_space import KVSpace, chunk_bytes_for
+from .ledger import PoolError
 from .policy import VTensorConfigError, check_chunk_padding, warn_if_slow_to_cover
 from .log import get_logger
 from .vmm import VMMError, make_backend
@@ -208,6 +210,14 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
     kv = spaces[0]
     runner._vtensor_kv = kv  # the first group's space: figures and resets cover every group (its family)
     vt_stats.attach(kv)
+    try:
+        kv.share = shared_pool.join_worker(
+            kv, ceiling=kv_cache_config.num_blocks * kv.chunk_bytes, max_model_len=vllm_config.model_config.max_model_len,
+            label=_engine_label(vllm_config),
+            device="cpu" if device.type == "cpu" else f"cuda:{device.index or 0}",
+            executor=str(vllm_config.parallel_config.distributed_executor_backend))
+    except PoolError as e:
+        raise VTensorConfigError(str(e)) from None
     logger.info(
         "VTENSOR KV cache: %d layers in %d group(s), %d slots x %d blocks of %d tokens, chunk %.2f MiB (a group's "
         "layers of one block), physical budget %.2f GiB (%d blocks), virtual %.1f GiB per group (set up in %.2f s), "
@@ -217,6 +227,13 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
         time.perf_counter() - t0,
     )
     return views
+
+
+def _engine_label(vllm_config) -> str:
+    """The name an engine shows on a shared pool: its served model name, else its model folder's name."""
+    name = vllm_config.model_config.served_model_name or vllm_config.model_config.model
+    name = name[0] if isinstance(name, (list, tuple)) else name
+    return str(name).rstrip("/").rsplit("/", 1)[-1][:32]
 
 
 class VTensorWorkerExtension:

@@ -1,0 +1,153 @@
+"""The shared KV pool's ledger: engines in separate processes never commit past the pool together, a
+killed engine's share comes back, and a pool that cannot be used is refused with its fix."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from vllm_vtensor.ledger import PoolError, list_pools, open_pool
+
+MiB = 1 << 20
+POOL = 64 * MiB
+
+
+@pytest.fixture
+def folder(tmp_path):
+    os.chmod(tmp_path, 0o700)
+    return tmp_path
+
+
+def _join(ledger, pid=None):
+    return ledger.join(engine_pid=pid or os.getpid(), worker_pid=pid, chunk_bytes=MiB, ceiling=POOL, label="t")
+
+
+def test_commitments_are_bounded_by_the_pool(folder):
+    a = open_pool("p", POOL, "cpu", folder)
+    s = _join(a)
+    assert a.commit(s, claim=40 * MiB) and a.commit(s, physical=30 * MiB)
+    assert a.view().committed == 40 * MiB  # max(claim, physical)
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+    child.start()
+    try:
+        b = open_pool("p", None, "cpu", folder)  # a later engine joins without naming the size
+        t = _join(b, child.pid)
+        assert b.commit(t, claim=24 * MiB) and not b.commit(t, claim=25 * MiB)
+        assert b.commit(t, physical=20 * MiB)  # within its own claim: the commitment does not grow
+        assert not a.commit(s, physical=41 * MiB)  # past the pool: refused, nothing written
+        assert a.view().committed == POOL
+        assert a.commit(s, claim=10 * MiB)  # giving back is always allowed
+        assert a.view().free == 10 * MiB and b.commit(t, claim=34 * MiB)
+        assert a.commit(s, physical=50 * MiB, force=True)  # a forced figure is the truth, counted even if over
+        assert a.view().free < 0
+    finally:
+        child.kill()
+        child.join()
+    assert a.view().committed == 50 * MiB  # the dead engine's share is gone
+    assert list_pools(folder) == ["p"]
+
+
+def test_a_killed_engine_gives_its_share_back(folder):
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+
+    def engine():
+        ledger = open_pool("k", POOL, "cpu", folder)
+        slot = _join(ledger)
+        ledger.commit(slot, claim=48 * MiB, physical=48 * MiB)
+        ready.set()
+        time.sleep(60)
+
+    p = ctx.Process(target=engine)
+    p.start()
+    assert ready.wait(30)
+    ledger = open_pool("k", None, "cpu", folder)
+    assert ledger.view().free == 16 * MiB
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+    view = ledger.view()
+    assert view.free == POOL and not view.engines
+
+
+def _churn(folder, name, seed, ops, out):
+    """One engine: random claims, creations and releases; every view it takes must be within the pool."""
+    rng = random.Random(seed)
+    ledger = open_pool(name, None, "cpu", folder)
+    slot = _join(ledger)
+    claim = physical = 0
+    for _ in range(ops):
+        kind = rng.choice(("claim", "physical"))
+        new = max(0, (claim if kind == "claim" else physical) + rng.choice((-3, -1, 1, 2, 5)) * MiB)
+        if ledger.commit(slot, **{kind: new}):
+            claim, physical = (new, physical) if kind == "claim" else (claim, new)
+        view = ledger.view()
+        if view.committed > view.pool_bytes:
+            out.put(("over", view.committed))
+            return
+    out.put(("done", seed))
+
+
+@hsettings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seeds=st.lists(st.integers(0, 2**16), min_size=2, max_size=4), kill=st.sets(st.integers(0, 3), max_size=2),
+       ops=st.integers(20, 120))
+def test_concurrent_engines_never_pass_the_pool_and_leak_nothing(folder, seeds, kill, ops):
+    name = f"h{random.randrange(1 << 30)}"
+    open_pool(name, POOL, "cpu", folder)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_churn, args=(folder, name, s, ops, out)) for s in seeds]
+    for p in procs:
+        p.start()
+    killed = [p for i, p in enumerate(procs) if i in kill]
+    time.sleep(0.01)
+    for p in killed:
+        os.kill(p.pid, signal.SIGKILL)  # mid-sequence, holding whatever it had committed
+    for p in procs:
+        p.join(60)
+    results = []
+    while not out.empty():
+        results.append(out.get())
+    assert not [r for r in results if r[0] == "over"], results
+    assert sum(r[0] == "done" for r in results) >= len(procs) - len(killed)
+    view = open_pool(name, None, "cpu", folder).view()
+    assert not view.engines and view.free == POOL  # every engine is gone, and so is every byte it held
+
+
+def test_a_size_that_differs_from_the_pool_in_use_is_refused(folder):
+    ledger = open_pool("s", POOL, "cpu", folder)
+    slot = _join(ledger)
+    with pytest.raises(PoolError, match="give the same size, leave VTENSOR_POOL_BYTES unset"):
+        open_pool("s", 2 * POOL, "cpu", folder)
+    with pytest.raises(PoolError, match="joins the pool of its own device"):
+        open_pool("s", None, "cuda:0", folder)
+    ledger.leave(slot)
+    assert open_pool("s", 2 * POOL, "cpu", folder).pool_bytes == 2 * POOL  # unused: the newcomer sizes it
+
+
+def test_a_pool_file_others_can_read_or_own_is_refused(folder):
+    open_pool("o", POOL, "cpu", folder)
+    path = folder / "pool-o"
+    assert (path.stat().st_mode & 0o777) == 0o600
+    os.chmod(path, 0o644)
+    with pytest.raises(PoolError, match="another user or others may read it"):
+        open_pool("o", None, "cpu", folder)
+    os.chmod(path, 0o600)
+    if os.getuid() == 0:
+        os.chown(path, 65534, 65534)
+        with pytest.raises(PoolError, match="another user"):
+            open_pool("o", None, "cpu", folder)
+
+
+@pytest.mark.parametrize("name, size, match", [
+    ("new", None, "the first engine on it sets VTENSOR_POOL_BYTES"),
+    ("bad/name", POOL, "a pool name is 1-64 letters"),
+    ("z", 0, "give the pool's size"),
+])
+def test_unusable_pool_settings_name_their_fix(folder, name, size, match):
+    with pytest.raises(PoolError, match=match):
+        open_pool(name, size, "cpu", folder)
