@@ -1,0 +1,101 @@
+"""Two engines on one shared KV pool (``VTENSOR_POOL``), each with a ceiling of more than the whole pool:
+vanilla vLLM's greedy tokens, preemptions when the pool runs out, never a commitment past the pool, and
+an idle engine's memory handed to the busy one."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+
+import pytest
+
+from vllm_vtensor.ledger import open_pool
+
+pytestmark = pytest.mark.e2e
+
+POOL_BYTES = 48 << 20  # ~34 blocks of 32 SmolLM2 tokens: the 8 requests below need ~48
+PROMPTS = [[(i * 7 + j * 13) % 4000 + 10 for j in range(100)] for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def two_engines(smollm2_path):
+    from vllm import LLM
+
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    saved = {k: os.environ.get(k) for k in ("VTENSOR_POOL", "VTENSOR_POOL_BYTES")}
+    os.environ.update(VTENSOR_POOL=name, VTENSOR_POOL_BYTES=str(POOL_BYTES))
+    kw = dict(model=smollm2_path, dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
+              kv_cache_memory_bytes=64 << 20, attention_backend="VTENSOR", enable_prefix_caching=True)
+    try:
+        engines = LLM(**kw), LLM(**kw)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    yield engines, open_pool(name, None, None)
+    del engines
+
+
+class Sampler:
+    """Each engine's commitment on the pool, every 10 ms."""
+
+    def __init__(self, ledger):
+        self.ledger, self.samples, self._stop = ledger, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.01):
+            v = self.ledger.view()
+            self.samples.append((time.monotonic(), {e.slot: e for e in v.engines}, v.committed))
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        return self.samples
+
+
+def test_two_engines_share_one_pool(two_engines, vanilla_llm):
+    from vllm import SamplingParams
+
+    (a, b), ledger = two_engines
+    sp = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    want = [o.outputs[0].token_ids for o in vanilla_llm.generate(prompts, sp)]
+    slot_a, slot_b = (e.slot for e in sorted(ledger.view().engines, key=lambda e: e.engine_pid))
+    sampler = Sampler(ledger)
+    got_a = [o.outputs[0].token_ids for o in a.generate(prompts, sp)]
+    time.sleep(0.3)
+    started_b = time.monotonic()
+    got_b = [o.outputs[0].token_ids for o in b.generate(prompts, sp)]
+    time.sleep(0.3)
+    samples = sampler.stop()
+
+    assert got_a == want and got_b == want
+    view = ledger.view()
+    engines = {e.slot: e for e in view.engines}
+    assert engines[slot_a].preemptions > 0 and engines[slot_b].preemptions > 0  # the pool, not the ceiling, ran out
+    assert max(total for _, _, total in samples) <= POOL_BYTES  # never past the pool, whatever each ceiling says
+    peak_a = max(s[1][slot_a].committed for s in samples if slot_a in s[1])
+    assert peak_a > POOL_BYTES * 0.8  # A alone had (nearly) all of it
+    assert max(s[1][slot_b].committed for s in samples if slot_b in s[1]) > POOL_BYTES * 0.8  # then B did
+    # once B wanted memory, idle A gave its cached blocks back within 2 s
+    low = [t for t, e, _ in samples if t >= started_b and slot_a in e and e[slot_a].committed <= 0.05 * peak_a]
+    assert low and low[0] - started_b <= 2.0, (low[:1], started_b)
+
+
+def test_a_pool_smaller_than_one_request_is_refused(smollm2_path):
+    code = textwrap.dedent(f"""
+        from vllm import LLM
+        if __name__ == "__main__":
+            LLM(model={smollm2_path!r}, dtype="float32", enforce_eager=True, attention_backend="VTENSOR",
+                max_model_len=2048, kv_cache_memory_bytes=128 << 20)
+    """)
+    env = dict(os.environ, VTENSOR_POOL=f"small-{uuid.uuid4().hex[:8]}", VTENSOR_POOL_BYTES="16MiB")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode != 0
+    assert "cannot hold one request of --max-model-len 2048" in run.stdout + run.stderr
+    assert "raise VTENSOR_POOL_BYTES or lower --max-model-len" in run.stdout + run.stderr
