@@ -13,7 +13,8 @@ import uuid
 
 import pytest
 
-from vllm_vtensor.ledger import open_pool
+from vllm_vtensor.ledger import open_pool, pool_path
+from vllm_vtensor.stats import private_folder
 
 pytestmark = pytest.mark.e2e
 
@@ -35,8 +36,10 @@ def two_engines(smollm2_path):
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    yield engines, open_pool(name, None, None)
+    ledger = open_pool(name, None, None)
+    yield engines, ledger
     del engines
+    ledger.path.unlink(missing_ok=True)
 
 
 class Sampler:
@@ -58,7 +61,7 @@ class Sampler:
         return self.samples
 
 
-def test_two_engines_share_one_pool(two_engines, vanilla_llm):
+def test_two_engines_share_one_pool(two_engines, vanilla_llm, capsys):
     from vllm import SamplingParams
 
     (a, b), ledger = two_engines
@@ -86,6 +89,12 @@ def test_two_engines_share_one_pool(two_engines, vanilla_llm):
     low = [t for t, e, _ in samples if t >= started_b and slot_a in e and e[slot_a].committed <= 0.05 * peak_a]
     assert low and low[0] - started_b <= 2.0, (low[:1], started_b)
 
+    from vllm_vtensor import top
+
+    assert top.main(["--pool", ledger.name, "--once"]) == 0
+    out = capsys.readouterr().out
+    assert f"committed by 2 engine(s)" in out and out.count("SmolLM2-135M-Instruct") == 2
+
 
 def test_a_pool_smaller_than_one_request_is_refused(smollm2_path):
     code = textwrap.dedent(f"""
@@ -96,6 +105,7 @@ def test_a_pool_smaller_than_one_request_is_refused(smollm2_path):
     """)
     env = dict(os.environ, VTENSOR_POOL=f"small-{uuid.uuid4().hex[:8]}", VTENSOR_POOL_BYTES="16MiB")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    pool_path(private_folder(), env["VTENSOR_POOL"]).unlink(missing_ok=True)
     assert run.returncode != 0
     assert "cannot hold one request of --max-model-len 2048" in run.stdout + run.stderr
     assert "raise VTENSOR_POOL_BYTES or lower --max-model-len" in run.stdout + run.stderr

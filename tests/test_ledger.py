@@ -151,3 +151,37 @@ def test_a_pool_file_others_can_read_or_own_is_refused(folder):
 def test_unusable_pool_settings_name_their_fix(folder, name, size, match):
     with pytest.raises(PoolError, match=match):
         open_pool(name, size, "cpu", folder)
+
+
+def test_top_and_metrics_show_each_engine_on_the_pool(monkeypatch, capsys):
+    """``python -m vllm_vtensor.top`` lists the pool's engines; an API server's /metrics reports the pool and
+    its own engine (the one whose engine core is its child)."""
+    from vllm_vtensor import metrics, top
+    from vllm_vtensor.ledger import pool_path
+    from vllm_vtensor.stats import private_folder
+
+    name = f"top-{os.getpid()}-{random.randrange(1 << 20)}"
+    ledger = open_pool(name, POOL, "cpu")
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+    child.start()
+    try:
+        mine = ledger.join(engine_pid=child.pid, worker_pid=child.pid, chunk_bytes=MiB, ceiling=POOL, label="chat")
+        other = _join(ledger)  # an engine core that is not this process's child
+        ledger.commit(mine, claim=20 * MiB, used=12 * MiB, cached=8 * MiB, want=3 * MiB, preemptions=2, force=True)
+        ledger.commit(other, physical=10 * MiB)
+        assert top.main(["--pool", name, "--once"]) == 0
+        out = capsys.readouterr().out
+        assert f"pool {name} on cpu: 64 MiB, 30 MiB committed by 2 engine(s), 34 MiB free" in out
+        assert any(line.split()[:2] == ["chat", str(child.pid)] and line.split()[2:8] == ["20.0", "12.0", "8.0", "64",
+                                                                                          "3.0", "2"]
+                   for line in out.splitlines()), out
+        monkeypatch.setenv("VTENSOR_POOL", name)
+        monkeypatch.setattr(metrics, "_pool", (0.0, None))
+        got = {m.name: m.samples[0].value for m in metrics._Collector().collect() if m.name.startswith("vllm_vtensor_pool")}
+        assert got == {"vllm_vtensor_pool_bytes": POOL, "vllm_vtensor_pool_committed_bytes": 30 * MiB,
+                       "vllm_vtensor_pool_engines": 2, "vllm_vtensor_pool_engine_committed_bytes": 20 * MiB,
+                       "vllm_vtensor_pool_engine_want_bytes": 3 * MiB}
+    finally:
+        child.kill()
+        child.join()
+        pool_path(private_folder(), name).unlink()

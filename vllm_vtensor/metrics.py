@@ -51,7 +51,36 @@ COUNTERS = {
     "vllm_vtensor_wait_seconds": ("wait_seconds", "Time KV access waited for the mapping done beside the compute"),
 }
 
+# Per shared KV pool (VTENSOR_POOL): read from the pool's ledger at scrape time
+POOL_GAUGES = {
+    "vllm_vtensor_pool_bytes": "Size of the shared KV pool this engine is on",
+    "vllm_vtensor_pool_committed_bytes": "KV memory committed on the shared pool by all its engines",
+    "vllm_vtensor_pool_engines": "Engines on the shared KV pool",
+    "vllm_vtensor_pool_engine_committed_bytes": "KV memory this server's engine has committed on the shared pool",
+    "vllm_vtensor_pool_engine_want_bytes": "KV memory this server's engine could not get from the pool in its last step",
+}
+
 _gauges = None
+_pool: tuple[float, object] = (0.0, None)
+
+
+def _pool_view(max_age: float = 0.1):
+    """The shared pool's ledger view (None without VTENSOR_POOL or while the pool is unreadable)."""
+    global _pool
+    now = time.monotonic()
+    if now - _pool[0] > max_age:
+        view = None
+        try:
+            from .shared_pool import open_from_settings
+
+            ledger = open_from_settings(None)
+            if ledger is not None:
+                view = ledger.view()
+                ledger.close()
+        except Exception:  # a scrape never fails for it: the pool gauges read 0
+            logger.debug("vTensor: reading the shared pool failed", exc_info=True)
+        _pool = (now, view)
+    return _pool[1]
 _snapshot: tuple[float, dict | None] = (0.0, None)
 
 
@@ -74,6 +103,17 @@ class _Collector:
             yield GaugeMetricFamily(name, doc, value=float(snap.get(key, 0)))
         for name, (key, doc) in COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=float(snap.get(key, 0)))
+        view = _pool_view()
+        if view is not None:
+            import os
+
+            from .top import engines_of
+
+            mine = engines_of(os.getpid(), view)
+            values = [view.pool_bytes, view.committed, len(view.engines), sum(e.committed for e in mine),
+                      sum(e.want for e in mine)]
+            for (name, doc), value in zip(POOL_GAUGES.items(), values):
+                yield GaugeMetricFamily(name, doc, value=float(value))
 
 
 def _register_gauges() -> None:
