@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import mmap
 import os
 import re
 import stat
@@ -130,6 +131,7 @@ class Ledger:
     def __init__(self, path: Path, name: str, pool_bytes: int | None, device: str | None):
         self.path, self.name, self.device = path, name, device
         self.fd = self._open(pool_bytes)
+        self._mm = mmap.mmap(self.fd, FILE_BYTES, prot=mmap.PROT_READ)
         with self._locked():
             header, entries = self._read()
             magic, size, dev, _, n = header
@@ -287,7 +289,19 @@ class Ledger:
         return PoolView(self.name, header[1], header[2].rstrip(b"\0").decode(),
                         tuple(e for e in entries if not e.free))
 
+    def peek(self) -> PoolView:
+        """The pool as last written, read from memory without the lock or any system call (for the engines'
+        frequent looks; a dead engine's entry counts until the next locked call wipes it). Decisions that
+        commit memory take the lock (:meth:`commit`)."""
+        raw = self._mm[:FILE_BYTES]
+        header = _HEADER.unpack_from(raw)
+        entries = (Entry._unpack(i, raw[HEADER_BYTES + i * ENTRY_BYTES:HEADER_BYTES + (i + 1) * ENTRY_BYTES])
+                   for i in range(MAX_ENGINES))
+        return PoolView(self.name, header[1], header[2].rstrip(b"\0").decode(), tuple(e for e in entries if not e.free))
+
     def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._mm.close()
         with contextlib.suppress(OSError):
             os.close(self.fd)
 

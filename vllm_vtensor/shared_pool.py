@@ -29,9 +29,12 @@ import time
 from . import settings
 from .ledger import Ledger, PoolError, open_pool
 from .log import get_logger
+from .threads import move_off_compute_cores
 
 logger = get_logger(__name__)
 POLL_S = 0.05  # how often each engine looks at the others' wants
+WAIT_S = 0.005  # an engine whose every request waits for memory looks again after this long
+SPARE = 1 / 16  # engines keep this share of the pool free by giving back cached blocks, when they have some
 
 
 def open_from_settings(device: str | None) -> Ledger | None:
@@ -45,16 +48,14 @@ def open_from_settings(device: str | None) -> Ledger | None:
 
 # -- the worker's part ------------------------------------------------------------------------------
 class WorkerShare:
-    """The chunk pool's view of the ledger (see :class:`vllm_vtensor.pool.PoolShare`), and a thread that
-    gives idle chunks back when other engines want memory."""
+    """The chunk pool's view of the ledger (see :class:`vllm_vtensor.pool.PoolShare`). No thread of its own:
+    the engine core asks the worker to give idle chunks back (:func:`drop_blocks_memory`) when others want
+    memory (a thread polling beside the compute slowed two engines sharing a core by 1.8x)."""
 
     def __init__(self, ledger: Ledger, slot: int, kv):
         self.ledger, self.slot, self.kv = ledger, slot, kv
         self.chunk_bytes = kv.chunk_bytes
-        self._stop = threading.Event()
         kv.pool.attach_share(self)
-        self._thread = threading.Thread(target=self._watch, name="vtensor-pool-watch", daemon=True)
-        self._thread.start()
 
     def grow(self, chunks: int, *, force: bool = False) -> bool:
         return self.ledger.commit(self.slot, physical=chunks * self.chunk_bytes, force=force)
@@ -62,19 +63,7 @@ class WorkerShare:
     def held(self, chunks: int) -> None:
         self.ledger.commit(self.slot, physical=chunks * self.chunk_bytes, force=True)
 
-    def _watch(self) -> None:
-        while not self._stop.wait(POLL_S):
-            try:
-                view = self.ledger.view()
-                wanted = sum(e.want for e in view.engines if e.slot != self.slot)
-                if wanted > view.free:
-                    self.kv.pool.trim()  # reserve and lingering chunks: nothing of this engine's uses them
-            except Exception:  # a read that failed is tried again; the engine goes on
-                logger.exception("vTensor pool: watching the shared pool failed")
-
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
         self.ledger.leave(self.slot)
         self.ledger.close()
 
@@ -100,9 +89,10 @@ def join_worker(kv, *, ceiling: int, max_model_len: int, label: str, device: str
     return WorkerShare(ledger, slot, kv)
 
 
-def drop_blocks_memory(worker, block_ids: list[int]) -> int:
-    """Run in the worker by the engine core after its scheduler evicted ``block_ids`` from the prefix cache
-    for another engine: give their memory back; return the bytes given back."""
+def drop_blocks_memory(worker, block_ids: list[int], trim: bool) -> int:
+    """Run in the worker by the engine core when another engine wants memory the pool has not got: give
+    back the memory of ``block_ids`` (which its scheduler just evicted from the prefix cache) and, with
+    ``trim``, of every idle chunk (reserve, lingering); return the bytes given back."""
     from .worker import _memory_work, vt_stats
 
     kv = getattr(getattr(worker, "model_runner", None), "_vtensor_kv", None)
@@ -111,7 +101,8 @@ def drop_blocks_memory(worker, block_ids: list[int]) -> int:
     before = kv.pool.stats().resident_bytes
     with _memory_work(kv):
         kv.drop_blocks(block_ids)
-        kv.pool.trim()
+        if trim:
+            kv.pool.trim()
     vt_stats.publish(kv, force=True)
     return before - kv.pool.stats().resident_bytes
 
@@ -130,7 +121,8 @@ class EngineShare:
         self.mem = self.count()
         self.short = 0  # blocks the pool could not give in this step
         self.preemptions = 0
-        self.pending = 0  # cached blocks to give back, by the engine's thread
+        self.pending = 0  # cached blocks to give back, by the engine's thread (-1: none, idle chunks only)
+        self.trim = False  # the worker gives its idle chunks back too
         self._raw = 0
         self._limited = False
         self._view, self._view_at = None, 0.0
@@ -166,7 +158,7 @@ class EngineShare:
     def view(self, fresh: bool = False):
         now = time.monotonic()
         if fresh or self._view is None or now - self._view_at > 0.005:
-            self._view, self._view_at = self.ledger.view(), now
+            self._view, self._view_at = self.ledger.peek(), now
         return self._view
 
     def room(self, fresh: bool = False) -> int:
@@ -237,7 +229,10 @@ class EngineShare:
 
         def schedule(*args, **kwargs):
             out = orig_schedule(*args, **kwargs)
+            waiting_for_memory = self.short and not out.total_num_scheduled_tokens
             self.publish()
+            if waiting_for_memory:  # nothing runs until another engine gives memory back: do not spin the CPU
+                time.sleep(WAIT_S)
             return out
 
         def preempt(*args, **kwargs):
@@ -301,30 +296,41 @@ class EngineShare:
     def _watch(self) -> None:
         from vllm.v1.engine import EngineCoreRequestType
 
+        move_off_compute_cores()
         while not self._stop.wait(POLL_S):
             try:
-                v = self.ledger.view()
+                v = self.ledger.peek()  # no lock, no system call: this runs beside the compute
                 me = next((e for e in v.engines if e.slot == self.slot), None)
-                if me is None:
+                if me is None or self.pending:
                     continue
                 wanted = sum(e.want for e in v.engines if e.slot != self.slot)
-                if wanted > v.free and me.cached and not self.pending:
-                    self.pending = min(me.cached, wanted - v.free) // self.chunk or 1
-                    self.core.input_queue.put_nowait((EngineCoreRequestType.WAKEUP, None))
+                if wanted > v.free and (me.cached or me.physical > me.claim):  # another engine waits for memory
+                    # idle: everything the cache keeps; busy: what is wanted, at least a quarter of the cache;
+                    # and the idle chunks (reserve, lingering) either way
+                    give = me.cached if not me.used else max(wanted - v.free, me.cached // 4)
+                    self.trim = True
+                elif me.cached and v.free < v.pool_bytes * SPARE:  # keep some of the pool free for whoever grows
+                    give = int(v.pool_bytes * SPARE) - v.free
+                else:
+                    continue
+                self.pending = -(-min(me.cached, give) // self.chunk) if me.cached else -1  # -1: nothing cached
+                self.core.input_queue.put_nowait((EngineCoreRequestType.WAKEUP, None))
             except Exception:
                 logger.exception("vTensor pool: watching the shared pool failed")
 
     def _give_back(self) -> None:
         """In the engine's thread: evict up to ``pending`` least recently used cached free blocks and have
         the worker give their memory back."""
-        n, self.pending = self.pending, 0
+        n, self.pending = max(0, self.pending), 0
+        trim, self.trim = self.trim, False
         victims = [b for b in self._free_queue() if self._has_memory_free(b)][:n]
         for b in victims:
             self.bp._maybe_evict_cached_block(b)
-        if not victims:
-            return
         self.mem -= len(victims)
-        gone = self.core.model_executor.collective_rpc(drop_blocks_memory, args=([b.block_id for b in victims],))
+        if not victims and not trim:
+            return
+        gone = self.core.model_executor.collective_rpc(drop_blocks_memory,
+                                                       args=([b.block_id for b in victims], trim))
         self.publish()
         logger.debug("vTensor pool: %d cached block(s) (%.1f MiB) given back to pool %r for another engine",
                     len(victims), sum(gone) / 2**20, self.ledger.name)

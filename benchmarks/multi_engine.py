@@ -1,0 +1,364 @@
+"""Several `vllm serve` engines on one host: one shared KV pool (VTENSOR_POOL) against the same total KV
+split statically between vanilla vLLM servers, under load that shifts from engine to engine.
+
+    python benchmarks/multi_engine.py                      # 2 SmolLM2 servers per configuration
+    python benchmarks/multi_engine.py --engines 3          # 3
+    python benchmarks/multi_engine.py --quick              # short phases (smoke test)
+
+Each configuration starts its servers side by side in one memory cgroup (v1), held, once they are up,
+to what they use then plus the total KV and a margin:
+
+* ``static``: vanilla vLLM, each server with ``--kv-cache-memory-bytes`` = total / engines (what a user
+  of vLLM does today: a fixed split decided at start-up);
+* ``shared``: ``--attention-backend VTENSOR`` with ``VTENSOR_POOL`` of the same total, each server's own
+  ceiling the whole total (the ceilings overcommit the pool).
+
+Load: in phase ``busy-<i>`` engine i gets ``--clients`` closed-loop streaming clients and the others
+none; in phase ``all`` every engine gets clients / engines. Requests are ~``--prompt-tokens`` random
+token ids (no prefix shared) and ``--max-tokens`` greedy tokens. Per phase: output tokens/s over the
+phase (issuing for ``--phase-s`` seconds, then draining), TTFT p50/p99, failed requests. Memory per
+engine is sampled every 0.25 s: the pool's ledger for ``shared``; for ``static`` the KV each server
+preallocated and the part its requests use (vLLM's ``kv_cache_usage_perc``). After each configuration:
+the cgroup's limit hits and OOM kills, and whether every server is still up.
+
+Prints a table, writes JSON and a PNG (memory per engine over time) to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from provenance import provenance
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+CGROUP = Path("/sys/fs/cgroup/memory")
+MiB = 1 << 20
+
+
+class Cgroup:
+    """A v1 memory cgroup that every server's process tree starts in."""
+
+    def __init__(self, name: str):
+        self.path = CGROUP / name
+        if self.path.exists():
+            self.path.rmdir()
+        self.path.mkdir()
+
+    def read(self, name: str) -> str:
+        return (self.path / name).read_text()
+
+    def usage(self) -> int:
+        return int(self.read("memory.usage_in_bytes"))
+
+    def hold(self, limit: int) -> None:
+        (self.path / "memory.limit_in_bytes").write_text(str(limit))
+
+    def oom_kills(self) -> int:
+        m = re.search(r"oom_kill (\d+)", self.read("memory.oom_control"))
+        return int(m.group(1)) if m else 0
+
+    def close(self) -> None:
+        for _ in range(100):
+            pids = self.read("cgroup.procs").split()
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(int(pid), 9)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.2)
+
+
+def start_servers(config: str, args, cg: Cgroup, pool: str) -> list:
+    from vllm_vtensor.demo import Server
+
+    per = args.kv_bytes // args.engines
+    servers = []
+    for i in range(args.engines):
+        flags = ["--dtype", "float32", "--max-model-len", str(args.max_model_len), "--served-model-name", f"engine{i}",
+                 "--enforce-eager", "--max-num-seqs", str(args.clients)]
+        if config == "shared":
+            flags += ["--attention-backend", "VTENSOR", "--kv-cache-memory-bytes", str(args.ceiling_bytes or args.kv_bytes)]
+        elif config == "vtensor_static":  # VTENSOR without a pool: the same split as vanilla's
+            flags += ["--attention-backend", "VTENSOR", "--kv-cache-memory-bytes", str(per)]
+        else:
+            flags += ["--kv-cache-memory-bytes", str(per)]
+        s = Server(args.model, flags, log_path=str(Path(args.log_dir) / f"multi_engine-{config}-{i}.log"))
+        s.args = ["sh", "-c", f'echo $$ > {cg.path}/cgroup.procs && exec "$0" "$@"', *s.args]
+        servers.append(s)
+    env = {k: v for k, v in os.environ.items() if k not in ("VTENSOR_POOL", "VTENSOR_POOL_BYTES")}
+    if config == "shared":
+        env |= {"VTENSOR_POOL": pool, "VTENSOR_POOL_BYTES": str(args.pool_bytes or args.kv_bytes)}
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        with cf.ThreadPoolExecutor(len(servers)) as ex:  # side by side: each waits for its /health
+            list(ex.map(lambda s: s.start(timeout=900), servers))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return servers
+
+
+def _request(client, model: str, prompt: list[int], max_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    first, n = None, 0
+    try:
+        stream = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                n += 1
+                first = first or time.perf_counter()
+    except Exception as e:  # a failed request is counted, never lost
+        return {"ok": False, "error": repr(e)[:200], "start": t0}
+    end = time.perf_counter()
+    return {"ok": n > 0, "ttft": (first or end) - t0, "tokens": n, "start": t0, "end": end}
+
+
+def run_phase(servers, clients_per: list[int], args, rng: random.Random) -> dict:
+    from openai import OpenAI
+
+    deadline = time.perf_counter() + args.phase_s
+    done: list[list[dict]] = [[] for _ in servers]
+
+    def client_loop(i: int, seed: int):
+        client = OpenAI(base_url=servers[i].url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        r = random.Random(seed)
+        while time.perf_counter() < deadline:
+            prompt = [r.randrange(100, 40000) for _ in range(args.prompt_tokens)]
+            done[i].append(_request(client, f"engine{i}", prompt, args.max_tokens))
+
+    t0 = time.perf_counter()
+    jobs = [(i, rng.randrange(1 << 30)) for i, n in enumerate(clients_per) for _ in range(n)]
+    with cf.ThreadPoolExecutor(len(jobs)) as ex:
+        list(ex.map(lambda j: client_loop(*j), jobs))
+    wall = time.perf_counter() - t0
+    rows = []
+    for i, reqs in enumerate(done):
+        ok = [r for r in reqs if r["ok"]]
+        ttft = sorted(r["ttft"] for r in ok)
+        rows.append({"engine": i, "clients": clients_per[i], "requests": len(reqs), "failed": len(reqs) - len(ok),
+                     "output_tokens": sum(r["tokens"] for r in ok),
+                     "tok_s": sum(r["tokens"] for r in ok) / wall,
+                     "ttft_p50_s": statistics.median(ttft) if ttft else None,
+                     "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] if ttft else None})
+    busy = [r for r in rows if r["clients"]]
+    return {"wall_s": wall, "engines": rows, "tok_s": sum(r["tok_s"] for r in rows),
+            "ttft_p99_s": max((r["ttft_p99_s"] or 0) for r in busy), "failed": sum(r["failed"] for r in rows)}
+
+
+class MemorySampler:
+    """KV memory per engine every 0.25 s: committed on the pool (shared) or preallocated and used (static)."""
+
+    def __init__(self, config: str, servers, args, pool: str):
+        self.config, self.servers, self.args = config, servers, args
+        self.ledger = None
+        if config == "shared":
+            from vllm_vtensor.ledger import open_pool
+
+            self.ledger = open_pool(pool, None, None)
+            pids = {}
+            for i, s in enumerate(servers):  # each engine's entry: the engine core is a child of its server
+                import psutil
+
+                kids = {p.pid for p in psutil.Process(s.proc.pid).children(recursive=True)}
+                for e in self.ledger.view().engines:
+                    if e.engine_pid in kids:
+                        pids[e.slot] = i
+            self.slot_engine = pids
+        self.samples, self.phase, self._stop = [], "", threading.Event()
+        self.t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        per = self.args.kv_bytes // self.args.engines
+        while not self._stop.wait(0.25):
+            t = time.perf_counter() - self.t0
+            row = {"t": round(t, 2), "phase": self.phase}
+            if self.ledger is not None:
+                v = self.ledger.view()
+                for e in v.engines:
+                    i = self.slot_engine.get(e.slot)
+                    if i is not None:
+                        row[f"held{i}"], row[f"used{i}"] = e.committed, e.used
+                row["pool_committed"] = v.committed
+            else:
+                for i, s in enumerate(self.servers):
+                    try:
+                        m = re.search(r"^vllm:kv_cache_usage_perc\{[^}]*\} (\S+)", s.metrics(), re.M)
+                        row[f"held{i}"], row[f"used{i}"] = per, int(float(m.group(1)) * per) if m else None
+                    except OSError:
+                        pass
+            self.samples.append(row)
+
+    def stop(self) -> list[dict]:
+        self._stop.set()
+        self._thread.join()
+        return self.samples
+
+
+def run_config(config: str, args) -> dict:
+    pool = f"bench-{uuid.uuid4().hex[:8]}"
+    cg = Cgroup(f"vllm-vtensor-multi-{config}")
+    servers = []
+    try:
+        servers = start_servers(config, args, cg, pool)
+        # warm-up: one request per engine, then hold the tree to what it uses now plus the whole KV and a margin
+        run_phase(servers, [1] * args.engines, argparse.Namespace(**{**vars(args), "phase_s": 0.1}), random.Random(0))
+        usage = cg.usage()
+        limit = usage + args.kv_bytes + args.margin_bytes
+        cg.hold(limit)
+        sampler = MemorySampler(config, servers, args, pool)
+        rng = random.Random(1)
+        phases = {}
+        names = args.phases.split(",") if args.phases else [f"busy-{i}" for i in range(args.engines)] + ["all"]
+        for name in names:
+            sampler.phase = name
+            per = [args.clients if name == f"busy-{i}" else 0 for i in range(args.engines)]
+            if name == "all":
+                per = [max(1, args.clients // args.engines)] * args.engines
+            phases[name] = run_phase(servers, per, args, rng)
+            print(f"{config} {name}: {phases[name]['tok_s']:.1f} tok/s, TTFT p99 {phases[name]['ttft_p99_s']:.2f} s, "
+                  f"{phases[name]['failed']} failed", flush=True)
+        samples = sampler.stop()
+        alive = [s.proc.poll() is None for s in servers]
+        return {"phases": phases, "memory": samples, "cgroup": {
+            "usage_before_load_bytes": usage, "limit_bytes": limit, "peak_bytes": int(cg.read("memory.max_usage_in_bytes")),
+            "limit_hits": int(cg.read("memory.failcnt")), "oom_kills": cg.oom_kills()}, "servers_alive": alive}
+    finally:
+        for s in servers:
+            s.stop()
+        cg.close()
+        if config == "shared":
+            from vllm_vtensor.ledger import pool_path
+            from vllm_vtensor.stats import private_folder
+
+            pool_path(private_folder(), pool).unlink(missing_ok=True)
+
+
+def compare(results: dict, engines: int) -> dict:
+    out = {}
+    for name in [f"busy-{i}" for i in range(engines)] + ["all"]:
+        s, v = results["shared"]["phases"][name], results["static"]["phases"][name]
+        out[name] = {"tok_s_ratio": s["tok_s"] / v["tok_s"],
+                     "ttft_p99_ratio": s["ttft_p99_s"] / v["ttft_p99_s"] if v["ttft_p99_s"] else None}
+    skewed = [out[f"busy-{i}"] for i in range(engines)]
+    out["goals"] = {
+        "skewed_met": all(r["tok_s_ratio"] >= 1.3 or (r["ttft_p99_ratio"] or 9) <= 0.7 for r in skewed),
+        "balanced_met": out["all"]["tok_s_ratio"] >= 0.95,  # within 5% of the static split, or better
+        "no_failures": all(p["failed"] == 0 for c in results.values() for p in c["phases"].values()),
+        "no_oom_kills": all(c["cgroup"]["oom_kills"] == 0 and all(c["servers_alive"]) for c in results.values()),
+    }
+    return out
+
+
+def _plot(results: dict, engines: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 1, figsize=(10, 7), sharex=False)
+    for ax, config in zip(axes, ("static", "shared")):
+        samples = results[config]["memory"]
+        t = [s["t"] for s in samples]
+        for i in range(engines):
+            ax.plot(t, [(s.get(f"held{i}") or 0) / MiB for s in samples], label=f"engine {i}: KV held")
+            ax.plot(t, [(s.get(f"used{i}") or 0) / MiB for s in samples], "--", label=f"engine {i}: used by requests")
+        start = None
+        for j, s in enumerate(samples):
+            if j == 0 or s["phase"] != samples[j - 1]["phase"]:
+                ax.axvline(s["t"], color="grey", lw=0.5)
+                ax.text(s["t"], ax.get_ylim()[1] if start else 0, s["phase"], fontsize=8, va="bottom")
+                start = s["t"]
+        ax.set_title(f"{config}: " + ("vanilla vLLM, total KV split statically" if config == "static"
+                                      else "VTENSOR, one shared pool (VTENSOR_POOL)"))
+        ax.set_ylabel("MiB")
+        ax.legend(fontsize=7, loc="upper right")
+    axes[-1].set_xlabel("seconds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct, converted locally)")
+    ap.add_argument("--engines", type=int, default=2)
+    ap.add_argument("--kv-bytes", type=int, default=192 * MiB, help="total KV: the pool, or the sum of the split")
+    ap.add_argument("--clients", type=int, default=12, help="concurrent clients on a busy engine")
+    ap.add_argument("--prompt-tokens", type=int, default=200)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--pool-bytes", type=int, default=None, help="shared: the pool (default: --kv-bytes)")
+    ap.add_argument("--ceiling-bytes", type=int, default=None, help="shared: each engine's ceiling (default: --kv-bytes)")
+    ap.add_argument("--phase-s", type=float, default=60.0)
+    ap.add_argument("--margin-bytes", type=int, default=768 * MiB, help="cgroup headroom over usage + KV")
+    ap.add_argument("--quick", action="store_true", help="10 s phases, 6 clients")
+    ap.add_argument("--configs", default="static,shared", help="static, shared, vtensor_static (VTENSOR, split)")
+    ap.add_argument("--phases", default=None, help="e.g. all or busy-0,all (default: each engine busy, then all)")
+    ap.add_argument("--log-dir", default="/tmp")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.phase_s, args.clients = 10.0, 6
+    if args.model is None:
+        from vllm_vtensor.models import build_smollm2
+
+        args.model = str(build_smollm2())
+    if not CGROUP.is_dir():
+        print(f"needs the cgroup v1 memory controller at {CGROUP} (writable: run as root)", file=sys.stderr)
+        return 2
+    results = {c: run_config(c, args) for c in args.configs.split(",")}
+    meta = provenance("benchmarks/multi_engine.py", argv) | {
+        "model": Path(args.model).name, "engines": args.engines, "kv_bytes": args.kv_bytes, "clients": args.clients,
+        "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "phase_s": args.phase_s}
+    out = {"meta": meta, "results": results}
+    if set(results) == {"static", "shared"}:
+        out["comparison"] = compare(results, args.engines)
+    print(f"\n{'phase':<8} {'static tok/s':>12} {'shared tok/s':>12} {'ratio':>6} {'static p99':>10} "
+          f"{'shared p99':>10} {'ratio':>6}")
+    for name in results[next(iter(results))]["phases"]:
+        row = {c: results[c]["phases"][name] for c in results}
+        if "comparison" in out:
+            cmp = out["comparison"][name]
+            print(f"{name:<8} {row['static']['tok_s']:>12.1f} {row['shared']['tok_s']:>12.1f} {cmp['tok_s_ratio']:>6.2f} "
+                  f"{row['static']['ttft_p99_s']:>10.2f} {row['shared']['ttft_p99_s']:>10.2f} "
+                  f"{cmp['ttft_p99_ratio'] or 0:>6.2f}")
+    for c, r in results.items():
+        print(f"{c}: cgroup limit {r['cgroup']['limit_bytes'] / MiB:.0f} MiB, peak {r['cgroup']['peak_bytes'] / MiB:.0f} "
+              f"MiB, limit hits {r['cgroup']['limit_hits']}, OOM kills {r['cgroup']['oom_kills']}, "
+              f"servers alive {r['servers_alive']}, failed requests {sum(p['failed'] for p in r['phases'].values())}")
+    if "comparison" in out:
+        print("goals:", out["comparison"]["goals"])
+    stem = args.out or f"multi_engine-cpu-{args.engines}engines" + ("-quick" if args.quick else "")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=1))
+    if set(results) == {"static", "shared"}:
+        _plot(results, args.engines, RESULTS / f"{stem}.png")
+    print(f"wrote {RESULTS / stem}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
