@@ -25,6 +25,7 @@ import os
 import re
 import stat
 import struct
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -130,6 +131,7 @@ class Ledger:
 
     def __init__(self, path: Path, name: str, pool_bytes: int | None, device: str | None):
         self.path, self.name, self.device = path, name, device
+        self._thread_lock = threading.Lock()
         self.fd = self._open(pool_bytes)
         self._mm = mmap.mmap(self.fd, FILE_BYTES, prot=mmap.PROT_READ)
         with self._locked():
@@ -189,11 +191,14 @@ class Ledger:
 
     @contextlib.contextmanager
     def _locked(self):
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        # flock excludes other processes only: threads of this one (a worker's step and its chunk thread)
+        # share the open file, so they take a thread lock first
+        with self._thread_lock:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def _read(self) -> tuple[tuple, list[Entry]]:
         """Header and entries, with the parts of dead processes wiped (under the lock)."""
