@@ -30,8 +30,9 @@ class PoolShare(Protocol):
     """A budget several pools draw on (:mod:`vllm_vtensor.shared_pool`): told how many chunks this pool
     holds, it may refuse more."""
 
-    def grow(self, chunks: int, *, force: bool = False) -> bool:
-        """This pool would hold ``chunks`` chunks: allowed? (``force``: it will, count them.)"""
+    def grow(self, chunks: int, *, force: bool = False, reserve: bool = False) -> bool:
+        """This pool would hold ``chunks`` chunks: allowed? (``force``: it will, count them; ``reserve``: for
+        chunks made ahead of need, which others waiting for memory come before.)"""
 
     def held(self, chunks: int) -> None:
         """This pool holds ``chunks`` chunks now (after giving some back)."""
@@ -362,7 +363,7 @@ class ChunkPool:
                     self.refill_idle_waits += 1  # it looked at the state and found nothing to make
                     self._lock.notify_all()
                     self._lock.wait()
-                if self.share is not None and not self.share.grow(self._physical() + 1):
+                if self.share is not None and not self.share.grow(self._physical() + 1, reserve=True):
                     self._lock.wait(0.1)  # the shared pool has no room for a reserve now: look again later
                     continue
                 self._pending += 1

@@ -57,7 +57,9 @@ class WorkerShare:
         self.chunk_bytes = kv.chunk_bytes
         kv.pool.attach_share(self)
 
-    def grow(self, chunks: int, *, force: bool = False) -> bool:
+    def grow(self, chunks: int, *, force: bool = False, reserve: bool = False) -> bool:
+        if reserve and any(e.want for e in self.ledger.peek().engines if e.slot != self.slot):
+            return False  # another engine waits for memory: it gets the room before this engine's reserve
         return self.ledger.commit(self.slot, physical=chunks * self.chunk_bytes, force=force)
 
     def held(self, chunks: int) -> None:
