@@ -330,7 +330,7 @@ def main(argv=None) -> int:
         print(f"needs the cgroup v1 memory controller at {CGROUP} (writable: run as root)", file=sys.stderr)
         return 2
     results = {c: run_config(c, args) for c in args.configs.split(",")}
-    meta = provenance("benchmarks/multi_engine.py", argv) | {
+    meta = provenance("multi_engine.py", argv) | {
         "model": Path(args.model).name, "engines": args.engines, "kv_bytes": args.kv_bytes, "clients": args.clients,
         "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "phase_s": args.phase_s}
     out = {"meta": meta, "results": results}

@@ -185,3 +185,47 @@ def test_top_and_metrics_show_each_engine_on_the_pool(monkeypatch, capsys):
         child.kill()
         child.join()
         pool_path(private_folder(), name).unlink()
+
+
+def test_a_workers_chunks_stay_within_the_pool_and_its_reserve_yields_to_waiting_engines(folder):
+    """The worker's chunk pool on a shared pool: chunks made ahead of need (the reserve) only where the pool
+    has room and no other engine waits for memory; idle chunks given back count at once."""
+    from types import SimpleNamespace
+
+    from vllm_vtensor.pool import ChunkPool
+    from vllm_vtensor.shared_pool import WorkerShare
+    from vllm_vtensor.vmm.host import HostBackend
+
+    backend = HostBackend()
+    chunk = 256 * backend.granularity
+    ledger = open_pool("w", 8 * chunk, "cpu", folder)
+    other = ledger.join(engine_pid=os.getpid(), worker_pid=os.getpid(), chunk_bytes=chunk, ceiling=8 * chunk,
+                        label="other")
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+    child.start()
+    pool = ChunkPool(backend, 8 * chunk, chunk, low_watermark=2, high_watermark=4)
+    try:
+        slot = ledger.join(engine_pid=child.pid, worker_pid=os.getpid(), chunk_bytes=chunk, ceiling=8 * chunk,
+                           label="me")
+        share = WorkerShare(ledger, slot, SimpleNamespace(chunk_bytes=chunk, pool=pool))
+
+        def mine():
+            return next(e for e in ledger.view().engines if e.slot == slot)
+
+        deadline = time.monotonic() + 10
+        while pool.stats().chunks_cached < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.stats().chunks_cached == 4 and mine().physical == 4 * chunk  # the reserve, counted
+        assert ledger.commit(other, claim=4 * chunk, want=2 * chunk)  # the pool is full; the other engine waits
+        assert not share.grow(5, reserve=True)  # no reserve while another engine waits
+        got = pool.acquire(4)  # the reserve serves the worker's own blocks
+        time.sleep(0.3)  # the chunk thread looks (every 0.1 s while refused)
+        assert pool.stats().chunks_cached == 0 and mine().physical == 4 * chunk  # not refilled: no room, a waiter
+        for c in got:
+            pool.release(c)
+        pool.trim()
+        assert mine().physical == 0 and ledger.view().free == 4 * chunk
+    finally:
+        pool.close()
+        child.kill()
+        child.join()
