@@ -55,7 +55,7 @@ fi
 # line, a failure with its report), and output goes to the log line by line: a run cut off by its limit keeps both.
 # BENCH_ONLY=1 skips the tests (a second call for the benchmark: one call cannot hold both in 10 minutes)
 [ "${BENCH_ONLY:-0}" = 1 ] || VTENSOR_OUTCOMES="$OUT/outcomes.txt" timeout ${E2E_TIMEOUT:-540} $PY -m pytest -v -p no:cacheprovider -rA \
-    --durations=0 ${E2E_TESTS:-tests/test_backend_cuda_impl.py tests/test_e2e_cuda.py tests/test_e2e_flexinfer_cuda.py} "$@" 2>&1 | grep --line-buffered -v "^(EngineCore\|^INFO\|^WARNING" | tee "$OUT/e2e-cuda.log"
+    --durations=0 ${E2E_TESTS:-tests/test_backend_cuda_impl.py tests/test_e2e_cuda.py tests/test_e2e_flexinfer_cuda.py tests/test_e2e_shared_pool_cuda.py} "$@" 2>&1 | grep --line-buffered -v "^(EngineCore\|^INFO\|^WARNING" | tee "$OUT/e2e-cuda.log"
 
 # BENCH=1 (or BENCH_ONLY=1): then vanilla (Triton backend) vs VTENSOR side by side on a random-weight llama of SmolLM2-135M's
 # shape, bf16 (block 176: SmolLM2's 23040 B of KV per token make a 4 MiB chunk with 3% padding)
