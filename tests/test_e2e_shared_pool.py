@@ -109,3 +109,41 @@ def test_a_pool_smaller_than_one_request_is_refused(smollm2_path):
     assert run.returncode != 0
     assert "cannot hold one request of --max-model-len 2048" in run.stdout + run.stderr
     assert "raise VTENSOR_POOL_BYTES or lower --max-model-len" in run.stdout + run.stderr
+
+
+def test_an_engine_killed_under_load_gives_its_share_back(smollm2_path):
+    """kill -9 of a whole engine (front end, engine core, worker) while it holds memory on the pool: the
+    next look at the pool finds none of it committed."""
+    import signal
+
+    code = textwrap.dedent(f"""
+        from vllm import LLM, SamplingParams
+        if __name__ == "__main__":
+            llm = LLM(model={smollm2_path!r}, dtype="float32", enforce_eager=True, attention_backend="VTENSOR",
+                      max_model_len=512, kv_cache_memory_bytes=64 << 20)
+            prompts = [{{"prompt_token_ids": [(i * 7 + j) % 4000 + 10 for j in range(200)]}} for i in range(16)]
+            while True:
+                llm.generate(prompts, SamplingParams(max_tokens=256, ignore_eos=True), use_tqdm=False)
+    """)
+    name = f"kill-{uuid.uuid4().hex[:8]}"
+    env = dict(os.environ, VTENSOR_POOL=name, VTENSOR_POOL_BYTES=str(POOL_BYTES))
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path = pool_path(private_folder(), name)
+    try:
+        deadline, held = time.monotonic() + 240, 0
+        while time.monotonic() < deadline and held < POOL_BYTES // 2 and proc.poll() is None:
+            time.sleep(0.1)
+            held = open_pool(name, None, None).view().committed if path.exists() else 0
+        assert held >= POOL_BYTES // 2, "the engine never held memory on the pool"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and open_pool(name, None, None).view().engines:
+            time.sleep(0.1)  # the engine core and worker die with their session; a look wipes what they held
+        view = open_pool(name, None, None).view()
+        assert not view.engines and view.free == POOL_BYTES
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        path.unlink(missing_ok=True)
