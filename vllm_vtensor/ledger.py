@@ -22,13 +22,14 @@ import contextlib
 import fcntl
 import mmap
 import os
-import re
 import stat
 import struct
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .settings import POOL_NAME
 
 MAGIC = b"VTPOOL01"
 _HEADER = struct.Struct("<8sq16sdi")  # magic, pool bytes, device, created at, entries
@@ -37,7 +38,6 @@ _ENTRY = struct.Struct("<iiqqqqqqqqqqd32s")
 ENTRY_BYTES = 128
 MAX_ENGINES = 64
 FILE_BYTES = HEADER_BYTES + MAX_ENGINES * ENTRY_BYTES
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _FIELDS = ("engine_pid", "worker_pid", "engine_start", "worker_start", "chunk_bytes", "ceiling", "physical",
            "claim", "used", "cached", "want", "preemptions", "updated", "label")
 _ENGINE_FIELDS = ("claim", "used", "cached", "want", "preemptions")  # written by the scheduler's process
@@ -121,7 +121,7 @@ class PoolView:
 
 
 def pool_path(folder: Path, name: str) -> Path:
-    if not _NAME.fullmatch(name):
+    if not POOL_NAME.fullmatch(name):
         raise PoolError(f"VTENSOR_POOL={name!r}: a pool name is 1-64 letters, digits, '.', '_' or '-'")
     return folder / f"pool-{name}"
 
@@ -322,4 +322,4 @@ def list_pools(folder: Path | None = None) -> list[str]:
     from .stats import private_folder_path
 
     folder = private_folder_path() if folder is None else folder
-    return sorted(p.name[5:] for p in folder.glob("pool-*") if _NAME.fullmatch(p.name[5:]))
+    return sorted(p.name[5:] for p in folder.glob("pool-*") if POOL_NAME.fullmatch(p.name[5:]))

@@ -90,6 +90,7 @@ class Setting:
 
 
 MAX_LINGER_S = 3600.0
+POOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # a shared KV pool's name (VTENSOR_POOL), also its file's
 SETTINGS: tuple[Setting, ...] = (
     # -- VTENSOR (the KV cache): read by the worker at start-up --------------------------------------
     Setting("VTENSOR_ATTENTION", "env", "choice", None,
@@ -122,7 +123,7 @@ SETTINGS: tuple[Setting, ...] = (
             "engines give theirs back when another needs it, and none is refused memory the pool still has. Each "
             "engine's own ceiling stays vLLM's (`--kv-cache-memory-bytes`); the ceilings may sum past the pool. "
             "One worker per engine (tensor parallel size 1). Unset: the engine has its KV budget to itself.",
-            parse=str, check=lambda v: bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v)),
+            parse=str, check=lambda v: bool(POOL_NAME.fullmatch(v)),
             fix="give 1-64 letters, digits, '.', '_' or '-'"),
     Setting("VTENSOR_POOL_BYTES", "env", "size", None,
             "The size of the shared KV pool `VTENSOR_POOL` names, set by the engine that creates it (a later "

@@ -21,6 +21,7 @@ policies, and bounds them by real memory:
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
@@ -53,8 +54,7 @@ class WorkerShare:
     memory (a thread polling beside the compute slowed two engines sharing a core by 1.8x)."""
 
     def __init__(self, ledger: Ledger, slot: int, kv):
-        self.ledger, self.slot, self.kv = ledger, slot, kv
-        self.chunk_bytes = kv.chunk_bytes
+        self.ledger, self.slot, self.chunk_bytes = ledger, slot, kv.chunk_bytes
         kv.pool.attach_share(self)
 
     def grow(self, chunks: int, *, force: bool = False, reserve: bool = False) -> bool:
@@ -64,10 +64,6 @@ class WorkerShare:
 
     def held(self, chunks: int) -> None:
         self.ledger.commit(self.slot, physical=chunks * self.chunk_bytes, force=True)
-
-    def close(self) -> None:
-        self.ledger.leave(self.slot)
-        self.ledger.close()
 
 
 def join_worker(kv, *, ceiling: int, max_model_len: int, label: str, device: str,
@@ -131,7 +127,6 @@ class EngineShare:
         self._published = None
         self._warned = False
         self._install()
-        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="vtensor-pool-engine", daemon=True)
         self._thread.start()
 
@@ -156,6 +151,10 @@ class EngineShare:
         while b is not None and b is not q.fake_free_list_tail:
             yield b
             b = b.next_free_block
+
+    def _cached_free(self, n: int) -> list:
+        """Up to ``n`` free blocks that have memory, least recently used first (the queue's order)."""
+        return list(itertools.islice((b for b in self._free_queue() if self._has_memory_free(b)), n))
 
     def view(self, fresh: bool = False):
         now = time.monotonic()
@@ -260,14 +259,10 @@ class EngineShare:
     def _claim_for(self, n: int) -> None:
         """Before vLLM pops ``n`` free blocks: claim the memory of those that have none, handing out free
         blocks that have memory first when the pool is short."""
-        heads = []
-        for b in self._free_queue():
-            if len(heads) == n:
-                break
-            heads.append(b)
+        heads = list(itertools.islice(self._free_queue(), n))
         fresh = sum(1 for b in heads if not self._has_memory_free(b))
         if fresh and fresh > self.room(fresh=True):
-            kept = [b for b in self._free_queue() if self._has_memory_free(b)][:n]
+            kept = self._cached_free(n)
             chosen = kept + [b for b in heads if not self._has_memory_free(b)][:n - len(kept)]
             q = self.bp.free_block_queue
             for b in chosen:
@@ -299,7 +294,8 @@ class EngineShare:
         from vllm.v1.engine import EngineCoreRequestType
 
         move_off_compute_cores()
-        while not self._stop.wait(POLL_S):
+        while True:
+            time.sleep(POLL_S)
             try:
                 v = self.ledger.peek()  # no lock, no system call: this runs beside the compute
                 me = next((e for e in v.engines if e.slot == self.slot), None)
@@ -325,7 +321,7 @@ class EngineShare:
         the worker give their memory back."""
         n, self.pending = max(0, self.pending), 0
         trim, self.trim = self.trim, False
-        victims = [b for b in self._free_queue() if self._has_memory_free(b)][:n]
+        victims = self._cached_free(n)
         for b in victims:
             self.bp._maybe_evict_cached_block(b)
         self.mem -= len(victims)
@@ -336,9 +332,6 @@ class EngineShare:
         self.publish()
         logger.debug("vTensor pool: %d cached block(s) (%.1f MiB) given back to pool %r for another engine",
                     len(victims), sum(gone) / 2**20, self.ledger.name)
-
-    def close(self) -> None:
-        self._stop.set()
 
 
 def attach_engine(core) -> EngineShare | None:

@@ -211,7 +211,7 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
     runner._vtensor_kv = kv  # the first group's space: figures and resets cover every group (its family)
     vt_stats.attach(kv)
     try:
-        kv.share = shared_pool.join_worker(
+        shared_pool.join_worker(  # the chunk pool keeps the share it attaches
             kv, ceiling=kv_cache_config.num_blocks * kv.chunk_bytes, max_model_len=vllm_config.model_config.max_model_len,
             label=_engine_label(vllm_config),
             device="cpu" if device.type == "cpu" else f"cuda:{device.index or 0}",
