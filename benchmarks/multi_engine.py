@@ -91,6 +91,9 @@ def start_servers(config: str, args, cg: Cgroup, pool: str) -> list:
     from vllm_vtensor.demo import Server
 
     per = args.kv_bytes // args.engines
+    env = {k: v for k, v in os.environ.items() if k not in ("VTENSOR_POOL", "VTENSOR_POOL_BYTES")}
+    if config == "shared":
+        env |= {"VTENSOR_POOL": pool, "VTENSOR_POOL_BYTES": str(args.pool_bytes or args.kv_bytes)}
     servers = []
     for i in range(args.engines):
         flags = ["--dtype", "float32", "--max-model-len", str(args.max_model_len), "--served-model-name", f"engine{i}",
@@ -101,21 +104,11 @@ def start_servers(config: str, args, cg: Cgroup, pool: str) -> list:
             flags += ["--attention-backend", "VTENSOR", "--kv-cache-memory-bytes", str(per)]
         else:
             flags += ["--kv-cache-memory-bytes", str(per)]
-        s = Server(args.model, flags, log_path=str(Path(args.log_dir) / f"multi_engine-{config}-{i}.log"))
+        s = Server(args.model, flags, log_path=str(Path(args.log_dir) / f"multi_engine-{config}-{i}.log"), env=env)
         s.args = ["sh", "-c", f'echo $$ > {cg.path}/cgroup.procs && exec "$0" "$@"', *s.args]
         servers.append(s)
-    env = {k: v for k, v in os.environ.items() if k not in ("VTENSOR_POOL", "VTENSOR_POOL_BYTES")}
-    if config == "shared":
-        env |= {"VTENSOR_POOL": pool, "VTENSOR_POOL_BYTES": str(args.pool_bytes or args.kv_bytes)}
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
-    try:
-        with cf.ThreadPoolExecutor(len(servers)) as ex:  # side by side: each waits for its /health
-            list(ex.map(lambda s: s.start(timeout=900), servers))
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    with cf.ThreadPoolExecutor(len(servers)) as ex:  # side by side: each waits for its /health
+        list(ex.map(lambda s: s.start(timeout=900), servers))
     return servers
 
 
@@ -175,17 +168,12 @@ class MemorySampler:
         self.ledger = None
         if config == "shared":
             from vllm_vtensor.ledger import open_pool
+            from vllm_vtensor.top import engines_of
 
             self.ledger = open_pool(pool, None, None)
-            pids = {}
-            for i, s in enumerate(servers):  # each engine's entry: the engine core is a child of its server
-                import psutil
-
-                kids = {p.pid for p in psutil.Process(s.proc.pid).children(recursive=True)}
-                for e in self.ledger.view().engines:
-                    if e.engine_pid in kids:
-                        pids[e.slot] = i
-            self.slot_engine = pids
+            view = self.ledger.view()
+            # each engine's entry: its engine core is a child of its server
+            self.slot_engine = {e.slot: i for i, s in enumerate(servers) for e in engines_of(s.proc.pid, view)}
         self.samples, self.phase, self._stop = [], "", threading.Event()
         self.t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -3,6 +3,7 @@ vanilla vLLM's greedy tokens, preemptions when the pool runs out, never a commit
 an idle engine's memory handed to the busy one."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -22,20 +23,27 @@ POOL_BYTES = 48 << 20  # ~34 blocks of 32 SmolLM2 tokens: the 8 requests below n
 PROMPTS = [[(i * 7 + j * 13) % 4000 + 10 for j in range(100)] for i in range(8)]
 
 
+@contextlib.contextmanager
+def environment(**values: str):
+    """``values`` set in os.environ while the block runs (engines started in it inherit them), then restored."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
 @pytest.fixture(scope="module")
 def two_engines(smollm2_path):
     from vllm import LLM
 
     name = f"test-{uuid.uuid4().hex[:8]}"
-    saved = {k: os.environ.get(k) for k in ("VTENSOR_POOL", "VTENSOR_POOL_BYTES")}
-    os.environ.update(VTENSOR_POOL=name, VTENSOR_POOL_BYTES=str(POOL_BYTES))
     kw = dict(model=smollm2_path, dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
               kv_cache_memory_bytes=64 << 20, attention_backend="VTENSOR", enable_prefix_caching=True)
-    try:
+    with environment(VTENSOR_POOL=name, VTENSOR_POOL_BYTES=str(POOL_BYTES)):
         engines = LLM(**kw), LLM(**kw)
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     ledger = open_pool(name, None, None)
     yield engines, ledger
     del engines
@@ -61,13 +69,11 @@ class Sampler:
         return self.samples
 
 
-def test_two_engines_share_one_pool(two_engines, vanilla_llm, capsys):
-    from vllm import SamplingParams
-
-    (a, b), ledger = two_engines
-    sp = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
-    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
-    want = [o.outputs[0].token_ids for o in vanilla_llm.generate(prompts, sp)]
+def a_then_b(a, b, ledger, prompts, sp, want, pool_bytes) -> tuple[list, int, int]:
+    """Engine A runs ``prompts``, then engine B while A idles, the pool sampled throughout. Both give ``want``;
+    both were preempted (the pool, not their ceilings, ran out); the pool was never passed; once B wanted
+    memory, idle A gave its cached blocks back (to <= 5% of its peak) within 2 s. Returns the samples and
+    A's and B's slots."""
     slot_a, slot_b = (e.slot for e in sorted(ledger.view().engines, key=lambda e: e.engine_pid))
     sampler = Sampler(ledger)
     got_a = [o.outputs[0].token_ids for o in a.generate(prompts, sp)]
@@ -78,16 +84,25 @@ def test_two_engines_share_one_pool(two_engines, vanilla_llm, capsys):
     samples = sampler.stop()
 
     assert got_a == want and got_b == want
-    view = ledger.view()
-    engines = {e.slot: e for e in view.engines}
-    assert engines[slot_a].preemptions > 0 and engines[slot_b].preemptions > 0  # the pool, not the ceiling, ran out
-    assert max(total for _, _, total in samples) <= POOL_BYTES  # never past the pool, whatever each ceiling says
+    engines = {e.slot: e for e in ledger.view().engines}
+    assert engines[slot_a].preemptions > 0 and engines[slot_b].preemptions > 0
+    assert max(total for _, _, total in samples) <= pool_bytes  # whatever each ceiling says
     peak_a = max(s[1][slot_a].committed for s in samples if slot_a in s[1])
-    assert peak_a > POOL_BYTES * 0.8  # A alone had (nearly) all of it
-    assert max(s[1][slot_b].committed for s in samples if slot_b in s[1]) > POOL_BYTES * 0.8  # then B did
-    # once B wanted memory, idle A gave its cached blocks back within 2 s
     low = [t for t, e, _ in samples if t >= started_b and slot_a in e and e[slot_a].committed <= 0.05 * peak_a]
     assert low and low[0] - started_b <= 2.0, (low[:1], started_b)
+    return samples, slot_a, slot_b
+
+
+def test_two_engines_share_one_pool(two_engines, vanilla_llm, capsys):
+    from vllm import SamplingParams
+
+    (a, b), ledger = two_engines
+    sp = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    want = [o.outputs[0].token_ids for o in vanilla_llm.generate(prompts, sp)]
+    samples, slot_a, slot_b = a_then_b(a, b, ledger, prompts, sp, want, POOL_BYTES)
+    assert max(s[1][slot_a].committed for s in samples if slot_a in s[1]) > POOL_BYTES * 0.8  # A alone had most
+    assert max(s[1][slot_b].committed for s in samples if slot_b in s[1]) > POOL_BYTES * 0.8  # then B did
 
     from vllm_vtensor import top
 

@@ -42,16 +42,19 @@ def vllm_cli() -> str:
 class Server:
     """`vllm serve MODEL ...` as a child process in its own process group."""
 
-    def __init__(self, model: str | Path, extra_args: list[str], port: int | None = None, log_path: str | None = None):
+    def __init__(self, model: str | Path, extra_args: list[str], port: int | None = None, log_path: str | None = None,
+                 env: dict[str, str] | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [vllm_cli(), "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port), *extra_args]
         self.log_path = log_path
+        self.env = env  # the server's environment (default: this process's)
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 600.0) -> "Server":
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
