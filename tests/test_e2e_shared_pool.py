@@ -3,6 +3,7 @@ vanilla vLLM's greedy tokens, preemptions when the pool runs out, never a commit
 an idle engine's memory handed to the busy one."""
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import subprocess
@@ -87,6 +88,7 @@ def a_then_b(a, b, ledger, prompts, sp, want, pool_bytes) -> tuple[list, int, in
     engines = {e.slot: e for e in ledger.view().engines}
     assert engines[slot_a].preemptions > 0 and engines[slot_b].preemptions > 0
     assert max(total for _, _, total in samples) <= pool_bytes  # whatever each ceiling says
+    assert ledger.view().overdrawn == 0  # not even between samples
     peak_a = max(s[1][slot_a].committed for s in samples if slot_a in s[1])
     low = [t for t, e, _ in samples if t >= started_b and slot_a in e and e[slot_a].committed <= 0.05 * peak_a]
     assert low and low[0] - started_b <= 2.0, (low[:1], started_b)
@@ -103,6 +105,11 @@ def test_two_engines_share_one_pool(two_engines, vanilla_llm, capsys):
     samples, slot_a, slot_b = a_then_b(a, b, ledger, prompts, sp, want, POOL_BYTES)
     assert max(s[1][slot_a].committed for s in samples if slot_a in s[1]) > POOL_BYTES * 0.8  # A alone had most
     assert max(s[1][slot_b].committed for s in samples if slot_b in s[1]) > POOL_BYTES * 0.8  # then B did
+
+    # then both at once: an engine claims memory as vLLM decides to take it, so no two claim the same room
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda llm: [o.outputs[0].token_ids for o in llm.generate(prompts, sp)], (a, b)))
+    assert both == [want, want] and ledger.view().overdrawn == 0
 
     from vllm_vtensor import top
 

@@ -266,21 +266,26 @@ def test_preempted_requests_are_not_parked(backend):
     assert kv.stats().parked_bytes == 0 and kv.stats().maps == kv.stats().unmaps
 
 
-def test_block_reused_while_parked_is_given_back_when_the_slot_goes(backend):
-    """vLLM may evict a cached block and hand it out as a partial block; once its new owner finishes
-    and the parked slot that still mapped it is evicted, its memory goes back."""
-    kv = make(backend, slots=2)
-    kv.add_request("a", [1])
-    kv.note_tokens("a", B)
-    kv.remove_request("a")  # parked, maps block 1
-    kv.add_request("q", [5, 1])  # block 1 handed out again, as q's partial second block
+def test_block_reused_while_parked_is_given_back_when_its_new_owner_goes(backend):
+    """vLLM may evict a cached block and hand it out as a partial block; once its new owner finishes, its
+    memory goes back at once (as vLLM counts it), the parked slot that still mapped it keeping only the
+    blocks before it."""
+    kv = make(backend, slots=3)
+    virtual = kv.add_request("a", [1, 2, 3])
+    kv.note_tokens("a", 3 * B)
+    wait_all()
+    for marker, v in enumerate(virtual, start=1):
+        block_bytes(kv, v).fill_(marker)
+    kv.remove_request("a")  # parked, maps blocks 1, 2, 3
+    kv.add_request("q", [5, 2])  # block 2 handed out again, as q's partial second block
     kv.note_tokens("q", B + 2)
-    kv.remove_request("q")  # block 1 unwanted now, but the parked slot still maps it
-    assert kv.stats().resident_bytes == 2 * kv.chunk_bytes
-    kv.add_request("x", [6])
-    kv.add_request("y", [7])  # evicts the parked slot of "a": block 1's memory goes back
+    kv.remove_request("q")  # block 2 unwanted now: the parked slot lets go of it (and of block 3's mapping)
     s = kv.stats()
-    assert s.parked_bytes == 0 and s.resident_bytes == 3 * kv.chunk_bytes  # blocks 5 (cached), 6, 7
+    assert s.resident_bytes == 3 * kv.chunk_bytes  # blocks 1 and 3 (cached by vLLM), 5 (q's full block)
+    assert s.parked_bytes == 2 * kv.chunk_bytes  # a's block 1 and q's block 5
+    (v,) = kv.add_request("n", [3], num_cached_tokens=B)  # block 3 kept its content
+    wait_all()
+    assert int(block_bytes(kv, v).min()) == 3 == int(block_bytes(kv, v).max())
 
 
 def test_growth_expected_from_this_step_is_made_ready_beside_the_compute(backend):
@@ -319,15 +324,15 @@ class _VLLMBlocks:
         self.free = list(range(n))
         self.ref = [0] * n
         self.hash = [None] * n
-        self.cache = {}
+        self.cache = {}  # hash -> the blocks holding that content (vLLM caches duplicates too)
 
     def allocate(self, tokens):
         full = [tuple(tokens[: (i + 1) * B]) for i in range(len(tokens) // B)]
         hits = []
         for h in full:
-            if h not in self.cache:
+            if not self.cache.get(h):
                 break
-            hits.append(self.cache[h])
+            hits.append(min(self.cache[h]))
         need = -(-len(tokens) // B) - len(hits)
         if need > len([b for b in self.free if b not in hits]):
             return None
@@ -339,17 +344,21 @@ class _VLLMBlocks:
         for _ in range(need):
             b = self.free.pop(0)
             if self.hash[b] is not None:  # evicted from the cache
-                del self.cache[self.hash[b]]
+                self.cache[self.hash[b]].discard(b)
                 self.hash[b] = None
             self.ref[b] = 1
             fresh.append(b)
         return hits + fresh, len(hits)
 
+    def with_memory(self):
+        """Blocks whose memory vLLM counts as held: in use, or kept by the prefix cache."""
+        return {b for b in range(len(self.ref)) if self.ref[b] or self.hash[b] is not None}
+
     def finish(self, tokens, blocks):
         for i, b in enumerate(blocks):
-            if i < len(tokens) // B and self.hash[b] is None and tuple(tokens[: (i + 1) * B]) not in self.cache:
+            if i < len(tokens) // B and self.hash[b] is None:
                 self.hash[b] = tuple(tokens[: (i + 1) * B])
-                self.cache[self.hash[b]] = b
+                self.cache.setdefault(self.hash[b], set()).add(b)
         for b in reversed(blocks):
             self.ref[b] -= 1
             if self.ref[b] == 0:
@@ -415,6 +424,8 @@ def test_random_chats_under_vllms_block_pool_stay_in_budget_and_read_their_own_k
                     block_bytes(kv, v).fill_(_marker(tokens, i))
         s = kv.stats()
         assert s.resident_bytes <= s.budget_bytes and s.running_requests == len(running)
+        if not defer:  # memory held for blocks = what vLLM counts (engines on a shared pool claim by that count)
+            assert (s.resident_bytes - s.lingering_bytes - s.reserve_bytes) // kv.chunk_bytes == len(pool.with_memory())
         peak_seen = max(peak_seen, s.resident_bytes)
         # exact peaks: every step's live tokens; resident memory at every creation, so at least what was seen
         assert s.peak_live_tokens == peak_live

@@ -43,8 +43,9 @@ def test_commitments_are_bounded_by_the_pool(folder):
         assert a.view().committed == POOL
         assert a.commit(s, claim=10 * MiB)  # giving back is always allowed
         assert a.view().free == 10 * MiB and b.commit(t, claim=34 * MiB)
+        assert a.view().overdrawn == 0
         assert a.commit(s, physical=50 * MiB, force=True)  # a forced figure is the truth, counted even if over
-        assert a.view().free < 0
+        assert a.view().free == -20 * MiB and a.view().overdrawn == b.peek().overdrawn == 20 * MiB  # and remembered
     finally:
         child.kill()
         child.join()
@@ -116,6 +117,7 @@ def test_concurrent_engines_never_pass_the_pool_and_leak_nothing(folder, seeds, 
     assert all(p.exitcode == 0 for p in procs if p not in killed), codes
     view = open_pool(name, None, "cpu", folder).view()
     assert not view.engines and view.free == POOL  # every engine is gone, and so is every byte it held
+    assert view.overdrawn == 0  # nor did the total pass the pool between the views
 
 
 def test_a_size_that_differs_from_the_pool_in_use_is_refused(folder):
@@ -207,7 +209,16 @@ def test_a_workers_chunks_stay_within_the_pool_and_its_reserve_yields_to_waiting
     try:
         slot = ledger.join(engine_pid=child.pid, worker_pid=os.getpid(), chunk_bytes=chunk, ceiling=8 * chunk,
                            label="me")
-        share = WorkerShare(ledger, slot, SimpleNamespace(chunk_bytes=chunk, pool=pool))
+        in_flight = []  # chunks of a request whose unmap is still in flight (deferred unmaps, on CUDA)
+
+        def wait_for_unmaps():
+            done = list(in_flight)
+            in_flight.clear()
+            for c in done:
+                pool.release(c)
+            return bool(done)
+
+        share = WorkerShare(ledger, slot, SimpleNamespace(chunk_bytes=chunk, pool=pool, wait_for_unmaps=wait_for_unmaps))
 
         def mine():
             return next(e for e in ledger.view().engines if e.slot == slot)
@@ -221,6 +232,11 @@ def test_a_workers_chunks_stay_within_the_pool_and_its_reserve_yields_to_waiting
         got = pool.acquire(4)  # the reserve serves the worker's own blocks
         time.sleep(0.3)  # the chunk thread looks (every 0.1 s while refused)
         assert pool.stats().chunks_cached == 0 and mine().physical == 4 * chunk  # not refilled: no room, a waiter
+        in_flight.append(got[-1])
+        assert pool.acquire(1) == got[-1:]  # no room on the pool: the unmap in flight is waited for, its chunk taken
+        assert mine().physical == 4 * chunk and ledger.view().overdrawn == 0
+        got += pool.acquire(1)  # nothing comes back: made anyway (a step never fails), counted as such
+        assert mine().physical == 5 * chunk and ledger.view().overdrawn == chunk
         for c in got:
             pool.release(c)
         pool.trim()

@@ -359,21 +359,48 @@ class KVSpace:
     def _let_go_tail(self, r: _RequestKV, keep: int) -> None:
         """After the range from ``keep`` on is unmapped: drop its references and forget it."""
         gone = [c for c in r.chunks[keep:] if c is not None]
+        blocks = [b for b in r.blocks[keep:] if b is not None]
+        del r.blocks[keep:], r.chunks[keep:]  # first: collecting may cut parked slots, this one among them
         self.pool.note_maps(unmaps=len(gone))
         for c in gone:
             self.pool.release(c)
-        self._collect([b for b in r.blocks[keep:] if b is not None])
-        del r.blocks[keep:], r.chunks[keep:]
+        self._collect(blocks)
 
     def _collect(self, blocks: list[int]) -> None:
-        """Give back the memory of unwanted blocks among ``blocks`` that nothing maps any more
-        (a parked slot may still map one that vLLM has since reused and freed)."""
+        """Give back the memory of unwanted blocks among ``blocks`` that no request maps any more.
+
+        A parked slot may still map one (vLLM evicted it from the cache, handed it out again and freed
+        it): the slot keeps only what comes before it, so the memory goes back now, as the scheduler
+        counts it (engines on a shared pool claim memory by that count)."""
         for b in blocks:
-            if b in self._unwanted:
+            if b not in self._unwanted:
+                continue
+            chunk = self._phys.get(b)
+            if chunk is not None and self.pool.refcount(chunk) > 1:
+                self._cut_parked(chunk)
                 chunk = self._phys.get(b)
-                if chunk is None or self.pool.refcount(chunk) == 1:
-                    self._unwanted.discard(b)
-                    self._drop(b)
+            if chunk is None or self.pool.refcount(chunk) == 1:
+                self._unwanted.discard(b)
+                self._drop(b)
+
+    def _cut_parked(self, chunk: int) -> None:
+        """Parked slots that map ``chunk`` let go of it and of what follows it (freeing a slot left empty)."""
+        for space in self.family:
+            for slot, p in list(space._parked.items()):
+                if space._parked.get(slot) is not p or chunk not in p.chunks:
+                    continue
+                keep = p.chunks.index(chunk)
+                for j in range(keep, len(p.chunks)):
+                    c = p.chunks[j]
+                    if c is not None and self._parked_at.get(c) == (space, slot, j):
+                        del self._parked_at[c]
+                if not keep:
+                    del space._parked[slot]
+                space._unmap_tail(p, keep, in_flight=False)  # the blocks after it stay cached: not unwanted
+                if keep:
+                    p.num_tokens = keep * self.block_size
+                else:
+                    space._free_slots.append(slot)
 
     def _evict_parked(self, slot: int) -> None:
         p = self._parked.pop(slot)
@@ -541,6 +568,16 @@ class KVSpace:
         """Wait until every retired range is unmapped (before a reset, a close, or a test's check)."""
         with self._lock:
             self._cond.wait_for(lambda: not (self._retiring or self._unmapping))
+
+    def wait_for_unmaps(self) -> bool:
+        """Wait until every retired range of the family is unmapped; True if there were any (their chunks
+        are back in the pool: an acquire the shared pool has no room for takes them)."""
+        with self._lock:
+            if not any(space._retiring or space._unmapping for space in self.family):
+                return False
+            for space in self.family:
+                space.drain()
+            return True
 
     def reset_cache(self) -> None:
         """Give back every block that only the prefix cache was holding (parked slots let go first)."""

@@ -33,6 +33,8 @@ from .settings import POOL_NAME
 
 MAGIC = b"VTPOOL01"
 _HEADER = struct.Struct("<8sq16sdi")  # magic, pool bytes, device, created at, entries
+_OVERDRAWN = struct.Struct("<q")  # after the header: the most the commitments have summed past the pool
+OVERDRAWN_AT = _HEADER.size
 HEADER_BYTES = 64
 _ENTRY = struct.Struct("<iiqqqqqqqqqqd32s")
 ENTRY_BYTES = 128
@@ -110,6 +112,7 @@ class PoolView:
     pool_bytes: int
     device: str
     engines: tuple[Entry, ...]  # live ones only
+    overdrawn: int = 0  # the most the commitments have ever summed past the pool (forced figures; 0 by design)
 
     @property
     def committed(self) -> int:
@@ -146,12 +149,13 @@ class Ledger:
                         f"and VTENSOR_POOL_BYTES asks for {pool_bytes}: give the same size, leave VTENSOR_POOL_BYTES "
                         f"unset to join it, or name another pool")
                 size = pool_bytes  # nobody uses it any more: the size is the newcomer's to choose
-                os.pwrite(self.fd, _HEADER.pack(MAGIC, size, (device or dev).encode(), time.time(), MAX_ENGINES), 0)
+                os.pwrite(self.fd, _HEADER.pack(MAGIC, size, (device or dev).encode(), time.time(), MAX_ENGINES)
+                          + _OVERDRAWN.pack(0), 0)
             elif device is not None and dev != device:
                 if live:
                     raise PoolError(f"pool {name!r} is on {dev}, not {device}: "
                                     "an engine joins the pool of its own device; name another pool")
-                os.pwrite(self.fd, _HEADER.pack(MAGIC, size, device.encode(), time.time(), MAX_ENGINES), 0)
+                os.pwrite(self.fd, _HEADER.pack(MAGIC, size, device.encode(), time.time(), MAX_ENGINES) + _OVERDRAWN.pack(0), 0)
             self.pool_bytes = size
 
     # -- the file ------------------------------------------------------
@@ -281,18 +285,24 @@ class Ledger:
                 new.physical = physical
             for k, v in fields.items():
                 setattr(new, k, v)
-            if new.committed > before and not force:
-                others = sum(o.committed for o in entries if o.slot != slot and not o.free)
-                if others + new.committed > header[1]:
+            if new.committed > before:
+                over = sum(o.committed for o in entries if o.slot != slot and not o.free) + new.committed - header[1]
+                if over > 0 and not force:
                     return False
+                if over > _OVERDRAWN.unpack(os.pread(self.fd, _OVERDRAWN.size, OVERDRAWN_AT))[0]:
+                    os.pwrite(self.fd, _OVERDRAWN.pack(over), OVERDRAWN_AT)
             self._write(new)
             return True
 
     def view(self) -> PoolView:
         with self._locked():
             header, entries = self._read()
-        return PoolView(self.name, header[1], header[2].rstrip(b"\0").decode(),
-                        tuple(e for e in entries if not e.free))
+            overdrawn = os.pread(self.fd, _OVERDRAWN.size, OVERDRAWN_AT)
+        return self._view(header, entries, overdrawn)
+
+    def _view(self, header, entries, overdrawn: bytes) -> PoolView:
+        return PoolView(self.name, header[1], header[2].rstrip(b"\0").decode(), tuple(e for e in entries if not e.free),
+                        _OVERDRAWN.unpack(overdrawn)[0])
 
     def peek(self) -> PoolView:
         """The pool as last written, read from memory without the lock or any system call (for the engines'
@@ -302,7 +312,7 @@ class Ledger:
         header = _HEADER.unpack_from(raw)
         entries = (Entry._unpack(i, raw[HEADER_BYTES + i * ENTRY_BYTES:HEADER_BYTES + (i + 1) * ENTRY_BYTES])
                    for i in range(MAX_ENGINES))
-        return PoolView(self.name, header[1], header[2].rstrip(b"\0").decode(), tuple(e for e in entries if not e.free))
+        return self._view(header, entries, raw[OVERDRAWN_AT:OVERDRAWN_AT + _OVERDRAWN.size])
 
     def close(self) -> None:
         with contextlib.suppress(OSError, ValueError):

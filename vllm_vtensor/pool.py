@@ -118,6 +118,7 @@ class ChunkPool:
         self._thread = None
         self.refill_idle_waits = 0  # times the refill thread went idle (tests wait on it, not on sleeps)
         self.share: PoolShare | None = None  # a pool shared with other engines, when set (attach_share)
+        self._make_room: Callable[[], bool] | None = None
         self._over_share = False
         if self.high > 0 or create_ahead:
             self._thread = threading.Thread(target=self._refill_loop, name="vtensor-chunk-precreate", daemon=True)
@@ -128,13 +129,13 @@ class ChunkPool:
             self._reaper.start()
 
     # -- a budget shared with other engines ------------------------------
-    def attach_share(self, share: PoolShare) -> None:
-        """From now on chunks are created within ``share`` too (the pool's own budget still applies)."""
+    def attach_share(self, share: PoolShare, make_room: Callable[[], bool] | None = None) -> None:
+        """From now on chunks are created within ``share`` too (the pool's own budget still applies).
+        ``make_room``: called when the share has no room for a chunk an acquire needs; it lets chunks
+        on their way back come back (returning True if it waited for any), which the acquire then takes."""
         with self._lock:
-            self.share = share
-            n = self._physical()
-        share.grow(n, force=True)
-        with self._lock:
+            self.share, self._make_room = share, make_room
+            share.grow(self._physical(), force=True)
             self._lock.notify_all()
 
     def _physical(self) -> int:
@@ -142,12 +143,11 @@ class ChunkPool:
         return self._created - self._released + self._pending
 
     def _report(self) -> None:
-        """Tell the shared budget what this pool holds, after giving chunks back (outside the lock)."""
-        share = self.share
-        if share is not None:
-            with self._lock:
-                n = self._physical()
-            share.held(n)
+        """Tell the shared budget what this pool holds, after giving chunks back. Every figure the share
+        is told is read and told under the lock, so a later figure never arrives before an earlier one."""
+        with self._lock:
+            if self.share is not None:
+                self.share.held(self._physical())
 
     # -- accounting ----------------------------------------------------
     @property
@@ -199,15 +199,9 @@ class ChunkPool:
             self._held += take
             need = n - take
             self._pending += need
-            share, target = self.share, self._physical()
-        if need and share is not None and not share.grow(target):
-            # the scheduler claims its blocks' memory before the worker maps them, so this is a miscount: the
-            # chunk is made anyway (a step never fails for it) and counted; said once
-            share.grow(target, force=True)
-            if not self._over_share:
-                self._over_share = True
-                get_logger(__name__).warning("vTensor pool: %d chunk(s) created beyond the shared pool's room "
-                                             "(the scheduler's claim and the worker's count disagree)", need)
+            room = not need or self.share is None or self.share.grow(self._physical())
+        if not room:
+            need = self._beyond_share(chunks, need)
         try:
             for _ in range(need):
                 c = self.backend.create_chunk(self.chunk_bytes)
@@ -231,6 +225,28 @@ class ChunkPool:
                 self._ref[c] = 1
             self._lock.notify_all()  # wakes the refill thread if the cache fell below low
         return chunks
+
+    def _beyond_share(self, chunks: list[int], need: int) -> int:
+        """An acquire holding ``chunks`` needs ``need`` more than the shared pool has room for: take what
+        ``make_room`` brings back (unmaps still in flight), and count the rest anyway - a step never fails
+        for it. The scheduler claims its blocks' memory before the worker maps them, so that rest is a
+        miscount, said once. Returns the chunks still to create."""
+        if self._make_room is not None and self._make_room():
+            with self._lock:
+                take = min(need, len(self._cache) + len(self._lingering))
+                chunks.extend(self._take_unused() for _ in range(take))
+                self._held += take
+                self._pending -= take
+                need -= take
+                if not need or self.share.grow(self._physical()):
+                    return need
+        with self._lock:
+            self.share.grow(self._physical(), force=True)
+        if not self._over_share:
+            self._over_share = True
+            get_logger(__name__).warning("vTensor pool: %d chunk(s) created beyond the shared pool's room "
+                                         "(the scheduler's claim and the worker's count disagree)", need)
+        return need
 
     def expect(self, n: int) -> None:
         """Callers expect to acquire about ``n`` chunks soon: with pre-creation on, the background

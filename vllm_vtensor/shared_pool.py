@@ -55,7 +55,7 @@ class WorkerShare:
 
     def __init__(self, ledger: Ledger, slot: int, kv):
         self.ledger, self.slot, self.chunk_bytes = ledger, slot, kv.chunk_bytes
-        kv.pool.attach_share(self)
+        kv.pool.attach_share(self, make_room=kv.wait_for_unmaps)
 
     def grow(self, chunks: int, *, force: bool = False, reserve: bool = False) -> bool:
         if reserve and any(e.want for e in self.ledger.peek().engines if e.slot != self.slot):
@@ -118,6 +118,8 @@ class EngineShare:
         self.caching = bool(bp.enable_caching)
         self.mem = self.count()
         self.short = 0  # blocks the pool could not give in this step
+        self._claimed = self.mem  # blocks whose memory the ledger holds for this engine (>= mem within a step)
+        self._asked = None  # blocks vLLM's next allocation needs, as it just computed them
         self.preemptions = 0
         self.pending = 0  # cached blocks to give back, by the engine's thread (-1: none, idle chunks only)
         self.trim = False  # the worker gives its idle chunks back too
@@ -173,11 +175,12 @@ class EngineShare:
 
     # -- vLLM's block pool, bounded ---------------------------------------
     def _install(self) -> None:
-        bp, kvm, sched = self.bp, self.kvm, self.sched
+        bp, kvm, sched, coordinator = self.bp, self.kvm, self.sched, self.kvm.coordinator
         orig = {n: getattr(bp, n) for n in ("get_num_free_blocks", "get_new_blocks", "free_blocks",
                                             "reset_prefix_cache", "evict_blocks", "get_usage")}
         orig_allocate, orig_schedule = kvm.allocate_slots, sched.schedule
         orig_preempt, orig_handle = sched._preempt_request, self.core._handle_client_request
+        orig_to_allocate = coordinator.get_num_blocks_to_allocate
 
         def raw(name):
             def call(*args, **kwargs):
@@ -188,11 +191,22 @@ class EngineShare:
                     self._raw -= 1
             return call
 
+        def get_num_blocks_to_allocate(*args, **kwargs) -> int:
+            n = orig_to_allocate(*args, **kwargs)
+            if not kwargs.get("apply_admission_cap"):  # an allocation follows (admission checks only look)
+                self._asked = n
+            return n
+
         def get_num_free_blocks() -> int:
             free = orig["get_num_free_blocks"]()
+            asked, self._asked = self._asked, None
             if self._raw:
                 return free
+            if asked is not None and asked <= free and self._secure(asked):
+                return free  # the memory for what vLLM is about to take is claimed: its own rules decide
             bounded = min(free, (self.mem - self._used()) + self.room())
+            if asked is not None and asked <= free:
+                bounded = min(bounded, asked - 1)  # the pool could not give it
             if bounded < free:
                 self._limited = True
             return bounded
@@ -222,7 +236,7 @@ class EngineShare:
             return recount
 
         def allocate_slots(request, num_new_tokens, *args, **kwargs):
-            self._limited = False
+            self._limited, self._asked = False, None
             out = orig_allocate(request, num_new_tokens, *args, **kwargs)
             if out is None and self._limited:
                 self.short += math.ceil(num_new_tokens / self.block_size) + 1
@@ -252,16 +266,39 @@ class EngineShare:
         bp.evict_blocks = recounted("evict_blocks")
         bp.get_usage = raw("get_usage")
         kvm.allocate_slots = allocate_slots
+        coordinator.get_num_blocks_to_allocate = get_num_blocks_to_allocate
         sched.schedule = schedule
         sched._preempt_request = preempt
         self.core._handle_client_request = handle_client_request
 
+    def _claim(self, blocks: int) -> bool:
+        """Have the ledger hold the memory of ``blocks`` blocks for this engine (if the pool has room)."""
+        if blocks <= self._claimed:
+            return True
+        if not self.ledger.commit(self.slot, claim=blocks * self.chunk):
+            return False
+        self._claimed = blocks
+        return True
+
+    def _fresh(self, n: int) -> tuple[int, int]:
+        """Of the ``n`` free blocks vLLM would pop next: how many have no memory, and how few would if
+        the free blocks that have memory went first."""
+        heads = itertools.islice(self._free_queue(), n)
+        return sum(1 for b in heads if not self._has_memory_free(b)), max(0, n - (self.mem - self._used()))
+
+    def _secure(self, n: int) -> bool:
+        """Before vLLM decides to take ``n`` free blocks: claim their memory (the claim and the decision are
+        then one step: no other engine takes the room in between)."""
+        fresh, least = self._fresh(n)
+        return self._claim(self.mem + fresh) or (least < fresh and self._claim(self.mem + least))
+
     def _claim_for(self, n: int) -> None:
-        """Before vLLM pops ``n`` free blocks: claim the memory of those that have none, handing out free
-        blocks that have memory first when the pool is short."""
+        """As vLLM pops ``n`` free blocks: claim the memory of those that have none (done already when
+        :meth:`_secure` ran), handing out free blocks that have memory first when that is all the claim
+        or the pool covers."""
         heads = list(itertools.islice(self._free_queue(), n))
         fresh = sum(1 for b in heads if not self._has_memory_free(b))
-        if fresh and fresh > self.room(fresh=True):
+        if fresh and not self._claim(self.mem + fresh):
             kept = self._cached_free(n)
             chosen = kept + [b for b in heads if not self._has_memory_free(b)][:n - len(kept)]
             q = self.bp.free_block_queue
@@ -269,15 +306,13 @@ class EngineShare:
                 q.remove(b)
             q.prepend_n(chosen)  # vLLM pops these
             fresh = n - len(kept)
-        if fresh:
-            mem = self.mem + fresh
-            if not self.ledger.commit(self.slot, claim=mem * self.chunk):
-                self.ledger.commit(self.slot, claim=mem * self.chunk, force=True)
+            if fresh and not self._claim(self.mem + fresh):  # vLLM takes them whatever the pool says: counted
+                self.ledger.commit(self.slot, claim=(self.mem + fresh) * self.chunk, force=True)
+                self._claimed = self.mem + fresh
                 if not self._warned:
                     self._warned = True
-                    logger.warning("vTensor pool: %d block(s) claimed beyond the shared pool's room (another "
-                                   "engine took it within this step); counted", fresh)
-            self.mem = mem
+                    logger.warning("vTensor pool: %d block(s) claimed beyond the shared pool's room; counted", fresh)
+        self.mem += fresh
 
     def publish(self) -> None:
         used = self._used()
@@ -285,9 +320,10 @@ class EngineShare:
                        cached=max(0, self.mem - used) * self.chunk, want=self.short * self.chunk,
                        preemptions=self.preemptions)
         self.short = 0
-        if figures != self._published:
+        if figures != self._published or self._claimed != self.mem:  # a claim made for a step and not used too
             self.ledger.commit(self.slot, force=True, **figures)
             self._published = figures
+        self._claimed = self.mem
 
     # -- giving back -------------------------------------------------------
     def _watch(self) -> None:

@@ -44,6 +44,9 @@ def table(view: PoolView) -> str:
     for e in sorted(view.engines, key=lambda e: e.slot):
         rows.append(f"{e.label[:24]:<24} {e.engine_pid:>7} {e.committed / MiB:>10.1f} {e.used / MiB:>8.1f} "
                     f"{e.cached / MiB:>8.1f} {e.ceiling / MiB:>8.0f} {e.want / MiB:>7.1f} {e.preemptions:>8}")
+    if view.overdrawn:
+        rows.append(f"the commitments once summed {view.overdrawn / MiB:.1f} MiB past the pool (a miscount: please "
+                    "report it with the engines' logs)")
     return "\n".join(rows)
 
 
@@ -71,7 +74,7 @@ def main(argv=None) -> int:
                 continue
             if args.json:
                 out.append(json.dumps({"pool": view.name, "device": view.device, "pool_bytes": view.pool_bytes,
-                                       "committed_bytes": view.committed,
+                                       "committed_bytes": view.committed, "overdrawn_bytes": view.overdrawn,
                                        "engines": [e.as_dict() for e in view.engines]}))
             else:
                 out.append(table(view))
