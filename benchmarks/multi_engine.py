@@ -38,56 +38,15 @@ import time
 import uuid
 from pathlib import Path
 
+import cgroup
 from provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
-CGROUP = Path("/sys/fs/cgroup/memory")
 MiB = 1 << 20
 
 
-class Cgroup:
-    """A v1 memory cgroup that every server's process tree starts in."""
-
-    def __init__(self, name: str):
-        self.path = CGROUP / name
-        if self.path.exists():
-            self.path.rmdir()
-        self.path.mkdir()
-
-    def read(self, name: str) -> str:
-        return (self.path / name).read_text()
-
-    def usage(self) -> int:
-        return int(self.read("memory.usage_in_bytes"))
-
-    def hold(self, limit: int) -> None:
-        (self.path / "memory.limit_in_bytes").write_text(str(limit))
-
-    def oom_kills(self) -> int:
-        m = re.search(r"oom_kill (\d+)", self.read("memory.oom_control"))
-        return int(m.group(1)) if m else 0
-
-    def close(self) -> None:
-        for _ in range(100):
-            pids = self.read("cgroup.procs").split()
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(int(pid), 9)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
-        for _ in range(50):
-            try:
-                self.path.rmdir()
-                return
-            except OSError:
-                time.sleep(0.2)
-
-
-def start_servers(config: str, args, cg: Cgroup, pool: str) -> list:
+def start_servers(config: str, args, cg: cgroup.MemoryCgroup, pool: str) -> list:
     from vllm_vtensor.demo import Server
 
     per = args.kv_bytes // args.engines
@@ -105,7 +64,7 @@ def start_servers(config: str, args, cg: Cgroup, pool: str) -> list:
         else:
             flags += ["--kv-cache-memory-bytes", str(per)]
         s = Server(args.model, flags, log_path=str(Path(args.log_dir) / f"multi_engine-{config}-{i}.log"), env=env)
-        s.args = ["sh", "-c", f'echo $$ > {cg.path}/cgroup.procs && exec "$0" "$@"', *s.args]
+        s.args = cg.enter(s.args)
         servers.append(s)
     with cf.ThreadPoolExecutor(len(servers)) as ex:  # side by side: each waits for its /health
         list(ex.map(lambda s: s.start(timeout=900), servers))
@@ -208,7 +167,7 @@ class MemorySampler:
 
 def run_config(config: str, args) -> dict:
     pool = f"bench-{uuid.uuid4().hex[:8]}"
-    cg = Cgroup(f"vllm-vtensor-multi-{config}")
+    cg = cgroup.MemoryCgroup(f"vllm-vtensor-multi-{config}")
     servers = []
     try:
         servers = start_servers(config, args, cg, pool)
@@ -232,8 +191,8 @@ def run_config(config: str, args) -> dict:
         samples = sampler.stop()
         alive = [s.proc.poll() is None for s in servers]
         return {"phases": phases, "memory": samples, "cgroup": {
-            "usage_before_load_bytes": usage, "limit_bytes": limit, "peak_bytes": int(cg.read("memory.max_usage_in_bytes")),
-            "limit_hits": int(cg.read("memory.failcnt")), "oom_kills": cg.oom_kills()}, "servers_alive": alive}
+            "usage_before_load_bytes": usage, "limit_bytes": limit, "peak_bytes": cg.peak(),
+            "limit_hits": cg.limit_hits(), "oom_kills": cg.oom_kills()}, "servers_alive": alive}
     finally:
         for s in servers:
             s.stop()
@@ -314,8 +273,8 @@ def main(argv=None) -> int:
         from vllm_vtensor.models import build_smollm2
 
         args.model = str(build_smollm2())
-    if not CGROUP.is_dir():
-        print(f"needs the cgroup v1 memory controller at {CGROUP} (writable: run as root)", file=sys.stderr)
+    if not cgroup.available():
+        print(f"needs the cgroup v1 memory controller at {cgroup.ROOT} (writable: run as root)", file=sys.stderr)
         return 2
     results = {c: run_config(c, args) for c in args.configs.split(",")}
     meta = provenance("multi_engine.py", argv) | {

@@ -41,11 +41,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import cgroup
 from child_protocol import loaded_then_wait_for_go
 from flexoffload.plan import DEFAULT_WINDOW
 
 RESULTS = Path(__file__).parent / "results"
-CGROUP = Path("/sys/fs/cgroup/memory")
 CONFIGS = {
     "flexinfer": {},
     "sync": {"prefetch_window": 0},
@@ -97,79 +97,44 @@ def child(args) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
-def _memory(cg: Path) -> dict:
-    """The cgroup's anonymous, shared-memory and mapped-file bytes (what it cannot drop without
-    faulting it back; mapped files include vLLM's mmap'd checkpoint while it is still mapped)."""
-    stat = dict(line.split() for line in (cg / "memory.stat").read_text().splitlines())
-    return {k: int(stat[f"total_{k}"]) for k in ("rss", "shmem", "mapped_file")}
-
-
-def _kill_all(cg: Path) -> None:
-    """SIGKILL every process in the cgroup (vLLM's engine and worker processes too, not just the child)."""
-    for _ in range(50):
-        pids = [int(p) for p in (cg / "cgroup.procs").read_text().split()]
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.1)
-
-
 def run_in_cgroup(name: str, limit: int | None, argv: list[str], env: dict, result: Path,
                   limit_from_start: bool = False, load_timeout: float = 1200, python: str = sys.executable) -> dict:
     """Run the child in a fresh cgroup, unlimited while it loads (or, with ``limit_from_start``, held
     to ``limit`` from its start), held to ``limit`` once it has loaded; one that has not loaded after
     ``load_timeout`` seconds (thrashing under its limit, say) is killed."""
-    cg = CGROUP / f"vllm-vtensor-bench-{name}"
-    if cg.exists():
-        cg.rmdir()
-    cg.mkdir()
-    if limit and limit_from_start:
-        (cg / "memory.limit_in_bytes").write_text(str(limit))
+    cg = cgroup.MemoryCgroup(f"vllm-vtensor-bench-{name}", limit if limit_from_start else None)
     info = {"over_steady_limit": False}
     try:
-        cmd = f'echo $$ > {cg}/cgroup.procs && exec "$0" "$@"'
         with tempfile.TemporaryFile("w+") as log:
-            proc = subprocess.Popen(["sh", "-c", cmd, python, *argv], env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.Popen(cg.enter([python, *argv]), env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
             loaded = Path(str(result) + ".loaded")
             deadline = time.monotonic() + load_timeout
             while proc.poll() is None and not loaded.exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
             info["load_timed_out"] = proc.poll() is None and not loaded.exists()
             if info["load_timed_out"]:
-                _kill_all(cg)
+                cg.kill_all()
             if proc.poll() is None and loaded.exists():
-                info["memory_after_load"] = mem = _memory(cg)
+                info["memory_after_load"] = mem = cg.unreclaimable()
                 info["needed_after_load_bytes"] = sum(mem.values())
                 try:
                     if limit:
-                        (cg / "memory.limit_in_bytes").write_text(str(limit))
+                        cg.hold(limit)
                     Path(str(result) + ".go").touch()
                 except OSError:  # EBUSY: its memory cannot be brought under the limit
                     info["over_steady_limit"] = True
-                    _kill_all(cg)
+                    cg.kill_all()
             try:
                 proc.wait(timeout=1200)
             except subprocess.TimeoutExpired:
-                _kill_all(cg)
+                cg.kill_all()
                 proc.wait()
             log.seek(0)
             tail = log.read()[-1500:]
-        peak = int((cg / "memory.max_usage_in_bytes").read_text())
-        hits = int((cg / "memory.failcnt").read_text())
-        return {"returncode": proc.returncode, "peak_bytes": peak, "limit_hits": hits, **info, "log_tail": tail}
+        return {"returncode": proc.returncode, "peak_bytes": cg.peak(), "limit_hits": cg.limit_hits(), **info,
+                "log_tail": tail}
     finally:
-        _kill_all(cg)  # engine processes a killed child left behind
-        for _ in range(50):
-            try:
-                cg.rmdir()
-                break
-            except OSError:
-                time.sleep(0.2)
+        cg.close()  # with the engine processes a killed child left behind
 
 
 def disk_bandwidth(path: Path, io_threads: int = 2, window: int = DEFAULT_WINDOW, passes: int = 3) -> float:
@@ -293,7 +258,7 @@ def main(argv=None) -> int:
         data.setdefault("configs", list(dict.fromkeys(r["config"] for r in rows)))
         _report(data, rows, Path(args.out))
         return 0
-    if os.geteuid() != 0 or not (CGROUP / "memory.limit_in_bytes").exists():
+    if not cgroup.available():
         raise SystemExit("this benchmark needs root and the cgroup v1 memory controller at /sys/fs/cgroup/memory")
 
     model, weight_bytes = resolve_model(args.model)

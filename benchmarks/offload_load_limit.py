@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from offload import CGROUP, RESULTS, resolve_model, run_child, steady_overhead  # noqa: E402
+import cgroup  # noqa: E402
+from offload import RESULTS, resolve_model, run_child, steady_overhead  # noqa: E402
 
 LOAD_TIMEOUT = 300  # s; unlimited, each engine here loads in under a minute
 
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--out", default=str(RESULTS / "offload-load-limit-cpu.json"))
     args = p.parse_args(argv)
-    if os.geteuid() != 0 or not (CGROUP / "memory.limit_in_bytes").exists():
+    if not cgroup.available():
         raise SystemExit("this benchmark needs root and the cgroup v1 memory controller at /sys/fs/cgroup/memory")
     model, weight_bytes = resolve_model(args.model)
     budget = int(args.budget * weight_bytes)

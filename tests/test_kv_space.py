@@ -288,6 +288,25 @@ def test_block_reused_while_parked_is_given_back_when_its_new_owner_goes(backend
     assert int(block_bytes(kv, v).min()) == 3 == int(block_bytes(kv, v).max())
 
 
+def test_blocks_the_scheduler_drops_give_their_memory_back(backend):
+    """The scheduler evicted blocks from its prefix cache (another engine on the shared pool wants memory):
+    their memory goes back at once, a parked slot keeping the blocks before them; a block a request still
+    maps goes when the request does, and is not parked."""
+    kv = make(backend, slots=3)
+    kv.add_request("a", [1, 2, 3])
+    kv.note_tokens("a", 3 * B)
+    kv.remove_request("a")  # parked; vLLM caches blocks 1, 2, 3
+    kv.add_request("q", [5, 6])
+    kv.note_tokens("q", 2 * B)  # running, both blocks full
+    kv.drop_blocks([2, 6])
+    s = kv.stats()
+    assert s.resident_bytes == 4 * kv.chunk_bytes  # blocks 1, 3 (cached), 5, 6 (q maps them)
+    assert s.parked_bytes == kv.chunk_bytes  # a keeps block 1
+    kv.remove_request("q")  # full blocks stay for the cache, but not 6: it was dropped
+    s = kv.stats()
+    assert s.resident_bytes == 3 * kv.chunk_bytes and s.parked_bytes == 2 * kv.chunk_bytes  # 1, 3, 5; a: 1, q: 5
+
+
 def test_growth_expected_from_this_step_is_made_ready_beside_the_compute(backend):
     import time
 

@@ -179,6 +179,7 @@ def test_top_and_metrics_show_each_engine_on_the_pool(monkeypatch, capsys):
                    for line in out.splitlines()), out
         monkeypatch.setenv("VTENSOR_POOL", name)
         monkeypatch.setattr(metrics, "_pool", (0.0, None))
+        monkeypatch.setattr(metrics, "_ledger", None)
         got = {m.name: m.samples[0].value for m in metrics._Collector().collect() if m.name.startswith("vllm_vtensor_pool")}
         assert got == {"vllm_vtensor_pool_bytes": POOL, "vllm_vtensor_pool_committed_bytes": 30 * MiB,
                        "vllm_vtensor_pool_engines": 2, "vllm_vtensor_pool_engine_committed_bytes": 20 * MiB,

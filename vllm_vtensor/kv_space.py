@@ -493,7 +493,8 @@ class KVSpace:
             keep = 0
             if self.keep_full_blocks and not preempted and self.sliding_window is None:
                 full = min(r.num_tokens // self.block_size, len(r.chunks))
-                while keep < full and self._phys.get(r.blocks[keep]) == r.chunks[keep]:
+                while (keep < full and self._phys.get(r.blocks[keep]) == r.chunks[keep]
+                       and r.blocks[keep] not in self._unwanted):  # not evicted by the scheduler meanwhile
                     keep += 1
             if self._drainer is not None and keep < len(r.chunks):
                 self._retire(r, keep)
@@ -582,8 +583,8 @@ class KVSpace:
     def reset_cache(self) -> None:
         """Give back every block that only the prefix cache was holding (parked slots let go first)."""
         with self._lock:
+            self.wait_for_unmaps()
             for space in self.family:
-                space.drain()
                 for slot in list(space._parked):
                     space._evict_parked(slot)
             mapped = {c for space in self.family for r in space._reqs.values() for c in r.chunks}
@@ -593,25 +594,14 @@ class KVSpace:
 
     def drop_blocks(self, blocks: Collection[int]) -> None:
         """The scheduler evicted ``blocks`` from its prefix cache (to give their memory to another engine):
-        give back their memory, letting go of parked slots that map them; a block a request still maps (one
-        that finished in the step before, which the worker has not yet been told of) goes once unmapped."""
+        give back their memory, parked slots that map them keeping what comes before; a block a request
+        still maps (one that finished in the step before, which the worker has not yet been told of) goes
+        once unmapped."""
         with self._lock:
-            for space in self.family:
-                space.drain()
-            chunks = {self._phys[b] for b in blocks if b in self._phys}
-            for space in self.family:
-                for slot, p in list(space._parked.items()):
-                    if any(c in chunks for c in p.chunks):
-                        space._evict_parked(slot)
-            mapped = {c for space in self.family for r in space._reqs.values() for c in r.chunks}
-            for b in blocks:
-                if b not in self._phys:
-                    continue
-                if self._phys[b] in mapped:  # a request that finished in the step before: goes once unmapped
-                    self._unwanted.add(b)
-                else:
-                    self._unwanted.discard(b)
-                    self._drop(b)
+            self.wait_for_unmaps()
+            held = [b for b in blocks if b in self._phys]
+            self._unwanted.update(held)
+            self._collect(held)
 
     def stats(self) -> KVSpaceStats:
         """The figures of this space and the others sharing its memory (every KV cache group of the model):

@@ -62,25 +62,28 @@ POOL_GAUGES = {
 
 _gauges = None
 _pool: tuple[float, object] = (0.0, None)
+_ledger = None  # the shared pool's ledger, opened at the first scrape that finds it
 
 
 def _pool_view(max_age: float = 0.1):
     """The shared pool's ledger view (None without VTENSOR_POOL or while the pool is unreadable)."""
-    global _pool
+    global _pool, _ledger
     now = time.monotonic()
     if now - _pool[0] > max_age:
         view = None
         try:
-            from .shared_pool import open_from_settings
+            if _ledger is None:
+                from .shared_pool import open_from_settings
 
-            ledger = open_from_settings(None)
-            if ledger is not None:
-                view = ledger.view()
-                ledger.close()
+                _ledger = open_from_settings(None)
+            if _ledger is not None:
+                view = _ledger.view()
         except Exception:  # a scrape never fails for it: the pool gauges read 0
             logger.debug("vTensor: reading the shared pool failed", exc_info=True)
         _pool = (now, view)
     return _pool[1]
+
+
 _snapshot: tuple[float, dict | None] = (0.0, None)
 
 
