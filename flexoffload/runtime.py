@@ -96,7 +96,7 @@ class HostTier:
 class StreamStats:
     bytes_streamed: int = 0  # read from disk
     bytes_from_host: int = 0  # copied from the host tier
-    io_seconds: float = 0.0  # time the reads took
+    io_seconds: float = 0.0  # time during which reads were in flight
     wait_seconds: float = 0.0  # time compute waited for reads (I/O not hidden)
     units_read: int = 0
     units_skipped: int = 0
@@ -158,6 +158,8 @@ class Streamer:
                                         initializer=move_off_compute_cores)
         self._ring: collections.deque[_Slot] = collections.deque()
         self._cond = threading.Condition()
+        self._max_in_flight = max(1, io_threads)  # units whose reads may run at once
+        self._in_flight, self._busy_since = 0, 0.0  # units being read; since when some have been
         self._next_seq = 0
         self._closed = False
         self.stats = StreamStats()
@@ -179,6 +181,10 @@ class Streamer:
         return tail if tail + size <= head else None  # wrapped: free space is [tail, head)
 
     def _read(self, slot: _Slot) -> None:
+        self._finish(self._submit(slot))
+
+    def _submit(self, slot: _Slot) -> tuple:
+        """Start reading ``slot``'s tensors (disk reads on the I/O threads; host-tier copies here)."""
         if self._dev_arena is not None:  # host space still being copied out must not be overwritten
             end, still = slot.start + slot.size, []
             for old in self._issued:
@@ -187,10 +193,13 @@ class Streamer:
                 elif not old.copied.query():
                     still.append(old)
             self._issued = still
-        t0 = time.perf_counter()
+        with self._cond:
+            if not self._in_flight:
+                self._busy_since = time.perf_counter()
+            self._in_flight += 1
+        futures, from_host, error = [], 0, None
         try:
             off = slot.start
-            futures, from_host = [], 0
             for name in self.units[slot.unit].names:
                 e = self.store.index[name]
                 if self.host is not None and name in self.host:
@@ -198,17 +207,36 @@ class Streamer:
                 else:
                     futures.append(self._pool.submit(self.store.read_into, name, self._view[off : off + e.padded]))
                 off += e.padded
-            n = sum(f.result() for f in futures)
+        except BaseException as e:  # surfaced to the consumer by _finish, never lost in a thread
+            error = e
+        return slot, futures, from_host, error
+
+    def _finish(self, reading: tuple) -> None:
+        """Wait for a unit's reads (in submission order), copy it to the device, and mark it ready."""
+        slot, futures, from_host, error = reading
+        try:
+            n = 0
+            for f in futures:
+                try:
+                    n += f.result()
+                except BaseException as e:
+                    error = error or e
             with self._cond:
-                self.stats.bytes_streamed += n
-                self.stats.bytes_from_host += from_host
-                self.stats.units_read += 1
-                self.stats.io_seconds += time.perf_counter() - t0
-            if self._dev_arena is not None:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self.stats.io_seconds += time.perf_counter() - self._busy_since
+                if error is None:
+                    self.stats.bytes_streamed += n
+                    self.stats.bytes_from_host += from_host
+                    self.stats.units_read += 1
+            if error is None and self._dev_arena is not None:
                 self._copy_to_device(slot)
-        except BaseException as e:  # surfaced to the consumer, never lost in a thread
-            slot.error = e
-        slot.ready.set()
+        except BaseException as e:
+            error = error or e
+        with self._cond:
+            slot.error = error
+            slot.ready.set()
+            self._cond.notify_all()  # a consumer may be waiting to skip past it
 
     def _copy_to_device(self, slot: _Slot) -> None:
         with self._cond:
@@ -236,17 +264,29 @@ class Streamer:
         return slot
 
     def _produce_loop(self) -> None:
+        """Read ahead up to ``window`` units, with up to ``io_threads`` units' reads in flight at once (a unit
+        of one small tensor alone would leave the disk idle between reads), finished in order."""
         move_off_compute_cores()
+        reading: collections.deque[tuple] = collections.deque()
         while True:
             with self._cond:
-                while not self._closed and (len(self._ring) > self.window or self._place(
-                        self.units[self._next_seq % len(self.units)].nbytes) is None):
+                while not self._closed and not reading and not self._room_for_next():
                     self._cond.wait()
                 if self._closed:
-                    return
-                slot = self._enqueue()
-                self._cond.notify_all()  # a consumer may be waiting for this unit to appear
-            self._read(slot)
+                    break
+                slot = self._enqueue() if len(reading) < self._max_in_flight and self._room_for_next() else None
+                if slot is not None:
+                    self._cond.notify_all()  # a consumer may be waiting for this unit to appear
+            if slot is not None:
+                reading.append(self._submit(slot))
+            else:
+                self._finish(reading.popleft())
+        for r in reading:  # closing: let the reads in flight end before the arena goes
+            self._finish(r)
+
+    def _room_for_next(self) -> bool:
+        """Whether the next unit may be read ahead now (caller holds the lock)."""
+        return len(self._ring) <= self.window and self._place(self.units[self._next_seq % len(self.units)].nbytes) is not None
 
     # -- the consumer ------------------------------------------------------
     def acquire(self, unit: int) -> _Slot:
@@ -254,10 +294,13 @@ class Streamer:
         t0 = time.perf_counter()
         with self._cond:
             while True:
-                while self._ring and self._ring[0].unit != unit:
+                while self._ring and self._ring[0].unit != unit and self._ring[0].ready.is_set():
                     self._ring.popleft()  # a unit the model did not use this time (e.g. no logits)
                     self.stats.units_skipped += 1
                     self._cond.notify_all()
+                if self._ring and self._ring[0].unit != unit:  # its reads still land in its space: wait for them
+                    self._cond.wait()
+                    continue
                 if self._ring:
                     slot = self._ring[0]
                     break

@@ -75,6 +75,47 @@ def test_units_arrive_intact_in_order(store, window, direct):
     s.close()
 
 
+def test_units_of_one_tensor_are_read_several_at_a_time(store):
+    """Read-ahead keeps up to io_threads units' reads in flight (a unit of one tensor alone would leave
+    the disk idle between reads); units the model skips while they are still being read never have
+    their space handed out under the read."""
+    import time
+
+    path, tensors = store
+    names = sorted(tensors)
+    us = [Unit(n, [n]) for n in names]
+    st = WeightStore.open(path, True)
+    read, lock, running, most = st.read_into, threading.Lock(), [0], [0]
+
+    def slow_read(name, buf):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.01)
+        try:
+            return read(name, buf)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    st.read_into = slow_read
+    arena = 4 * max(aligned(t.numel() * 4) for t in tensors.values())
+    s = Streamer(st, us, arena, window=3, io_threads=2, lock_memory=False)
+
+    def forward_passes():
+        rng = random.Random(0)
+        for step in range(20):
+            for u in (range(len(us)) if step < 2 else [u for u in range(len(us)) if rng.random() > 0.3]):
+                slot = s.acquire(u)
+                for name, t in s.tensors(slot).items():
+                    assert torch.equal(t, tensors[name]), name
+                s.release(slot)
+
+    run_with_timeout(forward_passes, 60)
+    s.close()
+    assert most[0] == 2 and s.stats.units_skipped > 0
+
+
 @pytest.mark.parametrize("window", [0, 2])
 def test_units_with_tensors_in_the_host_tier_arrive_intact(store, window):
     """Some tensors from a host tier, the rest of the same units from disk: every unit intact, each
