@@ -62,3 +62,20 @@ def test_another_vllm_version_warns_and_stays_out_of_the_way(name, monkeypatch, 
     if name == "vtensor":
         warnings = [r.getMessage() for r in caplog.records if "vllm-vtensor is written for" in r.getMessage()]
         assert len(warnings) == 1 and "install vllm==0.32.0" in warnings[0]
+
+
+def test_settings_reach_ray_workers(monkeypatch):
+    """vLLM's Ray executor copies only the environment variables it knows of to its workers (on every
+    node): once registered, VTENSOR's settings are among them - the stats file, a per-host path, is not -
+    and a user's own extra names are kept."""
+    from vllm.ray.ray_env import get_env_vars_to_copy
+
+    from vllm_vtensor import plugin
+
+    monkeypatch.setenv("VLLM_RAY_EXTRA_ENV_VARS_TO_COPY", "MY_VAR")
+    monkeypatch.setenv("VTENSOR_POOL", "chat")
+    monkeypatch.setattr(plugin, "_registered", None)
+    assert plugin.register() is True
+    carried = get_env_vars_to_copy(destination="workers")
+    assert {"MY_VAR", "VTENSOR_POOL", "VTENSOR_POOL_BYTES", "VTENSOR_ATTENTION"} <= carried
+    assert "VTENSOR_STATS_FILE" not in carried

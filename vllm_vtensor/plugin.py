@@ -21,7 +21,7 @@ def register() -> bool:
     global _registered
     if _registered is not None:
         return _registered
-    from . import patches, stats
+    from . import patches, settings, stats
 
     problem = patches.version_mismatch()
     if problem:
@@ -30,6 +30,7 @@ def register() -> bool:
         return False
     _registered = True
     stats.ensure_stats_path()
+    settings.carry_to_ray_workers()
     patches.apply_all()
     logger.info("vllm-vtensor plugin registered in pid %d (%s)", os.getpid(), multiprocessing.current_process().name)
     return True

@@ -166,7 +166,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("prefetch_window", "flexinfer option", "int >= 0", None,
             "Layers read ahead of the one computing (0: synchronous reads).",
             default_text="3, fewer where the budget cannot hold that many layer buffers"),
-    Setting("io_threads", "flexinfer option", "int >= 1", 2, "Threads reading streamed tensors."),
+    Setting("io_threads", "flexinfer option", "int >= 1", 2, "Threads reading streamed tensors, and how many layers' reads may be in flight at once."),
     Setting("direct_io", "flexinfer option", "bool", True,
             "Read streamed tensors with `O_DIRECT` (no page cache, so streamed bytes do not count twice)."),
     Setting("policy", "flexinfer option", "choice", "flexinfer",
@@ -214,6 +214,18 @@ def check_all() -> None:
     for s in SETTINGS:
         if s.kind == "env":
             get(s.name)
+
+
+RAY_COPY = "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"
+PER_HOST = ("VTENSOR_STATS_FILE",)  # a path each host's process tree chooses for itself
+
+
+def carry_to_ray_workers() -> None:
+    """vLLM's Ray executor copies to its workers only the environment variables it knows of, and those
+    named in ``VLLM_RAY_EXTRA_ENV_VARS_TO_COPY``: name this plugin's there (not the per-host ones)."""
+    names = [n for n in os.environ.get(RAY_COPY, "").split(",") if n.strip()]
+    names += [s.name for s in SETTINGS if s.kind == "env" and s.name not in PER_HOST]
+    os.environ[RAY_COPY] = ",".join(dict.fromkeys(n.strip() for n in names))
 
 
 def cache_dir() -> Path:
