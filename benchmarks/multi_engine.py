@@ -190,9 +190,12 @@ def run_config(config: str, args) -> dict:
                   f"{phases[name]['failed']} failed", flush=True)
         samples = sampler.stop()
         alive = [s.proc.poll() is None for s in servers]
-        return {"phases": phases, "memory": samples, "cgroup": {
+        out = {"phases": phases, "memory": samples, "cgroup": {
             "usage_before_load_bytes": usage, "limit_bytes": limit, "peak_bytes": cg.peak(),
             "limit_hits": cg.limit_hits(), "oom_kills": cg.oom_kills()}, "servers_alive": alive}
+        if sampler.ledger is not None:  # exact, not sampled: how far the engines' total ever went past the pool
+            out["pool_overdrawn_bytes"] = sampler.ledger.view().overdrawn
+        return out
     finally:
         for s in servers:
             s.stop()
@@ -216,6 +219,7 @@ def compare(results: dict, engines: int) -> dict:
         "balanced_met": out["all"]["tok_s_ratio"] >= 0.95,  # within 5% of the static split, or better
         "no_failures": all(p["failed"] == 0 for c in results.values() for p in c["phases"].values()),
         "no_oom_kills": all(c["cgroup"]["oom_kills"] == 0 and all(c["servers_alive"]) for c in results.values()),
+        "pool_never_passed": results["shared"].get("pool_overdrawn_bytes") == 0,
     }
     return out
 
@@ -295,7 +299,8 @@ def main(argv=None) -> int:
     for c, r in results.items():
         print(f"{c}: cgroup limit {r['cgroup']['limit_bytes'] / MiB:.0f} MiB, peak {r['cgroup']['peak_bytes'] / MiB:.0f} "
               f"MiB, limit hits {r['cgroup']['limit_hits']}, OOM kills {r['cgroup']['oom_kills']}, "
-              f"servers alive {r['servers_alive']}, failed requests {sum(p['failed'] for p in r['phases'].values())}")
+              f"servers alive {r['servers_alive']}, failed requests {sum(p['failed'] for p in r['phases'].values())}"
+              + (f", pool overdrawn by {r['pool_overdrawn_bytes']} bytes" if "pool_overdrawn_bytes" in r else ""))
     if "comparison" in out:
         print("goals:", out["comparison"]["goals"])
     stem = args.out or f"multi_engine-cpu-{args.engines}engines" + ("-quick" if args.quick else "")
