@@ -16,10 +16,15 @@ Built on vLLM's Triton backend, which keeps each layer's cache in the logical ``
   table is read inside a kernel;
 * ``vllm``: vLLM's own ``unified_attention`` over the same layout (through the block table), for
   comparison.
+
+fp8 KV caches (``--kv-cache-dtype fp8``/``fp8_e4m3``/``fp8_e5m2``, per-tensor scales, SM89+ as in
+vLLM's Triton backend): vLLM's writer stores every one of them as the platform's fp8 type, divided
+by the layer's scale; both kernels read those bytes and upcast them in registers.
 """
 from __future__ import annotations
 
 from vllm.v1.attention.backend import AttentionType
+from vllm.utils.torch_utils import is_quantized_kv_cache
 from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
 
 from . import BACKEND_NAME
@@ -46,8 +51,7 @@ class VTensorTritonImpl(TritonAttentionImpl):
         if self.kernel == "vllm":
             return
         refuse_unsupported(self, self.sliding_window != (-1, -1),
-                           f"set {ATTENTION_ENV}=vllm (vLLM's kernel over the same layout) or run without VTENSOR",
-                           ("a quantized KV cache", self.kv_cache_dtype != "auto"))
+                           f"set {ATTENTION_ENV}=vllm (vLLM's kernel over the same layout) or run without VTENSOR")
         from .kernels import attention as kernels
 
         self._context, self._decode = kernels.context_attention, kernels.decode_attention
@@ -61,13 +65,17 @@ class VTensorTritonImpl(TritonAttentionImpl):
                                    output_block_scale)
         # (blocks, H, N, 2D) -> K and V as (blocks, H, N, D) views: no copy, the kernels take strides
         k_cache, v_cache = kv_cache.split(self.head_size, dim=-1)
-        return run_kernels(self, query, output, k_cache, v_cache, attn_metadata)
+        if not is_quantized_kv_cache(self.kv_cache_dtype):
+            return run_kernels(self, query, output, k_cache, v_cache, attn_metadata)
+        # fp8: the bytes vLLM's writer stored (as the platform's fp8 type, whichever fp8 was asked for)
+        return run_kernels(self, query, output, k_cache.view(self.fp8_dtype), v_cache.view(self.fp8_dtype),
+                           attn_metadata, layer._k_scale_float, layer._v_scale_float)
 
 
 class VTensorCudaBackend(TritonAttentionBackend):
     """Triton attention over per-request contiguous virtual KV ranges (CUDA VMM)."""
 
-    supported_kv_cache_dtypes = ["auto"]  # the KV space keeps the model dtype
+    supported_kv_cache_dtypes = ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]  # the model dtype, or fp8 per-tensor scaled
 
     @staticmethod
     def get_name() -> str:
@@ -95,8 +103,8 @@ class VTensorCudaBackend(TritonAttentionBackend):
 
 # vLLM's reasons for refusing a backend at selection -> what to do about them with VTENSOR on CUDA
 _CUDA_FIXES = {
-    "kv_cache_dtype not supported": "an fp8 KV cache is not yet wired into VTENSOR's CUDA path (its kernels read "
-                                    "fp8, so far tested under Triton's interpreter only): use --kv-cache-dtype auto",
+    "kv_cache_dtype not supported": "VTENSOR's CUDA path keeps KV in the model's dtype or in fp8 with per-tensor "
+                                    "scales: use --kv-cache-dtype auto or fp8",
     "sliding window not supported": "VTENSOR's CUDA path has not run sliding-window models yet (they run on CPU)",
     "attention sinks not supported": "VTENSOR's CUDA path has not run attention sinks yet (they run on CPU)",
 }
