@@ -12,9 +12,11 @@ policies, and bounds them by real memory:
 * the free blocks the scheduler sees are its own free blocks that have memory plus as many others as the
   pool can still give (``get_num_free_blocks``), so a request the pool cannot hold waits, or vLLM preempts,
   exactly as when its own blocks run out;
-* handing out blocks claims the memory of those without it first (``get_new_blocks``), and when the pool
-  is short it hands out free blocks that have memory (evicting their cached content, as vLLM does) before
-  blocks that would need more;
+* when vLLM asks how many free blocks there are for an allocation, the memory of the blocks it is about to
+  take is claimed first, under the ledger's lock (``get_num_free_blocks`` after
+  ``get_num_blocks_to_allocate``): the answer and the claim are one step, so no two engines count on the
+  same room; when the pool is short it hands out free blocks that have memory (evicting their cached
+  content, as vLLM does) before blocks that would need more;
 * what it could not get in a step is published as the engine's *want*; an engine that sees others want
   more than the pool has free evicts its least recently used cached blocks (in the engine's own thread,
   woken through its input queue) and has its worker give their memory back.
