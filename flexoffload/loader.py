@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from vllm.config import ModelConfig, VllmConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
@@ -134,9 +135,11 @@ class FlexInferLoader(BaseModelLoader):
                 rehome(p, torch.empty(p.shape, dtype=p.dtype, device=target))
             self.load_weights(model, model_config)
 
-        # When anything streams, resident weights (the embedding/lm_head too) are not repacked for CPU
-        # GEMMs either: packing copies each weight, and the budget must hold.
-        kept = {n: params[n].data for n in plan.resident if streamed and params[n].dim() >= 2}
+        # When anything streams, the resident embedding and lm_head are not repacked for CPU GEMMs: vLLM
+        # packs them beside the original (a second copy the budget has no room for). Resident linear
+        # layers are packed as vLLM packs them (the packed copy replaces the weight): vLLM's own speed.
+        kept = {n: params[n].data for n in plan.resident if streamed and params[n].dim() >= 2
+                and isinstance(_module(model, n), VocabParallelEmbedding)}
         # CPU weight packing replaces packed layers' Parameters: a reference kept here would hold
         # every original weight alive beside its packed copy (a second model's worth of memory).
         del params
@@ -295,6 +298,11 @@ class FlexInferLoader(BaseModelLoader):
 
         embed.register_forward_pre_hook(pre)
         embed.register_forward_hook(post)
+
+
+def _module(model, name: str) -> nn.Module:
+    """The module that holds parameter ``name``."""
+    return model.get_submodule(name.rpartition(".")[0])
 
 
 def _param(model, name: str) -> torch.nn.Parameter:

@@ -174,7 +174,9 @@ SETTINGS: tuple[Setting, ...] = (
             "ablations `attention_first`, `ffn_first`, `no_balance`, or the `mmap` baseline (the OS pages weights "
             "in and out)."),
     Setting("lock_memory", "flexinfer option", "bool", True,
-            "`mlock` resident weights and buffers where the limit allows."),
+            "`mlock` resident weights and buffers where the limit allows (on CPUs, resident linear layers "
+            "are repacked by vLLM's oneDNN path, whose copies are not locked; they are anonymous memory, "
+            "which a cgroup limit does not evict without swap)."),
     Setting("cache_dir", "flexinfer option", "path", None,
             "Where the aligned weight store is written.", default_text="`$VTENSOR_CACHE/flexinfer`"),
     Setting("host_budget", "flexinfer option", "size, fraction or auto", None,
