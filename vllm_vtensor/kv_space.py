@@ -390,17 +390,15 @@ class KVSpace:
                 if space._parked.get(slot) is not p or chunk not in p.chunks:
                     continue
                 keep = p.chunks.index(chunk)
+                if not keep:
+                    space._evict_parked(slot)
+                    continue
                 for j in range(keep, len(p.chunks)):
                     c = p.chunks[j]
                     if c is not None and self._parked_at.get(c) == (space, slot, j):
                         del self._parked_at[c]
-                if not keep:
-                    del space._parked[slot]
                 space._unmap_tail(p, keep, in_flight=False)  # the blocks after it stay cached: not unwanted
-                if keep:
-                    p.num_tokens = keep * self.block_size
-                else:
-                    space._free_slots.append(slot)
+                p.num_tokens = keep * self.block_size
 
     def _evict_parked(self, slot: int) -> None:
         p = self._parked.pop(slot)
