@@ -18,8 +18,8 @@ if torch.cuda.get_device_capability() < (8, 9):
     pytest.skip("vLLM's Triton backend stores fp8 KV on compute capability 8.9 or more", allow_module_level=True)
 pytest.importorskip("vllm", reason="needs vLLM")
 
-from test_e2e_cuda import (BLOCK, CHUNK, _assert_identical, _assert_same_up_to_ties, _engine,  # noqa: E402
-                           _shutdown, _stats, _vtensor, _workloads, model)
+from test_e2e_cuda import (BLOCK, CHUNK, _assert_kernel_matches, _engine, _shutdown, _stats,  # noqa: E402
+                           _vtensor, _workloads, model)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.gpu]
 __all__ = ["model"]  # the fixture, shared with test_e2e_cuda
@@ -43,9 +43,6 @@ def test_fp8_kv_cache_on_cuda(model, tmp_path, fp8_reference, kernel):
     out = _workloads(llm)
     after = _stats(stats)
     _shutdown(llm)
-    if kernel == "vllm":
-        _assert_identical(fp8_reference, out)
-    else:
-        _assert_same_up_to_ties(fp8_reference, out)
+    _assert_kernel_matches(kernel, fp8_reference, out)
     assert after["chunk_bytes"] == CHUNK and after["block_size"] == 4 * BLOCK
     assert after["mapped_bytes"] == 0 and after["maps"] > 0

@@ -316,9 +316,11 @@ class KVSpace:
         self._unmap_tail(p, best_n, in_flight=False)
         return p
 
-    def _unpark(self, p: _RequestKV) -> None:
-        """``p`` leaves the parked slots: it no longer holds any chunk's populated parked mapping."""
-        for j, c in enumerate(p.chunks):
+    def _unpark(self, p: _RequestKV, start: int = 0) -> None:
+        """``p`` leaves the parked slots (from position ``start`` on): it no longer holds any chunk's
+        populated parked mapping there."""
+        for j in range(start, len(p.chunks)):
+            c = p.chunks[j]
             if c is not None and self._parked_at.get(c) == (self, p.slot, j):
                 del self._parked_at[c]
 
@@ -393,10 +395,7 @@ class KVSpace:
                 if not keep:
                     space._evict_parked(slot)
                     continue
-                for j in range(keep, len(p.chunks)):
-                    c = p.chunks[j]
-                    if c is not None and self._parked_at.get(c) == (space, slot, j):
-                        del self._parked_at[c]
+                space._unpark(p, keep)
                 space._unmap_tail(p, keep, in_flight=False)  # the blocks after it stay cached: not unwanted
                 p.num_tokens = keep * self.block_size
 

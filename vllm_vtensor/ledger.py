@@ -123,6 +123,11 @@ class PoolView:
         return self.pool_bytes - self.committed
 
 
+def _header(raw: bytes) -> tuple:
+    """Magic, pool bytes, device, created at, entries, overdrawn bytes."""
+    return _HEADER.unpack_from(raw) + _OVERDRAWN.unpack_from(raw, OVERDRAWN_AT)
+
+
 def pool_path(folder: Path, name: str) -> Path:
     if not POOL_NAME.fullmatch(name):
         raise PoolError(f"VTENSOR_POOL={name!r}: a pool name is 1-64 letters, digits, '.', '_' or '-'")
@@ -139,7 +144,7 @@ class Ledger:
         self._mm = mmap.mmap(self.fd, FILE_BYTES, prot=mmap.PROT_READ)
         with self._locked():
             header, entries = self._read()
-            magic, size, dev, _, n = header
+            magic, size, dev, _, n, _ = header
             dev = dev.rstrip(b"\0").decode()
             live = [e for e in entries if not e.free]
             if pool_bytes is not None and size != pool_bytes:
@@ -207,7 +212,7 @@ class Ledger:
     def _read(self) -> tuple[tuple, list[Entry]]:
         """Header and entries, with the parts of dead processes wiped (under the lock)."""
         raw = os.pread(self.fd, FILE_BYTES, 0)
-        header = _HEADER.unpack_from(raw)
+        header = _header(raw)
         entries = []
         for i in range(MAX_ENGINES):
             e = Entry._unpack(i, raw[HEADER_BYTES + i * ENTRY_BYTES:])
@@ -289,7 +294,7 @@ class Ledger:
                 over = sum(o.committed for o in entries if o.slot != slot and not o.free) + new.committed - header[1]
                 if over > 0 and not force:
                     return False
-                if over > _OVERDRAWN.unpack(os.pread(self.fd, _OVERDRAWN.size, OVERDRAWN_AT))[0]:
+                if over > header[5]:
                     os.pwrite(self.fd, _OVERDRAWN.pack(over), OVERDRAWN_AT)
             self._write(new)
             return True
@@ -297,22 +302,21 @@ class Ledger:
     def view(self) -> PoolView:
         with self._locked():
             header, entries = self._read()
-            overdrawn = os.pread(self.fd, _OVERDRAWN.size, OVERDRAWN_AT)
-        return self._view(header, entries, overdrawn)
+        return self._view(header, entries)
 
-    def _view(self, header, entries, overdrawn: bytes) -> PoolView:
+    def _view(self, header, entries) -> PoolView:
         return PoolView(self.name, header[1], header[2].rstrip(b"\0").decode(), tuple(e for e in entries if not e.free),
-                        _OVERDRAWN.unpack(overdrawn)[0])
+                        header[5])
 
     def peek(self) -> PoolView:
         """The pool as last written, read from memory without the lock or any system call (for the engines'
         frequent looks; a dead engine's entry counts until the next locked call wipes it). Decisions that
         commit memory take the lock (:meth:`commit`)."""
         raw = self._mm[:FILE_BYTES]
-        header = _HEADER.unpack_from(raw)
+        header = _header(raw)
         entries = (Entry._unpack(i, raw[HEADER_BYTES + i * ENTRY_BYTES:HEADER_BYTES + (i + 1) * ENTRY_BYTES])
                    for i in range(MAX_ENGINES))
-        return self._view(header, entries, raw[OVERDRAWN_AT:OVERDRAWN_AT + _OVERDRAWN.size])
+        return self._view(header, entries)
 
     def close(self) -> None:
         with contextlib.suppress(OSError, ValueError):
