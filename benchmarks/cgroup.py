@@ -57,6 +57,23 @@ class MemoryCgroup:
         stat = dict(line.split() for line in self.read("memory.stat").splitlines())
         return {k: int(stat[f"total_{k}"]) for k in ("rss", "shmem", "mapped_file")}
 
+    def file_rss(self, path: Path) -> int:
+        """Bytes of file ``path`` mapped and resident in the group's processes (their smaps' Rss of its
+        mappings, each process counted once: threads share it)."""
+        total, target, ours = 0, str(Path(path).resolve()), False
+        for pid in self.read("cgroup.procs").split():
+            try:
+                lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+            except OSError:  # gone since the listing
+                continue
+            for line in lines:
+                head = line.split(maxsplit=5)
+                if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):  # a mapping's header line
+                    ours = len(head) == 6 and head[5] == target
+                elif ours and line.startswith("Rss:"):
+                    total += int(line.split()[1]) << 10
+        return total
+
     def kill_all(self) -> None:
         """SIGKILL every process in the group (vLLM's engine and worker processes too)."""
         for _ in range(100):

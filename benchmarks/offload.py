@@ -5,9 +5,10 @@
 
 Every run is held to its budget by a cgroup v1 memory limit, page cache included:
 once the engine has loaded and warmed up, the limit is set to ``budget + the
-engine's steady overhead`` (an unlimited flexinfer run at the smallest budget:
-its anonymous, shared and mapped memory after warm-up minus its weights and
-buffers, plus 64 MiB of headroom).  At 100% the limit is vanilla vLLM's own
+engine's own overhead in that run`` (its anonymous, shared and mapped memory
+after warm-up minus the weights it holds - flexinfer's resident tensors and
+arena, the weight file's pages mapped by the mmap baseline and llama.cpp - plus
+64 MiB of headroom: see OwnOverhead).  At 100% the limit is vanilla vLLM's own
 steady footprint (its CPU weight packing holds more than the weights), so that
 column compares speed at equal memory.  Loading itself runs unlimited, since vLLM's
 CPU weight packing briefly holds two copies of every packed weight whatever the
@@ -21,9 +22,9 @@ ablations ``sync`` (no prefetch), ``no_balance``, ``attention_first``,
 kernel: the llama.cpp way); ``vanilla`` (vLLM's default loader); ``llamacpp`` (llama.cpp itself,
 through llama-cpp-python in its own environment - ``benchmarks/llamacpp_setup.sh`` - on the same
 weights converted to GGUF at the same precision by llama.cpp's converter, mapping the file as
-llama.cpp does by default), held to the budget + its own steady overhead (measured the same way,
-from an unlimited run: the same memory for weights as the others); ``llamacpp_same_limit``: llama.cpp
-under the vLLM engines' limit (budget + vLLM's much larger overhead, which leaves it room for
+llama.cpp does by default), held the same way (100% included: the same memory for weights as the
+others); ``llamacpp_same_limit``: llama.cpp under the vLLM engines' limit (budget + vLLM's much
+larger overhead, from an unlimited flexinfer run at the smallest budget, which leaves it room for
 more of the weights).  The I/O
 bound is disk bandwidth / bytes streamed per token, the bandwidth being the best
 rate flexinfer's own read path reaches with no compute, measured before and after
@@ -33,6 +34,8 @@ Prints a table, writes JSON and a PNG to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -97,13 +100,14 @@ def child(args) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
-def run_in_cgroup(name: str, limit: int | None, argv: list[str], env: dict, result: Path,
+def run_in_cgroup(name: str, limit, argv: list[str], env: dict, result: Path,
                   limit_from_start: bool = False, load_timeout: float = 1200, python: str = sys.executable) -> dict:
     """Run the child in a fresh cgroup, unlimited while it loads (or, with ``limit_from_start``, held
     to ``limit`` from its start), held to ``limit`` once it has loaded; one that has not loaded after
-    ``load_timeout`` seconds (thrashing under its limit, say) is killed."""
+    ``load_timeout`` seconds (thrashing under its limit, say) is killed.  ``limit`` is bytes, None, or
+    a function of the after-load figures and the group (an :class:`OwnOverhead`) giving the bytes."""
     cg = cgroup.MemoryCgroup(f"vllm-vtensor-bench-{name}", limit if limit_from_start else None)
-    info = {"over_steady_limit": False}
+    info = {"over_steady_limit": False, "limit_bytes": None if callable(limit) else limit}
     try:
         with tempfile.TemporaryFile("w+") as log:
             proc = subprocess.Popen(cg.enter([python, *argv]), env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -117,6 +121,8 @@ def run_in_cgroup(name: str, limit: int | None, argv: list[str], env: dict, resu
             if proc.poll() is None and loaded.exists():
                 info["memory_after_load"] = mem = cg.unreclaimable()
                 info["needed_after_load_bytes"] = sum(mem.values())
+                if callable(limit):
+                    info["limit_bytes"] = limit = limit(info, cg)
                 try:
                     if limit:
                         cg.hold(limit)
@@ -196,7 +202,9 @@ def run_child(tag: str, cgroup: str, model: str, extra: dict | None, limit: int 
         argv = [__file__, "--child", "--model", model, "--extra", json.dumps(extra), "--tokens", str(tokens),
                 "--result", str(result)]
     drop_page_cache()
-    row = {"limit_bytes": limit, **run_in_cgroup(cgroup, limit, argv, env, result, **cgroup_kw)}
+    if isinstance(limit, OwnOverhead):
+        limit = functools.partial(limit, stats)
+    row = run_in_cgroup(cgroup, limit, argv, env, result, **cgroup_kw)
     if result.exists():
         row.update(json.loads(result.read_text()))
     else:
@@ -213,12 +221,37 @@ def run_config(model, cfg_name, fraction, limit, tokens, tmp) -> dict:
             **run_child(f"{cfg_name}-{fraction}", f"{cfg_name}-{int(fraction * 100)}", model, extra, limit, tokens, tmp)}
 
 
+@dataclasses.dataclass
+class OwnOverhead:
+    """A run's limit from its own memory after warm-up: ``budget_bytes`` of weights + what the engine
+    holds besides its weights + 64 MiB of headroom.  The weights it holds: the weight file's pages
+    mapped into it (``weight_file``: the mmap baseline's store, llama.cpp's GGUF) and flexinfer's
+    resident tensors, arena and host tier (its stats snapshot, written at load).  Measured in the same
+    run, so an engine's run-to-run variation of its own overhead (vLLM's: ~100-300 MiB) is neither
+    taken from nor given to its weights."""
+
+    budget_bytes: int
+    weight_file: Path
+
+    def __call__(self, stats: Path, info: dict, cg: "cgroup.MemoryCgroup") -> int:
+        held = cg.file_rss(self.weight_file)
+        if stats.exists():
+            s = json.loads(stats.read_text())
+            held += s.get("resident_bytes", 0) + s.get("arena_bytes", 0) + s.get("host_bytes", 0)
+        info["weights_held_bytes"] = held
+        info["own_overhead_bytes"] = info["needed_after_load_bytes"] - held
+        return self.budget_bytes + info["own_overhead_bytes"] + HEADROOM
+
+
+HEADROOM = 64 << 20  # run-to-run noise (allocator, page cache of small files) must not decide OOMs
+
+
 def steady_overhead(probe: dict) -> int:
     """The engine's fixed memory after warm-up, from a flexinfer run's row: anonymous + shared + mapped
     memory minus its weights and buffers, + 64 MiB of headroom (run-to-run noise: allocator, page cache
     of small files, must not decide OOMs)."""
     weights_held = probe["flexinfer"]["resident_bytes"] + probe["flexinfer"]["arena_bytes"]
-    return probe["needed_after_load_bytes"] - weights_held + (64 << 20)
+    return probe["needed_after_load_bytes"] - weights_held + HEADROOM
 
 
 def resolve_model(name: str) -> tuple[str, int]:
@@ -285,28 +318,26 @@ def main(argv=None) -> int:
         # its checkpoint, which the limit may evict).
         # 256 MiB of headroom there: vanilla's footprint after loading varies by ~300 MiB between runs
         # (3.47 vs 3.81 GiB RSS measured), and at 100% the limit must bind neither loader.
-        llama_overhead = None
-        if set(LLAMA_CONFIGS) & set(configs):  # llama.cpp's own fixed memory, measured the same way
-            llama_probe = run_config(model, "llamacpp", 1.0, None, 2, tmp)
-            llama_overhead = llama_probe["needed_after_load_bytes"] - gguf_bytes + (64 << 20)
         van = base["memory_after_load"]
         full_limit = van["rss"] + van["shmem"] + probe["memory_after_load"]["mapped_file"] + (256 << 20)
-        from vllm_vtensor.settings import cache_dir
-
-        store = max((cache_dir() / "flexinfer").glob("*.bin"), key=lambda q: q.stat().st_mtime)
+        store = Path(probe["flexinfer"]["store_path"])  # the model's weight store (the cache may hold others)
         bw_before = disk_bandwidth(store)
         rows = []
         partial = Path(args.out).with_suffix(".partial.json")
         for fraction in budgets:
-            limit = int(fraction * weight_bytes) + overhead if fraction < 1 else max(full_limit, weight_bytes + overhead)
             for cfg in configs:
-                cfg_limit = limit
                 if cfg == "llamacpp":  # the same memory for weights, on top of its own overhead
-                    cfg_limit = int(min(fraction, 1.0) * gguf_bytes) + llama_overhead
+                    cfg_limit = OwnOverhead(int(fraction * gguf_bytes), ensure_gguf(model))
+                elif cfg == "llamacpp_same_limit":  # the vLLM engines' memory: budget + vLLM's overhead
+                    cfg_limit = int(fraction * weight_bytes) + overhead if fraction < 1 else full_limit
+                elif fraction < 1:  # each vLLM engine: the budget + its own overhead in this run
+                    cfg_limit = OwnOverhead(int(fraction * weight_bytes), store)
+                else:
+                    cfg_limit = max(full_limit, weight_bytes + overhead)
                 row = run_config(model, cfg, fraction, cfg_limit, args.tokens, tmp)
                 rows.append(row)
                 partial.write_text(json.dumps(rows))  # survives a crash of this script
-                print(f"{cfg:>19} {fraction:>5.0%} limit {cfg_limit / 2**20:7.0f} MiB: "
+                print(f"{cfg:>19} {fraction:>5.0%} limit {(row['limit_bytes'] or 0) / 2**20:7.0f} MiB: "
                       + (f"{row['tok_s']:7.2f} tok/s" if row["tok_s"] else "  over the memory limit"), flush=True)
         bw_after = disk_bandwidth(store)
 
@@ -314,7 +345,7 @@ def main(argv=None) -> int:
 
     meta = {**provenance("offload.py", argv),
             "weight_bytes": weight_bytes, "overhead_bytes": overhead, "limit_at_100_bytes": full_limit,
-            "llamacpp_overhead_bytes": llama_overhead, "gguf_bytes": gguf_bytes,
+            "gguf_bytes": gguf_bytes,
             "disk_bytes_per_s_before": bw_before, "disk_bytes_per_s_after": bw_after,
             "model": model, "baseline_unlimited": base, "budgets": budgets, "configs": configs}
     _report(meta, rows, Path(args.out))
@@ -349,7 +380,7 @@ def _report(meta: dict, rows: list[dict], out: Path) -> None:
     bw = _apply_io_bound(meta, rows)
     fastest = meta["fastest_run_read_bytes_per_s"] or 0
     print(f"\n{title.format(weight_bytes / 2**20)}, engine overhead {meta['overhead_bytes'] / 2**20:.0f} MiB; "
-          f"decode tok/s (cgroup limit = budget + steady overhead).  I/O bound at {bw / 1e9:.2f} GB/s, the best "
+          f"decode tok/s (cgroup limit = budget + the run's own overhead).  I/O bound at {bw / 1e9:.2f} GB/s, the best "
           f"read rate seen (flexinfer's O_DIRECT path alone: {meta['disk_bytes_per_s_before'] / 1e9:.2f} before "
           f"the runs, {meta['disk_bytes_per_s_after'] / 1e9:.2f} after; fastest run's reads {fastest / 1e9:.2f})")
     print(f"{'config':>19}" + "".join(f"{b:>9.0%}" for b in budgets))

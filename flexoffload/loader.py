@@ -93,7 +93,7 @@ class FlexInferLoader(BaseModelLoader):
             with target, _parameters_on_meta():
                 model = self.create_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
             model = self._load_into(model, model_config, target, t0)
-        _write_stats(settings.get(STATS_ENV), peak.figures())
+        _write_stats(settings.get(STATS_ENV), {**peak.figures(), "store_path": str(self.store_path)})
         return model
 
     def _load_into(self, model, model_config: ModelConfig, target: torch.device, t0: float) -> torch.nn.Module:
@@ -110,6 +110,7 @@ class FlexInferLoader(BaseModelLoader):
                         "the whole model fits: nothing streams" if budget >= weight_bytes else
                         f"{budget / 2**20:.0f} MiB of the {weight_bytes / 2**20:.0f} MiB of weights")
         path = self.cfg.store_dir() / f"{store_key(model_config.model, model_config.dtype, list(params))}.bin"
+        self.store_path = path  # in the stats snapshot
         if self.cfg.policy == "mmap":
             mapped = [n for n, p in params.items() if p.dim() >= 2]
             self._fill(model, model_config, params, path, target, lambda n: n not in mapped)
@@ -407,6 +408,7 @@ def _gemm_on_live_weights(model, names: list[str]) -> None:
     for module in model.modules():
         if any(id(p) in ids for p in module._parameters.values() if p is not None):
             module.cpu_linear = lambda x, weight, bias: F.linear(x, weight, bias)
+
 
 
 def _give_back_freed_memory() -> None:
