@@ -9,6 +9,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from flexoffload.runtime import HostTier, Streamer, Unit
 from flexoffload.store import WeightStore, aligned
@@ -215,3 +216,29 @@ def test_cuda_units_arrive_intact_while_the_gpu_lags(store, window):
     assert torch.stack(sums).cpu().tolist() == pytest.approx(torch.stack(expected).tolist(), rel=1e-9, abs=1e-9)
     assert s.stats.bytes_copied_to_device >= s.stats.bytes_streamed > 0
     s.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_gemm_on_a_live_weight_equals_f_linear(dtype, tokens):
+    """Streamed weights (views of the arena, never packed) run through oneDNN's matmul where PyTorch
+    has it: the same result as F.linear, also on a parameter of vLLM's class and a 3-D input."""
+    from vllm.model_executor.parameter import BasevLLMParameter
+
+    from flexoffload.loader import _ONEDNN_LINEAR, _live_gemm
+
+    g = torch.Generator().manual_seed(tokens)
+    # vLLM's parameter class (its __torch_function__ on the way), made without a tensor-parallel group
+    weight = BasevLLMParameter.__new__(BasevLLMParameter, torch.randn(96, 64, generator=g).to(dtype))
+    bias = torch.randn(96, generator=g).to(dtype)
+    x = torch.randn(2, tokens, 64, generator=g).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for b in (bias, None):
+        torch.testing.assert_close(_live_gemm(x, weight, b), F.linear(x, weight.data, b), rtol=tol, atol=tol)
+    if _ONEDNN_LINEAR:  # the fast path taken, not the fallback
+        import unittest.mock as mock
+
+        with mock.patch.object(F, "linear", side_effect=AssertionError("fell back")):
+            _live_gemm(x, weight, bias)
+    torch.testing.assert_close(_live_gemm(x.double(), weight.data.double(), None),  # no oneDNN float64: F.linear
+                               F.linear(x.double(), weight.data.double()))
