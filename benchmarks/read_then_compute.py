@@ -1,0 +1,132 @@
+"""How fast a decode-sized GEMV runs over weights an ``O_DIRECT`` read has just written, against the
+same weights read a second time: what FlexInfer's streamed layers pay on top of the read itself.
+
+    python benchmarks/read_then_compute.py                 # 12 trials of 66 MB (30 float32 960x576 matrices)
+
+Each trial reads the matrices from a file into one page-aligned arena with ``O_DIRECT`` (the way
+FlexInfer's streamer does, at a new file offset each trial), then times one pass of ``x @ W.T`` for
+a single token over all of them, twice: the first pass is what a streamed layer computes on; the
+second reads the same memory again.  The GEMV is oneDNN's matmul on the weight as it lies
+(FlexInfer's path for weights it streams) on every core.  The file (256 MiB of random float32) is
+written once into the cache folder: ``O_DIRECT`` needs a real file system, not tmpfs.  Prints a
+table, writes JSON and a PNG to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from provenance import provenance
+
+RESULTS = Path(__file__).parent / "results"
+SHAPE = (960, 576)  # SmolLM2's fused qkv projection
+FILE_BYTES = 256 << 20
+
+
+def weight_file() -> Path:
+    from vllm_vtensor.settings import cache_dir
+
+    path = cache_dir() / "read_then_compute.bin"
+    if not path.exists() or path.stat().st_size != FILE_BYTES:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(torch.randn(FILE_BYTES // 4, generator=torch.Generator().manual_seed(0)).numpy().tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.rename(path)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", type=int, default=12)
+    p.add_argument("--matrices", type=int, default=30)
+    p.add_argument("--out", default=str(RESULTS / "read_then_compute-cpu.json"))
+    args = p.parse_args(argv)
+
+    nbytes = SHAPE[0] * SHAPE[1] * 4
+    span = args.matrices * nbytes
+    arena = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(arena, dtype=torch.uint8)
+    weights = [raw[i * nbytes:(i + 1) * nbytes].view(torch.float32).view(SHAPE) for i in range(args.matrices)]
+    x = torch.randn(1, SHAPE[1])
+    gemv = torch.ops.mkldnn._linear_pointwise
+
+    def one_pass() -> float:
+        t0 = time.perf_counter()
+        for w in weights:
+            gemv(x, w, None, "none", [], "")
+        return time.perf_counter() - t0
+
+    path = weight_file()
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    view = memoryview(arena)
+    slots = (FILE_BYTES - span) // 4096
+    rows = []
+    try:
+        one_pass()  # oneDNN's primitive made, pages touched once
+        for trial in range(args.trials):
+            base = (trial * 7919 % slots) * 4096
+            t0 = time.perf_counter()
+            for i in range(args.matrices):
+                os.preadv(fd, [view[i * nbytes:(i + 1) * nbytes]], base + i * nbytes)
+            read_s = time.perf_counter() - t0
+            first, second = one_pass(), one_pass()
+            rows.append({"trial": trial, "file_offset": base, "read_gb_s": span / read_s / 1e9,
+                         "first_pass_ms": first * 1e3, "second_pass_ms": second * 1e3,
+                         "first_gb_s": span / first / 1e9, "second_gb_s": span / second / 1e9})
+    finally:
+        os.close(fd)
+
+    print(f"{args.matrices} x {SHAPE[0]}x{SHAPE[1]} float32 ({span / 1e6:.0f} MB), batch-1 GEMV on "
+          f"{torch.get_num_threads()} threads after an O_DIRECT read")
+    print(f"{'trial':>5} {'read GB/s':>10} {'1st pass ms':>12} {'2nd pass ms':>12} {'1st/2nd':>8}")
+    for r in rows:
+        print(f"{r['trial']:>5} {r['read_gb_s']:>10.2f} {r['first_pass_ms']:>12.2f} {r['second_pass_ms']:>12.2f} "
+              f"{r['first_pass_ms'] / r['second_pass_ms']:>8.2f}")
+    ratios = [r["first_pass_ms"] / r["second_pass_ms"] for r in rows]
+    summary = {"median_first_pass_ms": statistics.median(r["first_pass_ms"] for r in rows),
+               "median_second_pass_ms": statistics.median(r["second_pass_ms"] for r in rows),
+               "median_first_over_second": statistics.median(ratios),
+               "share_of_trials_first_over_2x": sum(v > 2 for v in ratios) / len(ratios)}
+    print("median: first pass {median_first_pass_ms:.2f} ms, second {median_second_pass_ms:.2f} ms, "
+          "ratio {median_first_over_second:.2f}; trials with the first pass over 2x the second: "
+          "{share_of_trials_first_over_2x:.0%}".format(**summary))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**provenance("read_then_compute.py", argv), "matrix_shape": SHAPE,
+                               "matrices": args.matrices, "threads": torch.get_num_threads(),
+                               "summary": summary, "rows": rows}, indent=2))
+    _plot(rows, out.with_suffix(".png"), span)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _plot(rows, path: Path, span: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    trials = [r["trial"] for r in rows]
+    ax.bar([t - 0.2 for t in trials], [r["first_pass_ms"] for r in rows], 0.4, label="first pass (just read)")
+    ax.bar([t + 0.2 for t in trials], [r["second_pass_ms"] for r in rows], 0.4, label="second pass")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("ms per pass")
+    ax.set_title(f"batch-1 GEMV over {span / 1e6:.0f} MB of weights after an O_DIRECT read", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
