@@ -418,8 +418,14 @@ def _live_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     """``F.linear`` on a CPU weight as it lies (nothing packed), through oneDNN's matmul where PyTorch
     has it: at decode sizes PyTorch's own path runs the GEMV on one core (MKL), oneDNN on all of
     them (float32, 2 cores: 1.7x at 1 token, 1.3x at 256; vLLM's packed weights run the same kernels)."""
+    global _ONEDNN_LINEAR
     if _ONEDNN_LINEAR and x.dtype == weight.dtype and x.dtype in _ONEDNN_DTYPES:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        try:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        except RuntimeError as e:  # a build or CPU whose oneDNN lacks this case: PyTorch's own path from now on
+            _ONEDNN_LINEAR = False
+            logger.warning("flexinfer: oneDNN's matmul refused a %s %s weight (%s); using F.linear",
+                           x.dtype, tuple(weight.shape), str(e).splitlines()[0])
     return F.linear(x, weight, bias)
 
 

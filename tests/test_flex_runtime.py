@@ -242,3 +242,16 @@ def test_gemm_on_a_live_weight_equals_f_linear(dtype, tokens):
             _live_gemm(x, weight, bias)
     torch.testing.assert_close(_live_gemm(x.double(), weight.data.double(), None),  # no oneDNN float64: F.linear
                                F.linear(x.double(), weight.data.double()))
+
+
+def test_gemm_on_a_live_weight_falls_back_to_f_linear_when_onednn_refuses(monkeypatch):
+    import flexoffload.loader as loader
+
+    def refuse(*args):
+        raise RuntimeError("itensor_view_from_dense: unsupported")
+
+    monkeypatch.setattr(loader, "_ONEDNN_LINEAR", True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", refuse)
+    x, w = torch.randn(3, 16), torch.randn(8, 16)
+    torch.testing.assert_close(loader._live_gemm(x, w, None), F.linear(x, w))
+    assert loader._ONEDNN_LINEAR is False  # asked once, not at every call
