@@ -8,7 +8,9 @@ once the engine has loaded and warmed up, the limit is set to ``budget + the
 engine's own overhead in that run`` (its anonymous, shared and mapped memory
 after warm-up minus the weights it holds - flexinfer's resident tensors and
 arena, the weight file's pages mapped by the mmap baseline and llama.cpp - plus
-64 MiB of headroom: see OwnOverhead).  At 100% the limit is vanilla vLLM's own
+64 MiB of headroom: see OwnOverhead); vanilla vLLM, whose weights cannot be told
+from the rest of its memory, gets the budget + the overhead of an unlimited
+flexinfer run at the smallest budget.  At 100% the limit is vanilla vLLM's own
 steady footprint (its CPU weight packing holds more than the weights), so that
 column compares speed at equal memory.  Loading itself runs unlimited, since vLLM's
 CPU weight packing briefly holds two copies of every packed weight whatever the
@@ -325,15 +327,16 @@ def main(argv=None) -> int:
         rows = []
         partial = Path(args.out).with_suffix(".partial.json")
         for fraction in budgets:
+            # vanilla vLLM (whose weights cannot be told from the rest of its memory) and llama.cpp
+            # under the vLLM engines' limit: the budget + the probe's overhead
+            vllm_limit = int(fraction * weight_bytes) + overhead if fraction < 1 else max(full_limit, weight_bytes + overhead)
             for cfg in configs:
                 if cfg == "llamacpp":  # the same memory for weights, on top of its own overhead
                     cfg_limit = OwnOverhead(int(fraction * gguf_bytes), ensure_gguf(model))
-                elif cfg == "llamacpp_same_limit":  # the vLLM engines' memory: budget + vLLM's overhead
-                    cfg_limit = int(fraction * weight_bytes) + overhead if fraction < 1 else full_limit
-                elif fraction < 1:  # each vLLM engine: the budget + its own overhead in this run
+                elif isinstance(CONFIGS[cfg], dict) and fraction < 1:  # flexinfer, its ablations, mmap
                     cfg_limit = OwnOverhead(int(fraction * weight_bytes), store)
                 else:
-                    cfg_limit = max(full_limit, weight_bytes + overhead)
+                    cfg_limit = vllm_limit
                 row = run_config(model, cfg, fraction, cfg_limit, args.tokens, tmp)
                 rows.append(row)
                 partial.write_text(json.dumps(rows))  # survives a crash of this script
