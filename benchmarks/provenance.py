@@ -23,7 +23,23 @@ def commit() -> str:
 
 
 def machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return (f"{platform.machine()} {os.cpu_count()} cores{cpu()}, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+def cpu() -> str:
+    """`` (MODEL, ISA)`` from /proc/cpuinfo: the widest vector ISA decides CPU results (vLLM's kernels,
+    oneDNN), so results from machines of one core count but another ISA are told apart."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    isa = next((name for flag, name in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), "")
+    model = fields.get("model name", "")
+    return f" ({', '.join(x for x in (model, isa) if x)})" if model or isa else ""
 
 
 def provenance(script: str, argv: list[str] | None = None) -> dict:
