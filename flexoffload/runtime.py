@@ -12,8 +12,9 @@ Invariant: bytes of resident weights + ``arena_bytes`` <= the budget; the ring
 never allocates outside the arena.
 
 A :class:`HostTier` (``host_budget``) holds some streamed tensors in host memory, read from the
-store once at load: the producer copies those into the ring instead of reading them from disk, the
-rest of a unit as before (the same ring, the same copy to the device on CUDA).
+store once at load: on a CPU the producer copies those into the ring instead of reading them from
+disk; on CUDA the host tier is pinned too and they are copied from it straight into the device
+arena (no pass through the ring), the rest of a unit as before.
 
 On a CUDA device the host arena is pinned (``cudaHostRegister``) and mirrored
 by a device arena of the same size: after a unit's disk read lands in host
@@ -60,12 +61,14 @@ class _Slot:
     ready: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     copied: object = None  # CUDA: event recorded after the host-to-device copy
+    direct: dict = field(default_factory=dict)  # CUDA: arena offset -> host-tier bytes copied from there
 
 
 class HostTier:
     """Streamed tensors kept in one page-aligned host buffer (mlocked where the limit allows), read
     from the store once; :meth:`read_into` has the store's signature, so the producer reads a tensor
-    from whichever holds it."""
+    from whichever holds it.  On CUDA the streamer pins the buffer and copies from it to the device
+    straight (:meth:`bytes_of`), without passing through the staging ring."""
 
     def __init__(self, store: WeightStore, names: list[str], lock_memory: bool):
         self.index = {n: store.index[n] for n in names}
@@ -76,6 +79,7 @@ class HostTier:
         self.nbytes = off
         self.buffer = aligned_buffer(off) if off else None
         self._view = memoryview(self.buffer) if off else None
+        self._bytes = None
         self.locked = False
         if off:
             addr = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
@@ -90,6 +94,13 @@ class HostTier:
         e, off = self.index[name], self.offsets[name]
         buf[: e.padded] = self._view[off: off + e.padded]
         return e.nbytes
+
+    def bytes_of(self, name: str) -> torch.Tensor:
+        """Tensor ``name``'s padded bytes in the buffer, as a uint8 tensor (no copy)."""
+        if self._bytes is None:
+            self._bytes = torch.frombuffer(self.buffer, dtype=torch.uint8)
+        off = self.offsets[name]
+        return self._bytes[off: off + self.index[name].padded]
 
 
 @dataclass
@@ -141,10 +152,15 @@ class Streamer:
         self.device = torch.device(device)
         self.pinned = False
         self._dev_arena = None
+        self._host_addr = None  # CUDA: the host tier, pinned (its tensors are copied to the device from it)
         if self.device.type == "cuda":
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             self.pinned = _pin(self._addr, self.capacity)
+            if host is not None and host.buffer is not None:
+                addr = ctypes.addressof(ctypes.c_char.from_buffer(host.buffer))
+                if _pin(addr, len(host.buffer)):
+                    self._host_addr = addr
             if not self.pinned:
                 logger.warning("flexinfer: cudaHostRegister refused the %d-byte staging arena; host-to-device "
                                "copies will not overlap with compute", self.capacity)
@@ -202,7 +218,10 @@ class Streamer:
             off = slot.start
             for name in self.units[slot.unit].names:
                 e = self.store.index[name]
-                if self.host is not None and name in self.host:
+                if self.host is not None and name in self.host and self._dev_arena is not None:
+                    slot.direct[off] = self.host.bytes_of(name)  # copied to the device from there
+                    from_host += e.nbytes
+                elif self.host is not None and name in self.host:
                     from_host += self.host.read_into(name, self._view[off : off + e.padded])
                 else:
                     futures.append(self._pool.submit(self.store.read_into, name, self._view[off : off + e.padded]))
@@ -244,13 +263,33 @@ class Streamer:
         with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
             if freed is not None:
                 self._copy_stream.wait_event(freed)  # the region's previous unit has been computed
-            end = slot.start + slot.size
-            self._dev_arena[slot.start : end].copy_(self._byte_tensor[slot.start : end], non_blocking=self.pinned)
+            for start, src, pinned in self._copy_sources(slot):
+                self._dev_arena[start : start + src.numel()].copy_(src, non_blocking=pinned)
             slot.copied = torch.cuda.Event()
             slot.copied.record(self._copy_stream)
         self._issued.append(slot)
         with self._cond:
             self.stats.bytes_copied_to_device += slot.size
+
+    def _copy_sources(self, slot: _Slot) -> list[tuple[int, torch.Tensor, bool]]:
+        """``(arena offset, host bytes, pinned)`` to copy to the device for ``slot``: runs of the staging
+        ring its disk reads filled, and host-tier tensors from the host tier itself."""
+        if not slot.direct:
+            return [(slot.start, self._byte_tensor[slot.start : slot.start + slot.size], self.pinned)]
+        sources, run, off = [], None, slot.start
+        for name in self.units[slot.unit].names:
+            padded = self.store.index[name].padded
+            if off in slot.direct:
+                if run is not None:
+                    sources.append((run, self._byte_tensor[run:off], self.pinned))
+                    run = None
+                sources.append((off, slot.direct[off], self._host_addr is not None))
+            elif run is None:
+                run = off
+            off += padded
+        if run is not None:
+            sources.append((run, self._byte_tensor[run:off], self.pinned))
+        return sources
 
     def _enqueue(self) -> _Slot | None:
         """Reserve ring space for the next unit in cyclic order (caller holds the lock)."""
@@ -360,3 +399,6 @@ class Streamer:
             if self.pinned:
                 torch.cuda.cudart().cudaHostUnregister(self._addr)
                 self.pinned = False
+            if self._host_addr is not None:
+                torch.cuda.cudart().cudaHostUnregister(self._host_addr)
+                self._host_addr = None

@@ -185,17 +185,22 @@ def test_unknown_device_is_refused(store):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("window", [0, 1, 3])
-def test_cuda_units_arrive_intact_while_the_gpu_lags(store, window):
+@pytest.mark.parametrize("window, with_host", [(0, False), (1, False), (3, False), (0, True), (3, True)])
+def test_cuda_units_arrive_intact_while_the_gpu_lags(store, window, with_host):
     """Streaming to a GPU: pinned staging, side-stream copies, the compute stream waiting on events.
     The GPU is kept busy (spin kernels) so it runs far behind the host: were a device or host region
-    reused before the compute reading it (or the copy out of it) finished, checksums would differ."""
+    reused before the compute reading it (or the copy out of it) finished, checksums would differ.
+    With a host tier, its tensors go to the device straight from it, never through the ring."""
     path, tensors = store
     us = units()
     arena = 2 * max(sum(aligned(tensors[n].numel() * 4) for n in u.names) for u in us)
-    s = Streamer(WeightStore.open(path, False), us, arena, window=window, io_threads=2, lock_memory=False,
-                 device="cuda")
-    assert s.pinned
+    st = WeightStore.open(path, False)
+    host = None
+    if with_host:
+        host = HostTier(st, ["layers.0.w1", "layers.2.w0", "head"], lock_memory=False)
+        host.read_into = None  # the CPU path (a copy into the ring): calling it would fail the test
+    s = Streamer(st, us, arena, window=window, io_threads=2, lock_memory=False, device="cuda", host=host)
+    assert s.pinned and (s._host_addr is not None) == with_host
     sums, expected = [], []
 
     def forward_passes():
@@ -215,6 +220,7 @@ def test_cuda_units_arrive_intact_while_the_gpu_lags(store, window):
     torch.cuda.synchronize()
     assert torch.stack(sums).cpu().tolist() == pytest.approx(torch.stack(expected).tolist(), rel=1e-9, abs=1e-9)
     assert s.stats.bytes_copied_to_device >= s.stats.bytes_streamed > 0
+    assert (s.stats.bytes_from_host > 0) == with_host
     s.close()
 
 
@@ -255,3 +261,45 @@ def test_gemm_on_a_live_weight_falls_back_to_f_linear_when_onednn_refuses(monkey
     x, w = torch.randn(3, 16), torch.randn(8, 16)
     torch.testing.assert_close(loader._live_gemm(x, w, None), F.linear(x, w))
     assert loader._ONEDNN_LINEAR is False  # asked once, not at every call
+
+
+def test_host_tier_tensors_are_copied_to_the_device_from_the_host_tier(store):
+    """What the CUDA copy takes for a unit mixing both sources: the ring's runs its disk reads filled
+    (adjacent ones in one copy) and each host-tier tensor from the host tier itself, together covering
+    the slot once. Checked on the CPU by assembling those sources (the ring's host-tier regions zeroed
+    first, so a byte taken from the ring instead would show)."""
+    path, tensors = store
+    names = ["layers.0.w0", "layers.0.w1", "layers.1.w0", "layers.1.w1", "layers.2.w0"]
+    host_names = ["layers.0.w1", "layers.2.w0"]
+    st = WeightStore.open(path, True)
+    host = HostTier(st, host_names, lock_memory=False)
+    unit = Unit("layers", names)
+    s = Streamer(st, [unit], 2 * sum(aligned(tensors[n].numel() * 4) for n in names), window=0, io_threads=2,
+                 lock_memory=False, host=host)
+    with s._cond:
+        slot = s._enqueue()
+    s._finish(s._submit(slot))  # the CPU way: host-tier tensors copied into the ring
+    off = slot.start
+    for name in names:
+        if name in host_names:
+            slot.direct[off] = host.bytes_of(name)  # the CUDA way
+            s._byte_tensor[off : off + st.index[name].padded] = 0
+        off += st.index[name].padded
+
+    sources = s._copy_sources(slot)
+    assert [(start, src.numel()) for start, src, _ in sources] == [
+        (slot.start, st.index["layers.0.w0"].padded),
+        (slot.start + st.index["layers.0.w0"].padded, st.index["layers.0.w1"].padded),
+        (slot.start + sum(st.index[n].padded for n in names[:2]), st.index["layers.1.w0"].padded + st.index["layers.1.w1"].padded),
+        (slot.start + sum(st.index[n].padded for n in names[:4]), st.index["layers.2.w0"].padded),
+    ]
+    device = torch.zeros(s.capacity, dtype=torch.uint8)
+    for start, src, _ in sources:
+        device[start : start + src.numel()] = src
+    off = slot.start
+    for name in names:
+        e = st.index[name]
+        got = device[off : off + e.nbytes].view(torch.float32).view(e.shape)
+        assert torch.equal(got, tensors[name]), name
+        off += e.padded
+    s.close()
