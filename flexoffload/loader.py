@@ -411,12 +411,28 @@ def _gemm_on_live_weights(model, names: list[str]) -> None:
 
 
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """float32, and the half types where this CPU runs them natively in oneDNN (elsewhere oneDNN would
+    fall back to its reference kernels: PyTorch's own path is faster there)."""
+    dtypes = [torch.float32]
+    try:
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            dtypes.append(torch.bfloat16)
+        if torch.ops.mkldnn._is_mkldnn_fp16_supported():
+            dtypes.append(torch.float16)
+    except (AttributeError, RuntimeError):  # a PyTorch without the checks: float32 only
+        pass
+    return tuple(dtypes)
+
+
+_ONEDNN_DTYPES = _onednn_dtypes() if _ONEDNN_LINEAR else ()
 
 
 def _live_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` on a CPU weight as it lies (nothing packed), through oneDNN's matmul where PyTorch
-    has it: at decode sizes PyTorch's own path runs the GEMV on one core (MKL), oneDNN on all of
+    has it (for the dtypes :func:`_onednn_dtypes` names): at decode sizes PyTorch's own path runs the GEMV on one core (MKL), oneDNN on all of
     them (float32, 2 cores: 1.7x at 1 token, 1.3x at 256; vLLM's packed weights run the same kernels)."""
     global _ONEDNN_LINEAR
     if _ONEDNN_LINEAR and x.dtype == weight.dtype and x.dtype in _ONEDNN_DTYPES:
