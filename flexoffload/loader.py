@@ -432,8 +432,9 @@ _ONEDNN_DTYPES = _onednn_dtypes() if _ONEDNN_LINEAR else ()
 
 def _live_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` on a CPU weight as it lies (nothing packed), through oneDNN's matmul where PyTorch
-    has it (for the dtypes :func:`_onednn_dtypes` names): at decode sizes PyTorch's own path runs the GEMV on one core (MKL), oneDNN on all of
-    them (float32, 2 cores: 1.7x at 1 token, 1.3x at 256; vLLM's packed weights run the same kernels)."""
+    has it (for the dtypes :func:`_onednn_dtypes` names): at decode sizes PyTorch's own path runs the
+    GEMV on one core (MKL), oneDNN on all of them (float32, 2 cores: 1.7x at 1 token, 1.3x at 256;
+    vLLM's packed weights run the same kernels)."""
     global _ONEDNN_LINEAR
     if _ONEDNN_LINEAR and x.dtype == weight.dtype and x.dtype in _ONEDNN_DTYPES:
         try:
