@@ -238,8 +238,7 @@ class OwnOverhead:
     def __call__(self, stats: Path, info: dict, cg: "cgroup.MemoryCgroup") -> int:
         held = cg.file_rss(self.weight_file)
         if stats.exists():
-            s = json.loads(stats.read_text())
-            held += s.get("resident_bytes", 0) + s.get("arena_bytes", 0) + s.get("host_bytes", 0)
+            held += flexinfer_weights_held(json.loads(stats.read_text()))
         info["weights_held_bytes"] = held
         info["own_overhead_bytes"] = info["needed_after_load_bytes"] - held
         return self.budget_bytes + info["own_overhead_bytes"] + HEADROOM
@@ -248,12 +247,17 @@ class OwnOverhead:
 HEADROOM = 64 << 20  # run-to-run noise (allocator, page cache of small files) must not decide OOMs
 
 
+def flexinfer_weights_held(stats: dict) -> int:
+    """Bytes of weights a flexinfer engine holds in memory, from its stats snapshot: resident tensors,
+    the stream arena and the host tier (none of them for the mmap baseline)."""
+    return stats.get("resident_bytes", 0) + stats.get("arena_bytes", 0) + stats.get("host_bytes", 0)
+
+
 def steady_overhead(probe: dict) -> int:
     """The engine's fixed memory after warm-up, from a flexinfer run's row: anonymous + shared + mapped
     memory minus its weights and buffers, + 64 MiB of headroom (run-to-run noise: allocator, page cache
     of small files, must not decide OOMs)."""
-    weights_held = probe["flexinfer"]["resident_bytes"] + probe["flexinfer"]["arena_bytes"]
-    return probe["needed_after_load_bytes"] - weights_held + HEADROOM
+    return probe["needed_after_load_bytes"] - flexinfer_weights_held(probe["flexinfer"]) + HEADROOM
 
 
 def resolve_model(name: str) -> tuple[str, int]:

@@ -307,8 +307,7 @@ def _module(model, name: str) -> nn.Module:
 
 
 def _param(model, name: str) -> torch.nn.Parameter:
-    module_name, _, attr = name.rpartition(".")
-    return getattr(model.get_submodule(module_name), attr)
+    return getattr(_module(model, name), name.rpartition(".")[2])
 
 
 def _drop(model, names: list[str], device: torch.device) -> None:

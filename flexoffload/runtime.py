@@ -218,11 +218,12 @@ class Streamer:
             off = slot.start
             for name in self.units[slot.unit].names:
                 e = self.store.index[name]
-                if self.host is not None and name in self.host and self._dev_arena is not None:
-                    slot.direct[off] = self.host.bytes_of(name)  # copied to the device from there
-                    from_host += e.nbytes
-                elif self.host is not None and name in self.host:
-                    from_host += self.host.read_into(name, self._view[off : off + e.padded])
+                if self.host is not None and name in self.host:
+                    if self._dev_arena is not None:
+                        slot.direct[off] = self.host.bytes_of(name)  # copied to the device from there
+                        from_host += e.nbytes
+                    else:
+                        from_host += self.host.read_into(name, self._view[off : off + e.padded])
                 else:
                     futures.append(self._pool.submit(self.store.read_into, name, self._view[off : off + e.padded]))
                 off += e.padded
