@@ -1,12 +1,19 @@
-"""Tensor parallel 2 with VTENSOR (each rank holds its own KV space for its heads): greedy
-tokens equal vanilla vLLM at TP=2.  Uses the tiny llama (4 heads; SmolLM2's 9 do not split)."""
+"""Tensor parallel 2 (each rank holds its own KV space for its heads): greedy tokens and top-5
+logprobs equal vanilla vLLM at TP=2, under vLLM's ``mp`` executor and under its Ray executor on a
+local Ray cluster the test starts (``ray start --head``). Uses the tiny llama (4 heads; SmolLM2's 9 do
+not split)."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
+import socket
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
@@ -16,23 +23,87 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     from vllm import LLM, SamplingParams
     if __name__ == "__main__":
-        kw = {"attention_backend": "VTENSOR"} if sys.argv[2] == "vtensor" else {}
+        kw = json.loads(sys.argv[2])
         llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
                   kv_cache_memory_bytes=64 << 20, tensor_parallel_size=2, **kw)
         prompts = [[1, 500 + i, 900, 33 * i] * (3 + 5 * i) for i in range(4)]
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=16))
-        print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0, max_tokens=16, logprobs=5))
+        print("RESULT " + json.dumps([
+            {"tokens": list(o.outputs[0].token_ids),
+             "logprobs": [{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]}
+            for o in outs]))
 """)
 
 
-def _run(model, mode):
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per rank
-    run = subprocess.run([sys.executable, "-c", SCRIPT, model, mode], capture_output=True, text=True,
+def _run(model, env=None, **kw):
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1", **(env or {})}  # one core per rank
+    run = subprocess.run([sys.executable, "-c", SCRIPT, model, json.dumps(kw)], capture_output=True, text=True,
                          timeout=900, env=env)
     line = next((ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line, (run.stdout + run.stderr)[-3000:]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT "):]), run.stdout + run.stderr
 
 
-def test_tp2_vtensor_matches_vanilla(tiny_llama_path):
-    assert _run(tiny_llama_path, "vtensor") == _run(tiny_llama_path, "vanilla")
+def _assert_same(got, want):
+    for g, w in zip(got, want, strict=True):
+        assert g["tokens"] == w["tokens"]
+        for gs, ws in zip(g["logprobs"], w["logprobs"], strict=True):
+            assert gs.keys() == ws.keys()
+            assert all(abs(gs[t] - ws[t]) < 1e-3 for t in ws), (gs, ws)
+
+
+@pytest.fixture(scope="module")
+def vanilla_tp2(tiny_llama_path):
+    return _run(tiny_llama_path)[0]
+
+
+def test_tp2_vtensor_matches_vanilla(tiny_llama_path, vanilla_tp2):
+    _assert_same(_run(tiny_llama_path, attention_backend="VTENSOR")[0], vanilla_tp2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A one-node Ray cluster, as `ray start --head` makes one on each node of a deployment, with
+    token authentication (Ray's default for `ray start`); yields the environment a client needs: its
+    address (the node's IP, which Ray picks) and the token. Ray comes from PyPI (the test extra)."""
+    pytest.importorskip("ray", reason="Ray is in the test extra: pip install -e '.[test]'")
+    ray_bin = Path(sys.executable).with_name("ray")
+    temp = tmp_path_factory.mktemp("ray")
+    token = temp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    log = temp / "head.log"
+    with open(log, "w") as out:
+        head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={_free_port()}",
+                                 "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+                                 f"--temp-dir={temp}"], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **env})
+    try:
+        deadline, address = time.monotonic() + 120, None
+        while address is None:
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            found = re.search(r"--address='([^']+)'", log.read_text())
+            address = found and found.group(1)
+            time.sleep(1)
+        yield {**env, "RAY_ADDRESS": address}
+    finally:
+        head.terminate()  # --block: stopping the command stops the node it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+
+
+def test_ray_tp2_vtensor_matches_vanilla(tiny_llama_path, vanilla_tp2, ray_cluster):
+    got, log = _run(tiny_llama_path, env=ray_cluster, attention_backend="VTENSOR",
+                    distributed_executor_backend="ray")
+    assert "CpuRayWorkerProc" in log, "the workers did not run as Ray actors"
+    _assert_same(got, vanilla_tp2)

@@ -16,7 +16,7 @@ DIFFS = sorted((ROOT / "patches").glob("*.diff"))
 
 
 def test_every_patch_names_an_existing_diff_and_a_reason():
-    assert len(patches.PATCHES) == 8
+    assert len(patches.PATCHES) == 10
     for p in patches.PATCHES:
         assert (ROOT / "patches" / p.upstream).is_file(), p.upstream
         assert len(p.why) > 40 and ":" in p.target
@@ -86,3 +86,48 @@ def test_vtensor_runs_with_the_v1_model_runner(monkeypatch):
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(VTensorConfigError, match="unset VLLM_USE_V2_MODEL_RUNNER"):
         VllmConfig.use_v2_model_runner.fget(cfg)
+
+
+def test_ray_executor_on_cpus():
+    """On a CPU the Ray executor places each worker in a bundle of one Ray CPU and asks Ray for nothing
+    more; its actors are the CPU worker class (no accelerator ids); the older executor is refused."""
+    pytest.importorskip("ray", reason="Ray is in the test extra")
+    patches.apply_all()
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.executor import ray_executor_v2 as v2
+    from vllm.v1.executor.ray_executor import RayDistributedExecutor
+
+    from vllm_vtensor.ray_cpu import CpuRayWorkerProc
+    from vllm_vtensor.worker import VTensorConfigError
+
+    assert CpuPlatform.ray_device_key == "CPU"
+    assert v2.RayWorkerProc is CpuRayWorkerProc
+    assert v2.RayExecutorV2._get_actor_resource_kwargs() == {}
+    with pytest.raises(VTensorConfigError, match="unset VLLM_USE_RAY_V2_EXECUTOR_BACKEND"):
+        RayDistributedExecutor._init_executor(object.__new__(RayDistributedExecutor))
+
+
+@pytest.mark.parametrize("bind, rank, cores", [("0|1", 1, [1]), ("0,1|1", 0, [0, 1]), ("nobind", 0, [])])
+def test_ray_cpu_worker_takes_the_cores_of_its_rank(monkeypatch, bind, rank, cores):
+    """A Ray worker on a CPU binds to the cores vLLM's mp executor gives its rank (VLLM_CPU_OMP_THREADS_BIND)."""
+    import os
+    from types import SimpleNamespace
+
+    import torch
+
+    pytest.importorskip("ray", reason="Ray is in the test extra")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores")
+    from vllm_vtensor.ray_cpu import bind_threads
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", bind)
+    config = SimpleNamespace(parallel_config=SimpleNamespace(local_world_size=2, data_parallel_rank_local=None,
+                                                             _api_process_count=1), kv_transfer_config=None)
+    affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    try:
+        assert bind_threads(config, rank) == cores
+        assert os.sched_getaffinity(0) == (set(cores) or affinity)
+        assert torch.get_num_threads() == (len(cores) or threads)
+    finally:
+        os.sched_setaffinity(0, affinity)
+        torch.set_num_threads(threads)

@@ -289,6 +289,46 @@ def _patch_engine_core_pool() -> None:
     EngineCore._initialize_effective_attention_block_size = _initialize_effective_attention_block_size
 
 
+# -- 9. Ray executor on CPUs ---------------------------------------------------
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _patch_cpu_ray_executor() -> None:
+    from vllm.v1.executor import ray_executor_v2 as v2
+
+    if not _on_cpu() or v2.ray is None or _is_ours(v2.RayWorkerProc):
+        return
+    from vllm.platforms.cpu import CpuPlatform
+
+    from . import ray_cpu
+
+    CpuPlatform.ray_device_key = ray_cpu.RAY_DEVICE_KEY
+    v2.RayWorkerProc = _mark(ray_cpu.CpuRayWorkerProc)  # the executor spawns its actors from this global
+    v2.RayExecutorV2._get_actor_resource_kwargs = staticmethod(_mark(ray_cpu.actor_resource_kwargs))
+
+
+def _patch_cpu_ray_executor_v1() -> None:
+    from vllm.v1.executor.ray_executor import RayDistributedExecutor
+
+    original = RayDistributedExecutor._init_executor
+    if _is_ours(original):
+        return
+    from .worker import VTensorConfigError
+
+    @_mark
+    @functools.wraps(original)
+    def _init_executor(self) -> None:
+        if _on_cpu():
+            raise VTensorConfigError("vLLM's Ray executor on CPUs runs with its V2 executor: unset "
+                                     "VLLM_USE_RAY_V2_EXECUTOR_BACKEND (or set it to 1)")
+        return original(self)
+
+    RayDistributedExecutor._init_executor = _init_executor
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         "cpu-platform-backend",
@@ -366,6 +406,26 @@ PATCHES: tuple[Patch, ...] = (
         remove_when="vLLM's block pool accepts an allocator that bounds its free blocks by memory shared with "
                     "other engines (0007, or an equivalent such as an elastic block pool)",
     ),
+    Patch(
+        "cpu-ray-executor",
+        "vllm.v1.executor.ray_executor_v2:RayWorkerProc",
+        "vLLM's CPU platform names no Ray device, so a CPU engine under --distributed-executor-backend ray stops "
+        "('current platform cpu does not support ray'). On CPUs the platform names Ray's CPU resource (one per "
+        "worker's bundle), the worker actor reports no accelerator ids and asks Ray for nothing beyond its bundle "
+        "(vllm_vtensor.ray_cpu). Applies to every engine on a CPU, with or without VTENSOR.",
+        "0008-cpu-platform-ray-executor.diff",
+        _patch_cpu_ray_executor,
+        remove_when="vLLM's CPU platform supports the Ray executor (0008, or an equivalent such as vLLM PR 25386)",
+    ),
+    Patch(
+        "cpu-ray-executor-v1",
+        "vllm.v1.executor.ray_executor:RayDistributedExecutor._init_executor",
+        "The older Ray executor (VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0) asks its CPU workers for accelerator ids "
+        "they have not got; on CPUs it is refused at start-up naming the fix (the V2 executor, vLLM's default).",
+        "0008-cpu-platform-ray-executor.diff",
+        _patch_cpu_ray_executor_v1,
+        remove_when="as cpu-ray-executor",
+    ),
 )
 
 
@@ -396,7 +456,8 @@ SCOPED_PATCHES: tuple[ScopedPatch, ...] = (
         "flexoffload.loader._gemm_on_live_weights",
         "the modules of the loaded model whose weights FlexInfer streams (CPU only)",
         "vLLM's CPU linear layers run a GEMM on a weight copy packed at load time; a streamed weight changes "
-        "storage at every forward pass, so those modules run F.linear on the parameter as it is at call time.",
+        "storage at every forward pass, so those modules multiply by the parameter as it is at call time "
+        "(oneDNN's matmul on the weight as it lies, F.linear where oneDNN refuses).",
         "vLLM's CPU linear layers can be told not to pack a weight (e.g. a per-layer opt-out of weight "
         "packing)"),
 )
