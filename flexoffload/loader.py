@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from vllm.config import ModelConfig, VllmConfig
-from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding, get_masked_input_and_mask
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
@@ -43,7 +43,7 @@ from vllm_vtensor.log import get_logger
 from vllm_vtensor.stats import write_json_atomic
 
 from .config import FlexConfig, FlexConfigError
-from .memory import AutoBudget, auto_budget, free_host_bytes
+from .memory import AutoBudget, auto_budget, free_host_share
 from .plan import BudgetError, assign_host_tier, classify, plan_for_budget
 from .runtime import HostTier, Streamer, Unit, mlock
 from .store import WeightStore, aligned, rehome, store_key
@@ -81,19 +81,25 @@ class FlexInferLoader(BaseModelLoader):
         if vllm_config.compilation_config.mode != CompilationMode.NONE:
             raise FlexConfigError("--load-format flexinfer needs --enforce-eager (its per-layer hooks must run on "
                                   "every forward pass; compiled graphs skip them)")
-        if vllm_config.parallel_config.world_size != 1:
-            raise FlexConfigError("--load-format flexinfer supports tensor/pipeline parallel size 1 only")
+        parallel = vllm_config.parallel_config
+        if parallel.world_size != parallel.tensor_parallel_size:
+            raise FlexConfigError("--load-format flexinfer runs with tensor parallelism (each rank streams its own "
+                                  "shard of the weights) but not with pipeline or context parallelism: set "
+                                  "--pipeline-parallel-size 1 (and --prefill-context-parallel-size 1)")
+        self.shard = _tp_shard()
+        self.stats_path = rank_path(settings.get(STATS_ENV), self.shard)
         t0 = time.perf_counter()
         target = torch.device(vllm_config.device_config.device)
         if self.cfg.auto:  # measured before any weight exists: the model is built on meta
             self.auto = auto_budget(vllm_config, target)
+        self.host_free = free_host_share(vllm_config)[0]
         # as in vLLM's loader: the model is built on the device, and built, loaded and processed with
         # its dtype as the default; its parameters go to meta as they are registered
         with set_default_torch_dtype(model_config.dtype), _LoadPeak(target) as peak:
             with target, _parameters_on_meta():
                 model = self.create_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
             model = self._load_into(model, model_config, target, t0)
-        _write_stats(settings.get(STATS_ENV), {**peak.figures(), "store_path": str(self.store_path)})
+        _write_stats(self.stats_path, {**peak.figures(), "store_path": str(self.store_path)})
         return model
 
     def _load_into(self, model, model_config: ModelConfig, target: torch.device, t0: float) -> torch.nn.Module:
@@ -109,7 +115,7 @@ class FlexInferLoader(BaseModelLoader):
             logger.info("flexinfer: memory_budget auto: %s; %s", self.auto.describe(),
                         "the whole model fits: nothing streams" if budget >= weight_bytes else
                         f"{budget / 2**20:.0f} MiB of the {weight_bytes / 2**20:.0f} MiB of weights")
-        path = self.cfg.store_dir() / f"{store_key(model_config.model, model_config.dtype, list(params))}.bin"
+        path = self.cfg.store_dir() / f"{store_key(model_config.model, model_config.dtype, list(params), self.shard)}.bin"
         self.store_path = path  # in the stats snapshot
         if self.cfg.policy == "mmap":
             mapped = [n for n, p in params.items() if p.dim() >= 2]
@@ -124,7 +130,7 @@ class FlexInferLoader(BaseModelLoader):
             raise BudgetError(f"memory_budget 'auto' found too little memory ({self.auto.describe()}): {e}; or free "
                               "memory, lower --kv-cache-memory-bytes or --max-model-len") from None
         if plan.streamed or plan.head_streamed:
-            host_budget = self.cfg.host_budget_bytes(weight_bytes, free_host_bytes()[0], target.type)
+            host_budget = self.cfg.host_budget_bytes(weight_bytes, self.host_free, target.type)
             assign_host_tier(plan, host_budget)
         logger.info("flexinfer plan (weights %.1f MiB):\n%s", weight_bytes / 2**20, plan.table())
         streamed = [n for names in plan.streamed.values() for n in names] + (plan.head_names if plan.head_streamed else [])
@@ -163,7 +169,7 @@ class FlexInferLoader(BaseModelLoader):
                     "streaming %.1f MiB per forward pass", time.perf_counter() - t0, plan.resident_bytes / 2**20,
                     plan.arena_bytes / 2**20, budget / 2**20, plan.streamed_bytes_per_forward / 2**20)
         model.flexinfer_plan = plan
-        stats_path = settings.get(STATS_ENV)
+        stats_path = self.stats_path
         if stats_path and os.path.exists(stats_path):
             os.remove(stats_path)  # a fresh snapshot per engine
         _write_stats(stats_path, {
@@ -247,7 +253,7 @@ class FlexInferLoader(BaseModelLoader):
                 param.data = empty
             streamer.release(slot)
 
-        stats_path = settings.get(STATS_ENV)
+        stats_path = self.stats_path
         active: dict[int, object] = {}
         last_log = [time.monotonic()]
 
@@ -286,12 +292,24 @@ class FlexInferLoader(BaseModelLoader):
         row_bytes = entry.nbytes // rows
         param, empty = placeholders[name]
 
+        shard = embed.shard_indices if embed.tp_size > 1 else None
+
         def pre(module, args):
             ids = args[0]
-            uniq, inverse = torch.unique(ids, return_inverse=True)
+            if shard is not None:  # this rank's rows: ids of other shards read row 0, then masked by vLLM
+                local, outside = get_masked_input_and_mask(
+                    ids, shard.org_vocab_start_index, shard.org_vocab_end_index, shard.num_org_vocab_padding,
+                    shard.added_vocab_start_index, shard.added_vocab_end_index)
+            else:
+                local = ids
+            uniq, inverse = torch.unique(local, return_inverse=True)
             data = store.read_rows(name, uniq.tolist(), row_bytes)
             rows_read = torch.frombuffer(bytearray(data), dtype=entry.torch_dtype).view(len(uniq), hidden)
             param.data = rows_read.to(ids.device)
+            if shard is not None:  # ids vLLM's shard masking turns into rows of the table read
+                start = shard.org_vocab_start_index
+                assert len(uniq) <= shard.org_vocab_end_index - start
+                inverse = torch.where(outside, -1, inverse.view(ids.shape) + start)
             return (inverse.view(ids.shape),) + tuple(args[1:])
 
         def post(module, args, output):
@@ -299,6 +317,22 @@ class FlexInferLoader(BaseModelLoader):
 
         embed.register_forward_pre_hook(pre)
         embed.register_forward_hook(post)
+
+
+def _tp_shard() -> str:
+    """This worker's shard of the weights under tensor parallelism ("tp1of2"), "" without it."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    size = get_tensor_model_parallel_world_size()
+    return f"tp{get_tensor_model_parallel_rank()}of{size}" if size > 1 else ""
+
+
+def rank_path(path: str | None, shard: str) -> str | None:
+    """The stats snapshot of one tensor-parallel rank: the named file for rank 0 (and without tensor
+    parallelism), ``<name>.<shard>.json`` beside it for the others."""
+    if not path or not shard or shard.startswith("tp0of"):
+        return path
+    return f"{os.path.splitext(path)[0]}.{shard}.json"
 
 
 def _module(model, name: str) -> nn.Module:

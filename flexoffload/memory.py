@@ -120,8 +120,8 @@ def kv_reserve_bytes(vllm_config) -> int:
     from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
     dtype = kv_cache_dtype_str_to_dtype(cache.cache_dtype, model)
-    per_token = (model.get_num_layers(vllm_config.parallel_config) * model.get_total_num_kv_heads()
-                 * model.get_head_size() * 2 * dtype.itemsize)
+    per_token = (model.get_num_layers(vllm_config.parallel_config)  # this rank's heads under tensor parallelism
+                 * model.get_num_kv_heads(vllm_config.parallel_config) * model.get_head_size() * 2 * dtype.itemsize)
     return per_token * model.max_model_len
 
 
@@ -134,9 +134,22 @@ def budget_from(free: int, where: str, kv_bytes: int) -> AutoBudget:
     return AutoBudget(free_bytes=free, kv_bytes=kv_bytes, margin_bytes=margin_bytes(free), where=where)
 
 
+def host_share(vllm_config) -> int:
+    """How many workers of one engine share this host's memory (tensor-parallel ranks on one node)."""
+    return max(1, vllm_config.parallel_config.local_world_size)
+
+
+def free_host_share(vllm_config) -> tuple[int, str]:
+    """This worker's share of the free host memory: each of the engine's workers on the host loads at
+    the same time, and each sizes its budgets from what is free."""
+    free, where = free_host_bytes()
+    share = host_share(vllm_config)
+    return (free // share, f"{where} / {share} workers on this host") if share > 1 else (free, where)
+
+
 def auto_budget(vllm_config, device) -> AutoBudget:
     if device.type == "cuda":
         free, where = free_device_bytes(device, vllm_config.cache_config.gpu_memory_utilization)
     else:
-        free, where = free_host_bytes()
+        free, where = free_host_share(vllm_config)
     return budget_from(free, where, kv_reserve_bytes(vllm_config))

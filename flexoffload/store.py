@@ -42,9 +42,10 @@ class Entry:
         return getattr(torch, self.dtype.replace("torch.", ""))
 
 
-def store_key(model_dir: str, dtype: torch.dtype, names: list[str]) -> str:
-    """Changes when the checkpoint files, the dtype or the parameter set change."""
-    h = hashlib.sha256(str(dtype).encode())
+def store_key(model_dir: str, dtype: torch.dtype, names: list[str], shard: str = "") -> str:
+    """Changes when the checkpoint files, the dtype, the parameter set or the shard (a tensor-parallel
+    rank's part of the weights, e.g. ``"tp1of2"``; "" for the whole model) change."""
+    h = hashlib.sha256(str(dtype).encode() + shard.encode())
     for p in sorted(Path(model_dir).glob("*.safetensors")):
         st = p.stat()
         h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())

@@ -107,3 +107,19 @@ def test_ray_tp2_vtensor_matches_vanilla(tiny_llama_path, vanilla_tp2, ray_clust
                     distributed_executor_backend="ray")
     assert "CpuRayWorkerProc" in log, "the workers did not run as Ray actors"
     _assert_same(got, vanilla_tp2)
+
+
+def test_ray_tp2_flexinfer_matches_vanilla(tiny_llama_path, vanilla_tp2, ray_cluster, tmp_path):
+    """FlexInfer under Ray at TP 2: each rank streams its own shard (layers and the tied embedding/lm_head,
+    whose rows are read for this rank's part of the vocabulary) from its own weight store."""
+    stats = tmp_path / "flex.json"
+    got, log = _run(tiny_llama_path, env={**ray_cluster, "FLEXOFFLOAD_STATS_FILE": str(stats)},
+                    distributed_executor_backend="ray", load_format="flexinfer",
+                    model_loader_extra_config={"memory_budget": 0.9, "cache_dir": str(tmp_path / "cache")})
+    assert "CpuRayWorkerProc" in log, "the workers did not run as Ray actors"
+    _assert_same(got, vanilla_tp2)
+    ranks = [json.loads(p.read_text()) for p in (stats, tmp_path / "flex.tp1of2.json")]
+    assert len({r["store_path"] for r in ranks}) == 2, "each rank reads its own shard's store"
+    for r in ranks:
+        assert r["head_streamed"] and r["forwards"] > 0 and r["bytes_streamed"] > 0
+        assert r["resident_bytes"] + r["arena_bytes"] <= r["budget_bytes"] < r["weight_bytes"]

@@ -71,14 +71,27 @@ def test_auto_config_takes_all_the_weights_when_they_fit():
 
 
 def test_kv_reserve_is_the_set_kv_cache_else_one_max_model_len_request():
+    """Per worker: under tensor parallelism a rank holds its share of the KV heads."""
     import torch
 
-    model = SimpleNamespace(get_num_layers=lambda parallel: 30, get_total_num_kv_heads=lambda: 3,
-                            get_head_size=lambda: 64, max_model_len=2048, dtype=torch.float32)
+    model = SimpleNamespace(get_num_layers=lambda parallel: 30, get_head_size=lambda: 64, max_model_len=2048,
+                            get_num_kv_heads=lambda parallel: max(1, 4 // parallel.tensor_parallel_size),
+                            dtype=torch.float32)
     config = SimpleNamespace(cache_config=SimpleNamespace(kv_cache_memory_bytes=None, cache_dtype="auto"),
-                             model_config=model, parallel_config=None)
-    assert kv_reserve_bytes(config) == 30 * 3 * 64 * 2 * 4 * 2048
+                             model_config=model, parallel_config=SimpleNamespace(tensor_parallel_size=1))
+    assert kv_reserve_bytes(config) == 30 * 4 * 64 * 2 * 4 * 2048
+    config.parallel_config.tensor_parallel_size = 2
+    assert kv_reserve_bytes(config) == 30 * 2 * 64 * 2 * 4 * 2048
     config.cache_config.cache_dtype = "fp8"
-    assert kv_reserve_bytes(config) == 30 * 3 * 64 * 2 * 1 * 2048
+    assert kv_reserve_bytes(config) == 30 * 2 * 64 * 2 * 1 * 2048
     config.cache_config.kv_cache_memory_bytes = 256 << 20
     assert kv_reserve_bytes(config) == 256 << 20
+
+
+def test_workers_on_one_host_share_its_free_memory(monkeypatch):
+    from flexoffload import memory
+
+    monkeypatch.setattr(memory, "free_host_bytes", lambda: (8 << 30, "MemAvailable"))
+    config = lambda n: SimpleNamespace(parallel_config=SimpleNamespace(local_world_size=n))  # noqa: E731
+    assert memory.free_host_share(config(1)) == (8 << 30, "MemAvailable")
+    assert memory.free_host_share(config(2)) == (4 << 30, "MemAvailable / 2 workers on this host")

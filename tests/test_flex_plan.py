@@ -204,3 +204,20 @@ def test_checkpoint_table_of_smollm2(smollm2_path):
     table = checkpoint_tensors(smollm2_path, dtype_bytes=4)
     assert sum(t.kind == "ffn" for t in table) == 90 and sum(t.kind == "attn" for t in table) == 120
     assert [t.name for t in table if t.kind == "head"] == ["model.embed_tokens.weight"]
+
+
+def test_the_loader_refuses_pipeline_parallelism_naming_the_fix():
+    """Tensor parallelism runs (each rank its own shard); pipeline or context parallelism is refused
+    before anything is built."""
+    from types import SimpleNamespace
+
+    from vllm.config import CompilationMode, LoadConfig
+
+    from flexoffload.loader import FlexInferLoader
+
+    loader = FlexInferLoader(LoadConfig(load_format="flexinfer", model_loader_extra_config={"memory_budget": 0.5}))
+    config = SimpleNamespace(device_config=SimpleNamespace(device="cpu"),
+                             compilation_config=SimpleNamespace(mode=CompilationMode.NONE),
+                             parallel_config=SimpleNamespace(world_size=4, tensor_parallel_size=2))
+    with pytest.raises(FlexConfigError, match="--pipeline-parallel-size 1"):
+        loader.load_model(config, SimpleNamespace())

@@ -106,3 +106,14 @@ def test_rehome_keeps_the_parameter_class_and_its_attributes():
         assert p.device == t.device and p.shape == t.shape and not p.requires_grad
     rehome(p, torch.ones(2))
     assert torch.equal(p.data, torch.ones(2))
+
+
+def test_each_tensor_parallel_shard_has_its_own_store_and_snapshot(tmp_path):
+    from flexoffload.loader import rank_path
+    from flexoffload.store import store_key
+
+    names = ["model.layers.0.mlp.down_proj.weight"]
+    whole, rank0, rank1 = (store_key(str(tmp_path), torch.float32, names, s) for s in ("", "tp0of2", "tp1of2"))
+    assert len({whole, rank0, rank1}) == 3 and whole == store_key(str(tmp_path), torch.float32, names)
+    assert rank_path("/x/flex.json", "") == rank_path("/x/flex.json", "tp0of2") == "/x/flex.json"
+    assert rank_path("/x/flex.json", "tp1of2") == "/x/flex.tp1of2.json" and rank_path(None, "tp1of2") is None

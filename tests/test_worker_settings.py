@@ -305,3 +305,24 @@ def test_kv_cache_groups_vtensor_cannot_map_are_refused_naming_them():
                       (FullAttentionSpec(**(kw | {"block_size": 64})), "FullAttentionSpec")):
         with pytest.raises(VTensorConfigError, match=f"{name}.*Run it without VTENSOR"):
             _attention_groups(config(FullAttentionSpec(**kw), bad))
+
+
+def test_a_snapshot_file_chosen_on_another_node_is_not_used(monkeypatch, tmp_path):
+    """Under vLLM's Ray executor a worker on another node inherits the driver's VTENSOR_STATS_FILE;
+    a server's snapshot folder that is not on this host makes the worker choose its own."""
+    import os
+    import tempfile
+
+    from vllm_vtensor import stats
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(stats.atexit, "register", lambda fn, *a: None)
+    elsewhere = str(stats.private_folder_path() / "stats-1" / "stats.json")  # the driver's, on its node
+    monkeypatch.setenv("VTENSOR_STATS_FILE", elsewhere)
+    path = stats.ensure_stats_path()
+    assert path == os.environ["VTENSOR_STATS_FILE"] == str(stats.private_folder_path() / f"stats-{os.getpid()}"
+                                                           / "stats.json")
+    assert os.path.isdir(os.path.dirname(path))
+    user_named = tmp_path / "mine.json"  # a file the user named stays theirs
+    monkeypatch.setenv("VTENSOR_STATS_FILE", str(user_named))
+    assert stats.ensure_stats_path() == str(user_named)

@@ -154,7 +154,8 @@ SETTINGS: tuple[Setting, ...] = (
     # -- FlexInfer ------------------------------------------------------------------------------------
     Setting("FLEXOFFLOAD_STATS_FILE", "env", "path", None,
             "Where the FlexInfer loader writes its figures as JSON (plan, bytes streamed, I/O seconds, wait, load "
-            "peak). Its folder must exist.",
+            "peak). Its folder must exist. Under tensor parallelism this is rank 0's; rank r of n writes "
+            "`<name>.tp<r>of<n>.json` beside it.",
             parse=_path, check=lambda v: Path(v).parent.is_dir(),
             fix="name a file in an existing folder (the folder is not created)"),
     Setting("memory_budget", "flexinfer option", "size, fraction or auto", None,

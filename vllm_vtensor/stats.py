@@ -104,7 +104,12 @@ def ensure_stats_path() -> str:
     """Choose the snapshot file once, in the first process (children inherit it through the
     environment): ``$VTENSOR_STATS_FILE`` if set, else ``stats.json`` in a folder of this process
     (``stats-<pid>``) in the private folder, removed with its folder when this process exits (those
-    of processes that died are removed here)."""
+    of processes that died are removed here). A server's snapshot file whose folder is not on this
+    host was chosen on another node (vLLM's Ray executor hands the driver's environment to workers
+    on every node): this host's processes choose their own."""
+    chosen = settings.raw(ENV)
+    if chosen and _owner(chosen) is not None and not os.path.isdir(os.path.dirname(chosen)):
+        os.environ.pop(ENV)  # not ours to use: choose below
     path = settings.get(ENV)
     if path:
         return path
