@@ -7,7 +7,7 @@
 # Run there from the repository root, carrying .vllm-kernels:
 #     OUT=/some/dir bash benchmarks/gpu_session.sh
 # Writes under $OUT: card.txt, gpu-tests.log, kernel-tests.log, vmm-cuda.json, offload_gpu-cuda.json,
-# kernels-cuda.json and a
+# kernels-cuda.json, kernels-roof-cuda.json (+ .png) and a
 # log of each; copy the JSON files to benchmarks/results/ (the card and the command are inside them).
 # Each step has its own time limit so that one failure cannot eat the others' time.
 set -uo pipefail
@@ -42,3 +42,7 @@ timeout 90 $PY benchmarks/offload_gpu.py --out "$OUT/offload_gpu-cuda.json" 2>&1
 #    tiles only (faster)
 timeout ${KERNELS_TIMEOUT:-150} $PY benchmarks/kernels.py --vllm-src .vllm-kernels ${KERNELS_ARGS:-} --out "$OUT/kernels-cuda.json" \
     2>&1 | tee "$OUT/kernels.log"
+
+# 5. the kernels' goals: the goal's prefill shapes (TMA candidates on Hopper) and decode at batch 64 / 4k
+#    (bf16 and fp8 KV) against this card's bf16 matmul and device copy, and torch's flash attention
+timeout ${ROOF_TIMEOUT:-180} $PY benchmarks/kernels.py --roof --out "$OUT/kernels-roof-cuda.json" 2>&1 | tee "$OUT/kernels-roof.log"

@@ -3,6 +3,7 @@
     python benchmarks/kernels.py                          # CPU: correctness sweep only (interpreter)
     python benchmarks/vllm_kernels.py --copy /tmp/vk      # where vLLM is installed: copy its kernel files
     python benchmarks/kernels.py --vllm-src /tmp/vk       # CUDA: timings vs vLLM's kernels
+    python benchmarks/kernels.py --roof                   # CUDA: the goal shapes vs the card's roofs and torch flash
 
 On a CUDA GPU it times ``context_attention`` (chunks > 1) against vLLM 0.32's
 ``context_attention_fwd`` (prefix_prefill.py: new tokens' K/V passed apart,
@@ -180,6 +181,14 @@ CONTEXT_CONFIGS = [
     {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2},
     {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
 ]
+# Hopper: K/V tiles through tensor descriptors (TMA), deeper pipelines
+TMA_CONFIGS = [
+    {"TMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    {"TMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+    {"TMA": True, "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    {"TMA": True, "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4},
+    {"TMA": True, "BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+]
 DECODE_CONFIGS = [
     {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
     {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
@@ -188,6 +197,203 @@ DECODE_CONFIGS = [
     {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4},
     {"BLOCK_N": 32, "num_warps": 2, "num_stages": 4},
 ]
+
+
+def contiguous_kv(inp):
+    """The same K and V laid out as ``[batch, Hkv, seq, D]`` per request (what torch's SDPA reads);
+    requests are consecutive blocks in ``make_inputs``."""
+    k, v, batch = inp["k_cache"], inp["v_cache"], len(inp["seq_lens"])
+    blocks, heads, block, dim = k.shape
+    per = blocks // batch
+    lay = lambda c: c.view(batch, per, heads, block, dim).permute(0, 2, 1, 3, 4).reshape(batch, heads, per * block, dim)
+    return lay(k)[:, :, :inp["seq"]].contiguous(), lay(v)[:, :, :inp["seq"]].contiguous()
+
+
+def torch_sdpa(inp, out, backend=None):
+    """torch's ``scaled_dot_product_attention`` on the same problem, K/V contiguous per request, the new
+    tokens causal to the bottom right (after the prefix), GQA native (``enable_gqa``); ``backend``: an
+    ``SDPBackend`` (FLASH_ATTENTION on GPUs: FA2 inside torch). Returns the timed call (no copy-out) and
+    one that also writes ``out`` for the check."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    batch, chunk, seq = len(inp["seq_lens"]), inp["chunk"], inp["seq"]
+    heads, dim = inp["q"].shape[1:]
+    q = inp["q"].view(batch, chunk, heads, dim).transpose(1, 2).contiguous()
+    k, v = contiguous_kv(inp)
+    mask = causal_lower_right(chunk, seq)
+    backend = backend or SDPBackend.FLASH_ATTENTION
+
+    def run():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=inp["scale"], enable_gqa=True)
+
+    def run_into_out():
+        out.copy_(run().transpose(1, 2).reshape(out.shape))
+    return run, run_into_out
+
+
+def roofs() -> dict:
+    """What this card reaches, measured in the same run: a bf16 matmul (TFLOP/s) and a device copy (TB/s,
+    bytes read + written)."""
+    n = 8192
+    a, b = (torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    mm = bench(lambda: a @ b)
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
+    y = torch.empty_like(x)
+    cp = bench(lambda: y.copy_(x))
+    del a, b, x, y
+    torch.cuda.empty_cache()
+    return {"matmul_bf16_tflops": 2 * n ** 3 / mm / 1e9, "copy_tbps": 2 * (1 << 30) / cp / 1e9}
+
+
+# The goal's shapes: bf16, head dim 128, GQA 4 (32 query heads, 8 KV heads), batch 8, prefixes 4k-16k,
+# chunks 512-2048; decode at batch 64 / 4k context, replayed from a CUDA graph.
+ROOF_PREFILL = [(8, 4096, 512), (8, 4096, 2048), (8, 16384, 2048)]
+ROOF_DECODE = (64, 4096)
+ROOF_DECODE_CONFIGS = [None, {"BLOCK_N": 32, "num_warps": 2, "num_stages": 4},
+                       {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4}, {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}]
+
+
+def roof_run(result: dict, out_path: Path, tol=3e-2) -> None:
+    """Ours against the card's roofs and torch's flash attention, with fp8 KV decode; ``summary`` holds
+    the figures the kernels' goals name. The JSON is rewritten after each step (partial results survive)."""
+    def save():
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=2))
+
+    result["roofs"] = roof = roofs()
+    print(f"roofs: bf16 matmul {roof['matmul_bf16_tflops']:.0f} TFLOP/s, device copy {roof['copy_tbps']:.2f} TB/s",
+          flush=True)
+    save()
+    rows = result["prefill"] = []
+    print(f"{'batch':>6}{'prefix':>7}{'chunk':>6}{'config':>58}{'ms':>9}{'TFLOP/s':>9}{'of matmul':>10}")
+    for batch, prefix, chunk in ROOF_PREFILL:
+        inp = make_inputs(batch, prefix, chunk)
+        ref = torch.empty_like(inp["q"])
+        reference(inp, ref)()
+        fl = flops(batch, prefix, chunk, 32, 128)
+        row = {"batch": batch, "prefix": prefix, "chunk": chunk, "runs": []}
+        got = torch.empty_like(ref)
+        cands = [("ours default", ours(inp, got), got)] + [(f"ours {c}", ours(inp, got, c), got)
+                                                            for c in TMA_CONFIGS + CONTEXT_CONFIGS[2:4]]
+        try:
+            flash, flash_check = torch_sdpa(inp, got)
+            cands.append(("torch flash (FA2)", flash_check, got))
+        except Exception as e:
+            row["torch_flash_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        for name, check_fn, out in cands:
+            run = {"name": name}
+            try:
+                out.fill_(float("nan"))
+                check_fn()
+                run["max_abs_err"] = max_err(out, ref)
+                if not run["max_abs_err"] <= tol:
+                    run["mismatch"] = True
+                else:
+                    run["ms"] = bench(flash if name.startswith("torch") else check_fn)
+                    run["tflops"] = fl / run["ms"] / 1e9
+                    run["of_matmul"] = run["tflops"] / roof["matmul_bf16_tflops"]
+            except Exception as e:
+                run["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            row["runs"].append(run)
+            cell = f"{run['ms']:>9.3f}{run['tflops']:>9.0f}{run['of_matmul']:>10.2f}" if "ms" in run else \
+                f"  {run.get('error', 'MISMATCH')[:60]}"
+            print(f"{batch:>6}{prefix:>7}{chunk:>6}{name[:58]:>58}{cell}", flush=True)
+        mine = [r for r in row["runs"] if r["name"].startswith("ours") and "ms" in r]
+        theirs = next((r for r in row["runs"] if r["name"].startswith("torch") and "ms" in r), None)
+        if mine:
+            best = min(mine, key=lambda r: r["ms"])
+            row["ours_best"] = best
+            if theirs:
+                row["vs_torch_flash"] = theirs["ms"] / best["ms"]
+        rows.append(row)
+        save()
+        del inp, ref, got
+        torch.cuda.empty_cache()
+
+    batch, seq = ROOF_DECODE
+    dec = result["decode"] = {"batch": batch, "context": seq, "runs": []}
+    inp = make_inputs(batch, seq - 1, 1)
+    kv_bytes = 2 * batch * seq * 8 * 128 * 2  # K and V, bf16
+    for kv in ("bf16", "fp8_e4m3"):
+        case = dict(inp)
+        if kv != "bf16":
+            case["k_cache"], case["v_cache"] = (c.to(torch.float8_e4m3fn) for c in (inp["k_cache"], inp["v_cache"]))
+        ref = torch.empty_like(inp["q"])
+        deq = {**case, "k_cache": case["k_cache"].to(torch.bfloat16), "v_cache": case["v_cache"].to(torch.bfloat16)}
+        reference(deq, ref)()
+        got = torch.empty_like(ref)
+        for cfg in ROOF_DECODE_CONFIGS:
+            run = {"kv": kv, "config": cfg or "default"}
+            try:
+                fn = ours(case, got, cfg)
+                got.fill_(float("nan"))
+                fn()
+                run["max_abs_err"] = max_err(got, ref)
+                if run["max_abs_err"] <= tol:
+                    run["graph_ms"] = bench_graph(fn)
+                    bytes_read = kv_bytes // (2 if kv != "bf16" else 1)
+                    run["tbps"] = bytes_read / run["graph_ms"] / 1e9
+                    run["of_copy"] = run["tbps"] / roof["copy_tbps"]
+                else:
+                    run["mismatch"] = True
+            except Exception as e:
+                run["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            dec["runs"].append(run)
+            cell = f"{run['graph_ms'] * 1e3:>8.1f} us {run['tbps']:>6.2f} TB/s ({run['of_copy']:.2f} of copy)" \
+                if "graph_ms" in run else run.get("error", "MISMATCH")[:80]
+            print(f"decode b{batch} ctx {seq} {kv:>9} {str(cfg or 'default'):>52}: {cell}", flush=True)
+        save()
+    best = {kv: min((r for r in dec["runs"] if r["kv"] == kv and "graph_ms" in r), key=lambda r: r["graph_ms"],
+                    default=None) for kv in ("bf16", "fp8_e4m3")}
+    dec["best"] = best
+    tf = [r["ours_best"]["tflops"] for r in rows if "ours_best" in r]
+    vs = [r["vs_torch_flash"] for r in rows if "vs_torch_flash" in r]
+    result["summary"] = {
+        "prefill_tflops_best": max(tf, default=None),
+        "prefill_vs_torch_flash": min(vs, default=None),  # the worst case over the goal's shapes
+        "decode_tbps_b64_4k": best["bf16"] and best["bf16"]["tbps"],
+        "fp8_decode_speedup": best["bf16"] and best["fp8_e4m3"] and best["bf16"]["graph_ms"] / best["fp8_e4m3"]["graph_ms"],
+        "matmul_bf16_tflops": roof["matmul_bf16_tflops"], "copy_tbps": roof["copy_tbps"],
+    }
+    save()
+    print("summary:", json.dumps(result["summary"]))
+    plot_roof(result, out_path.with_suffix(".png"))
+
+
+def plot_roof(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels, ours_best, flash = [], [], []
+    for r in result["prefill"]:
+        labels.append(f"b{r['batch']} p{r['prefix'] // 1024}k c{r['chunk']}")
+        ours_best.append(r.get("ours_best", {}).get("tflops", 0))
+        flash.append(next((x["tflops"] for x in r["runs"] if x["name"].startswith("torch") and "tflops" in x), 0))
+    x = range(len(labels))
+    a.bar([i - 0.2 for i in x], ours_best, 0.4, label="ours (best config)")
+    a.bar([i + 0.2 for i in x], flash, 0.4, label="torch flash (FA2)")
+    a.axhline(result["roofs"]["matmul_bf16_tflops"], color="k", ls="--", label="bf16 matmul")
+    a.set_xticks(list(x), labels)
+    a.set_ylabel("TFLOP/s")
+    a.set_title("prefix-prefill, bf16, D 128, GQA 4")
+    a.legend()
+    runs = [r for r in result["decode"]["runs"] if "tbps" in r]
+    b.bar(range(len(runs)), [r["tbps"] for r in runs], color=["C0" if r["kv"] == "bf16" else "C2" for r in runs])
+    b.axhline(result["roofs"]["copy_tbps"], color="k", ls="--", label="device copy")
+    b.set_xticks(range(len(runs)), [f"{r['kv']}\n{r['config'] if isinstance(r['config'], str) else r['config'].get('BLOCK_N')}"
+                                    for r in runs], fontsize=7)
+    b.set_ylabel("effective TB/s (KV bytes / time)")
+    b.set_title(f"decode b{result['decode']['batch']} ctx {result['decode']['context']}, CUDA graph")
+    b.legend()
+    fig.suptitle(f"{result.get('card', '')} - benchmarks/kernels.py --roof")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def max_err(got, ref) -> float:
@@ -223,7 +429,8 @@ def time_case(batch, prefix, chunk, kernels, tune: bool, tol=3e-2) -> dict:
     timed("ours", ours(inp, mine), mine)
     if tune:
         tried = []
-        for cfg in CONTEXT_CONFIGS if chunk > 1 else DECODE_CONFIGS:
+        hopper = torch.cuda.get_device_capability()[0] >= 9
+        for cfg in (CONTEXT_CONFIGS + (TMA_CONFIGS if hopper else [])) if chunk > 1 else DECODE_CONFIGS:
             try:
                 ms = timed("candidate", ours(inp, mine, cfg), mine)
             except Exception as e:  # e.g. out of shared memory for a big tile on this card
@@ -288,6 +495,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="GPU: two cases only (a smoke run)")
     p.add_argument("--no-tune", action="store_true", help="GPU: time the launchers' default tiles only")
     p.add_argument("--decode-only", action="store_true", help="GPU: the decode cases only")
+    p.add_argument("--roof", action="store_true",
+                   help="GPU: the goal's shapes against the card's roofs (bf16 matmul, device copy) and torch's "
+                        "flash attention, fp8 KV decode; writes a summary and a PNG")
     args = p.parse_args(argv)
     out_path = Path(args.out or Path(__file__).parent / "results" / f"kernels-{DEVICE}.json")
     from provenance import provenance
@@ -308,6 +518,10 @@ def main(argv=None) -> int:
         result["card"] = torch.cuda.get_device_name()
         result["triton"] = __import__("triton").__version__
         result["torch"] = torch.__version__
+        if args.roof:
+            roof_run(result, out_path)
+            print(f"wrote {out_path}")
+            return 0
         rows = result["timings"] = []
         cases = [(b, p, c) for b in (1, 8, 64) for p, c in ((0, 2048), (4096, 512), (16384, 128), (4096, 1))]
         if args.quick:

@@ -247,3 +247,65 @@ def test_an_unviewed_byte_cache_is_refused():
     batch |= {"k_cache": batch["k_cache"].to(torch.uint8), "v_cache": batch["v_cache"].to(torch.uint8)}
     with pytest.raises(ValueError, match="float8_e4m3fn or torch.float8_e5m2"):
         context_attention(out=torch.empty_like(batch["q"]), **batch)
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, dim, dtype, layout, block, tiles",
+    [
+        (4, 1, 64, torch.float32, "packed", 16, {"BLOCK_M": 16, "BLOCK_N": 32}),  # two blocks per key tile
+        (4, 2, 64, torch.bfloat16, "all_layers", 32, {"BLOCK_M": 32, "BLOCK_N": 16}),  # two key tiles per block
+        (2, 2, 128, torch.float16, "packed", 16, {"BLOCK_M": 16, "BLOCK_N": 16}),
+    ],
+)
+def test_context_attention_through_tensor_descriptors(heads, kv_heads, dim, dtype, layout, block, tiles):
+    """The prefix-prefill kernel that loads K and V tiles through tensor descriptors (TMA on Hopper)
+    equals the reference, whole blocks per tile or tiles within a block; the memory past each
+    context holds NaN (zeroed before use, never reaching the output)."""
+    batch = make_batch(*MIXED, heads, kv_heads, dim, block, dtype, layout)
+    poison(batch, block)
+    check(context_attention, context_attention_ref, batch, dtype, launch_config={**tiles, "TMA": True})
+
+
+def poison(batch, block):
+    """NaN in every cache row past each request's context, within its slot's blocks and the gap after."""
+    for c in (batch["k_cache"], batch["v_cache"]):
+        for start, seq in zip(batch["kv_start_block"].tolist(), batch["seq_lens"].tolist()):
+            last, within = start + seq // block, seq % block
+            c[last, :, within:] = float("nan")
+            c[last + 1:last + 2] = float("nan")
+
+
+def test_tensor_descriptor_kernel_refuses_what_it_cannot_read():
+    batch = make_batch(*MIXED, 4, 1, 64, 48, torch.float32, "packed")  # a block of 48 straddles 32-key tiles
+    with pytest.raises(ValueError, match="block size 48"):
+        context_attention(out=torch.empty_like(batch["q"]), **batch, launch_config={"BLOCK_N": 32, "TMA": True})
+    batch = make_batch(*MIXED, 4, 1, 64, 16, torch.float32, "vllm_cpu")  # keys stored [D, B]
+    with pytest.raises(ValueError, match="head dimension of the cache must be contiguous"):
+        context_attention(out=torch.empty_like(batch["q"]), **batch, launch_config={"TMA": True})
+
+
+def test_benchmark_torch_flash_baseline_solves_the_same_problem():
+    """benchmarks/kernels.py times torch's SDPA (flash on GPUs) on the same data laid out contiguously per
+    request, new tokens causal after the prefix: with the math backend it equals the SDPA reference."""
+    import importlib.util
+    from pathlib import Path
+
+    from torch.nn.attention import SDPBackend
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("kernels_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for batch, prefix, chunk in [(2, 40, 9), (3, 0, 16), (1, 17, 1)]:
+        inp = bench.make_inputs(batch, prefix, chunk, heads=4, kv_heads=1, dim=64, dtype=torch.float32)
+        ref, got = torch.zeros_like(inp["q"]), torch.full_like(inp["q"], float("nan"))
+        bench.reference(inp, ref)()
+        bench.torch_sdpa(inp, got, SDPBackend.MATH)[1]()
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_tensor_descriptor_kernel_with_a_sliding_window():
+    batch = make_batch(*MIXED, 4, 2, 64, 16, torch.float32, "packed")
+    poison(batch, 16)
+    check(context_attention, context_attention_ref, batch, torch.float32, sliding_window=24,
+          launch_config={"BLOCK_M": 16, "BLOCK_N": 16, "TMA": True})

@@ -153,6 +153,92 @@ def _context_attention_kernel(
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _desc_tile(desc, kv0, n0, kvh, mask_n, BLOCK_SIZE: tl.constexpr, NB: tl.constexpr, TB: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAST_F32: tl.constexpr, MASKED: tl.constexpr):
+    """Keys (or values) ``n0 .. n0 + BLOCK_N`` of one request and kv-head as a [BLOCK_N, BLOCK_D] tile,
+    through a tensor descriptor over the cache's [blocks, Hkv, B, D] (Hopper's TMA): ``NB`` whole blocks
+    of ``TB == B`` tokens, or ``TB == BLOCK_N`` tokens of one block. Rows past the context are zeroed when
+    ``MASKED`` (memory there may hold anything, NaN included: 0 x NaN is NaN)."""
+    t = desc.load([kv0 + n0 // BLOCK_SIZE, kvh, n0 % BLOCK_SIZE, 0])
+    t = tl.reshape(t, [BLOCK_N, BLOCK_D])
+    if MASKED:
+        t = tl.where(mask_n[:, None], t, 0.0)
+    if CAST_F32:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _context_attention_tma_kernel(
+    Q, K_DESC, V_DESC, O,  # K_DESC/V_DESC: tensor descriptors over [blocks, Hkv, B, D] (box [NB, 1, TB, BLOCK_D])
+    QSL, SEQ, KV0,
+    scale, window,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, TB: tl.constexpr,
+    USE_WINDOW: tl.constexpr, CAST_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """:func:`_context_attention_kernel` with K and V tiles loaded by tensor descriptors (TMA on Hopper):
+    the same tiles, masks and online softmax; 16-bit caches whose head dimension is contiguous."""
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    m = tl.program_id(2)
+    q_start = tl.load(QSL + r)
+    q_len = tl.load(QSL + r + 1) - q_start
+    if m * BLOCK_M >= q_len:
+        return
+    seq = tl.load(SEQ + r)
+    kv0 = tl.load(KV0 + r)
+    prefix = seq - q_len
+    kvh = h // GQA
+
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < q_len
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = Q + (q_start + offs_m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if CAST_F32:
+        q = q.to(tl.float32)
+    pos = prefix + offs_m
+
+    m_i = tl.full([BLOCK_M], _NEG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    qk_scale = scale * _LOG2E
+    hi = tl.minimum(seq, prefix + (m + 1) * BLOCK_M)
+    lo = 0
+    full_hi = 0
+    if USE_WINDOW:
+        lo = tl.maximum(0, prefix + m * BLOCK_M - window + 1)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    else:
+        full_hi = ((prefix + m * BLOCK_M) // BLOCK_N) * BLOCK_N
+    all_n = tl.full([BLOCK_N], 1, tl.int1)
+    for n0 in tl.range(0, full_hi, BLOCK_N):
+        k = _desc_tile(K_DESC, kv0, n0, kvh, all_n, BLOCK_SIZE, NB, TB, BLOCK_N, BLOCK_D, CAST_F32, False)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        v = _desc_tile(V_DESC, kv0, n0, kvh, all_n, BLOCK_SIZE, NB, TB, BLOCK_N, BLOCK_D, CAST_F32, False)
+        m_i, l_i, acc = _online_softmax_step(s, tl.trans(v), m_i, l_i, acc, CAST_F32, DOT_PREC)
+    for n0 in tl.range(tl.maximum(lo, full_hi), hi, BLOCK_N):  # the diagonal (and window edge): masked
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seq
+        k = _desc_tile(K_DESC, kv0, n0, kvh, n_ok, BLOCK_SIZE, NB, TB, BLOCK_N, BLOCK_D, CAST_F32, False)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        allowed = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
+        if USE_WINDOW:
+            allowed = allowed & (offs_n[None, :] > pos[:, None] - window)
+        s = tl.where(allowed, s, float("-inf"))
+        v = _desc_tile(V_DESC, kv0, n0, kvh, n_ok, BLOCK_SIZE, NB, TB, BLOCK_N, BLOCK_D, CAST_F32, True)
+        m_i, l_i, acc = _online_softmax_step(s, tl.trans(v), m_i, l_i, acc, CAST_F32, DOT_PREC)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = O + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
 # ----------------------------------------------------------------------------- decode
 @triton.jit
 def _decode_kernel(
@@ -306,16 +392,19 @@ def _shrink(cfg: dict) -> dict | None:
     return None
 
 
-def _launch(kernel, grid, args: tuple, cfg: dict, consts: dict) -> None:
+def _launch(kernel, grid, args, cfg: dict, consts: dict) -> None:
     """Launch ``kernel``; if its tiles need more shared memory than this GPU has (large head dims in
-    fp32, say), retry with a smaller config and remember the one that fits."""
+    fp32, say), retry with a smaller config and remember the one that fits. ``args``: the positional
+    arguments, or a function of the config giving them and more constants (tensor descriptors, whose
+    boxes are the tiles)."""
     key = None  # built only once some launch has needed a fallback: launches are a hot path
     if _FITTING:
         key = _fitting_key(kernel, cfg, consts)
         cfg = _FITTING.get(key, cfg)
     while True:
         try:
-            kernel[grid(cfg)](*args, **cfg, **consts)
+            positional, more = args(cfg) if callable(args) else (args, {})
+            kernel[grid(cfg)](*positional, **cfg, **consts, **more)
             return
         except OutOfResources:
             smaller = _shrink(cfg)
@@ -382,7 +471,22 @@ def context_attention(
         return out
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    launch_config = dict(launch_config or {})
+    tma = launch_config.pop("TMA", None)
     cfg = _launch_options(_context_defaults(num_reqs, q.shape[1], max_query_len, q.dtype, q.device), launch_config)
+    if tma is None:  # by default where measured faster, and where it can read these caches
+        tma = TMA_BY_DEFAULT and _hopper(q.device) and not _tma_refusal(q, k_cache, v_cache, cfg["BLOCK_N"])
+    elif tma and (why_not := _tma_refusal(q, k_cache, v_cache, cfg["BLOCK_N"])):
+        raise ValueError(f"launch_config TMA: {why_not}")
+    if tma:
+        _launch(
+            _context_attention_tma_kernel,
+            lambda c: (num_reqs, q.shape[1], triton.cdiv(max(max_query_len, 1), c["BLOCK_M"])),
+            lambda c: _tma_args(q, k_cache, v_cache, out, query_start_loc, seq_lens, kv_start_block, scale,
+                                sliding_window, c),
+            cfg, {k: v for k, v in _common(q, k_cache, v_cache, sliding_window).items() if k != "KV_FP8"},
+        )
+        return out
     _launch(
         _context_attention_kernel, lambda c: (num_reqs, q.shape[1], triton.cdiv(max(max_query_len, 1), c["BLOCK_M"])),
         (q, _as_loaded(k_cache), _as_loaded(v_cache), out, query_start_loc, seq_lens, kv_start_block, scale,
@@ -393,6 +497,44 @@ def context_attention(
         cfg, _common(q, k_cache, v_cache, sliding_window),
     )
     return out
+
+
+# Prefix-prefill through tensor descriptors (TMA) where Hopper has them: chosen by default once
+# benchmarks/kernels.py has measured it faster on a Hopper GPU; ``launch_config={"TMA": True}`` (or
+# False) chooses per call, under the interpreter too.
+TMA_BY_DEFAULT = False
+
+
+@functools.cache
+def _hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_refusal(q, k_cache, v_cache, block_n: int) -> str | None:
+    """Why the descriptor kernel cannot read these caches with ``block_n``-key tiles (None: it can)."""
+    block, dim = k_cache.shape[2], k_cache.shape[3]
+    if k_cache.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the cache ({k_cache.dtype}) must be in the queries' 16- or 32-bit type ({q.dtype})"
+    if dim < 16 or dim & (dim - 1):
+        return f"head dim {dim} is not a power of two >= 16"
+    if not (block & (block - 1) == 0 and block <= block_n or block % block_n == 0):
+        return f"block size {block} neither a power of two <= the key tile ({block_n}) nor a multiple of it"
+    for c in (k_cache, v_cache):
+        if c.stride(3) != 1:
+            return "the head dimension of the cache must be contiguous"
+        if c.data_ptr() % 16 or any(st * c.element_size() % 16 for st in c.stride()[:3]):
+            return "the cache's base and strides must be multiples of 16 bytes"
+    return None
+
+
+def _tma_args(q, k_cache, v_cache, out, query_start_loc, seq_lens, kv_start_block, scale, sliding_window, cfg):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block, dim, block_n = k_cache.shape[2], k_cache.shape[3], cfg["BLOCK_N"]
+    nb, tb = (block_n // block, block) if block <= block_n else (1, block_n)
+    desc = [TensorDescriptor(c, list(c.shape), list(c.stride()), [nb, 1, tb, dim]) for c in (k_cache, v_cache)]
+    return ((q, *desc, out, query_start_loc, seq_lens, kv_start_block, scale, sliding_window or 0,
+             q.stride(0), q.stride(1), out.stride(0), out.stride(1)), {"NB": nb, "TB": tb})
 
 
 @functools.cache
