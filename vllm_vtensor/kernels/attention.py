@@ -74,6 +74,44 @@ def _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32: tl.constexpr, DOT_PREC: 
     return m_new, l_i, acc
 
 
+@triton.jit
+def _query_tile(Q, q_start, q_len, h, m, stride_qt, stride_qh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, CAST_F32: tl.constexpr):
+    """Query rows ``m * BLOCK_M ..`` of one request and head: their offsets, masks and values."""
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < q_len
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = Q + (q_start + offs_m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if CAST_F32:
+        q = q.to(tl.float32)
+    return offs_m, offs_d, row_ok, d_ok, q
+
+
+@triton.jit
+def _key_range(seq, prefix, m, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr):
+    """The keys query tile ``m`` attends to: ``[lo, hi)``; key tiles below ``full_hi`` are seen by every
+    query row of the tile (no mask needed)."""
+    hi = tl.minimum(seq, prefix + (m + 1) * BLOCK_M)  # causal: no key past the tile's last query
+    lo = 0
+    full_hi = 0  # keys below this are seen by every query row of the tile: no mask needed
+    if USE_WINDOW:
+        lo = tl.maximum(0, prefix + m * BLOCK_M - window + 1)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    else:
+        full_hi = ((prefix + m * BLOCK_M) // BLOCK_N) * BLOCK_N
+    return lo, full_hi, hi
+
+
+@triton.jit
+def _store_rows(O, acc, l_i, v_scale, q_start, offs_m, offs_d, row_ok, d_ok, h, stride_ot, stride_oh):
+    """The normalised output rows of a query tile."""
+    out = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = O + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
 # ----------------------------------------------------------------------------- prefix-prefill
 @triton.jit
 def _context_attention_kernel(
@@ -101,15 +139,8 @@ def _context_attention_kernel(
     kv0 = tl.load(KV0 + r).to(tl.int64)
     prefix = seq - q_len
     kvh = h // GQA
-
-    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < q_len
-    d_ok = offs_d < HEAD_DIM
-    q_ptrs = Q + (q_start + offs_m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if CAST_F32:
-        q = q.to(tl.float32)
+    offs_m, offs_d, row_ok, d_ok, q = _query_tile(Q, q_start, q_len, h, m, stride_qt, stride_qh, HEAD_DIM, BLOCK_D,
+                                                  BLOCK_M, CAST_F32)
     pos = prefix + offs_m  # absolute position of each query row
 
     m_i = tl.full([BLOCK_M], _NEG, tl.float32)
@@ -117,14 +148,7 @@ def _context_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     qk_scale = scale * k_scale * _LOG2E
-    hi = tl.minimum(seq, prefix + (m + 1) * BLOCK_M)  # causal: no key past the tile's last query
-    lo = 0
-    full_hi = 0  # keys below this are seen by every query row of the tile: no mask needed
-    if USE_WINDOW:
-        lo = tl.maximum(0, prefix + m * BLOCK_M - window + 1)
-        lo = (lo // BLOCK_N) * BLOCK_N
-    else:
-        full_hi = ((prefix + m * BLOCK_M) // BLOCK_N) * BLOCK_N
+    lo, full_hi, hi = _key_range(seq, prefix, m, window, BLOCK_M, BLOCK_N, USE_WINDOW)
     all_n = tl.full([BLOCK_N], 1, tl.int1)
     for n0 in range(0, full_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -148,9 +172,7 @@ def _context_attention_kernel(
                        stride_vb, stride_vt, stride_vh, stride_vd, BLOCK_SIZE, CAST_F32, KV_FP8, Q.dtype.element_ty)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, CAST_F32, DOT_PREC)
 
-    out = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_ptrs = O + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    _store_rows(O, acc, l_i, v_scale, q_start, offs_m, offs_d, row_ok, d_ok, h, stride_ot, stride_oh)
 
 
 @triton.jit
@@ -192,15 +214,8 @@ def _context_attention_tma_kernel(
     kv0 = tl.load(KV0 + r)
     prefix = seq - q_len
     kvh = h // GQA
-
-    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < q_len
-    d_ok = offs_d < HEAD_DIM
-    q_ptrs = Q + (q_start + offs_m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if CAST_F32:
-        q = q.to(tl.float32)
+    offs_m, offs_d, row_ok, d_ok, q = _query_tile(Q, q_start, q_len, h, m, stride_qt, stride_qh, HEAD_DIM, BLOCK_D,
+                                                  BLOCK_M, CAST_F32)
     pos = prefix + offs_m
 
     m_i = tl.full([BLOCK_M], _NEG, tl.float32)
@@ -208,14 +223,7 @@ def _context_attention_tma_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     qk_scale = scale * _LOG2E
-    hi = tl.minimum(seq, prefix + (m + 1) * BLOCK_M)
-    lo = 0
-    full_hi = 0
-    if USE_WINDOW:
-        lo = tl.maximum(0, prefix + m * BLOCK_M - window + 1)
-        lo = (lo // BLOCK_N) * BLOCK_N
-    else:
-        full_hi = ((prefix + m * BLOCK_M) // BLOCK_N) * BLOCK_N
+    lo, full_hi, hi = _key_range(seq, prefix, m, window, BLOCK_M, BLOCK_N, USE_WINDOW)
     all_n = tl.full([BLOCK_N], 1, tl.int1)
     for n0 in tl.range(0, full_hi, BLOCK_N):
         k = _desc_tile(K_DESC, kv0, n0, kvh, all_n, BLOCK_SIZE, NB, TB, BLOCK_N, BLOCK_D, CAST_F32, False)
@@ -234,9 +242,7 @@ def _context_attention_tma_kernel(
         v = _desc_tile(V_DESC, kv0, n0, kvh, n_ok, BLOCK_SIZE, NB, TB, BLOCK_N, BLOCK_D, CAST_F32, True)
         m_i, l_i, acc = _online_softmax_step(s, tl.trans(v), m_i, l_i, acc, CAST_F32, DOT_PREC)
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_ptrs = O + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    _store_rows(O, acc, l_i, 1.0, q_start, offs_m, offs_d, row_ok, d_ok, h, stride_ot, stride_oh)
 
 
 # ----------------------------------------------------------------------------- decode
