@@ -81,11 +81,17 @@ def ray_cluster(tmp_path_factory):
     token.chmod(0o600)
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     log = temp / "head.log"
+    # a node started from a plain shell: this project's settings, which earlier tests may have left in
+    # this process's environment, would win over the driver's in every worker (vLLM fills in only what a
+    # node does not set)
+    node_env = {k: v for k, v in os.environ.items() if not k.startswith(("VTENSOR_", "FLEXOFFLOAD_"))}
     with open(log, "w") as out:
         head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={_free_port()}",
-                                 "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
-                                 f"--temp-dir={temp}"], stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **env})
+                                 f"--ray-client-server-port={_free_port()}",
+                                 f"--dashboard-agent-listen-port={_free_port()}",
+                                 "--num-cpus=2", f"--object-store-memory={100 << 20}", "--include-dashboard=false",
+                                 "--disable-usage-stats", f"--temp-dir={temp}"],
+                                stdout=out, stderr=subprocess.STDOUT, env={**node_env, **env})
     try:
         deadline, address = time.monotonic() + 120, None
         while address is None:
