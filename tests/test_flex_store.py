@@ -3,6 +3,7 @@ file's shared mapping (WeightStore.build), and vLLM's model is built with its pa
 meta device, so neither step holds the model in anonymous memory."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -117,3 +118,40 @@ def test_each_tensor_parallel_shard_has_its_own_store_and_snapshot(tmp_path):
     assert len({whole, rank0, rank1}) == 3 and whole == store_key(str(tmp_path), torch.float32, names)
     assert rank_path("/x/flex.json", "") == rank_path("/x/flex.json", "tp0of2") == "/x/flex.json"
     assert rank_path("/x/flex.json", "tp1of2") == "/x/flex.tp1of2.json" and rank_path(None, "tp1of2") is None
+
+
+def test_streaming_buffers_ask_for_huge_pages(tmp_path):
+    """O_DIRECT reads pin every page they land in: the arena and host tier ask the kernel for
+    transparent huge pages (VmFlags 'hg' in /proc/self/smaps), small buffers do not; reads into them land
+    intact."""
+    import mmap
+    import os
+
+    from flexoffload.store import HUGE_PAGE, aligned_buffer
+
+    if not hasattr(mmap, "MADV_HUGEPAGE") or "[never]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read():
+        pytest.skip("no transparent huge pages here")
+
+    def flags(buf) -> list[str]:
+        addr = torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
+        inside = False
+        for line in open("/proc/self/smaps"):
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+        raise AssertionError("mapping not found")
+
+    big, small = aligned_buffer(4 * HUGE_PAGE), aligned_buffer(64 << 10)
+    assert "hg" in flags(big) and "hg" not in flags(small)
+    data = os.urandom(3 * HUGE_PAGE)
+    path = tmp_path / "w.bin"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [memoryview(big)[:len(data)]], 0) == len(data)
+    finally:
+        os.close(fd)
+    assert big[:len(data)] == data
