@@ -8,9 +8,11 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -69,13 +71,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
+def ray_cluster():
     """A one-node Ray cluster, as `ray start --head` makes one on each node of a deployment, with
     token authentication (Ray's default for `ray start`); yields the environment a client needs: its
     address (the node's IP, which Ray picks) and the token. Ray comes from PyPI (the test extra)."""
     pytest.importorskip("ray", reason="Ray is in the test extra: pip install -e '.[test]'")
     ray_bin = Path(sys.executable).with_name("ray")
-    temp = tmp_path_factory.mktemp("ray")
+    # a short folder: Ray's session sockets live inside it, and a Unix socket's path has at most 107 bytes
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     token = temp / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
@@ -106,6 +109,7 @@ def ray_cluster(tmp_path_factory):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             head.kill()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_tp2_vtensor_matches_vanilla(tiny_llama_path, vanilla_tp2, ray_cluster):

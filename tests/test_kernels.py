@@ -306,6 +306,7 @@ def test_benchmark_torch_flash_baseline_solves_the_same_problem():
 
 def test_tensor_descriptor_kernel_with_a_sliding_window():
     batch = make_batch(*MIXED, 4, 2, 64, 16, torch.float32, "packed")
+    batch["kv_start_block"] = batch["kv_start_block"].long()  # as VTENSOR may pass them
     poison(batch, 16)
     check(context_attention, context_attention_ref, batch, torch.float32, sliding_window=24,
           launch_config={"BLOCK_M": 16, "BLOCK_N": 16, "TMA": True})

@@ -211,7 +211,7 @@ def _context_attention_tma_kernel(
     if m * BLOCK_M >= q_len:
         return
     seq = tl.load(SEQ + r)
-    kv0 = tl.load(KV0 + r)
+    kv0 = tl.load(KV0 + r).to(tl.int32)  # a descriptor coordinate
     prefix = seq - q_len
     kvh = h // GQA
     offs_m, offs_d, row_ok, d_ok, q = _query_tile(Q, q_start, q_len, h, m, stride_qt, stride_qh, HEAD_DIM, BLOCK_D,
