@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from flexoffload.store import aligned_buffer
 from provenance import provenance
 
 RESULTS = Path(__file__).parent / "results"
@@ -129,15 +130,14 @@ def main(argv=None) -> int:
 
 class Arena:
     """Page-aligned anonymous memory the reads land in: ``kind`` 4k (plain pages) or huge
-    (``MADV_HUGEPAGE`` before the first touch, as FlexInfer's arena)."""
+    (FlexInfer's own streaming buffer, which asks for transparent huge pages before the first touch)."""
 
     def __init__(self, kind: str, span: int, nbytes: int, count: int):
         if kind not in ("4k", "huge"):
             raise SystemExit(f"--pages: {kind!r} is neither 4k nor huge")
         self.kind = kind
-        self.buf = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if kind == "huge":
-            self.buf.madvise(mmap.MADV_HUGEPAGE)
+        self.buf = (aligned_buffer(span) if kind == "huge"
+                    else mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
         raw = torch.frombuffer(self.buf, dtype=torch.uint8)
         self.addr = raw.data_ptr()
         self.weights = [raw[i * nbytes:(i + 1) * nbytes].view(torch.float32).view(SHAPE) for i in range(count)]

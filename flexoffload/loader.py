@@ -92,7 +92,7 @@ class FlexInferLoader(BaseModelLoader):
         target = torch.device(vllm_config.device_config.device)
         if self.cfg.auto:  # measured before any weight exists: the model is built on meta
             self.auto = auto_budget(vllm_config, target)
-        self.host_free = free_host_share(vllm_config)[0]
+        self.vllm_config = vllm_config
         # as in vLLM's loader: the model is built on the device, and built, loaded and processed with
         # its dtype as the default; its parameters go to meta as they are registered
         with set_default_torch_dtype(model_config.dtype), _LoadPeak(target) as peak:
@@ -130,7 +130,8 @@ class FlexInferLoader(BaseModelLoader):
             raise BudgetError(f"memory_budget 'auto' found too little memory ({self.auto.describe()}): {e}; or free "
                               "memory, lower --kv-cache-memory-bytes or --max-model-len") from None
         if plan.streamed or plan.head_streamed:
-            host_budget = self.cfg.host_budget_bytes(weight_bytes, self.host_free, target.type)
+            host_budget = self.cfg.host_budget_bytes(weight_bytes, free_host_share(self.vllm_config)[0],
+                                                      target.type)
             assign_host_tier(plan, host_budget)
         logger.info("flexinfer plan (weights %.1f MiB):\n%s", weight_bytes / 2**20, plan.table())
         streamed = [n for names in plan.streamed.values() for n in names] + (plan.head_names if plan.head_streamed else [])
