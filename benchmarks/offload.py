@@ -30,7 +30,10 @@ larger overhead, from an unlimited flexinfer run at the smallest budget, which l
 more of the weights).  The I/O
 bound is disk bandwidth / bytes streamed per token, the bandwidth being the best
 rate flexinfer's own read path reaches with no compute, measured before and after
-the runs (each flexinfer row also records the rate its reads ran at).  Needs root.
+the runs (each flexinfer row also records the rate its reads ran at).  The roof is the lower of
+the I/O bound and the compute roof, flexinfer's own rate at 100% (the same model computed with
+nothing streamed): where the compute takes longer than the reads, no engine reaches the I/O bound.
+Needs root.
 Prints a table, writes JSON and a PNG to benchmarks/results/.
 """
 from __future__ import annotations
@@ -291,7 +294,7 @@ def main(argv=None) -> int:
     if args.recompute:
         data = json.loads(Path(args.recompute).read_text())
         rows = data.pop("rows")
-        for key in ("ratios", "disk_bytes_per_s", "fastest_run_read_bytes_per_s"):
+        for key in ("ratios", "disk_bytes_per_s", "fastest_run_read_bytes_per_s", "compute_roof_tok_s"):
             data.pop(key, None)
         data.setdefault("budgets", list(dict.fromkeys(r["fraction"] for r in rows)))
         data.setdefault("configs", list(dict.fromkeys(r["config"] for r in rows)))
@@ -372,11 +375,14 @@ def _apply_io_bound(meta: dict, rows: list[dict]) -> float:
         row["read_bytes_per_s"] = flex["bytes_streamed"] / flex["io_seconds"] if flex.get("io_seconds") else None
     seen = [r["read_bytes_per_s"] for r in rows if r.get("read_bytes_per_s")]
     bw = max([meta["disk_bytes_per_s_before"], meta["disk_bytes_per_s_after"], *seen])
+    resident = next((r["tok_s"] for r in rows if r["config"] == "flexinfer" and r["fraction"] == 1.0), None)
     for row in rows:
         streamed = (row.get("flexinfer") or {}).get("streamed_bytes_per_forward")
         row["io_bound_tok_s"] = bw / streamed if streamed else None
+        row["roof_tok_s"] = min(row["io_bound_tok_s"], resident or row["io_bound_tok_s"]) if streamed else None
     meta["disk_bytes_per_s"] = bw
     meta["fastest_run_read_bytes_per_s"] = max(seen, default=None)
+    meta["compute_roof_tok_s"] = resident
     return bw
 
 
@@ -391,12 +397,13 @@ def _report(meta: dict, rows: list[dict], out: Path) -> None:
           f"read rate seen (flexinfer's O_DIRECT path alone: {meta['disk_bytes_per_s_before'] / 1e9:.2f} before "
           f"the runs, {meta['disk_bytes_per_s_after'] / 1e9:.2f} after; fastest run's reads {fastest / 1e9:.2f})")
     print(f"{'config':>19}" + "".join(f"{b:>9.0%}" for b in budgets))
-    for cfg in configs + ["io_bound"]:
+    bounds = {"io_bound": "io_bound_tok_s", "roof": "roof_tok_s"}
+    for cfg in configs + list(bounds):
         cells = []
         for b in budgets:
-            r = next((r for r in rows if r["fraction"] == b and r["config"] == (cfg if cfg != "io_bound" else "flexinfer")), None)
-            v = None if r is None else (r.get("io_bound_tok_s") if cfg == "io_bound" else r["tok_s"])
-            cells.append(f"{v:>9.2f}" if v else f"{'OOM' if cfg != 'io_bound' and r else '-':>9}")
+            r = next((r for r in rows if r["fraction"] == b and r["config"] == (cfg if cfg not in bounds else "flexinfer")), None)
+            v = None if r is None else (r.get(bounds[cfg]) if cfg in bounds else r["tok_s"])
+            cells.append(f"{v:>9.2f}" if v else f"{'OOM' if cfg not in bounds and r else '-':>9}")
         print(f"{cfg:>19}" + "".join(cells))
     ratios = _ratios(rows, budgets)
     for line in ratios["lines"]:
@@ -410,7 +417,7 @@ def _report(meta: dict, rows: list[dict], out: Path) -> None:
 
 def _ratios(rows, budgets) -> dict:
     """The goals as ratios of runs made side by side: flexinfer vs the mmap baseline,
-    vs the I/O bound, and vs vanilla vLLM at 100%.  A run killed by its limit gives no ratio."""
+    vs the I/O bound and the roof, and vs vanilla vLLM at 100%.  A run killed by its limit gives no ratio."""
     def tok(cfg, b):
         r = next((r for r in rows if r["config"] == cfg and r["fraction"] == b), None)
         return r and r["tok_s"], r
@@ -419,9 +426,9 @@ def _ratios(rows, budgets) -> dict:
         flex, row = tok("flexinfer", b)
         for other, key in (("mmap", "vs_mmap"), ("vanilla", "vs_vanilla"), ("llamacpp", "vs_llamacpp"),
                            ("llamacpp_same_limit", "vs_llamacpp_same_limit"),
-                           ("io_bound", "vs_io_bound")):
-            if other == "io_bound":
-                ref = row and row.get("io_bound_tok_s")
+                           ("io_bound", "vs_io_bound"), ("roof", "vs_roof")):
+            if other in ("io_bound", "roof"):
+                ref = row and row.get(f"{other}_tok_s")
             else:
                 ref, ref_row = tok(other, b)
                 if ref_row is None:
@@ -429,7 +436,7 @@ def _ratios(rows, budgets) -> dict:
             if flex and ref:
                 values[f"{key}@{b:g}"] = flex / ref
                 lines.append(f"  {b:>4.0%} {key:<12} {flex / ref:6.2f}x")
-            elif flex and other != "io_bound":
+            elif flex and other not in ("io_bound", "roof"):
                 lines.append(f"  {b:>4.0%} {key:<12}  {other} failed under the limit")
     return {"values": values, "lines": lines}
 
@@ -448,6 +455,9 @@ def _plot(rows, budgets, configs, path, title) -> None:
     bound = [(r["fraction"] * 100, r["io_bound_tok_s"]) for r in rows if r["config"] == "flexinfer" and r.get("io_bound_tok_s")]
     if bound:
         ax.plot(*zip(*bound), "k--", label="I/O bound (best read rate seen / streamed bytes)")
+    roof = [(r["fraction"] * 100, r["roof_tok_s"]) for r in rows if r["config"] == "flexinfer" and r.get("roof_tok_s")]
+    if roof and roof != bound:
+        ax.plot(*zip(*roof), "k:", label="roof (lower of the I/O bound and flexinfer at 100%)")
     ax.set_xlabel("memory budget, % of weight bytes")
     ax.set_ylabel("decode tokens/s")
     ax.set_yscale("log")
