@@ -14,7 +14,9 @@ started fresh each round; the modes alternate round by round):
   continuously) or copies memory (``torch`` copy of 100 MB, a pure memory-bandwidth load).
 
 A memory-bound decode and the reads that stream its weights share the machine's memory bandwidth
-(and, in a virtual machine, the host's time for the emulated disk): where the GEMV slows beside the
+(and, in a virtual machine, the host's CPU time: the host emulates the disk on the cores that run
+the guest's virtual CPUs, which shows as steal time, recorded for both cores during each
+measurement): where the GEMV slows beside the
 reads, a streamed decode computes more slowly than a resident one, and the I/O bound (bytes
 streamed / read rate alone) is out of reach even with every read hidden.  The file is written once
 into the cache folder (``O_DIRECT`` needs a real file system).  Prints a table, writes JSON and a PNG
@@ -164,7 +166,21 @@ def _other_core(mode: str, core: int, path: str, ready, stop) -> None:
         stop.wait()
 
 
-def _beside(mode: str, core: int, path: Path, measure) -> float:
+def _cpu_times() -> dict[int, list[int]]:
+    """Per-CPU jiffies from /proc/stat: user nice system idle iowait irq softirq steal ..."""
+    with open("/proc/stat") as f:
+        return {int(line.split()[0][3:]): [int(v) for v in line.split()[1:]] for line in f
+                if line.startswith("cpu") and line[3].isdigit()}
+
+
+def _steal(before: dict, after: dict, cores: list[int]) -> float:
+    """Share of the time the host ran something else on these virtual CPUs (steal time)."""
+    d = [[b - a for a, b in zip(before[c], after[c])] for c in cores]
+    return sum(x[7] for x in d) / max(1, sum(sum(x) for x in d))
+
+
+def _beside(mode: str, core: int, path: Path, measure, cores: list[int]) -> tuple[float, float]:
+    """``measure()`` while the other core runs ``mode``; (its rate, the steal time of both cores)."""
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
     proc = ctx.Process(target=_other_core, args=(mode, core, str(path), ready, stop), daemon=True)
@@ -173,7 +189,9 @@ def _beside(mode: str, core: int, path: Path, measure) -> float:
         if not ready.wait(120):
             raise RuntimeError(f"the {mode} load did not start")
         time.sleep(0.3)
-        return measure()
+        before = _cpu_times()
+        rate = measure()
+        return rate, _steal(before, _cpu_times(), cores)
     finally:
         stop.set()
         proc.join(60)
@@ -196,25 +214,27 @@ def main(argv=None) -> int:
     rows = []
     for rnd in range(args.rounds):
         for mode in READ_MODES:
-            rate = _beside(mode, first, path, reader.rate)
-            rows.append({"measure": "read", "beside": mode, "round": rnd, "gb_s": rate / 1e9})
+            rate, steal = _beside(mode, first, path, reader.rate, [first, second])
+            rows.append({"measure": "read", "beside": mode, "round": rnd, "gb_s": rate / 1e9, "steal": steal})
         for mode in GEMV_MODES:
-            rate = _beside(mode, second, path, gemv.rate)
-            rows.append({"measure": "gemv", "beside": mode, "round": rnd, "gb_s": rate / 1e9})
+            rate, steal = _beside(mode, second, path, gemv.rate, [first, second])
+            rows.append({"measure": "gemv", "beside": mode, "round": rnd, "gb_s": rate / 1e9, "steal": steal})
     summary = {}
     for measure, modes in (("read", READ_MODES), ("gemv", GEMV_MODES)):
         idle = statistics.median(r["gb_s"] for r in rows if r["measure"] == measure and r["beside"] == "idle")
         for mode in modes:
-            med = statistics.median(r["gb_s"] for r in rows if r["measure"] == measure and r["beside"] == mode)
-            summary[f"{measure} beside {mode}"] = {"median_gb_s": med, "vs_idle": med / idle}
+            mine = [r for r in rows if r["measure"] == measure and r["beside"] == mode]
+            med = statistics.median(r["gb_s"] for r in mine)
+            summary[f"{measure} beside {mode}"] = {"median_gb_s": med, "vs_idle": med / idle,
+                                                   "median_steal": statistics.median(r["steal"] for r in mine)}
 
     print(f"reads: O_DIRECT, {PIECE >> 20} MiB pieces, {IO_THREADS} threads on core {second}; GEMV: batch 1, "
           f"{gemv.nbytes / 1e6:.0f} MB float32, 1 thread on core {first}; medians of {args.rounds} alternating rounds")
-    print(f"{'measured':>9} {'other core':>11} {'GB/s':>7} {'vs idle':>8}   rounds")
+    print(f"{'measured':>9} {'other core':>11} {'GB/s':>7} {'vs idle':>8} {'steal':>6}   rounds")
     for key, s in summary.items():
         measure, _, mode = key.split()
         each = " ".join(f"{r['gb_s']:.2f}" for r in rows if r["measure"] == measure and r["beside"] == mode)
-        print(f"{measure:>9} {mode:>11} {s['median_gb_s']:>7.2f} {s['vs_idle']:>8.2f}   {each}")
+        print(f"{measure:>9} {mode:>11} {s['median_gb_s']:>7.2f} {s['vs_idle']:>8.2f} {s['median_steal']:>6.0%}   {each}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**provenance("read_beside_compute.py", argv), "piece_bytes": PIECE,
