@@ -362,6 +362,9 @@ def main(argv=None) -> int:
     return 0
 
 
+BOUNDS = {"io_bound": "io_bound_tok_s", "roof": "roof_tok_s"}  # table row -> the flexinfer row's figure
+
+
 def _apply_io_bound(meta: dict, rows: list[dict]) -> float:
     """The I/O bound of each flexinfer-family row: disk bandwidth / bytes streamed per forward.
 
@@ -379,7 +382,7 @@ def _apply_io_bound(meta: dict, rows: list[dict]) -> float:
     for row in rows:
         streamed = (row.get("flexinfer") or {}).get("streamed_bytes_per_forward")
         row["io_bound_tok_s"] = bw / streamed if streamed else None
-        row["roof_tok_s"] = min(row["io_bound_tok_s"], resident or row["io_bound_tok_s"]) if streamed else None
+        row["roof_tok_s"] = row["io_bound_tok_s"] if not (streamed and resident) else min(row["io_bound_tok_s"], resident)
     meta["disk_bytes_per_s"] = bw
     meta["fastest_run_read_bytes_per_s"] = max(seen, default=None)
     meta["compute_roof_tok_s"] = resident
@@ -397,13 +400,12 @@ def _report(meta: dict, rows: list[dict], out: Path) -> None:
           f"read rate seen (flexinfer's O_DIRECT path alone: {meta['disk_bytes_per_s_before'] / 1e9:.2f} before "
           f"the runs, {meta['disk_bytes_per_s_after'] / 1e9:.2f} after; fastest run's reads {fastest / 1e9:.2f})")
     print(f"{'config':>19}" + "".join(f"{b:>9.0%}" for b in budgets))
-    bounds = {"io_bound": "io_bound_tok_s", "roof": "roof_tok_s"}
-    for cfg in configs + list(bounds):
+    for cfg in configs + list(BOUNDS):
         cells = []
         for b in budgets:
-            r = next((r for r in rows if r["fraction"] == b and r["config"] == (cfg if cfg not in bounds else "flexinfer")), None)
-            v = None if r is None else (r.get(bounds[cfg]) if cfg in bounds else r["tok_s"])
-            cells.append(f"{v:>9.2f}" if v else f"{'OOM' if cfg not in bounds and r else '-':>9}")
+            r = next((r for r in rows if r["fraction"] == b and r["config"] == (cfg if cfg not in BOUNDS else "flexinfer")), None)
+            v = None if r is None else (r.get(BOUNDS[cfg]) if cfg in BOUNDS else r["tok_s"])
+            cells.append(f"{v:>9.2f}" if v else f"{'OOM' if cfg not in BOUNDS and r else '-':>9}")
         print(f"{cfg:>19}" + "".join(cells))
     ratios = _ratios(rows, budgets)
     for line in ratios["lines"]:
@@ -427,8 +429,8 @@ def _ratios(rows, budgets) -> dict:
         for other, key in (("mmap", "vs_mmap"), ("vanilla", "vs_vanilla"), ("llamacpp", "vs_llamacpp"),
                            ("llamacpp_same_limit", "vs_llamacpp_same_limit"),
                            ("io_bound", "vs_io_bound"), ("roof", "vs_roof")):
-            if other in ("io_bound", "roof"):
-                ref = row and row.get(f"{other}_tok_s")
+            if other in BOUNDS:
+                ref = row and row.get(BOUNDS[other])
             else:
                 ref, ref_row = tok(other, b)
                 if ref_row is None:
@@ -436,7 +438,7 @@ def _ratios(rows, budgets) -> dict:
             if flex and ref:
                 values[f"{key}@{b:g}"] = flex / ref
                 lines.append(f"  {b:>4.0%} {key:<12} {flex / ref:6.2f}x")
-            elif flex and other not in ("io_bound", "roof"):
+            elif flex and other not in BOUNDS:
                 lines.append(f"  {b:>4.0%} {key:<12}  {other} failed under the limit")
     return {"values": values, "lines": lines}
 

@@ -25,6 +25,7 @@ to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -37,6 +38,7 @@ import torch
 
 from flexoffload.store import aligned_buffer
 from provenance import provenance
+from read_then_compute import random_file
 
 RESULTS = Path(__file__).parent / "results"
 FILE_BYTES = 512 << 20
@@ -47,22 +49,6 @@ GEMV_BYTES = 256 << 20
 GEMV_SHAPE = (3072, 576)  # SmolLM2's fused gate/up projection
 READ_MODES = ("idle", "spin", "gemv")
 GEMV_MODES = ("idle", "spin", "read", "memcpy")
-
-
-def read_file() -> Path:
-    from vllm_vtensor.settings import cache_dir
-
-    path = cache_dir() / "read_beside_compute.bin"
-    if not path.exists() or path.stat().st_size != FILE_BYTES:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            for _ in range(FILE_BYTES // (64 << 20)):
-                f.write(os.urandom(64 << 20))
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.rename(path)
-    return path
 
 
 class Reader:
@@ -79,12 +65,22 @@ class Reader:
         slot = (i % SLOTS) * PIECE
         return os.preadv(self.fd, [self.view[slot:slot + PIECE]], (i * PIECE) % FILE_BYTES)
 
+    def _on_io_threads(self, work) -> None:
+        """``work(k)`` on each of ``IO_THREADS`` threads pinned to the reading core; returns when all end."""
+        def run(k):
+            os.sched_setaffinity(0, {self.core})
+            work(k)
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(IO_THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
     def rate(self) -> float:
         """One pass over the file; bytes per second."""
         n, lock, done = FILE_BYTES // PIECE, threading.Lock(), [0, 0]
 
-        def loop():
-            os.sched_setaffinity(0, {self.core})
+        def loop(_):
             while True:
                 with lock:
                     i = done[0]
@@ -95,25 +91,16 @@ class Reader:
                 with lock:
                     done[1] += got
         t0 = time.perf_counter()
-        threads = [threading.Thread(target=loop) for _ in range(IO_THREADS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        self._on_io_threads(loop)
         return done[1] / (time.perf_counter() - t0)
 
     def until(self, stop) -> None:
         def loop(k):
-            os.sched_setaffinity(0, {self.core})
-            i = k
-            while not stop.is_set():
+            for i in itertools.count(k, IO_THREADS):
+                if stop.is_set():
+                    return
                 self._piece(i)
-                i += IO_THREADS
-        threads = [threading.Thread(target=loop, args=(k,)) for k in range(IO_THREADS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        self._on_io_threads(loop)
 
 
 class Gemv:
@@ -206,7 +193,7 @@ def main(argv=None) -> int:
     if len(cores) < 2:
         raise SystemExit("read_beside_compute needs two usable cores (one computes, the other reads)")
     first, second = cores[0], cores[1]
-    path = read_file()
+    path = random_file("read_beside_compute.bin", FILE_BYTES)
     os.sched_setaffinity(0, {second})
     reader = Reader(path, second)
     os.sched_setaffinity(0, {first})

@@ -37,15 +37,19 @@ SHAPE = (960, 576)  # SmolLM2's fused qkv projection
 FILE_BYTES = 256 << 20
 
 
-def weight_file() -> Path:
+def random_file(name: str, nbytes: int) -> Path:
+    """A file of ``nbytes`` of random float32 (seeded) in the cache folder, written once: ``O_DIRECT``
+    needs a real file system, not tmpfs."""
     from vllm_vtensor.settings import cache_dir
 
-    path = cache_dir() / "read_then_compute.bin"
-    if not path.exists() or path.stat().st_size != FILE_BYTES:
+    path = cache_dir() / name
+    if not path.exists() or path.stat().st_size != nbytes:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
+        gen, chunk = torch.Generator().manual_seed(0), 64 << 20
         with open(tmp, "wb") as f:
-            f.write(torch.randn(FILE_BYTES // 4, generator=torch.Generator().manual_seed(0)).numpy().tobytes())
+            for start in range(0, nbytes, chunk):
+                f.write(torch.randn(min(chunk, nbytes - start) // 4, generator=gen).numpy().tobytes())
             f.flush()
             os.fsync(f.fileno())
         tmp.rename(path)
@@ -75,7 +79,7 @@ def main(argv=None) -> int:
             gemv(x, w, None, "none", [], "")
         return time.perf_counter() - t0
 
-    path = weight_file()
+    path = random_file("read_then_compute.bin", FILE_BYTES)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     slots = (FILE_BYTES - span) // 4096
     rows, summary = [], {}
