@@ -329,6 +329,25 @@ def _patch_cpu_ray_executor_v1() -> None:
     RayDistributedExecutor._init_executor = _init_executor
 
 
+# -- 10. CPU engine core: sleep between checks of the workers' replies ------------------------
+def _patch_engine_reply_poll() -> None:
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    original = MultiprocExecutor._init_executor
+    if _is_ours(original):
+        return
+
+    @_mark
+    @functools.wraps(original)
+    def _init_executor(self) -> None:
+        original(self)
+        from .engine_poll import apply_to_executor
+
+        apply_to_executor(self, on_cpu=_on_cpu())
+
+    MultiprocExecutor._init_executor = _init_executor
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         "cpu-platform-backend",
@@ -425,6 +444,18 @@ PATCHES: tuple[Patch, ...] = (
         "0008-cpu-platform-ray-executor.diff",
         _patch_cpu_ray_executor_v1,
         remove_when="as cpu-ray-executor",
+    ),
+    Patch(
+        "engine-reply-poll",
+        "vllm.v1.executor.multiproc_executor:MultiprocExecutor._init_executor",
+        "On a CPU the engine core's reader of its workers' replies yields in a loop for a second after each "
+        "message, keeping a core busy for the whole forward pass: FlexInfer's reader threads share that core, and "
+        "in a VM the host's disk emulation has no idle core left (steal time). Once the executor has built its "
+        "queues, their readers sleep VTENSOR_ENGINE_POLL_US between checks instead (vllm_vtensor.engine_poll; "
+        "by default only when FlexInfer streams weights).",
+        "0009-shm-reader-poll-interval.diff",
+        _patch_engine_reply_poll,
+        remove_when="vLLM's shared-memory queue readers can sleep between checks instead of yielding (0009)",
     ),
 )
 

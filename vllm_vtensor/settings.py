@@ -71,6 +71,10 @@ def _path(raw: str) -> str:
     return raw
 
 
+def _auto_or_int(raw: str) -> str | int:
+    return "auto" if raw == "auto" else int(raw)
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -90,6 +94,7 @@ class Setting:
 
 
 MAX_LINGER_S = 3600.0
+ENGINE_POLL_AUTO_US = 200  # VTENSOR_ENGINE_POLL_US=auto with FlexInfer: <= ~0.3 ms per step, against 100+ ms steps
 POOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # a shared KV pool's name (VTENSOR_POOL), also its file's
 SETTINGS: tuple[Setting, ...] = (
     # -- VTENSOR (the KV cache): read by the worker at start-up --------------------------------------
@@ -144,6 +149,16 @@ SETTINGS: tuple[Setting, ...] = (
             "Experimental, CPU only: run each step's memory operations in a helper thread while the forward pass "
             "starts. Measured slower than mapping before each step on a 2-core CPU.",
             parse=_flag, fix="give 1 to map beside the compute, or 0 to map before each step", default_text="`0`"),
+    # -- the engine core ------------------------------------------------------------------------------
+    Setting("VTENSOR_ENGINE_POLL_US", "env", "auto or microseconds", "auto",
+            "On a CPU, how the engine core waits for its worker's reply while a step runs. vLLM's reader "
+            "yields the CPU in a loop (`sched_yield`) for a second after each message, keeping a core busy for "
+            "the whole forward pass; a number of microseconds makes it sleep that long between checks instead "
+            "(a reply is seen at most that much later), for every engine on a CPU. `0`: vLLM's loop. `auto`: "
+            f"{ENGINE_POLL_AUTO_US} when FlexInfer streams weights (`--load-format flexinfer`: its reader threads run on the core the "
+            "loop takes), vLLM's loop otherwise. No effect on GPUs.",
+            parse=_auto_or_int, check=lambda v: v == "auto" or 0 <= v <= 100_000,
+            fix="give auto, 0 (vLLM's loop) or microseconds up to 100000"),
     # -- models and caches ----------------------------------------------------------------------------
     Setting("VTENSOR_CACHE", "env", "path", None,
             "Folder for converted models (`python -m vllm_vtensor.models`) and FlexInfer's weight stores.",
