@@ -1,8 +1,10 @@
 # The two commands in README.md are `make demo` and `make test`; both set up first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# test files run in parallel, each in one worker (engine start-up leaves cores idle); 1: one by one
+TEST_WORKERS ?= 2
 
-.PHONY: setup model demo test test-quick clean-venv
+.PHONY: setup model demo test test-all test-quick clean-venv
 
 setup:
 	@VENV=$(VENV) bash scripts/setup.sh
@@ -14,7 +16,10 @@ demo: setup
 	@$(PY) -m vllm_vtensor.demo
 
 test: setup
-	@$(PY) -m pytest -ra tests
+	@$(PY) -m pytest -ra -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
+
+test-all: setup
+	@$(PY) -m pytest -ra -n $(TEST_WORKERS) --dist loadfile tests
 
 test-quick: setup
 	@$(PY) -m pytest -ra -m "not e2e" tests

@@ -20,7 +20,7 @@ setup(
     extras_require={
         # `python -m vllm_vtensor.models smollm2` (GGUF -> HF safetensors) and `make demo`; versions tested with vLLM 0.32
         "models": ["gguf==0.19.0", "accelerate==1.15.0"],
-        "test": ["pytest==9.2.0", "hypothesis==6.170.17", "gguf==0.19.0", "accelerate==1.15.0", "ray==2.60.0"],
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.17", "gguf==0.19.0", "accelerate==1.15.0", "ray==2.60.0"],
         # `--distributed-executor-backend ray` (vLLM's Ray executor, on CPUs through this plugin's patch)
         "ray": ["ray==2.60.0"],
         "bench": ["matplotlib==3.10.8"],

@@ -20,7 +20,8 @@ budget covers.  A run whose memory cannot be brought under the limit (the
 kernel refuses to lower it) or that is killed by it is reported as over the
 limit.  Every run starts with the page cache dropped.  Configurations: ``flexinfer``; its
 ablations ``sync`` (no prefetch), ``no_balance``, ``attention_first``,
-``ffn_first``; ``mmap`` (every matrix mapped from the store, paged by the
+``ffn_first``, ``vllm_poll`` (the engine core waits for the worker with vLLM's ``sched_yield`` loop,
+``VTENSOR_ENGINE_POLL_US=0``, instead of sleeping between checks); ``mmap`` (every matrix mapped from the store, paged by the
 kernel: the llama.cpp way); ``vanilla`` (vLLM's default loader); ``llamacpp`` (llama.cpp itself,
 through llama-cpp-python in its own environment - ``benchmarks/llamacpp_setup.sh`` - on the same
 weights converted to GGUF at the same precision by llama.cpp's converter, mapping the file as
@@ -60,11 +61,13 @@ CONFIGS = {
     "no_balance": {"policy": "no_balance"},
     "attention_first": {"policy": "attention_first"},
     "ffn_first": {"policy": "ffn_first"},
+    "vllm_poll": {},  # with CONFIG_ENV's setting
     "mmap": {"policy": "mmap"},
     "vanilla": None,
     "llamacpp": "llama.cpp",
     "llamacpp_same_limit": "llama.cpp",
 }
+CONFIG_ENV = {"vllm_poll": {"VTENSOR_ENGINE_POLL_US": "0"}}  # settings a configuration's engine runs with
 LLAMA_CONFIGS = ("llamacpp", "llamacpp_same_limit")
 LLAMA_PY = Path(__file__).resolve().parents[1] / ".venv-llamacpp" / "bin" / "python"
 LLAMA_CONVERT = LLAMA_PY.parents[1] / "share" / "convert_hf_to_gguf.py"
@@ -191,14 +194,14 @@ def drop_page_cache() -> None:
 
 
 def run_child(tag: str, cgroup: str, model: str, extra: dict | None, limit: int | None, tokens: int, tmp,
-              **cgroup_kw) -> dict:
+              env_extra: dict | None = None, **cgroup_kw) -> dict:
     """One engine (``extra``: flexinfer's options, None for vLLM's own loader) from a cold page cache in
     cgroup ``cgroup`` (see run_in_cgroup): its limit, the cgroup's figures, tok/s (None when it
     failed) and flexinfer's stats snapshot."""
     result, stats = Path(tmp) / f"{tag}.json", Path(tmp) / f"{tag}-stats.json"
     for leftover in (result, stats, Path(f"{result}.loaded"), Path(f"{result}.go")):
         leftover.unlink(missing_ok=True)
-    env = {**os.environ, "FLEXOFFLOAD_STATS_FILE": str(stats)}
+    env = {**os.environ, **(env_extra or {}), "FLEXOFFLOAD_STATS_FILE": str(stats)}
     if isinstance(extra, str):  # llama.cpp
         argv = [str(Path(__file__).with_name("llamacpp_child.py")), "--gguf", str(ensure_gguf(model)),
                 "--tokens", str(tokens), "--result", str(result)]
@@ -223,7 +226,8 @@ def run_config(model, cfg_name, fraction, limit, tokens, tmp) -> dict:
     extra = CONFIGS[cfg_name]
     extra = extra if extra is None or isinstance(extra, str) else {"memory_budget": fraction, **extra}
     return {"config": cfg_name, "fraction": fraction,
-            **run_child(f"{cfg_name}-{fraction}", f"{cfg_name}-{int(fraction * 100)}", model, extra, limit, tokens, tmp)}
+            **run_child(f"{cfg_name}-{fraction}", f"{cfg_name}-{int(fraction * 100)}", model, extra, limit, tokens, tmp,
+                        env_extra=CONFIG_ENV.get(cfg_name))}
 
 
 @dataclasses.dataclass

@@ -88,6 +88,7 @@ def test_random_workload_matches_vanilla(smollm2_path, tmp_path):
     assert stats["resident_bytes"] == stats["cached_bytes"] + stats["reserve_bytes"] <= stats["budget_bytes"]
 
 
+@pytest.mark.slow  # preemption and prefix hits under a random workload also run in the test above
 def test_random_arrivals_with_priorities_match_vanilla(smollm2_path, tmp_path):
     """vLLM's priority scheduling: a request that cannot grow preempts the lowest-priority one running
     (which may be the one that just arrived), and waiting requests are admitted by priority."""

