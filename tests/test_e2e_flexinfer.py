@@ -33,26 +33,24 @@ def _params():
     return SamplingParams(temperature=0.0, max_tokens=24)
 
 
-def _workers() -> dict[int, psutil.Process]:
+def _processes(title: str) -> dict[int, psutil.Process]:
+    """This test's vLLM processes whose title holds ``title`` (``Worker``, ``EngineCore``), by pid."""
     found = {}
     for p in psutil.Process().children(recursive=True):
         try:
-            if "Worker" in " ".join(p.cmdline() or [p.name()]):
+            if title in " ".join(p.cmdline() or [p.name()]):
                 found[p.pid] = p
         except (psutil.ZombieProcess, psutil.NoSuchProcess):
-            continue  # an earlier engine's worker that has exited and not been reaped yet
+            continue  # an earlier engine's process that has exited and not been reaped yet
     return found
+
+
+def _workers() -> dict[int, psutil.Process]:
+    return _processes("Worker")
 
 
 def _engine_cores() -> dict[int, psutil.Process]:
-    found = {}
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "EngineCore" in " ".join(p.cmdline() or [p.name()]):
-                found[p.pid] = p
-        except (psutil.ZombieProcess, psutil.NoSuchProcess):
-            continue
-    return found
+    return _processes("EngineCore")
 
 
 def _cpu_s(p: psutil.Process) -> float:

@@ -13,16 +13,19 @@ from vllm_vtensor import engine_poll, settings
 WAIT_S = 0.4  # how long the writer keeps the reader waiting, inside vLLM's 1 s busy window
 
 
-def _wait_for_a_reply(interval_s: float | None) -> dict:
+def _wait_for_a_reply(interval_s: float | None, busy_loop_s: float | None = None) -> dict:
     """A writer and a reader of one vLLM MessageQueue (as the worker and the engine core): the reader
-    reads one message (its busy window starts), then waits WAIT_S for the next. Returns the reader's CPU
-    seconds during that wait and how late it saw the message."""
+    reads one message (its busy window starts), then waits WAIT_S for the next. ``interval_s``: the reader
+    sleeps that long between checks (None: vLLM's loop); ``busy_loop_s``: its busy window (None: vLLM's
+    1 s). Returns the reader's CPU seconds during that wait and how late it saw the message."""
     from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
 
     writer = MessageQueue(1, 1)
     reader = MessageQueue.create_from_handle(writer.export_handle(), 0)
     if interval_s is not None:
         engine_poll.sleep_between_checks(reader._spin_condition, interval_s)
+    if busy_loop_s is not None:
+        reader._spin_condition.busy_loop_s = busy_loop_s
     ready = threading.Thread(target=writer.wait_until_ready)
     ready.start()
     reader.wait_until_ready()
@@ -60,32 +63,8 @@ def test_a_sleeping_reader_frees_the_core_and_still_sees_each_reply_within_its_i
 def test_an_idle_reader_still_waits_on_its_socket():
     """After vLLM's busy window the patched reader goes back to vLLM's idle wait (the notification socket):
     a message written after the window is still seen at once, without the reader waking every interval."""
-    from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
-
-    writer = MessageQueue(1, 1)
-    reader = MessageQueue.create_from_handle(writer.export_handle(), 0)
-    engine_poll.sleep_between_checks(reader._spin_condition, 0.001)
-    reader._spin_condition.busy_loop_s = 0.05  # a short busy window, so the test need not wait 1 s
-    ready = threading.Thread(target=writer.wait_until_ready)
-    ready.start()
-    reader.wait_until_ready()
-    ready.join()
-    out: dict = {}
-
-    def read():
-        reader.dequeue(timeout=10)
-        cpu0 = time.thread_time()
-        sent_at = reader.dequeue(timeout=10)
-        out["late_s"], out["cpu_s"] = time.monotonic() - sent_at, time.thread_time() - cpu0
-
-    thread = threading.Thread(target=read)
-    thread.start()
-    writer.enqueue(0.0)
-    time.sleep(WAIT_S)  # well past the 50 ms window: the reader parks on its socket
-    writer.enqueue(time.monotonic())
-    thread.join(timeout=20)
-    assert not thread.is_alive()
-    reader.shutdown()
+    # a short busy window, so the test need not wait 1 s; WAIT_S is well past it: the reader parks on its socket
+    out = _wait_for_a_reply(0.001, busy_loop_s=0.05)
     assert out["late_s"] < 0.05, out
     assert out["cpu_s"] < 0.05, out  # ~50 wakeups in the window, then none
 

@@ -46,7 +46,6 @@ def sleep_between_checks(spin, interval_s: float) -> None:
         else:
             idle_wait(timeout_ms)
 
-    wait.interval_s = interval_s
     spin.wait = wait
 
 

@@ -107,7 +107,7 @@ def _finish(tmp: Path, final: Path, replace: bool = False) -> Path:
     kept - a model in use is never removed - and ``tmp`` is dropped."""
     (tmp / _COMPLETE).write_text("ok\n")
     if final.exists() and (replace or not (final / _COMPLETE).exists()):
-        shutil.rmtree(final, ignore_errors=True)  # a build that stopped half-way
+        shutil.rmtree(final, ignore_errors=True)  # a build that stopped half-way, or one --force replaces
     try:
         tmp.rename(final)
     except OSError:
