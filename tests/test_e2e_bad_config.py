@@ -1,4 +1,6 @@
-"""Configurations VTENSOR cannot run fail at start-up with a message that names the fix."""
+"""Configurations VTENSOR cannot run fail at start-up with a message that names the fix: those the
+configuration alone decides in the user's process, as ``LLM(...)`` makes its configuration (a
+``ValueError``, before any engine process starts), the rest once the engine has measured its memory."""
 from __future__ import annotations
 
 import subprocess
@@ -25,6 +27,18 @@ def test_budget_below_one_request_of_max_model_len(smollm2_path):
     assert "max_model_len" in run.stderr and "KV cache" in run.stderr
 
 
+def _refused(model: str, **extra) -> str:
+    """``LLM(...)`` with VTENSOR and ``extra``, in this process: the ValueError it raises while making its
+    configuration (an engine that got as far as starting would fail with a RuntimeError, or not at all)."""
+    from vllm import LLM
+
+    with pytest.raises(ValueError) as e:
+        llm = LLM(model=model, dtype="float32", enforce_eager=True, attention_backend="VTENSOR", max_model_len=512,
+                  kv_cache_memory_bytes=64 << 20, **extra)
+        llm.llm_engine.engine_core.shutdown()  # not refused: stop the engine before the test fails
+    return str(e.value)
+
+
 @pytest.fixture(scope="module")
 def head48_llama_path():
     from vllm_vtensor.models import build_tiny_llama
@@ -33,11 +47,9 @@ def head48_llama_path():
 
 
 def test_unsupported_head_size_is_refused(head48_llama_path):
-    run = _start(head48_llama_path, "max_model_len=512, kv_cache_memory_bytes=64 << 20")
-    assert run.returncode != 0
-    out = run.stdout + run.stderr  # the worker process logs the error to stdout
-    assert "VTENSOR cannot serve this model: head size 48 is not supported" in out
-    assert "Run it without --attention-backend VTENSOR" in out
+    message = _refused(head48_llama_path)
+    assert "VTENSOR cannot serve this model: head size 48 is not supported" in message
+    assert "Run it without --attention-backend VTENSOR" in message
 
 
 def test_fp8_kv_cache_for_vllms_kernel_on_a_cpu_without_it_is_refused(tiny_llama_path):
@@ -45,15 +57,11 @@ def test_fp8_kv_cache_for_vllms_kernel_on_a_cpu_without_it_is_refused(tiny_llama
 
     if cpu_kernel_reads_fp8():
         pytest.skip("this CPU has AVX-512 or AMX: vLLM's CPU kernel reads fp8 KV (tests/test_e2e_fp8_kv.py runs it)")
-    run = _start(tiny_llama_path, "max_model_len=512, kv_cache_memory_bytes=64 << 20, kv_cache_dtype='fp8'")
-    assert run.returncode != 0
-    assert "reads fp8 KV only on x86 with AVX-512 or AMX" in run.stdout + run.stderr
+    assert "reads fp8 KV only on x86 with AVX-512 or AMX" in _refused(tiny_llama_path, kv_cache_dtype="fp8")
 
 
 def test_block_size_the_cpu_kernel_cannot_take_is_refused(tiny_llama_path):
-    run = _start(tiny_llama_path, "max_model_len=512, kv_cache_memory_bytes=64 << 20, block_size=48")
-    assert run.returncode != 0
-    assert "--block-size 48 is not one. Pass --block-size 64" in run.stdout + run.stderr
+    assert "--block-size 48 is not one. Pass --block-size 64" in _refused(tiny_llama_path, block_size=48)
 
 
 def test_kv_connector_is_refused(tiny_llama_path, tmp_path):
@@ -61,7 +69,20 @@ def test_kv_connector_is_refused(tiny_llama_path, tmp_path):
     (vLLM's ExampleConnector stopped the engine that way before this refusal)."""
     connector = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
                  "kv_connector_extra_config": {"shared_storage_path": str(tmp_path)}}
-    run = _start(tiny_llama_path, f"max_model_len=512, kv_cache_memory_bytes=64 << 20, kv_transfer_config={connector!r}")
-    assert run.returncode != 0
-    assert "VTENSOR cannot run with KV connectors" in run.stdout + run.stderr
-    assert "run without --kv-transfer-config / --kv-offloading-size" in run.stdout + run.stderr
+    message = _refused(tiny_llama_path, kv_transfer_config=connector)
+    assert "VTENSOR cannot run with KV connectors" in message
+    assert "run without --kv-transfer-config / --kv-offloading-size" in message
+
+
+def test_a_bad_setting_is_refused(tiny_llama_path, monkeypatch):
+    monkeypatch.setenv("VTENSOR_CHUNK_LINGER_S", "soon")
+    assert "VTENSOR_CHUNK_LINGER_S='soon' cannot be read" in _refused(tiny_llama_path)
+
+
+def test_without_vtensor_nothing_is_refused(tiny_llama_path):
+    """The same configuration without VTENSOR passes the check (vLLM's CPU backend takes --block-size 48
+    only at its kernel, in the worker: the configuration itself is not VTENSOR's to refuse)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    config = EngineArgs(model=tiny_llama_path, dtype="float32", block_size=48, max_model_len=512).create_engine_config()
+    assert config.cache_config.block_size == 48

@@ -303,3 +303,24 @@ def check_supported(cfg) -> None:
                         f"{', '.join(FP8_KV_DTYPES)})")
     if problems:
         raise ValueError("--attention-backend VTENSOR cannot serve this model: " + "; ".join(problems) + ". " + _FIX)
+
+
+def check_config(vllm_config) -> None:
+    """:func:`check_supported` and :func:`check_fp8_kernel` on what an engine's configuration already says: the
+    model's head size and dtype, MLA, the KV cache dtype, a ``--block-size`` given and ``$VTENSOR_ATTENTION``.
+    Run where the configuration is made (the user's process), so such a refusal comes before any engine
+    process starts; the worker checks again, per attention layer, once the model is built."""
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backend import AttentionType
+
+    model, cache = vllm_config.model_config, vllm_config.cache_config
+    if model is None:
+        return
+    check_supported(SimpleNamespace(
+        block_size=cache.block_size if cache.user_specified_block_size else None, use_mla=model.use_mla,
+        use_sparse=False, attn_type=AttentionType.DECODER, head_size=model.get_head_size(), dtype=model.dtype,
+        kv_cache_dtype=cache.cache_dtype))
+    kernel = attention_kernel()
+    if vllm_config.parallel_config.distributed_executor_backend != "ray":  # Ray may run the workers on other hosts' CPUs
+        check_fp8_kernel(cache.cache_dtype, kernel)

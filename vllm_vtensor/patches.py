@@ -348,6 +348,25 @@ def _patch_engine_reply_poll() -> None:
     MultiprocExecutor._init_executor = _init_executor
 
 
+# -- 11. Engine arguments: VTENSOR's configuration refusals in the user's process -------------
+def _patch_engine_config_check() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if _is_ours(original):
+        return
+
+    @_mark
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        config = original(self, *args, **kwargs)
+        from .worker import check_engine_config
+
+        check_engine_config(config, on_cpu=_on_cpu())
+        return config
+
+    EngineArgs.create_engine_config = create_engine_config
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         "cpu-platform-backend",
@@ -456,6 +475,19 @@ PATCHES: tuple[Patch, ...] = (
         "0009-shm-reader-poll-interval.diff",
         _patch_engine_reply_poll,
         remove_when="vLLM's shared-memory queue readers can sleep between checks instead of yielding (0009)",
+    ),
+    Patch(
+        "engine-config-check",
+        "vllm.engine.arg_utils:EngineArgs.create_engine_config",
+        "vLLM asks an attention backend whether it can serve a model only in the worker, once the engine "
+        "processes have started (on a CPU a minute later), and the user then reads 'Engine core initialization "
+        "failed'. Once the configuration is made, VTENSOR's refusals that it alone decides (settings, KV "
+        "connectors, sleep mode; on a CPU the head size, dtype, KV cache dtype, --block-size) are raised in the "
+        "user's process, naming the fix. The worker still checks.",
+        "0010-backend-validates-the-engine-config.diff",
+        _patch_engine_config_check,
+        remove_when="vLLM asks the selected attention backend to validate the engine's configuration when it is "
+                    "created (0010)",
     ),
 )
 

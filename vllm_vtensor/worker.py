@@ -87,6 +87,22 @@ def check_engine_features(vllm_config) -> None:
                                  + "; or run without --attention-backend VTENSOR.")
 
 
+def check_engine_config(vllm_config, on_cpu: bool) -> None:
+    """What VTENSOR refuses that an engine's configuration alone decides: its settings, the engine features
+    above and, on a CPU, what the backend cannot serve (:func:`vllm_vtensor.backend.check_config`). The
+    ``engine-config-check`` patch runs this where vLLM makes the configuration, in the user's process, so
+    ``LLM(...)`` or ``vllm serve`` stops at once with the fix instead of after its engine processes have
+    started (and reported only "Engine core initialization failed"). The worker repeats these checks."""
+    if not is_vtensor(vllm_config):
+        return
+    settings.check_all()
+    check_engine_features(vllm_config)
+    if on_cpu:
+        from .backend import check_config
+
+        check_config(vllm_config)
+
+
 LINGER_ENV = "VTENSOR_CHUNK_LINGER_S"
 PRECREATE_ENV = "VTENSOR_PRECREATE_BYTES"
 STAGE_ENV = "VTENSOR_STAGE_MAPPINGS"
