@@ -97,6 +97,15 @@ class FlexConfig:
         return path
 
 
+def check_load_config(load_config) -> None:
+    """FlexInfer's options and the settings, checked where vLLM makes the engine's configuration (the user's
+    process: the ``engine-config-check`` patch), so a bad option stops ``LLM(...)`` or ``vllm serve`` at once
+    instead of after the engine has started; budgets that need the model or the free memory are checked
+    when the loader runs."""
+    FlexConfig.from_extra(load_config.model_loader_extra_config)
+    settings.check_all()
+
+
 def _is_auto(value) -> bool:
     return isinstance(value, str) and value.strip().lower() == "auto"
 

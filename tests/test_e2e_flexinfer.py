@@ -131,3 +131,21 @@ def test_budget_below_the_minimum_names_it(smollm2_path):
     assert run.returncode != 0
     out = run.stdout + run.stderr  # vLLM logs the worker's error to stdout, the traceback to stderr
     assert "below the minimum" in out and "raise the budget" in out
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"memory_budget": "50%", "prefetch": 2}, "unknown flexinfer option(s) ['prefetch']"),
+    ({}, "flexinfer needs a memory budget"),
+    ({"memory_budget": "-1GiB"}, "must be positive"),
+    ({"memory_budget": 0.5, "host_budget": 1.5}, "host_budget fraction 1.5 must be in [0, 1]"),
+])
+def test_bad_options_are_refused_before_the_engine_starts(extra, message, smollm2_path):
+    """In this process, as LLM() makes its configuration: a ValueError naming the fix (an engine that had
+    started would report a RuntimeError)."""
+    from vllm import LLM
+
+    with pytest.raises(ValueError) as e:
+        llm = LLM(model=smollm2_path, dtype="float32", enforce_eager=True, max_model_len=512,
+                  kv_cache_memory_bytes=64 << 20, load_format="flexinfer", model_loader_extra_config=extra)
+        llm.llm_engine.engine_core.shutdown()  # not refused: stop the engine before the test fails
+    assert message in str(e.value)

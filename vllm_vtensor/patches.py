@@ -348,7 +348,7 @@ def _patch_engine_reply_poll() -> None:
     MultiprocExecutor._init_executor = _init_executor
 
 
-# -- 11. Engine arguments: VTENSOR's configuration refusals in the user's process -------------
+# -- 11. Engine arguments: VTENSOR's and FlexInfer's configuration refusals in the user's process ---
 def _patch_engine_config_check() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
@@ -363,6 +363,10 @@ def _patch_engine_config_check() -> None:
         from .worker import check_engine_config
 
         check_engine_config(config, on_cpu=_on_cpu())
+        if config.load_config.load_format == "flexinfer":
+            from flexoffload.config import check_load_config
+
+            check_load_config(config.load_config)
         return config
 
     EngineArgs.create_engine_config = create_engine_config
@@ -483,7 +487,8 @@ PATCHES: tuple[Patch, ...] = (
         "processes have started (on a CPU a minute later), and the user then reads 'Engine core initialization "
         "failed'. Once the configuration is made, VTENSOR's refusals that it alone decides (settings, KV "
         "connectors, sleep mode; on a CPU the head size, dtype, KV cache dtype, --block-size) are raised in the "
-        "user's process, naming the fix. The worker still checks.",
+        "user's process, naming the fix; so are FlexInfer's options (--model-loader-extra-config). The worker and "
+        "the loader still check.",
         "0010-backend-validates-the-engine-config.diff",
         _patch_engine_config_check,
         remove_when="vLLM asks the selected attention backend to validate the engine's configuration when it is "
