@@ -25,12 +25,15 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_runtest_logreport(report):
     """With ``$VTENSOR_OUTCOMES`` naming a file, each failure's report is appended to it as it happens,
-    and each passed test gets one line (a GPU run may be cut off by its time limit before pytest
-    prints its summary)."""
+    each passed test gets one line (a GPU run may be cut off by its time limit before pytest
+    prints its summary), and so does each setup or teardown of a second or more."""
     path = os.environ.get("VTENSOR_OUTCOMES")
     if path and report.passed and report.when == "call":
         with open(path, "a") as f:
             f.write(f"== {report.nodeid} PASSED in {report.duration:.1f} s\n")
+    if path and report.passed and report.when in ("setup", "teardown") and report.duration >= 1:
+        with open(path, "a") as f:  # where shared engines start and stop: what a file costs beyond its tests
+            f.write(f"== {report.nodeid} {report.when} in {report.duration:.1f} s\n")
     if path and report.failed:
         with open(path, "a") as f:
             f.write(f"== {report.nodeid} ({report.when}) FAILED\n{report.longreprtext}\n")
