@@ -86,3 +86,16 @@ def test_without_vtensor_nothing_is_refused(tiny_llama_path):
 
     config = EngineArgs(model=tiny_llama_path, dtype="float32", block_size=48, max_model_len=512).create_engine_config()
     assert config.cache_config.block_size == 48
+
+
+def test_vllm_serve_refuses_before_starting_an_engine(tiny_llama_path):
+    """`vllm serve` makes its configuration through the same EngineArgs: it exits with the fix before any
+    engine process starts (no EngineCore log line), as it would for one of vLLM's own bad arguments."""
+    from vllm_vtensor.demo import vllm_cli
+
+    run = subprocess.run([vllm_cli(), "serve", tiny_llama_path, "--dtype", "float32", "--attention-backend", "VTENSOR",
+                          "--block-size", "48", "--port", "1"], capture_output=True, text=True, timeout=300)
+    out = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "--block-size 48 is not one. Pass --block-size 64" in out
+    assert "EngineCore" not in out, out[-3000:]
