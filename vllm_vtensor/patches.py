@@ -491,8 +491,8 @@ PATCHES: tuple[Patch, ...] = (
         "the loader still check.",
         "0010-backend-validates-the-engine-config.diff",
         _patch_engine_config_check,
-        remove_when="vLLM asks the selected attention backend to validate the engine's configuration when it is "
-                    "created (0010)",
+        remove_when="vLLM asks the selected attention backend and the model loader to validate the engine's "
+                    "configuration when it is created (0010)",
     ),
 )
 
