@@ -21,7 +21,8 @@ kernel refuses to lower it) or that is killed by it is reported as over the
 limit.  Every run starts with the page cache dropped.  Configurations: ``flexinfer``; its
 ablations ``sync`` (no prefetch), ``no_balance``, ``attention_first``,
 ``ffn_first``, ``vllm_poll`` (the engine core waits for the worker with vLLM's ``sched_yield`` loop,
-``VTENSOR_ENGINE_POLL_US=0``, instead of sleeping between checks); ``mmap`` (every matrix mapped from the store, paged by the
+``VTENSOR_ENGINE_POLL_US=0``, instead of sleeping between checks) and ``poll_1ms`` (sleeping 1 ms
+between checks instead of the default 200 us); ``mmap`` (every matrix mapped from the store, paged by the
 kernel: the llama.cpp way); ``vanilla`` (vLLM's default loader); ``llamacpp`` (llama.cpp itself,
 through llama-cpp-python in its own environment - ``benchmarks/llamacpp_setup.sh`` - on the same
 weights converted to GGUF at the same precision by llama.cpp's converter, mapping the file as
@@ -62,12 +63,14 @@ CONFIGS = {
     "attention_first": {"policy": "attention_first"},
     "ffn_first": {"policy": "ffn_first"},
     "vllm_poll": {},  # with CONFIG_ENV's setting
+    "poll_1ms": {},  # with CONFIG_ENV's setting
     "mmap": {"policy": "mmap"},
     "vanilla": None,
     "llamacpp": "llama.cpp",
     "llamacpp_same_limit": "llama.cpp",
 }
-CONFIG_ENV = {"vllm_poll": {"VTENSOR_ENGINE_POLL_US": "0"}}  # settings a configuration's engine runs with
+CONFIG_ENV = {"vllm_poll": {"VTENSOR_ENGINE_POLL_US": "0"},  # settings a configuration's engine runs with
+              "poll_1ms": {"VTENSOR_ENGINE_POLL_US": "1000"}}
 LLAMA_CONFIGS = ("llamacpp", "llamacpp_same_limit")
 LLAMA_PY = Path(__file__).resolve().parents[1] / ".venv-llamacpp" / "bin" / "python"
 LLAMA_CONVERT = LLAMA_PY.parents[1] / "share" / "convert_hf_to_gguf.py"
