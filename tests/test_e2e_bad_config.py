@@ -27,16 +27,20 @@ def test_budget_below_one_request_of_max_model_len(smollm2_path):
     assert "max_model_len" in run.stderr and "KV cache" in run.stderr
 
 
-def _refused(model: str, **extra) -> str:
-    """``LLM(...)`` with VTENSOR and ``extra``, in this process: the ValueError it raises while making its
-    configuration (an engine that got as far as starting would fail with a RuntimeError, or not at all)."""
+def refused_at_config(model: str, **extra) -> str:
+    """``LLM(...)`` with ``extra``, in this process: the ValueError it raises while making its configuration
+    (an engine that got as far as starting would fail with a RuntimeError, or not at all)."""
     from vllm import LLM
 
     with pytest.raises(ValueError) as e:
-        llm = LLM(model=model, dtype="float32", enforce_eager=True, attention_backend="VTENSOR", max_model_len=512,
-                  kv_cache_memory_bytes=64 << 20, **extra)
+        llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=512, kv_cache_memory_bytes=64 << 20,
+                  **extra)
         llm.llm_engine.engine_core.shutdown()  # not refused: stop the engine before the test fails
     return str(e.value)
+
+
+def _refused(model: str, **extra) -> str:
+    return refused_at_config(model, attention_backend="VTENSOR", **extra)
 
 
 @pytest.fixture(scope="module")

@@ -96,6 +96,23 @@ def _mark(fn):
     return fn
 
 
+def _run_after(owner, name: str, after) -> None:
+    """Wrap the method ``owner.name`` so that ``after(self, result)`` runs each time the original has
+    returned (its result is returned unchanged); a second call changes nothing."""
+    original = getattr(owner, name)
+    if _is_ours(original):
+        return
+
+    @_mark
+    @functools.wraps(original)
+    def wrapper(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        after(self, result)
+        return result
+
+    setattr(owner, name, wrapper)
+
+
 # -- 1. CPU platform: honour the VTENSOR backend ----------------------------
 def _patch_cpu_platform() -> None:
     from vllm.platforms.cpu import CpuPlatform
@@ -248,45 +265,31 @@ def _patch_cpu_block_size() -> None:
 def _patch_reset_prefix_cache() -> None:
     from vllm.v1.engine.core import EngineCore
 
-    original = EngineCore.reset_prefix_cache
-    if _is_ours(original):
-        return
     from .worker import is_vtensor, reset_prefix_cache_memory
 
-    @_mark
-    @functools.wraps(original)
-    def reset_prefix_cache(self, *args, **kwargs) -> bool:
-        done = original(self, *args, **kwargs)
+    def after(self, done: bool) -> None:
         if done and is_vtensor(self.vllm_config):
             self.model_executor.collective_rpc(reset_prefix_cache_memory)
-        return done
 
-    EngineCore.reset_prefix_cache = reset_prefix_cache
+    _run_after(EngineCore, "reset_prefix_cache", after)
 
 
 # -- 8. Engine core: a KV pool shared with other engines ---------------------
 def _patch_engine_core_pool() -> None:
     from vllm.v1.engine.core import EngineCore
 
-    original = EngineCore._initialize_effective_attention_block_size
-    if _is_ours(original):
-        return
     from . import settings
     from .worker import is_vtensor
 
-    @_mark
-    @functools.wraps(original)
-    def _initialize_effective_attention_block_size(self, *args, **kwargs):
-        # vLLM calls this right after building the scheduler (plugins load inside EngineCore.__init__, too late
-        # to wrap __init__ itself in the engine core's own process)
-        out = original(self, *args, **kwargs)
+    def after(self, _) -> None:
         if settings.get("VTENSOR_POOL") is not None and is_vtensor(self.vllm_config):
             from .shared_pool import attach_engine
 
             self._vtensor_pool = attach_engine(self)
-        return out
 
-    EngineCore._initialize_effective_attention_block_size = _initialize_effective_attention_block_size
+    # vLLM calls this right after building the scheduler (plugins load inside EngineCore.__init__, too late
+    # to wrap __init__ itself in the engine core's own process)
+    _run_after(EngineCore, "_initialize_effective_attention_block_size", after)
 
 
 # -- 9. Ray executor on CPUs ---------------------------------------------------
@@ -333,33 +336,19 @@ def _patch_cpu_ray_executor_v1() -> None:
 def _patch_engine_reply_poll() -> None:
     from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 
-    original = MultiprocExecutor._init_executor
-    if _is_ours(original):
-        return
-
-    @_mark
-    @functools.wraps(original)
-    def _init_executor(self) -> None:
-        original(self)
+    def after(self, _) -> None:
         from .engine_poll import apply_to_executor
 
         apply_to_executor(self, on_cpu=_on_cpu())
 
-    MultiprocExecutor._init_executor = _init_executor
+    _run_after(MultiprocExecutor, "_init_executor", after)
 
 
 # -- 11. Engine arguments: VTENSOR's and FlexInfer's configuration refusals in the user's process ---
 def _patch_engine_config_check() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
-    original = EngineArgs.create_engine_config
-    if _is_ours(original):
-        return
-
-    @_mark
-    @functools.wraps(original)
-    def create_engine_config(self, *args, **kwargs):
-        config = original(self, *args, **kwargs)
+    def after(self, config) -> None:
         from .worker import check_engine_config
 
         check_engine_config(config, on_cpu=_on_cpu())
@@ -367,9 +356,9 @@ def _patch_engine_config_check() -> None:
             from flexoffload.config import check_load_config
 
             check_load_config(config.load_config)
-        return config
 
-    EngineArgs.create_engine_config = create_engine_config
+    _run_after(EngineArgs, "create_engine_config", after)
+
 
 PATCHES: tuple[Patch, ...] = (
     Patch(
