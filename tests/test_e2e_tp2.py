@@ -85,9 +85,10 @@ def ray_cluster():
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     log = temp / "head.log"
     # a node started from a plain shell: this project's settings, which earlier tests may have left in
-    # this process's environment, would win over the driver's in every worker (vLLM fills in only what a
-    # node does not set)
-    node_env = {k: v for k, v in os.environ.items() if not k.startswith(("VTENSOR_", "FLEXOFFLOAD_"))}
+    # this process's environment, and the suite's core for this worker's engines (tests/conftest.py) would
+    # win over the driver's in every worker (vLLM fills in only what a node does not set)
+    node_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("VTENSOR_", "FLEXOFFLOAD_")) and k != "VLLM_CPU_OMP_THREADS_BIND"}
     with open(log, "w") as out:
         head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={_free_port()}",
                                  f"--ray-client-server-port={_free_port()}",
