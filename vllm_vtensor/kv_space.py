@@ -417,13 +417,17 @@ class KVSpace:
         the budget) for the next burst of new requests, such as the next turn of a chat.  A precise
         guess from each request's prompt length and token limit was measured: fewer
         chunks made, but more of them made on the critical path (docs/benchmarks/serve-compare-cpu.md)."""
+        size = self.block_size
         with self._lock:
             need = 0
             for space in self.family:  # every KV cache group's requests grow from the one pool
+                reqs = space._reqs
                 for req_id, n in scheduled.items():
-                    r = space._reqs.get(req_id)
+                    r = reqs.get(req_id)
                     if r is not None and n:
-                        need += max(0, -(-(r.num_tokens + n) // self.block_size) - len(r.chunks))
+                        more = -(-(r.num_tokens + n) // size) - len(r.chunks)
+                        if more > 0:
+                            need += more
             self.pool.expect(need)
 
     def slide(self, req_id: str, num_computed_tokens: int) -> None:
@@ -472,6 +476,15 @@ class KVSpace:
             r = self._reqs.get(req_id)
             if r is not None:
                 r.num_tokens = num_tokens
+
+    def note_tokens_of(self, counts: dict[str, int]) -> None:
+        """:meth:`note_tokens` for many requests at once (``req_id -> num_tokens``), under one lock."""
+        with self._lock:
+            reqs = self._reqs
+            for req_id, n in counts.items():
+                r = reqs.get(req_id)
+                if r is not None:
+                    r.num_tokens = n
 
     def remove_request(self, req_id: str, *, preempted: bool = False) -> None:
         """Unmap a finished or preempted request and free its slot.

@@ -346,21 +346,32 @@ def _apply(kv: KVSpace, so) -> None:
     cached = so.scheduled_cached_reqs
     # only a new or resumed request's prefix hits can land on a block filled in this step
     written = _handed_out_this_step(so, kv.block_size) if so.scheduled_new_reqs or cached.resumed_req_ids else ()
+    # a sliding window's space unmaps what each request's window has left as it goes, request by request (the
+    # memory the scheduler counted as freed comes back before the next request maps); the others learn every
+    # request's token count at once (a decode step of a hundred requests spent most of its update time there)
+    windowed = [space for space in spaces if space.sliding_window is not None]
+    tokens: dict[str, int] = {}  # KV tokens after this step: computed plus scheduled
     for new in so.scheduled_new_reqs:
         new.block_ids = tuple(space.add_request(new.req_id, blocks, new.num_computed_tokens, written)
                               for space, blocks in zip(spaces, new.block_ids, strict=True))
-        for space in spaces:
-            space.note_tokens(new.req_id, new.num_computed_tokens + scheduled.get(new.req_id, 0))
+        tokens[new.req_id] = n = new.num_computed_tokens + scheduled.get(new.req_id, 0)
+        for space in windowed:
+            space.note_tokens(new.req_id, n)
             space.slide(new.req_id, new.num_computed_tokens)
+    resumed, computed = cached.resumed_req_ids, cached.num_computed_tokens
     for i, req_id in enumerate(cached.req_ids):
         new_blocks = cached.new_block_ids[i]
-        if req_id in cached.resumed_req_ids:
-            cached.new_block_ids[i] = tuple(space.add_request(req_id, blocks, cached.num_computed_tokens[i], written)
+        if req_id in resumed:
+            cached.new_block_ids[i] = tuple(space.add_request(req_id, blocks, computed[i], written)
                                             for space, blocks in zip(spaces, new_blocks, strict=True))
         elif new_blocks is not None:
             cached.new_block_ids[i] = tuple(space.append_blocks(req_id, blocks)
                                             for space, blocks in zip(spaces, new_blocks, strict=True))
-        for space in spaces:
-            space.note_tokens(req_id, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
-            space.slide(req_id, cached.num_computed_tokens[i])
+        tokens[req_id] = n = computed[i] + scheduled.get(req_id, 0)
+        for space in windowed:
+            space.note_tokens(req_id, n)
+            space.slide(req_id, computed[i])
+    for space in spaces:
+        if space.sliding_window is None:
+            space.note_tokens_of(tokens)
     kv.expect_growth(scheduled)  # blocks the next step will likely need (every group's), made while this one computes
