@@ -33,8 +33,8 @@ def refused_at_config(model: str, **extra) -> str:
     from vllm import LLM
 
     with pytest.raises(ValueError) as e:
-        llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=512, kv_cache_memory_bytes=64 << 20,
-                  **extra)
+        llm = LLM(model=model, **dict(dtype="float32", enforce_eager=True, max_model_len=512,
+                                      kv_cache_memory_bytes=64 << 20) | extra)
         llm.llm_engine.engine_core.shutdown()  # not refused: stop the engine before the test fails
     return str(e.value)
 

@@ -123,19 +123,34 @@ def test_two_engines_share_one_pool(two_engines, vanilla_llm, capsys):
     assert f"committed by 2 engine(s)" in out and out.count("SmolLM2-135M-Instruct") == 2
 
 
-def test_a_pool_smaller_than_one_request_is_refused(smollm2_path):
-    code = textwrap.dedent(f"""
-        from vllm import LLM
-        if __name__ == "__main__":
-            LLM(model={smollm2_path!r}, dtype="float32", enforce_eager=True, attention_backend="VTENSOR",
-                max_model_len=2048, kv_cache_memory_bytes=128 << 20)
-    """)
-    env = dict(os.environ, VTENSOR_POOL=f"small-{uuid.uuid4().hex[:8]}", VTENSOR_POOL_BYTES="16MiB")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    pool_path(private_folder(), env["VTENSOR_POOL"]).unlink(missing_ok=True)
-    assert run.returncode != 0
-    assert "cannot hold one request of --max-model-len 2048" in run.stdout + run.stderr
-    assert "raise VTENSOR_POOL_BYTES or lower --max-model-len" in run.stdout + run.stderr
+def test_a_pool_smaller_than_one_request_is_refused(smollm2_path, monkeypatch):
+    """As LLM() makes its configuration, in this process: SmolLM2's 2048 tokens need 90 MiB of float32 KV."""
+    from test_e2e_bad_config import refused_at_config
+
+    monkeypatch.setenv("VTENSOR_POOL", f"small-{uuid.uuid4().hex[:8]}")
+    monkeypatch.setenv("VTENSOR_POOL_BYTES", "16MiB")
+    message = refused_at_config(smollm2_path, attention_backend="VTENSOR", max_model_len=2048,
+                                kv_cache_memory_bytes=128 << 20)
+    assert not pool_path(private_folder(), os.environ["VTENSOR_POOL"]).exists()  # refused before any engine joined
+    assert "cannot hold one request of --max-model-len 2048 (90 MiB of KV for this model)" in message
+    assert "raise VTENSOR_POOL_BYTES or lower --max-model-len" in message
+
+
+def test_kv_per_token_is_known_from_the_configuration_only_where_every_layer_keeps_all():
+    """The refusal above counts one request's KV from the configuration only for models whose every layer keeps
+    full attention of one shape; for others (here Gemma 2's sliding windows) it leaves the check to the worker."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_vtensor.models import build_tiny_llama, build_tiny_model
+    from vllm_vtensor.shared_pool import kv_bytes_per_token
+
+    def config(model, **kw):
+        return EngineArgs(model=str(model), dtype="float32", max_model_len=256, **kw).create_engine_config()
+
+    llama = build_tiny_llama()  # 4 layers, 2 KV heads of 64
+    assert kv_bytes_per_token(config(llama)) == 2 * 4 * 2 * 64 * 4
+    assert kv_bytes_per_token(config(llama, kv_cache_dtype="fp8")) == 2 * 4 * 2 * 64
+    assert kv_bytes_per_token(config(build_tiny_model("gemma2"))) is None
 
 
 def test_an_engine_killed_under_load_gives_its_share_back(smollm2_path):

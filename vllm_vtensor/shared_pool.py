@@ -68,6 +68,43 @@ class WorkerShare:
         self.ledger.commit(self.slot, physical=chunks * self.chunk_bytes, force=True)
 
 
+def _check_holds_one_request(name: str, pool_bytes: int, one_request: int, max_model_len: int) -> None:
+    if one_request > pool_bytes:
+        raise PoolError(f"pool {name!r} ({pool_bytes / 2**20:.0f} MiB) cannot hold one request of "
+                        f"--max-model-len {max_model_len} ({one_request / 2**20:.0f} MiB of KV for this model): raise "
+                        "VTENSOR_POOL_BYTES or lower --max-model-len")
+
+
+def kv_bytes_per_token(vllm_config) -> int | None:
+    """Bytes of KV one token takes in every layer, where the configuration alone decides it: a decoder whose
+    layers all keep full attention, of one shape. None for anything else (sliding windows, layers sharing KV,
+    MLA, hybrid or encoder-decoder models): there the worker's check, on the built model, is the only one."""
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+
+    mc = vllm_config.model_config
+    text = mc.hf_text_config
+    if (mc.is_hybrid or mc.has_noops or mc.is_attention_free or mc.use_mla or mc.is_encoder_decoder
+            or mc.get_sliding_window() is not None or getattr(text, "num_kv_shared_layers", 0)
+            or any(t != "full_attention" for t in getattr(text, "layer_types", None) or ())):
+        return None
+    parallel = vllm_config.parallel_config
+    dtype = kv_cache_dtype_str_to_dtype(vllm_config.cache_config.cache_dtype, mc)
+    return 2 * mc.get_num_layers(parallel) * mc.get_num_kv_heads(parallel) * mc.get_head_size() * dtype.itemsize
+
+
+def check_pool_size(vllm_config) -> None:
+    """Where the engine's configuration is made: a pool ``VTENSOR_POOL_BYTES`` sizes that cannot hold one request
+    of ``--max-model-len`` (counted at most as the worker will count it, a whole number of blocks each) is
+    refused before any engine process starts."""
+    name, pool_bytes = settings.get("VTENSOR_POOL"), settings.get("VTENSOR_POOL_BYTES")
+    if name is None or pool_bytes is None:
+        return
+    per_token = kv_bytes_per_token(vllm_config)
+    if per_token:
+        max_model_len = vllm_config.model_config.max_model_len
+        _check_holds_one_request(name, pool_bytes, max_model_len * per_token, max_model_len)
+
+
 def join_worker(kv, *, ceiling: int, max_model_len: int, label: str, device: str,
                 executor: str) -> WorkerShare | None:
     """In the worker, once its KV space exists: register the engine on the pool ``VTENSOR_POOL`` names."""
@@ -78,11 +115,8 @@ def join_worker(kv, *, ceiling: int, max_model_len: int, label: str, device: str
         raise PoolError(f"VTENSOR_POOL serves engines whose worker runs in or under the engine core process "
                         f"(executor 'mp' or 'uni'), not {executor!r}: run without VTENSOR_POOL")
     engine_pid = os.getppid() if executor == "mp" else os.getpid()  # the engine core's process names the engine
-    one_request = math.ceil(max_model_len / kv.block_size) * kv.chunk_bytes
-    if one_request > ledger.pool_bytes:
-        raise PoolError(f"pool {ledger.name!r} ({ledger.pool_bytes / 2**20:.0f} MiB) cannot hold one request of "
-                        f"--max-model-len {max_model_len} ({one_request / 2**20:.0f} MiB of KV for this model): raise "
-                        "VTENSOR_POOL_BYTES or lower --max-model-len")
+    _check_holds_one_request(ledger.name, ledger.pool_bytes, math.ceil(max_model_len / kv.block_size) * kv.chunk_bytes,
+                             max_model_len)
     slot = ledger.join(engine_pid=engine_pid, chunk_bytes=kv.chunk_bytes, ceiling=ceiling, label=label)
     logger.info("vTensor: engine joined KV pool %r (%.2f GiB shared; this engine's ceiling %.2f GiB)",
                 ledger.name, ledger.pool_bytes / 2**30, ceiling / 2**30)

@@ -89,7 +89,8 @@ def check_engine_features(vllm_config) -> None:
 
 def check_engine_config(vllm_config, on_cpu: bool) -> None:
     """What VTENSOR refuses that an engine's configuration alone decides: its settings, the engine features
-    above and, on a CPU, what the backend cannot serve (:func:`vllm_vtensor.backend.check_config`). The
+    above, a shared pool too small for one request (:func:`vllm_vtensor.shared_pool.check_pool_size`) and, on a
+    CPU, what the backend cannot serve (:func:`vllm_vtensor.backend.check_config`). The
     ``engine-config-check`` patch runs this where vLLM makes the configuration, in the user's process, so
     ``LLM(...)`` or ``vllm serve`` stops at once with the fix instead of after its engine processes have
     started (and reported only "Engine core initialization failed"). The worker repeats these checks."""
@@ -97,6 +98,10 @@ def check_engine_config(vllm_config, on_cpu: bool) -> None:
         return
     settings.check_all()
     check_engine_features(vllm_config)
+    try:
+        shared_pool.check_pool_size(vllm_config)
+    except PoolError as e:
+        raise VTensorConfigError(str(e)) from None
     if on_cpu:
         from .backend import check_config
 
