@@ -254,12 +254,13 @@ def main(argv=None) -> int:
     p.add_argument("--vanilla-at-vtensor-block", action="store_true",
                    help="a third engine: vanilla vLLM at VTENSOR's block size, measured in the same rotation (shows what "
                    "the block size alone does when the engines' defaults differ)")
-    p.add_argument("--quick", action="store_true", help="8 prompts x 32 tokens, 4 conversations x 2 turns, 2 pairs")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test: 4 prompts x 32 tokens in 2 pairs of batches, 4 conversations x 2 turns in 1 round")
     p.add_argument("--out", default=str(RESULTS / "serve_compare-cpu.json"))
     args = p.parse_args(argv)
     if args.quick:
         (args.num_prompts, args.output_len, args.conversations, args.turns, args.rounds,
-         args.batches) = 8, 32, 4, 2, 2, 2
+         args.batches) = 4, 32, 4, 2, 1, 2
     data = run(args)
     results, summary = data["results"], data["summary"]
     van, vt = results["vanilla"], results["vtensor"]

@@ -24,11 +24,11 @@ def _prompts(tokenizer, rng):
     def text(lo, hi):
         return tokenizer(" ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))))["input_ids"]
 
-    prefixes = [text(60, 250) for _ in range(3)]
+    prefixes = [text(40, 150) for _ in range(3)]
 
     def prompt():
         prefix = rng.choice(prefixes)
-        return (prefix[: rng.randint(len(prefix) // 2, len(prefix))] + text(1, 60))[:400]
+        return (prefix[: rng.randint(len(prefix) // 2, len(prefix))] + text(1, 40))[:300]
     return prompt
 
 
