@@ -63,6 +63,32 @@ def test_chunk_of_several_granules(backend):
     assert backend.resident_bytes() == 0
 
 
+@pytest.mark.parametrize("chunk_granules", [1, 2])
+def test_chunks_mapped_side_by_side_in_one_call(backend, chunk_granules):
+    """map_many (a request's consecutive blocks; on CUDA one unmap of the zero granules and one set-access for
+    them all): each chunk at its place with its own contents; unmapped together, they read as zeros again."""
+    g = backend.granularity
+    size = chunk_granules * g
+    vr = backend.reserve(6 * size)
+    handles = [backend.create_chunk(size) for _ in range(3)]
+    view = backend.as_tensor(vr.addr, vr.size)
+    backend.map_many(vr, size, handles, size)
+    for i in range(3):
+        view[(i + 1) * size:(i + 2) * size].fill_(i + 1)
+    assert int(view[:size].count_nonzero()) == 0 and int(view[4 * size:].count_nonzero()) == 0
+    assert [int(view[(i + 1) * size:(i + 2) * size].sum()) for i in range(3)] == [(i + 1) * size for i in range(3)]
+    backend.synchronize()
+    backend.unmap(vr, size, 3 * size)
+    assert int(view.count_nonzero()) == 0
+    backend.map_many(vr, 3 * size, handles[::-1], size)  # the chunks kept their contents, now in reverse order
+    assert [int(view[(3 + i) * size:(4 + i) * size].sum()) for i in range(3)] == [(3 - i) * size for i in range(3)]
+    backend.synchronize()
+    backend.unmap(vr, 3 * size, 3 * size)
+    for h in handles:
+        backend.release_chunk(h)
+    assert backend.resident_bytes() == 0
+
+
 def test_one_chunk_at_two_addresses_is_one_memory(backend):
     g = backend.granularity
     a, b = backend.reserve(2 * g), backend.reserve(2 * g)

@@ -231,25 +231,35 @@ class KVSpace:
                 f"a request needs {start + len(blocks)} blocks but a slot holds {self.blocks_per_slot}; "
                 "raise max_model_len so the vTensor slots are sized for it"
             )
-        mapped = 0
-        for j, b in enumerate(blocks, start=start):
-            if b == self.null_block:  # a position the window has left: nothing to map
-                r.blocks.append(None)
-                r.chunks.append(None)
-                continue
-            mapped += 1
-            self._unwanted.discard(b)  # live again
-            chunk = self._chunk(b)
-            parked = self._parked_at.pop(chunk, None)
-            if parked is not None:  # the running mapping is the one that counts from now on
-                space, slot, pos = parked
-                self.backend.release_pages(space.range, space.virtual_block(slot, pos) * self.chunk_bytes,
-                                           self.chunk_bytes)
-            self.pool.retain(chunk)
-            self.backend.map(self.range, self.virtual_block(r.slot, j) * self.chunk_bytes, chunk, self.chunk_bytes)
-            r.blocks.append(b)
-            r.chunks.append(chunk)
-        self.pool.note_maps(maps=mapped)
+        run: list[tuple[int, int]] = []  # (block, chunk) at consecutive positions, retained, mapped in one call
+
+        def map_run() -> None:
+            if run:
+                at = self.virtual_block(r.slot, len(r.chunks)) * self.chunk_bytes
+                self.backend.map_many(self.range, at, [c for _, c in run], self.chunk_bytes)
+                r.blocks.extend(b for b, _ in run)
+                r.chunks.extend(c for _, c in run)
+                self.pool.note_maps(maps=len(run))
+                run.clear()
+
+        try:
+            for b in blocks:
+                if b == self.null_block:  # a position the window has left: nothing to map
+                    map_run()
+                    r.blocks.append(None)
+                    r.chunks.append(None)
+                    continue
+                self._unwanted.discard(b)  # live again
+                chunk = self._chunk(b)
+                parked = self._parked_at.pop(chunk, None)
+                if parked is not None:  # the running mapping is the one that counts from now on
+                    space, slot, pos = parked
+                    self.backend.release_pages(space.range, space.virtual_block(slot, pos) * self.chunk_bytes,
+                                               self.chunk_bytes)
+                self.pool.retain(chunk)
+                run.append((b, chunk))
+        finally:
+            map_run()  # what was retained is mapped and recorded, even if a later block's chunk could not be had
         return [self.virtual_block(r.slot, j) for j in range(start, start + len(blocks))]
 
     def add_request(self, req_id: str, blocks: list[int], num_cached_tokens: int = 0,

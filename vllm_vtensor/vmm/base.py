@@ -96,6 +96,12 @@ class VMMBackend(abc.ABC):
     def map(self, vr: VirtualRange, offset: int, handle: int, size: int) -> None:
         """Map chunk ``handle`` read-write at ``vr.addr + offset``."""
 
+    def map_many(self, vr: VirtualRange, offset: int, handles: list[int], size: int) -> None:
+        """Map chunks ``handles`` side by side, read-write, from ``vr.addr + offset`` (``size`` bytes each): a
+        request's consecutive blocks. Backends whose calls can cover several mappings at once override it."""
+        for i, handle in enumerate(handles):
+            self.map(vr, offset + i * size, handle, size)
+
     @abc.abstractmethod
     def unmap(self, vr: VirtualRange, offset: int, size: int) -> None:
         """Unmap ``[offset, offset + size)``; it reads as zeros again afterwards."""

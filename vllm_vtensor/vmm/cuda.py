@@ -9,6 +9,11 @@
   by CUDA graphs stay valid.
 * Unmapping is preceded by :meth:`synchronize` (the caller batches it), since a
   kernel may still be reading the chunk.
+* Consecutive mappings share their calls where the driver allows: one
+  ``cuMemUnmap`` for a run of whole mappings and one ``cuMemSetAccess`` over a run
+  of fresh ones (as PyTorch's expandable segments set access), each ``cuMemMap``
+  still its own. A driver that refuses a shared call gets one call per mapping
+  from then on.
 """
 from __future__ import annotations
 
@@ -76,6 +81,7 @@ class CudaBackend(VMMBackend):
         )
         self._rw, self._ro = cu.CUmemAccessDesc(), cu.CUmemAccessDesc()
         self.zero_read_only = True  # False where the driver refuses read-only mappings (then read-write)
+        self.shared_calls = True  # False where the driver refuses one unmap / set-access call over several mappings
         for desc, flag in ((self._rw, "PROT_READWRITE"), (self._ro, "PROT_READ")):
             desc.location.type = prop.location.type
             desc.location.id = device_index
@@ -113,20 +119,43 @@ class CudaBackend(VMMBackend):
         _ok(cu.cuMemMap(addr, size, 0, handle, 0), "cuMemMap")
         _ok(cu.cuMemSetAccess(addr, size, [access], 1), "cuMemSetAccess")
 
+    def _set_access(self, addr: int, size: int, piece: int, access, what: str) -> bool:
+        """``cuMemSetAccess`` over ``size`` bytes of fresh ``piece``-byte mappings: one call, or one per mapping
+        where the driver refuses a call over several. False if the driver refuses ``access`` itself."""
+        if size > piece and self.shared_calls:
+            if not _failed(cu.cuMemSetAccess(addr, size, [access], 1)):
+                return True
+            if _failed(cu.cuMemSetAccess(addr, piece, [access], 1)):
+                return False  # the access flags, not the shared call (the caller may try others)
+            self.shared_calls = False
+            start = piece
+        else:
+            start = 0
+        for off in range(start, size, piece):
+            if _failed(result := cu.cuMemSetAccess(addr + off, piece, [access], 1)):
+                if off == 0:
+                    return False
+                _ok(result, what)
+        return True
+
     def _map_zero(self, addr: int, size: int) -> None:
         g = self._gran
         for off in range(0, size, g):
             _ok(cu.cuMemMap(addr + off, g, 0, self._handles[self._zero], 0), "cuMemMap(zero chunk)")
-            if self.zero_read_only:
-                if not _failed(cu.cuMemSetAccess(addr + off, g, [self._ro], 1)):
-                    continue
-                # Some drivers refuse PROT_READ alone; nothing here ever writes through a zero mapping.
-                self.zero_read_only = False
-            _ok(cu.cuMemSetAccess(addr + off, g, [self._rw], 1), "cuMemSetAccess(zero chunk)")
+        # Some drivers refuse PROT_READ alone; nothing here ever writes through a zero mapping.
+        if self.zero_read_only and self._set_access(addr, size, g, self._ro, "cuMemSetAccess(zero chunk)"):
+            return
+        self.zero_read_only = False
+        if not self._set_access(addr, size, g, self._rw, "cuMemSetAccess(zero chunk)"):
+            _ok(cu.cuMemSetAccess(addr, g, [self._rw], 1), "cuMemSetAccess(zero chunk)")
 
     def _unmap_pieces(self, addr: int, size: int, piece: int) -> None:
-        """Unmap ``size`` bytes mapped as consecutive ``piece``-byte mappings, one call per mapping
-        (cuMemUnmap takes whole mappings)."""
+        """Unmap ``size`` bytes mapped as consecutive whole ``piece``-byte mappings: one call, or one per mapping
+        where the driver refuses a call over several."""
+        if size > piece and self.shared_calls:
+            if not _failed(cu.cuMemUnmap(addr, size)):
+                return
+            self.shared_calls = False
         for off in range(0, size, piece):
             _ok(cu.cuMemUnmap(addr + off, piece), "cuMemUnmap")
 
@@ -174,10 +203,16 @@ class CudaBackend(VMMBackend):
 
     # -- mapping -------------------------------------------------------
     def map(self, vr: VirtualRange, offset: int, handle: int, size: int) -> None:
+        self.map_many(vr, offset, [handle], size)
+
+    def map_many(self, vr: VirtualRange, offset: int, handles: list[int], size: int) -> None:
         self._bind()
-        addr = vr.addr + offset
-        self._unmap_pieces(addr, size, self._gran)  # the zero granules over this chunk's place
-        self._map_raw(addr, size, handle, self._rw)
+        addr, total = vr.addr + offset, size * len(handles)
+        self._unmap_pieces(addr, total, self._gran)  # the zero granules over these chunks' place
+        for i, handle in enumerate(handles):
+            _ok(cu.cuMemMap(addr + i * size, size, 0, self._handles[handle], 0), "cuMemMap")
+        if not self._set_access(addr, total, size, self._rw, "cuMemSetAccess"):
+            _ok(cu.cuMemSetAccess(addr, size, [self._rw], 1), "cuMemSetAccess")
 
     def unmap(self, vr: VirtualRange, offset: int, size: int) -> None:
         self._bind()
