@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
@@ -72,6 +73,32 @@ def test_a_killed_engine_gives_its_share_back(folder):
     os.kill(p.pid, signal.SIGKILL)
     p.join()
     view = ledger.view()
+    assert view.free == POOL and not view.engines
+
+
+def test_a_killed_engine_not_yet_reaped_gives_its_share_back(folder):
+    """A killed worker whose parent died with it stays a zombie until the system's init reaps it: it has
+    exited and holds no memory, so its share comes back at once (here: killed and not yet reaped)."""
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+
+    def engine():
+        ledger = open_pool("z", POOL, "cpu", folder)
+        ledger.commit(_join(ledger), claim=48 * MiB, physical=48 * MiB)
+        ready.set()
+        time.sleep(60)
+
+    p = ctx.Process(target=engine)
+    p.start()
+    assert ready.wait(30)
+    ledger = open_pool("z", None, "cpu", folder)
+    assert ledger.view().free == 16 * MiB
+    os.kill(p.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{p.pid}/stat").read_bytes().split(b") ")[1][:1] != b"Z" and time.monotonic() < deadline:
+        time.sleep(0.01)  # exited, not reaped: a zombie
+    view = ledger.view()
+    p.join()
     assert view.free == POOL and not view.engines
 
 

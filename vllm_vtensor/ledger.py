@@ -51,13 +51,18 @@ class PoolError(RuntimeError):
 
 
 def start_time(pid: int) -> int:
-    """A process's start time (clock ticks since boot), which tells a live pid from a reused one; 0 if gone."""
+    """A process's start time (clock ticks since boot), which tells a live pid from a reused one; 0 if gone.
+
+    A zombie counts as gone: it has exited and its memory is freed, but it keeps its pid and start time
+    until its parent reaps it, and a killed engine's worker, whose parent died with it, waits for the
+    system's init to do that (seen to take longer than 10 s in a container)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return 0
-    return int(data[data.rindex(b")") + 2:].split()[19])
+    fields = data[data.rindex(b")") + 2:].split()
+    return 0 if fields[0] in (b"Z", b"X") else int(fields[19])
 
 
 def alive(pid: int, start: int) -> bool:
