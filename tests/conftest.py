@@ -18,14 +18,16 @@ def _bind_engines_to_this_workers_core() -> None:
     vLLM's CPU worker binds its OpenMP threads by ``VLLM_CPU_OMP_THREADS_BIND``; its default, ``auto``,
     gives one engine the first core of a NUMA node and leaves the rest to the engine core and the front end,
     so two engines started at once (one per test worker) both compute on core 0 and each runs at half speed
-    (measured: 8 requests x 96 tokens in 32.5 s each, 16 s each with one core apiece). Worker ``gwN`` names
-    core N (modulo the cores this process may use); a value set outside the suite, and tests that set their
-    own (tensor parallel: a core per rank), win."""
+    (measured: 8 requests x 96 tokens in 32.5 s each, 16 s each with one core apiece). Worker ``gwN`` of K
+    gets the N-th of K equal shares of the cores this process may use (one core each on two cores); a value
+    set outside the suite, and tests that set their own (tensor parallel: a core per rank), win."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     if torch.cuda.is_available() or not worker.startswith("gw") or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return
     cores = sorted(os.sched_getaffinity(0))
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[int(worker[2:]) % len(cores)])
+    share = max(1, len(cores) // max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    first = int(worker[2:]) * share % len(cores)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores[first:first + share]))
 
 
 _bind_engines_to_this_workers_core()
