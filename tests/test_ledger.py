@@ -54,23 +54,29 @@ def test_commitments_are_bounded_by_the_pool(folder):
     assert list_pools(folder) == ["p"]
 
 
-def test_a_killed_engine_gives_its_share_back(folder):
+def _killed_engine(folder, name):
+    """An engine in a forked process holding 48 MiB of the pool, killed with SIGKILL (not yet reaped); returns
+    the process and a ledger of the pool opened beside it."""
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Event()
 
     def engine():
-        ledger = open_pool("k", POOL, "cpu", folder)
-        slot = _join(ledger)
-        ledger.commit(slot, claim=48 * MiB, physical=48 * MiB)
+        ledger = open_pool(name, POOL, "cpu", folder)
+        ledger.commit(_join(ledger), claim=48 * MiB, physical=48 * MiB)
         ready.set()
         time.sleep(60)
 
     p = ctx.Process(target=engine)
     p.start()
     assert ready.wait(30)
-    ledger = open_pool("k", None, "cpu", folder)
+    ledger = open_pool(name, None, "cpu", folder)
     assert ledger.view().free == 16 * MiB
     os.kill(p.pid, signal.SIGKILL)
+    return p, ledger
+
+
+def test_a_killed_engine_gives_its_share_back(folder):
+    p, ledger = _killed_engine(folder, "k")
     p.join()
     view = ledger.view()
     assert view.free == POOL and not view.engines
@@ -79,21 +85,7 @@ def test_a_killed_engine_gives_its_share_back(folder):
 def test_a_killed_engine_not_yet_reaped_gives_its_share_back(folder):
     """A killed worker whose parent died with it stays a zombie until the system's init reaps it: it has
     exited and holds no memory, so its share comes back at once (here: killed and not yet reaped)."""
-    ctx = multiprocessing.get_context("fork")
-    ready = ctx.Event()
-
-    def engine():
-        ledger = open_pool("z", POOL, "cpu", folder)
-        ledger.commit(_join(ledger), claim=48 * MiB, physical=48 * MiB)
-        ready.set()
-        time.sleep(60)
-
-    p = ctx.Process(target=engine)
-    p.start()
-    assert ready.wait(30)
-    ledger = open_pool("z", None, "cpu", folder)
-    assert ledger.view().free == 16 * MiB
-    os.kill(p.pid, signal.SIGKILL)
+    p, ledger = _killed_engine(folder, "z")
     deadline = time.monotonic() + 10
     while Path(f"/proc/{p.pid}/stat").read_bytes().split(b") ")[1][:1] != b"Z" and time.monotonic() < deadline:
         time.sleep(0.01)  # exited, not reaped: a zombie

@@ -482,10 +482,7 @@ class KVSpace:
 
         The count may fall: speculative decoding's rejected draft tokens leave the computed count
         lower in the next step, and only what vLLM counts decides which blocks are full."""
-        with self._lock:
-            r = self._reqs.get(req_id)
-            if r is not None:
-                r.num_tokens = num_tokens
+        self.note_tokens_of({req_id: num_tokens})
 
     def note_tokens_of(self, counts: dict[str, int]) -> None:
         """:meth:`note_tokens` for many requests at once (``req_id -> num_tokens``), under one lock."""
