@@ -10,7 +10,8 @@ it (a slot of ``--max-model-len`` per request, the chunk pool with its pre-creat
 on):
 
 * ``bookkeeping``: the requests' block boundaries fall on the same step, so all but one step in a block's
-  worth map nothing: the median step is the per-step cost that every decode step pays;
+  worth map nothing: the median step is the per-step cost that every decode step pays, the slowest the
+  step where every request maps a block at once;
 * ``steady``: boundaries spread evenly, N / block size maps in every step, as in a long decode;
 * ``finish``: every request finishes in one step (unmaps; full blocks stay cached).
 
@@ -50,7 +51,8 @@ def run_phase(backend, n: int, args, staggered: bool) -> dict:
     block = args.block_size
     kv = worker.kv_space_for(backend, max_num_seqs=n, max_model_len=args.max_model_len, block_size=block,
                              block_bytes=args.chunk_kib << 10, num_blocks=n * (args.max_model_len // block + 1),
-                             keep_full_blocks=True, null_block=0, linger_s=1.0, precreate_bytes=args.precreate_mib << 20)
+                             keep_full_blocks=True, null_block=0, linger_s=1.0, precreate_bytes=args.precreate_mib << 20,
+                             decode_lookahead=args.decode_lookahead)
     next_block = [1]  # 0 is vLLM's null block
 
     def fresh(k: int) -> tuple[int, ...]:
@@ -60,7 +62,8 @@ def run_phase(backend, n: int, args, staggered: bool) -> dict:
     prompts = {f"r{i}": args.prompt_len + ((i * block) // n if staggered else 0) for i in range(n)}
     worker.translate_scheduler_output(kv, _output(new=[(r, fresh(-(-p // block)), p) for r, p in prompts.items()]))
     tokens = dict(prompts)
-    steps, maps_before = [], kv.stats().maps
+    before = kv.stats()
+    steps = []
     for _ in range(args.steps):
         time.sleep(args.compute_ms / 1e3)
         out = _output(decoding=[(r, (fresh(1),) if t % block == 0 else None) for r, t in tokens.items()], tokens=tokens)
@@ -70,7 +73,8 @@ def run_phase(backend, n: int, args, staggered: bool) -> dict:
         steps.append(time.perf_counter() - t0)
         for r in tokens:
             tokens[r] += 1
-    maps = kv.stats().maps - maps_before
+    after = kv.stats()
+    maps, on_demand = after.maps - before.maps, after.chunks_created_on_demand - before.chunks_created_on_demand
     time.sleep(args.compute_ms / 1e3)
     t0 = time.perf_counter()
     worker.translate_scheduler_output(kv, _output(finished=tokens, tokens=tokens))
@@ -79,7 +83,9 @@ def run_phase(backend, n: int, args, staggered: bool) -> dict:
     kv.close()
     ms = sorted(s * 1e3 for s in steps)
     return {"step_ms_median": statistics.median(ms), "step_ms_p90": ms[int(0.9 * (len(ms) - 1))],
-            "step_ms_max": ms[-1], "maps_per_step": maps / args.steps, "finish_ms": finish * 1e3}
+            "step_ms_max": ms[-1], "maps_per_step": maps / args.steps,
+            # chunks a step had to create itself (the pre-creation thread had none ready for it)
+            "created_in_step_per_step": on_demand / args.steps, "finish_ms": finish * 1e3}
 
 
 def main(argv=None) -> int:
@@ -95,14 +101,17 @@ def main(argv=None) -> int:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--compute-ms", type=float, default=2.0, help="sleep between steps (the forward pass)")
     p.add_argument("--precreate-mib", type=int, default=4, help="VTENSOR_PRECREATE_BYTES, in MiB")
+    p.add_argument("--decode-lookahead", type=int, default=None,
+                   help="tokens before a decoding request's block boundary at which its chunk is made ahead "
+                        "(default: VTENSOR's, half a block; 1: only for the next step)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     counts = [int(x) for x in args.requests.split(",")]
     backend = make_backend(args.device)
     rows = []
     print(f"VTENSOR block updates per decode step on {args.device}: block {args.block_size}, chunk {args.chunk_kib} KiB")
-    print(f"{'requests':>9} {'bookkeeping':>13} {'steady':>11} {'steady p90':>10} {'maps/step':>10} {'us/map':>8} "
-          f"{'finish all':>10}   (ms unless named)")
+    print(f"{'requests':>9} {'bookkeeping':>13} {'all cross':>10} {'steady':>11} {'steady p90':>10} {'maps/step':>10} "
+          f"{'us/map':>8} {'made in step':>12} {'finish all':>10}   (ms unless named)")
     try:
         for n in counts:
             row = {"requests": n,
@@ -113,8 +122,12 @@ def main(argv=None) -> int:
             # pre-creation thread fell behind)
             row["us_per_map"] = max(0.0, s["step_ms_median"] - b["step_ms_median"]) * 1e3 / max(s["maps_per_step"], 1e-9)
             rows.append(row)
-            print(f"{n:>9} {b['step_ms_median']:>13.3f} {s['step_ms_median']:>11.3f} {s['step_ms_p90']:>10.3f} "
-                  f"{s['maps_per_step']:>10.1f} {row['us_per_map']:>8.1f} {s['finish_ms']:>10.2f}", flush=True)
+            # "all cross": the bookkeeping phase's slowest step, where every request maps a block at once;
+            # "made in step": chunks per step, over both phases, that the step created itself
+            made = (b["created_in_step_per_step"] + s["created_in_step_per_step"]) / 2
+            print(f"{n:>9} {b['step_ms_median']:>13.3f} {b['step_ms_max']:>10.3f} {s['step_ms_median']:>11.3f} "
+                  f"{s['step_ms_p90']:>10.3f} {s['maps_per_step']:>10.1f} {row['us_per_map']:>8.1f} {made:>12.2f} "
+                  f"{s['finish_ms']:>10.2f}", flush=True)
     finally:
         backend.close()
 
@@ -133,7 +146,9 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**provenance("block_updates.py", argv), "device": device_name,
                                "block_size": args.block_size, "chunk_bytes": args.chunk_kib << 10,
-                               "compute_ms": args.compute_ms, "steps": args.steps, "rows": rows}, indent=2))
+                               "compute_ms": args.compute_ms, "steps": args.steps,
+                               "decode_lookahead": args.decode_lookahead or max(1, args.block_size // 2),
+                               "rows": rows}, indent=2))
     _plot(rows, out.with_suffix(".png"), device_name)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0

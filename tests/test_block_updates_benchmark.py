@@ -29,5 +29,7 @@ def test_block_updates_benchmark_maps_a_block_per_full_block(tmp_path):
         assert row["bookkeeping"]["maps_per_step"] * steps == aligned
         assert row["steady"]["maps_per_step"] * steps == spread
         assert 0 < row["bookkeeping"]["step_ms_median"] <= row["steady"]["step_ms_p90"]
+        for phase in ("bookkeeping", "steady"):  # a step creates at most the chunks it maps
+            assert 0 <= row[phase]["created_in_step_per_step"] <= row[phase]["maps_per_step"]
     assert out.with_suffix(".png").stat().st_size > 0
     assert data["commit"] and data["command"]

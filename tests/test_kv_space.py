@@ -307,17 +307,20 @@ def test_blocks_the_scheduler_drops_give_their_memory_back(backend):
     assert s.resident_bytes == 3 * kv.chunk_bytes and s.parked_bytes == 2 * kv.chunk_bytes  # 1, 3, 5; a: 1, q: 5
 
 
-def test_growth_expected_from_this_step_is_made_ready_beside_the_compute(backend):
-    import time
+def _reserve_settles_at(kv, n):
+    """The reserve of ready chunks, once it reaches ``n`` (or after 10 s)."""
+    deadline = time.monotonic() + 10
+    while kv.stats().reserve_bytes != n * kv.chunk_bytes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return kv.stats().reserve_bytes // kv.chunk_bytes
 
+
+def test_growth_expected_from_this_step_is_made_ready_beside_the_compute(backend):
     kv = KVSpace(backend, num_blocks=16, num_slots=2, blocks_per_slot=8, block_bytes=PAGE, block_size=B,
                  keep_full_blocks=True, precreate_bytes=2 * PAGE)
 
     def reserve_settles_at(n):
-        deadline = time.monotonic() + 10
-        while kv.stats().reserve_bytes != n * kv.chunk_bytes and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return kv.stats().reserve_bytes // kv.chunk_bytes
+        return _reserve_settles_at(kv, n)
 
     assert reserve_settles_at(2) == 2  # the base reserve
     kv.add_request("a", [1])
@@ -330,6 +333,26 @@ def test_growth_expected_from_this_step_is_made_ready_beside_the_compute(backend
     wait_all()
     s = kv.stats()
     assert s.reserve_bytes == 2 * kv.chunk_bytes and s.resident_bytes == s.reserve_bytes + s.cached_bytes
+    kv.close()
+
+
+def test_a_decoding_request_has_its_next_chunk_made_half_a_block_ahead(backend):
+    """Requests that started together cross their block boundaries in the same step: each decoding request's
+    next chunk is made once it is within half a block of needing it, not in the step before (where the
+    pre-creation thread would have one forward pass to make them all, and the step would make the rest)."""
+    kv = KVSpace(backend, num_blocks=16, num_slots=4, blocks_per_slot=8, block_bytes=PAGE, block_size=B,
+                 keep_full_blocks=True, precreate_bytes=PAGE)
+    assert _reserve_settles_at(kv, 1) == 1  # the base reserve
+    for i, r in enumerate(("near1", "near2", "near3", "far")):
+        kv.add_request(r, [i + 1])
+    # tokens after this step: three requests just past half their first block, one at its start
+    kv.note_tokens_of({"near1": B // 2 + 1, "near2": B // 2 + 1, "near3": B // 2 + 1, "far": 1})
+    kv.expect_growth({"near1": 1, "near2": 1, "near3": 1, "far": 1})  # decoding: one token a step
+    assert _reserve_settles_at(kv, 3) == 3  # the three near ones' next chunks (the step after needs none)
+    before = kv.stats().chunks_created_on_demand
+    for i, r in enumerate(("near1", "near2", "near3")):
+        kv.append_blocks(r, [5 + i])  # their crossing step, B // 2 - 1 steps later
+    assert kv.stats().chunks_created_on_demand == before  # all three were ready
     kv.close()
 
 

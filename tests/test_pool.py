@@ -34,6 +34,16 @@ def test_budget_is_enforced_with_a_clear_error(backend):
     assert pool.can_acquire(4)
 
 
+def test_chunks_a_caller_had_to_create_are_counted(backend):
+    pool = ChunkPool(backend, 8 * MiB, MiB)  # no reserve: every chunk is made by the acquire that wants it
+    got = pool.acquire(3)
+    s = pool.stats()
+    assert s.chunks_created == s.chunks_created_on_demand == 3
+    for c in got:
+        pool.release(c)
+    pool.close()
+
+
 def test_peak_resident_bytes_is_the_most_held_at_once(backend):
     pool = ChunkPool(backend, 8 * MiB, MiB)
     chunks = pool.acquire(3)
@@ -144,6 +154,7 @@ def test_expected_demand_is_created_ahead_then_forgotten(backend):
     assert settle(6) == 6
     got = pool.acquire(6)  # all from the cache: nothing created on the caller's path
     assert creators and threading.current_thread().name not in creators
+    assert pool.stats().chunks_created_on_demand == 0
     pool.expect(0)
     for c in got:
         pool.release(c)  # back to caching only up to the high watermark

@@ -84,6 +84,7 @@ class KVSpaceStats:
     parked_bytes: int  # mappings kept in the slots of finished requests for reuse (no memory of their own)
     slot_reuse_bytes: int  # prefix bytes a new request found already mapped in a parked slot (total)
     chunks_created: int  # physical chunks created (first use of memory), total
+    chunks_created_on_demand: int  # of those, created while a step waited (none was ready), total
     step_seconds: float  # time the worker spent applying block decisions before steps, total
     deferred_ops: int  # memory operations run by a helper thread beside the compute (deferred backend), total
     wait_seconds: float  # time KV access waited for memory work running beside the compute (deferred backend), total
@@ -110,6 +111,7 @@ class KVSpace:
         retained_tokens: int = 0,
         null_block: int | None = None,
         shares_memory_with: "KVSpace | None" = None,
+        decode_lookahead: int | None = None,
     ):
         if min(num_blocks, num_slots, blocks_per_slot, block_bytes, block_size) <= 0:
             raise ValueError("KVSpace sizes must be positive")
@@ -120,6 +122,10 @@ class KVSpace:
         self.num_slots = num_slots
         self.blocks_per_slot = blocks_per_slot
         self.keep_full_blocks = keep_full_blocks
+        # tokens ahead of a decoding request's next block boundary at which its chunk is made (expect_growth)
+        self.decode_lookahead = max(1, block_size // 2) if decode_lookahead is None else decode_lookahead
+        if self.decode_lookahead < 1:
+            raise ValueError(f"decode_lookahead={decode_lookahead} must be at least one token")
         # Sliding-window attention (every layer): blocks wholly before a request's window are unmapped as
         # it moves on (vLLM frees them too, and hands out its null block in their place)
         self.sliding_window = sliding_window
@@ -421,13 +427,21 @@ class KVSpace:
 
     def expect_growth(self, scheduled: dict[str, int]) -> None:
         """Have the chunks ready that the running requests will need if the next step schedules them
-        as many tokens as ``scheduled`` (this step's), created beside the compute meanwhile.
+        as many tokens as ``scheduled`` (this step's), created beside the compute meanwhile; for a
+        decoding request (one token a step), the chunk it needs within ``decode_lookahead`` tokens (default:
+        half a block).
+
+        Decoding requests that started together cross their block boundaries in the same step: made
+        one step ahead, that step's chunks would have one forward pass to be created in (a 2 MiB CUDA
+        chunk takes ~0.2 ms; a hundred requests crossing at once, ~20 ms), and the rest would be made
+        in the step.  Half a block ahead spreads their making over as many steps as that; it holds at
+        most one chunk per decoding request ahead of its need.
 
         After a prefill this over-predicts on purpose: the chunks it makes stay ready (cached, within
         the budget) for the next burst of new requests, such as the next turn of a chat.  A precise
         guess from each request's prompt length and token limit was measured: fewer
         chunks made, but more of them made on the critical path (docs/benchmarks/serve-compare-cpu.md)."""
-        size = self.block_size
+        size, decode_ahead = self.block_size, self.decode_lookahead
         with self._lock:
             need = 0
             for space in self.family:  # every KV cache group's requests grow from the one pool
@@ -435,7 +449,7 @@ class KVSpace:
                 for req_id, n in scheduled.items():
                     r = reqs.get(req_id)
                     if r is not None and n:
-                        more = -(-(r.num_tokens + n) // size) - len(r.chunks)
+                        more = -(-(r.num_tokens + (n if n > 1 else decode_ahead)) // size) - len(r.chunks)
                         if more > 0:
                             need += more
             self.pool.expect(need)
@@ -650,6 +664,7 @@ class KVSpace:
                                  for r in space._parked.values()) * self.chunk_bytes,
                 slot_reuse_bytes=sum(space._slot_reuse_bytes for space in fam),
                 chunks_created=p.chunks_created,
+                chunks_created_on_demand=p.chunks_created_on_demand,
                 step_seconds=sum(space.step_seconds for space in fam),
                 deferred_ops=getattr(self.backend, "deferred_ops", 0),
                 wait_seconds=getattr(self.backend, "waited_seconds", 0.0),

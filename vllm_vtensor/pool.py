@@ -55,6 +55,7 @@ class PoolStats:
     maps: int
     unmaps: int
     chunks_created: int
+    chunks_created_on_demand: int  # created by an acquire that found none ready (on its caller's critical path)
     chunks_released: int
     peak_resident_bytes: int  # the most physical bytes held at once since the pool was made
 
@@ -112,6 +113,7 @@ class ChunkPool:
         self._held = 0  # chunks an acquire in progress has in hand (not yet in _ref)
         self._expected = 0  # chunks callers expect to acquire soon (see expect())
         self._maps = self._unmaps = self._created = self._released = 0
+        self._created_on_demand = 0  # by acquire itself: the reserve had none ready
         self._peak = 0  # the most chunks created and not yet given back at once
         self._lock = threading.Condition()
         self._closed = False
@@ -210,6 +212,7 @@ class ChunkPool:
                     self._pending -= 1
                     self._held += 1
                     self._created += 1
+                    self._created_on_demand += 1
                     self._note_peak()
         except BaseException:
             with self._lock:
@@ -344,6 +347,7 @@ class ChunkPool:
                 maps=self._maps,
                 unmaps=self._unmaps,
                 chunks_created=self._created,
+                chunks_created_on_demand=self._created_on_demand,
                 chunks_released=self._released,
                 peak_resident_bytes=self._peak * self.chunk_bytes,
             )
