@@ -6,7 +6,7 @@
 #     .venv/bin/python benchmarks/vllm_kernels.py --copy .vllm-kernels
 # Run there from the repository root, carrying .vllm-kernels:
 #     OUT=/some/dir bash benchmarks/gpu_session.sh
-# Writes under $OUT: card.txt, gpu-tests.log, kernel-tests.log, vmm-cuda.json, block_updates-cuda.json,
+# Writes under $OUT: card.txt, gpu-tests.log, kernel-tests.log, vmm-cuda.json, block_updates-cuda(-lookahead1).json,
 # offload_gpu-cuda.json, kernels-cuda.json, kernels-roof-cuda.json (+ .png) and a log of each; copy the
 # JSON files to benchmarks/results/ (the card and the command are inside them).
 # Each step has its own time limit so that one failure cannot eat the others' time.
@@ -38,6 +38,9 @@ timeout 60 $PY benchmarks/vmm.py --device cuda --out "$OUT/vmm-cuda.json" 2>&1
 #     chunk (2 MiB at block 16): what each decode step pays before its forward pass
 timeout 60 $PY benchmarks/block_updates.py --device cuda --chunk-kib 2048 --max-model-len 2048 \
     --out "$OUT/block_updates-cuda.json" 2>&1
+#     and with chunks made only one step ahead (what a decoding request got before the half-block look-ahead)
+timeout 45 $PY benchmarks/block_updates.py --device cuda --chunk-kib 2048 --max-model-len 2048 --requests 32,128 \
+    --decode-lookahead 1 --out "$OUT/block_updates-cuda-lookahead1.json" 2>&1
 
 # 3. FlexInfer's CUDA streaming runtime alone: prefetch into the pinned ring vs sync vs the bound
 timeout 90 $PY benchmarks/offload_gpu.py --out "$OUT/offload_gpu-cuda.json" 2>&1
