@@ -55,6 +55,9 @@ def start_servers(config: str, args, cg: cgroup.MemoryCgroup, pool: str) -> list
         env |= {"VTENSOR_POOL": pool, "VTENSOR_POOL_BYTES": str(args.pool_bytes or args.kv_bytes)}
     servers = []
     for i in range(args.engines):
+        if args.cores == "per-engine" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # engine i's worker computes on core i (vLLM's default, auto, puts every engine's worker on core 0)
+            env = env | {"VLLM_CPU_OMP_THREADS_BIND": str(i % (os.cpu_count() or 1))}
         flags = ["--dtype", "float32", "--max-model-len", str(args.max_model_len), "--served-model-name", f"engine{i}",
                  "--enforce-eager", "--max-num-seqs", str(args.clients)]
         if config == "shared":
@@ -268,6 +271,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="10 s phases, 6 clients")
     ap.add_argument("--configs", default="static,shared", help="static, shared, vtensor_static (VTENSOR, split)")
     ap.add_argument("--phases", default=None, help="e.g. all or busy-0,all (default: each engine busy, then all)")
+    ap.add_argument("--cores", choices=("auto", "per-engine"), default="auto",
+                    help="auto: vLLM's default binding (every engine's worker on core 0); per-engine: engine i's "
+                         "worker computes on core i (modulo the cores; unless VLLM_CPU_OMP_THREADS_BIND is set)")
     ap.add_argument("--log-dir", default="/tmp")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -283,7 +289,8 @@ def main(argv=None) -> int:
     results = {c: run_config(c, args) for c in args.configs.split(",")}
     meta = provenance("multi_engine.py", argv) | {
         "model": Path(args.model).name, "engines": args.engines, "kv_bytes": args.kv_bytes, "clients": args.clients,
-        "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "phase_s": args.phase_s}
+        "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "phase_s": args.phase_s,
+        "cores": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", args.cores)}
     out = {"meta": meta, "results": results}
     if set(results) == {"static", "shared"}:
         out["comparison"] = compare(results, args.engines)
