@@ -31,6 +31,7 @@ from types import SimpleNamespace as NS
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_vtensor import worker  # noqa: E402
+from vllm_vtensor.kv_space import default_decode_lookahead  # noqa: E402
 from vllm_vtensor.vmm import make_backend  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({**provenance("block_updates.py", argv), "device": device_name,
                                "block_size": args.block_size, "chunk_bytes": args.chunk_kib << 10,
                                "compute_ms": args.compute_ms, "steps": args.steps,
-                               "decode_lookahead": args.decode_lookahead or max(1, args.block_size // 2),
+                               "decode_lookahead": args.decode_lookahead or default_decode_lookahead(args.block_size),
                                "rows": rows}, indent=2))
     _plot(rows, out.with_suffix(".png"), device_name)
     print(f"wrote {out} and {out.with_suffix('.png')}")

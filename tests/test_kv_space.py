@@ -318,15 +318,11 @@ def _reserve_settles_at(kv, n):
 def test_growth_expected_from_this_step_is_made_ready_beside_the_compute(backend):
     kv = KVSpace(backend, num_blocks=16, num_slots=2, blocks_per_slot=8, block_bytes=PAGE, block_size=B,
                  keep_full_blocks=True, precreate_bytes=2 * PAGE)
-
-    def reserve_settles_at(n):
-        return _reserve_settles_at(kv, n)
-
-    assert reserve_settles_at(2) == 2  # the base reserve
+    assert _reserve_settles_at(kv, 2) == 2  # the base reserve
     kv.add_request("a", [1])
     kv.note_tokens("a", B - 1 + 3 * B)  # this step scheduled 3 blocks' worth of tokens...
     kv.expect_growth({"a": 3 * B})  # ...so the next one like it needs ceil((4B - 1 + 3B) / B) - 1 = 6 more
-    assert reserve_settles_at(6) == 6
+    assert _reserve_settles_at(kv, 6) == 6
     kv.expect_growth({})  # a step with nothing scheduled keeps them ready for the next burst
     assert kv.stats().reserve_bytes == 6 * kv.chunk_bytes
     kv.remove_request("a")  # the last request went: what was made for its growth goes back too

@@ -44,6 +44,11 @@ from .pool import ChunkPool
 from .vmm.base import VMMBackend
 
 
+def default_decode_lookahead(block_size: int) -> int:
+    """Tokens before a decoding request's block boundary at which its next chunk is made (half a block)."""
+    return max(1, block_size // 2)
+
+
 def chunk_bytes_for(block_bytes: int, granularity: int) -> int:
     """A chunk holds one block of all layers, padded to the backend's mapping granularity."""
     return math.ceil(block_bytes / granularity) * granularity
@@ -123,7 +128,7 @@ class KVSpace:
         self.blocks_per_slot = blocks_per_slot
         self.keep_full_blocks = keep_full_blocks
         # tokens ahead of a decoding request's next block boundary at which its chunk is made (expect_growth)
-        self.decode_lookahead = max(1, block_size // 2) if decode_lookahead is None else decode_lookahead
+        self.decode_lookahead = default_decode_lookahead(block_size) if decode_lookahead is None else decode_lookahead
         if self.decode_lookahead < 1:
             raise ValueError(f"decode_lookahead={decode_lookahead} must be at least one token")
         # Sliding-window attention (every layer): blocks wholly before a request's window are unmapped as
