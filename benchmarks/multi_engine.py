@@ -54,6 +54,7 @@ def start_servers(config: str, args, cg: cgroup.MemoryCgroup, pool: str) -> list
     if config == "shared":
         env |= {"VTENSOR_POOL": pool, "VTENSOR_POOL_BYTES": str(args.pool_bytes or args.kv_bytes)}
     servers = []
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     for i in range(args.engines):
         if args.cores == "per-engine" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             # engine i's worker computes on core i (vLLM's default, auto, puts every engine's worker on core 0)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_vtensor.log import get_logger
-from vllm_vtensor.threads import move_off_compute_cores
+from vllm_vtensor.threads import move_to_helper_cores
 
 from .store import WeightStore, aligned_buffer
 
@@ -171,7 +171,7 @@ class Streamer:
         elif self.device.type != "cpu":
             raise ValueError(f"flexinfer streams to 'cpu' or 'cuda' devices, not {self.device}")
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flexinfer-io",
-                                        initializer=move_off_compute_cores)
+                                        initializer=move_to_helper_cores)
         self._ring: collections.deque[_Slot] = collections.deque()
         self._cond = threading.Condition()
         self._max_in_flight = max(1, io_threads)  # units whose reads may run at once
@@ -306,7 +306,7 @@ class Streamer:
     def _produce_loop(self) -> None:
         """Read ahead up to ``window`` units, with up to ``io_threads`` units' reads in flight at once (a unit
         of one small tensor alone would leave the disk idle between reads), finished in order."""
-        move_off_compute_cores()
+        move_to_helper_cores()
         reading: collections.deque[tuple] = collections.deque()
         while True:
             with self._cond:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 from .log import get_logger
 from .settings import parse_bytes
-from .threads import move_off_compute_cores
+from .threads import move_to_helper_cores
 from .vmm.base import VMMBackend
 
 DEFAULT_CHUNK_BYTES = 2 << 20  # the CUDA VMM granularity on stock drivers
@@ -367,7 +367,7 @@ class ChunkPool:
     def _refill_loop(self) -> None:
         """Keep the reserve: refill from below ``max(low, expected)`` up to the target, one chunk at a
         time so each is usable as soon as it exists."""
-        move_off_compute_cores()  # creating chunks beside the compute, not on its core
+        move_to_helper_cores()  # creating chunks beside the compute (threads.helper_cores)
         filling = False
         while True:
             with self._lock:
@@ -412,7 +412,7 @@ class ChunkPool:
 
     def _reap_loop(self) -> None:
         """Give lingering chunks back once they have been unused for ``linger_s``."""
-        move_off_compute_cores()
+        move_to_helper_cores()
         while True:
             with self._lock:
                 while not self._closed and not self._lingering:

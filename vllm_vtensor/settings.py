@@ -71,6 +71,18 @@ def _path(raw: str) -> str:
     return raw
 
 
+def parse_core_list(raw: str) -> frozenset[int]:
+    """Core ids as Linux and vLLM write them: ``2``, ``2-3,6``."""
+    cores = set()
+    for part in raw.split(","):
+        first, _, last = part.strip().partition("-")
+        lo, hi = int(first), int(last or first)
+        if lo < 0 or hi < lo:
+            raise ValueError(raw)
+        cores.update(range(lo, hi + 1))
+    return frozenset(cores)
+
+
 def _auto_or_int(raw: str) -> str | int:
     return "auto" if raw == "auto" else int(raw)
 
@@ -149,6 +161,16 @@ SETTINGS: tuple[Setting, ...] = (
             "Experimental, CPU only: run each step's memory operations in a helper thread while the forward pass "
             "starts. Measured slower than mapping before each step on a 2-core CPU.",
             parse=_flag, fix="give 1 to map beside the compute, or 0 to map before each step", default_text="`0`"),
+    Setting("VTENSOR_HELPER_CORES", "env", "auto or a core list", "auto",
+            "On a CPU, the cores the worker's helper threads run on (chunk pre-creation, the allocator's figures, "
+            "the shared pool's reaper, FlexInfer's reads). `auto`: with vLLM's automatic binding "
+            "(`VLLM_CPU_OMP_THREADS_BIND` unset or `auto`), the cores other than the worker's compute cores (vLLM "
+            "keeps them for its other processes); with a binding of your own, the worker's compute cores (the "
+            "other cores may be another engine's: a helper there waits behind that engine's compute while this "
+            "worker waits for it). A list such as `2` or `2-3,6`: those cores.",
+            parse=lambda raw: "auto" if raw == "auto" else parse_core_list(raw),
+            check=lambda v: v == "auto" or (bool(v) and max(v) < (os.cpu_count() or 1)),
+            fix=f"give auto or ids of this host's cores (0-{(os.cpu_count() or 1) - 1}) such as 1 or 0-1"),
     # -- the engine core ------------------------------------------------------------------------------
     Setting("VTENSOR_ENGINE_POLL_US", "env", "auto or microseconds", "auto",
             "On a CPU, how the engine core waits for its worker's reply while a step runs. vLLM's reader "

@@ -32,7 +32,7 @@ import time
 from . import settings
 from .ledger import Ledger, PoolError, open_pool
 from .log import get_logger
-from .threads import move_off_compute_cores
+from .threads import move_to_helper_cores
 
 logger = get_logger(__name__)
 POLL_S = 0.05  # how often each engine looks at the others' wants
@@ -365,7 +365,7 @@ class EngineShare:
     def _watch(self) -> None:
         from vllm.v1.engine import EngineCoreRequestType
 
-        move_off_compute_cores()
+        move_to_helper_cores()
         while True:
             time.sleep(POLL_S)
             try:

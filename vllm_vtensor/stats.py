@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import settings
 from .log import get_logger
-from .threads import move_off_compute_cores
+from .threads import move_to_helper_cores
 
 ENV = "VTENSOR_STATS_FILE"
 _MIN_INTERVAL_S = 0.2
@@ -212,7 +212,7 @@ class _Publisher:
             self._cond.notify()
 
     def _run(self) -> None:
-        move_off_compute_cores()
+        move_to_helper_cores()
         while True:
             with self._cond:
                 while self._pending is None:

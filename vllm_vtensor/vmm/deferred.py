@@ -34,7 +34,7 @@ import contextlib
 import threading
 import time
 
-from ..threads import move_off_compute_cores
+from ..threads import move_to_helper_cores
 from .base import VirtualRange, VMMBackend
 
 _live: "list[DeferredBackend]" = []  # open deferred backends of this process (normally none, or the worker's one)
@@ -96,7 +96,7 @@ class DeferredBackend(VMMBackend):
             self._cond.notify_all()
 
     def _run(self) -> None:
-        move_off_compute_cores()
+        move_to_helper_cores()
         while True:
             with self._cond:
                 while not self._batches and not self._closed:
