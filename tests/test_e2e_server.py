@@ -69,6 +69,8 @@ def test_metrics_expose_the_allocator(server, client):
     assert values["vllm_vtensor_resident_bytes"] <= values["vllm_vtensor_peak_resident_bytes"] \
         <= values["vllm_vtensor_budget_bytes"]
     assert values["vllm_vtensor_peak_live_tokens"] >= prompt_tokens
+    # the worker as ps sees it: RSS from its snapshot, PSS read from its /proc at scrape time
+    assert 0 < values["vllm_vtensor_worker_pss_bytes"] <= values["vllm_vtensor_worker_rss_bytes"]
     assert "vllm:" in text  # vLLM's own metrics are still there
 
 

@@ -3,6 +3,7 @@ as vLLM reads them, and the configuration page that lists them all."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -326,3 +327,21 @@ def test_a_snapshot_file_chosen_on_another_node_is_not_used(monkeypatch, tmp_pat
     user_named = tmp_path / "mine.json"  # a file the user named stays theirs
     monkeypatch.setenv("VTENSOR_STATS_FILE", str(user_named))
     assert stats.ensure_stats_path() == str(user_named)
+
+
+def test_worker_memory_figures_name_one_process():
+    """The snapshot carries the worker's RSS (a counter read) and its start time; the PSS, a walk of every
+    page table, is read at scrape time, and only from the process that wrote the snapshot."""
+    import psutil
+
+    from vllm_vtensor import stats
+
+    mine = stats.process_memory() | {"pid": os.getpid()}
+    assert abs(mine["process_rss_bytes"] - psutil.Process().memory_info().rss) < 64 << 20
+    pss = stats.process_pss_bytes(mine)
+    assert pss is not None and 0 < pss <= psutil.Process().memory_info().rss * 1.1
+    assert stats.process_pss_bytes(mine | {"process_start": mine["process_start"] + 1}) is None  # a reused pid
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert stats.process_pss_bytes(mine | {"pid": gone.pid}) is None
+    assert stats.process_pss_bytes({}) is None

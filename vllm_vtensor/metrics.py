@@ -33,9 +33,10 @@ GAUGES = {
     "vllm_vtensor_running_requests": ("running_requests", "Requests with a mapped KV range"),
     "vllm_vtensor_worker_rss_bytes": ("process_rss_bytes", "The worker process's RSS (counts a page once per "
                                       "mapping: shared prefixes count once per running request)"),
-    "vllm_vtensor_worker_pss_bytes": ("process_pss_bytes", "The worker process's PSS (each page shared between "
-                                      "processes divided among them)"),
 }
+# read from the worker's /proc at scrape time (stats.process_pss_bytes), not from its snapshot
+WORKER_PSS = ("vllm_vtensor_worker_pss_bytes", "The worker process's PSS (each page shared between processes divided "
+              "among them)")
 # Counters: running totals since the engine started (Prometheus adds the _total suffix)
 COUNTERS = {
     "vllm_vtensor_prefix_hit_bytes": ("prefix_hit_bytes", "Cached-prefix bytes mapped into new requests"),
@@ -97,6 +98,17 @@ def _read_cached(max_age: float = 0.1) -> dict | None:
     return _snapshot[1]
 
 
+_pss: tuple[float, int | None] = (0.0, None)
+
+
+def _pss_cached(snap: dict, max_age: float = 1.0) -> int | None:
+    global _pss
+    now = time.monotonic()
+    if now - _pss[0] > max_age:
+        _pss = (now, stats.process_pss_bytes(snap))
+    return _pss[1]
+
+
 class _Collector:
     """Reads the worker's snapshot at scrape time and reports it as gauges and counters."""
 
@@ -106,6 +118,7 @@ class _Collector:
         snap = _read_cached() or {}
         for name, (key, doc) in GAUGES.items():
             yield GaugeMetricFamily(name, doc, value=float(snap.get(key, 0)))
+        yield GaugeMetricFamily(*WORKER_PSS, value=float(_pss_cached(snap) or 0))
         for name, (key, doc) in COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=float(snap.get(key, 0)))
         view = _pool_view()
