@@ -276,7 +276,8 @@ def main(argv=None) -> int:
                     help="auto: vLLM's default binding (every engine's worker on core 0); per-engine: engine i's "
                          "worker computes on core i (modulo the cores; unless VLLM_CPU_OMP_THREADS_BIND is set)")
     ap.add_argument("--log-dir", default="/tmp")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="where the JSON (and PNG) go: a path, with or without .json "
+                    "(default: benchmarks/results/multi_engine-cpu-<N>engines)")
     args = ap.parse_args(argv)
     if args.quick:
         args.phase_s, args.clients = 10.0, 6
@@ -311,12 +312,13 @@ def main(argv=None) -> int:
               + (f", pool overdrawn by {r['pool_overdrawn_bytes']} bytes" if "pool_overdrawn_bytes" in r else ""))
     if "comparison" in out:
         print("goals:", out["comparison"]["goals"])
-    stem = args.out or f"multi_engine-cpu-{args.engines}engines" + ("-quick" if args.quick else "")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=1))
+    stem = Path(args.out.removesuffix(".json")) if args.out else \
+        RESULTS / (f"multi_engine-cpu-{args.engines}engines" + ("-quick" if args.quick else ""))
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_name(stem.name + ".json").write_text(json.dumps(out, indent=1))
     if set(results) == {"static", "shared"}:
-        _plot(results, args.engines, RESULTS / f"{stem}.png")
-    print(f"wrote {RESULTS / stem}.json")
+        _plot(results, args.engines, stem.with_name(stem.name + ".png"))
+    print(f"wrote {stem}.json")
     return 0
 
 
