@@ -51,6 +51,15 @@ if [ "${GPU_E2E:-0}" = 1 ]; then
   $PY benchmarks/step_profile/report.py "$OUT/steps" >"$OUT/step-profile.txt" 2>&1
   exit 0
 fi
+# MULTI_ENGINE=1: only two `vllm serve` engines on the GPU, one shared KV pool (VTENSOR_POOL) against the KV split
+# statically between two vanilla servers, under load that moves between them (benchmarks/multi_engine.py: Llama-3.2-1B's
+# shape, dummy weights, token ids; MULTI_ENGINE_ARGS for others, default one busy phase and the balanced one):
+# JSON, PNG, the table and the servers' logs in $OUT
+if [ "${MULTI_ENGINE:-0}" = 1 ]; then
+  timeout ${MULTI_TIMEOUT:-540} $PY benchmarks/multi_engine.py --device cuda --out "$OUT/multi_engine-cuda-2engines" \
+      --log-dir "$OUT/multi-engine-logs" ${MULTI_ENGINE_ARGS:---phases busy-0,all} 2>&1 | tee "$OUT/multi-engine.log"
+  exit 0
+fi
 # 10 engines (~45 s each to start and run); each outcome is written to outcomes.txt as it happens (a pass as one
 # line, a failure with its report), and output goes to the log line by line: a run cut off by its limit keeps both.
 # BENCH_ONLY=1 skips the tests (a second call for the benchmark: one call cannot hold both in 10 minutes)

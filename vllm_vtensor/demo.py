@@ -39,6 +39,17 @@ def vllm_cli() -> str:
     return found
 
 
+def vllm_command() -> list[str]:
+    """How to run `vllm`: its console script, or, where vLLM is importable without one (its source on
+    the path, as benchmarks/gpu_vllm.sh has it), its CLI module."""
+    import importlib.util
+
+    exe = Path(sys.executable).parent / "vllm"
+    if not exe.exists() and not shutil.which("vllm") and importlib.util.find_spec("vllm") is not None:
+        return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+    return [vllm_cli()]
+
+
 class Server:
     """`vllm serve MODEL ...` as a child process in its own process group."""
 
@@ -46,7 +57,7 @@ class Server:
                  env: dict[str, str] | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [vllm_cli(), "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port), *extra_args]
+        self.args = [*vllm_command(), "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port), *extra_args]
         self.log_path = log_path
         self.env = env  # the server's environment (default: this process's)
         self.proc: subprocess.Popen | None = None
