@@ -130,3 +130,17 @@ def test_clients_that_hang_up_mid_stream_leave_nothing_mapped(server, client):
     reply = client.chat.completions.create(model=model, max_tokens=12, temperature=0,
                                            messages=[{"role": "user", "content": "What is the capital of France?"}])
     assert "Paris" in reply.choices[0].message.content
+
+
+def test_multi_engine_benchmark_counts_every_streamed_token(client):
+    """benchmarks/multi_engine.py's client counts the tokens a server streams by their ids (what it gets
+    from a server without a tokenizer, as on a GPU there): all of them, once."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import multi_engine
+
+    for prompt in ([101, 2000, 3000] * 20, [7] * 5):
+        r = multi_engine._request(client, _model(client), prompt, max_tokens=17)
+        assert r["ok"] and r["tokens"] == 17 and 0 < r["ttft"] <= r["end"] - r["start"], r
