@@ -105,3 +105,24 @@ rest = set(cores) - {cores[0]}
 assert seen == {"outer": rest, "inner": rest}, (seen, rest)
 """
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_helper_cores_this_process_may_not_use_are_logged(monkeypatch, caplog):
+    """Cores outside the process's CPU set (a container's, say) cannot be taken: the helper stays where it
+    is and the log names the fix."""
+    import logging
+
+    from vllm_vtensor import threads
+
+    every = os.sched_getaffinity(0)
+    monkeypatch.setenv("VTENSOR_HELPER_CORES", "0")
+    monkeypatch.setattr(threads.os, "sched_setaffinity", lambda *a: (_ for _ in ()).throw(OSError(22, "Invalid argument")))
+    logger = logging.getLogger("vllm_vtensor")  # the package's loggers do not propagate to the root's
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="vllm_vtensor"):
+            threads.move_to_helper_cores()
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert os.sched_getaffinity(0) == every
+    assert "cannot run on VTENSOR_HELPER_CORES [0]" in caplog.text and "Name cores this process may use" in caplog.text

@@ -46,8 +46,17 @@ def helper_cores() -> set[int]:
 
 
 def move_to_helper_cores() -> None:
-    """Move the calling helper thread to :func:`helper_cores` (left where it is if Linux refuses)."""
+    """Move the calling helper thread to :func:`helper_cores` (left where it is if Linux refuses:
+    cores named in ``VTENSOR_HELPER_CORES`` that this process may not use, say, which is logged)."""
+    cores = helper_cores()
     try:
-        os.sched_setaffinity(threading.get_native_id(), helper_cores())
-    except (OSError, AttributeError):
+        os.sched_setaffinity(threading.get_native_id(), cores)
+    except AttributeError:
         pass
+    except OSError as e:
+        if settings.get("VTENSOR_HELPER_CORES") != "auto":
+            from .log import get_logger
+
+            get_logger(__name__).warning("vTensor: a helper thread cannot run on VTENSOR_HELPER_CORES %s (%s); it "
+                                         "stays on the cores it has. Name cores this process may use (%s).",
+                                         sorted(cores), e, sorted(os.sched_getaffinity(0)))
