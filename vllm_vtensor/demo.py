@@ -30,10 +30,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _vllm_script() -> str | None:
+    exe = Path(sys.executable).parent / "vllm"
+    return str(exe) if exe.exists() else shutil.which("vllm")
+
+
 def vllm_cli() -> str:
     """The `vllm` console script of the running interpreter's environment."""
-    exe = Path(sys.executable).parent / "vllm"
-    found = str(exe) if exe.exists() else shutil.which("vllm")
+    found = _vllm_script()
     if not found:
         raise SystemExit("the `vllm` command is not installed: run `make setup` first")
     return found
@@ -44,8 +48,7 @@ def vllm_command() -> list[str]:
     the path, as benchmarks/gpu_vllm.sh has it), its CLI module."""
     import importlib.util
 
-    exe = Path(sys.executable).parent / "vllm"
-    if not exe.exists() and not shutil.which("vllm") and importlib.util.find_spec("vllm") is not None:
+    if not _vllm_script() and importlib.util.find_spec("vllm") is not None:
         return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
     return [vllm_cli()]
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from . import settings
+from .ledger import alive, start_time
 from .log import get_logger
 from .threads import move_to_helper_cores
 
@@ -176,15 +177,10 @@ def process_memory() -> dict[str, int]:
     try:
         with open("/proc/self/statm") as f:
             resident_pages = int(f.read().split()[1])
-        return {"process_rss_bytes": resident_pages * os.sysconf("SC_PAGE_SIZE"), "process_start": _start_time("self")}
+        rss = resident_pages * os.sysconf("SC_PAGE_SIZE")
+        return {"process_rss_bytes": rss, "process_start": start_time(os.getpid())}
     except (OSError, ValueError, IndexError):
         return {}
-
-
-def _start_time(pid) -> int:
-    """When process ``pid`` started, in clock ticks since boot: with the pid, names one process."""
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[19])
 
 
 def process_pss_bytes(snapshot: dict) -> int | None:
@@ -193,7 +189,7 @@ def process_pss_bytes(snapshot: dict) -> int | None:
     another counts as gone) or the file cannot be read."""
     pid, start = snapshot.get("pid"), snapshot.get("process_start")
     try:
-        if not pid or start is None or _start_time(pid) != start:
+        if start is None or not alive(pid or 0, start):
             return None
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
