@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -54,6 +55,7 @@ import sys
 import time
 from pathlib import Path
 
+from gpu_harness import CUSTOM_OPS, KERNEL_CONFIG, without_vllm_ops
 from provenance import card_name, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -582,9 +584,9 @@ def main(argv=None) -> int:
         # torch.compile off (mode 0), decode steps replayed from full CUDA graphs: what VTENSOR's CUDA tests cover
         kw |= dict(gpu_memory_utilization=args.gpu_memory_utilization,
                    compilation_config={"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"})
-        if os.environ.get("VTENSOR_NO_VLLM_OPS") == "1":  # vLLM's compiled CUDA ops absent (gpu_vllm.sh)
-            kw["compilation_config"]["custom_ops"] = ["none"]
-            kw["kernel_config"] = {"ir_op_priority": {"rms_norm": ["native"], "fused_add_rms_norm": ["native"]}}
+        if without_vllm_ops():
+            kw["compilation_config"]["custom_ops"] = list(CUSTOM_OPS)
+            kw["kernel_config"] = copy.deepcopy(KERNEL_CONFIG)
     else:
         kw |= dict(enforce_eager=True)
     for k, v in json.loads(args.engine_json).items():
@@ -601,7 +603,7 @@ def main(argv=None) -> int:
         "dtype": dtype, "kv_bytes_per_token": bytes_per_token, "workload_sizes": w,
         "harness": ("vLLM 0.32's Python source without its compiled CUDA ops (benchmarks/gpu_vllm.sh): native torch "
                     "layers for every engine, vLLM's Triton attention for vanilla, no FlashAttention, no torch.compile"
-                    if os.environ.get("VTENSOR_NO_VLLM_OPS") == "1" else "the installed vLLM"),
+                    if without_vllm_ops() else "the installed vLLM"),
         "engine_kwargs": kw, "engines_run": names, "engines": {}, "results": {}, "partial": True,
     }
 

@@ -23,8 +23,8 @@ the cgroup's limit hits and OOM kills, and whether every server is still up.
 
 On a CUDA GPU (``--device cuda``, the default where one is seen) the engines share the GPU instead:
 no cgroup (the GPU's memory is what is split or shared), a random-weight model of a real shape
-(``--shape``, default Llama-3.2-1B's layers with SmolLM2's vocabulary; ``--load-format dummy``,
-no tokenizer: requests and replies are token ids), bfloat16, vanilla on vLLM's Triton attention,
+(``--shape``, default Llama-3.2-1B's; ``--load-format dummy``, no tokenizer: requests and replies are
+token ids), bfloat16, vanilla on vLLM's Triton attention,
 VTENSOR on this project's kernels, the engines started one after another. Under
 ``benchmarks/gpu_vllm.sh`` (vLLM's Python source without its compiled ops) both run vLLM's native
 layers (``VTENSOR_NO_VLLM_OPS=1``).
@@ -47,6 +47,7 @@ import uuid
 from pathlib import Path
 
 import cgroup
+from gpu_harness import CUSTOM_OPS, KERNEL_CONFIG, without_vllm_ops
 from provenance import card_name, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,9 +108,8 @@ def device_flags(args) -> list[str]:
         return ["--dtype", "float32"]
     flags = ["--dtype", "bfloat16", "--load-format", "dummy", "--skip-tokenizer-init",
              "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-    if os.environ.get("VTENSOR_NO_VLLM_OPS") == "1":  # vLLM's compiled CUDA ops absent (gpu_vllm.sh): its native layers
-        flags += ["--compilation-config", json.dumps({"custom_ops": ["none"]}), "--kernel-config",
-                  json.dumps({"ir_op_priority": {"rms_norm": ["native"], "fused_add_rms_norm": ["native"]}})]
+    if without_vllm_ops():
+        flags += ["--compilation-config", json.dumps({"custom_ops": CUSTOM_OPS}), "--kernel-config", json.dumps(KERNEL_CONFIG)]
     return flags
 
 
@@ -252,7 +252,7 @@ def run_config(config: str, args) -> dict:
             pool_path(private_folder(), pool).unlink(missing_ok=True)
 
 
-def compare(results: dict, engines: int) -> dict:
+def compare(results: dict) -> dict:
     out = {}
     for name in results["static"]["phases"]:
         s, v = results["shared"]["phases"][name], results["static"]["phases"][name]
@@ -356,13 +356,13 @@ def main(argv=None) -> int:
         meta |= {"gpu_memory_utilization": args.gpu_memory_utilization,
                  "harness": ("vLLM 0.32's Python source without its compiled CUDA ops (benchmarks/gpu_vllm.sh): native "
                              "torch layers for both, vLLM's Triton attention for vanilla, this project's kernels for "
-                             "VTENSOR, no CUDA graphs (--enforce-eager)") if os.environ.get("VTENSOR_NO_VLLM_OPS") == "1"
+                             "VTENSOR, no CUDA graphs (--enforce-eager)") if without_vllm_ops()
                             else "the installed vLLM, --enforce-eager"}
     else:
         meta["cores"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", args.cores)
     out = {"meta": meta, "results": results}
     if set(results) == {"static", "shared"}:
-        out["comparison"] = compare(results, args.engines)
+        out["comparison"] = compare(results)
     print(f"\n{'phase':<8} {'static tok/s':>12} {'shared tok/s':>12} {'ratio':>6} {'static p99':>10} "
           f"{'shared p99':>10} {'ratio':>6}")
     for name in results[next(iter(results))]["phases"]:

@@ -47,13 +47,13 @@ def test_comparison_of_the_phases_a_run_has():
 
     static = config({"busy-0": _phase(100, 6.0), "all": _phase(180, 2.0)})
     shared = config({"busy-0": _phase(120, 3.0), "all": _phase(175, 2.5)}) | {"pool_overdrawn_bytes": 0}
-    out = multi_engine.compare({"static": static, "shared": shared}, engines=2)
+    out = multi_engine.compare({"static": static, "shared": shared})
     assert set(out) == {"busy-0", "all", "goals"}
     assert out["busy-0"] == {"tok_s_ratio": 1.2, "ttft_p99_ratio": 0.5}
     assert out["goals"] == {"skewed_met": True, "balanced_met": True, "no_failures": True, "no_oom_kills": True,
                             "pool_never_passed": True}
     shared["phases"]["all"] = _phase(160, 2.5, failed=1)  # 0.89x and a failed request
-    goals = multi_engine.compare({"static": static, "shared": shared}, engines=2)["goals"]
+    goals = multi_engine.compare({"static": static, "shared": shared})["goals"]
     assert (goals["balanced_met"], goals["no_failures"]) == (False, False)
     shared["servers_alive"] = [True, False]
-    assert not multi_engine.compare({"static": static, "shared": shared}, engines=2)["goals"]["no_oom_kills"]
+    assert not multi_engine.compare({"static": static, "shared": shared})["goals"]["no_oom_kills"]
