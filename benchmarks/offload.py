@@ -19,7 +19,8 @@ matters for the mmap baseline: the page cache may then keep only what the
 budget covers.  A run whose memory cannot be brought under the limit (the
 kernel refuses to lower it) or that is killed by it is reported as over the
 limit.  Every run starts with the page cache dropped.  Configurations: ``flexinfer``; its
-ablations ``sync`` (no prefetch), ``no_balance``, ``attention_first``,
+ablations ``sync`` (no prefetch), ``threads`` (reads by a prefetch thread and reader threads instead
+of native AIO submitted from the computing thread), ``no_balance``, ``attention_first``,
 ``ffn_first``, ``vllm_poll`` (the engine core waits for the worker with vLLM's ``sched_yield`` loop,
 ``VTENSOR_ENGINE_POLL_US=0``, instead of sleeping between checks) and ``poll_1ms`` (sleeping 1 ms
 between checks instead of the default 200 us); ``mmap`` (every matrix mapped from the store, paged by the
@@ -59,6 +60,7 @@ RESULTS = Path(__file__).parent / "results"
 CONFIGS = {
     "flexinfer": {},
     "sync": {"prefetch_window": 0},
+    "threads": {"io_engine": "threads"},
     "no_balance": {"policy": "no_balance"},
     "attention_first": {"policy": "attention_first"},
     "ffn_first": {"policy": "ffn_first"},
@@ -156,12 +158,14 @@ def run_in_cgroup(name: str, limit, argv: list[str], env: dict, result: Path,
 
 def disk_bandwidth(path: Path, io_threads: int = 2, window: int = DEFAULT_WINDOW, passes: int = 3) -> float:
     """Read bandwidth of the weight store ``path`` (bytes/s) through flexinfer's own streaming runtime with
-    no compute: a Streamer with every decoder layer as one unit (as when a whole layer streams), the
-    default I/O threads and prefetch window, an mlocked arena (O_DIRECT into page-aligned buffers); a
-    pass acquires and releases every layer in order.  Best of ``passes`` (a virtual machine's disk can vary by up
-    to 2x from one measurement to the next; main() also measures again after the runs).  An earlier
+    no compute: a streamer with every decoder layer as one unit (as when a whole layer streams), the
+    default prefetch window, an mlocked arena (O_DIRECT into page-aligned buffers); a pass acquires and
+    releases every layer in order.  The best of ``passes`` with each read path (native AIO where the
+    kernel allows it, and the reader threads with ``io_threads``): a virtual machine's disk can vary by
+    up to 2x from one measurement to the next (main() also measures again after the runs).  An earlier
     version read each tensor with a plain thread pool and measured ~0.6x of the rate the runtime
     itself reached during the runs, which made the bound no bound."""
+    from flexoffload import aio
     from flexoffload.plan import _layer_of
     from flexoffload.runtime import Streamer, Unit
     from flexoffload.store import WeightStore
@@ -174,17 +178,21 @@ def disk_bandwidth(path: Path, io_threads: int = 2, window: int = DEFAULT_WINDOW
     units = [Unit(f"layer.{i}", names) for i, names in sorted(layers.items())]
     unit_bytes = [sum(store.index[n].nbytes for n in u.names) for u in units]
     biggest = max(sum(store.index[n].padded for n in u.names) for u in units)
-    streamer = Streamer(store, units, (window + 1) * biggest, window=window, io_threads=io_threads, lock_memory=True)
     best = 0.0
     try:
-        for _ in range(passes):
-            t0 = time.perf_counter()
-            for i in range(len(units)):
-                streamer.release(streamer.acquire(i))
-            best = max(best, sum(unit_bytes) / (time.perf_counter() - t0))
+        for kind in [Streamer] + ([aio.AioStreamer] if aio.unavailable_reason() is None else []):
+            streamer = kind(store, units, (window + 1) * biggest, window=window, io_threads=io_threads,
+                            lock_memory=True)
+            try:
+                for _ in range(passes):
+                    t0 = time.perf_counter()
+                    for i in range(len(units)):
+                        streamer.release(streamer.acquire(i))
+                    best = max(best, sum(unit_bytes) / (time.perf_counter() - t0))
+            finally:
+                streamer.close()
         return best
     finally:
-        streamer.close()
         store.close()
 
 

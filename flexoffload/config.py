@@ -8,6 +8,7 @@ from vllm_vtensor import settings
 from vllm_vtensor.settings import parse_bytes
 
 POLICIES = ("flexinfer", "attention_first", "ffn_first", "no_balance")
+IO_ENGINES = ("auto", "aio", "threads")  # auto: glibc's AIO on a CPU, reader threads on a GPU
 BASELINES = ("mmap",)  # every layer tensor a view of the mmap'd store: the OS pages it in and out (llama.cpp's way)
 
 
@@ -22,7 +23,11 @@ class FlexConfig:
     # layers read ahead of the one computing (0: synchronous reads); None: 3, or fewer where the
     # budget cannot hold that many layer buffers
     prefetch_window: int | None = None
-    io_threads: int = 2
+    io_threads: int = 2  # reads in flight at once (reader threads)
+    # how streamed reads run: "aio" (glibc's POSIX AIO: C reader threads, queued and checked by the
+    # computing thread, no Python thread beside the model; CPU only), "threads" (a Python prefetch
+    # thread and reader pool), "auto" (aio on a CPU where glibc provides it, threads on a GPU)
+    io_engine: str = "auto"
     direct_io: bool = True  # O_DIRECT reads: no page cache, so streamed bytes do not count twice
     policy: str = "flexinfer"  # or an ablation: attention_first, ffn_first, no_balance; or the "mmap" baseline
     lock_memory: bool = True  # mlock resident weights and buffers where the limit allows
@@ -44,9 +49,12 @@ class FlexConfig:
         cfg = cls(**extra)
         if (cfg.prefetch_window is not None and cfg.prefetch_window < 0) or cfg.io_threads < 1:
             raise FlexConfigError("prefetch_window must be >= 0 and io_threads >= 1")
+        if cfg.io_engine not in IO_ENGINES:
+            raise FlexConfigError(f"io_engine {cfg.io_engine!r} is not one of {IO_ENGINES}")
         if cfg.policy not in POLICIES + BASELINES:
             raise FlexConfigError(f"policy {cfg.policy!r} is not one of {POLICIES + BASELINES}")
-        streaming_only = sorted(set(extra) & {"prefetch_window", "io_threads", "direct_io", "lock_memory"})
+        streaming_only = sorted(set(extra) & {"prefetch_window", "io_threads", "io_engine", "direct_io",
+                                             "lock_memory"})
         if cfg.policy == "mmap" and streaming_only:
             raise FlexConfigError(f"{streaming_only} apply to streamed weights; the mmap baseline (policy 'mmap') "
                                   "leaves paging to the OS: drop them, or pick a streaming policy")

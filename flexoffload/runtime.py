@@ -62,6 +62,7 @@ class _Slot:
     error: BaseException | None = None
     copied: object = None  # CUDA: event recorded after the host-to-device copy
     direct: dict = field(default_factory=dict)  # CUDA: arena offset -> host-tier bytes copied from there
+    pending: int = 0  # AIO: its tensors whose reads have not finished
 
 
 class HostTier:
@@ -170,17 +171,20 @@ class Streamer:
             self._issued: list[_Slot] = []  # slots whose copies may still read host space (producer-owned)
         elif self.device.type != "cpu":
             raise ValueError(f"flexinfer streams to 'cpu' or 'cuda' devices, not {self.device}")
-        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flexinfer-io",
-                                        initializer=move_to_helper_cores)
         self._ring: collections.deque[_Slot] = collections.deque()
         self._cond = threading.Condition()
-        self._max_in_flight = max(1, io_threads)  # units whose reads may run at once
-        self._in_flight, self._busy_since = 0, 0.0  # units being read; since when some have been
+        self._in_flight, self._busy_since = 0, 0.0  # units (reads, with AIO) being read; since when some have been
         self._next_seq = 0
         self._closed = False
         self.stats = StreamStats()
         self._thread = None
-        if window > 0:
+        self._start_readers(io_threads)
+
+    def _start_readers(self, io_threads: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flexinfer-io",
+                                        initializer=move_to_helper_cores)
+        self._max_in_flight = max(1, io_threads)  # units whose reads may run at once
+        if self.window > 0:
             self._thread = threading.Thread(target=self._produce_loop, name="flexinfer-prefetch", daemon=True)
             self._thread.start()
 
@@ -403,3 +407,4 @@ class Streamer:
             if self._host_addr is not None:
                 torch.cuda.cudart().cudaHostUnregister(self._host_addr)
                 self._host_addr = None
+

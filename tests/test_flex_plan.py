@@ -195,6 +195,10 @@ def test_config_validation():
     with pytest.raises(FlexConfigError, match=r"\['io_threads', 'prefetch_window'\] apply to streamed weights"):
         FlexConfig.from_extra({"memory_budget": 0.5, "policy": "mmap", "prefetch_window": 2, "io_threads": 4})
     assert FlexConfig.from_extra({"memory_budget": 0.5, "policy": "mmap", "cache_dir": "/tmp"}).policy == "mmap"
+    with pytest.raises(FlexConfigError, match=r"io_engine 'uring' is not one of \('auto', 'aio', 'threads'\)"):
+        FlexConfig.from_extra({"memory_budget": 0.5, "io_engine": "uring"})
+    with pytest.raises(FlexConfigError, match=r"\['io_engine'\] apply to streamed weights"):
+        FlexConfig.from_extra({"memory_budget": 0.5, "policy": "mmap", "io_engine": "aio"})
     cfg = FlexConfig.from_extra({"memory_budget": 0.5})
     assert cfg.budget_bytes(1000) == 500 and FlexConfig.from_extra({"memory_budget": "25%"}).budget_bytes(1000) == 250
     assert FlexConfig.from_extra({"memory_budget": "800MB"}).budget_bytes(1) == 800_000_000
@@ -221,3 +225,31 @@ def test_the_loader_refuses_pipeline_parallelism_naming_the_fix():
                              parallel_config=SimpleNamespace(world_size=4, tensor_parallel_size=2))
     with pytest.raises(FlexConfigError, match="--pipeline-parallel-size 1"):
         loader.load_model(config, SimpleNamespace())
+
+
+def test_the_loader_picks_its_read_engine_by_device_and_names_the_fix_where_it_cannot():
+    """auto: glibc's AIO on a CPU (reader threads where glibc has none), Python reader threads on a GPU;
+    aio asked for where it cannot run is refused with the fix."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from flexoffload import aio
+    from flexoffload.loader import FlexInferLoader
+
+    def pick(engine, device, reason=None):
+        aio._checked, aio._unavailable = True, reason
+        loader = SimpleNamespace(cfg=FlexConfig.from_extra({"memory_budget": 0.5, "io_engine": engine}))
+        return FlexInferLoader._io_engine(loader, torch.device(device))
+
+    checked, unavailable = aio._checked, aio._unavailable
+    try:
+        assert pick("auto", "cpu") == "aio" and pick("auto", "cuda") == "threads"
+        assert pick("threads", "cpu") == "threads" and pick("aio", "cpu") == "aio"
+        assert pick("auto", "cpu", "not glibc's POSIX AIO (musl)") == "threads"
+        with pytest.raises(FlexConfigError, match=r"not available here \(not glibc's.*use io_engine 'auto' or 'threads'"):
+            pick("aio", "cpu", "not glibc's POSIX AIO (musl)")
+        with pytest.raises(FlexConfigError, match="streaming to a GPU uses reader threads"):
+            pick("aio", "cuda")
+    finally:
+        aio._checked, aio._unavailable = checked, unavailable

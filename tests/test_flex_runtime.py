@@ -1,6 +1,7 @@
-"""Prefetch streamer: units arrive intact in forward order with O_DIRECT and buffered reads,
-synchronously (window 0) or ahead; a unit the model skips (no logits this pass) never
-deadlocks the ring; the arena bounds memory; a damaged store is reported, not hidden."""
+"""Prefetch streamer, with reader threads and with glibc's AIO: units arrive intact in forward order
+with O_DIRECT and buffered reads, synchronously (window 0) or ahead; a unit the model skips (no
+logits this pass) never deadlocks the ring; the arena bounds memory; a damaged store is reported,
+not hidden; AIO starts no Python thread and its reader threads run on the helper cores."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flexoffload import aio
 from flexoffload.runtime import HostTier, Streamer, Unit
 from flexoffload.store import WeightStore, aligned
 
@@ -23,6 +25,14 @@ def store(tmp_path):
     path = tmp_path / "w.bin"
     WeightStore.write(path, tensors)
     return path, tensors
+
+
+ENGINES = ["threads", pytest.param("aio", marks=pytest.mark.skipif(aio.unavailable_reason() is not None,
+                                                                   reason=str(aio.unavailable_reason())))]
+
+
+def streamer(engine: str, *args, **kw) -> Streamer:
+    return (aio.AioStreamer if engine == "aio" else Streamer)(*args, **kw)
 
 
 def units():
@@ -46,12 +56,13 @@ def run_with_timeout(fn, seconds=20):
         raise errors[0]
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("window, direct", [(0, True), (1, True), (3, False)])
-def test_units_arrive_intact_in_order(store, window, direct):
+def test_units_arrive_intact_in_order(store, window, direct, engine):
     path, tensors = store
     us = units()
     arena = 2 * max(sum(aligned(tensors[n].numel() * 4) for n in u.names) for u in us)
-    s = Streamer(WeightStore.open(path, direct), us, arena, window=window, io_threads=2, lock_memory=False)
+    s = streamer(engine, WeightStore.open(path, direct), us, arena, window=window, io_threads=2, lock_memory=False)
 
     def forward_passes():
         for step in range(3):
@@ -117,8 +128,9 @@ def test_units_of_one_tensor_are_read_several_at_a_time(store):
     assert most[0] == 2 and s.stats.units_skipped > 0
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("window", [0, 2])
-def test_units_with_tensors_in_the_host_tier_arrive_intact(store, window):
+def test_units_with_tensors_in_the_host_tier_arrive_intact(store, window, engine):
     """Some tensors from a host tier, the rest of the same units from disk: every unit intact, each
     source's bytes counted, the host tier read from the store once."""
     path, tensors = store
@@ -128,7 +140,7 @@ def test_units_with_tensors_in_the_host_tier_arrive_intact(store, window):
     host = HostTier(st, host_names, lock_memory=False)
     assert "head" in host and "layers.0.w1" not in host and host.nbytes >= sum(tensors[n].numel() * 4 for n in host_names)
     arena = 2 * max(sum(aligned(tensors[n].numel() * 4) for n in u.names) for u in us)
-    s = Streamer(st, us, arena, window=window, io_threads=2, lock_memory=False, host=host)
+    s = streamer(engine, st, us, arena, window=window, io_threads=2, lock_memory=False, host=host)
 
     def forward_passes():
         for _ in range(3):
@@ -152,14 +164,15 @@ def test_arena_smaller_than_a_unit_is_refused(store):
         Streamer(WeightStore.open(path, True), units(), 4096, window=1, io_threads=1, lock_memory=False)
 
 
-def test_truncated_store_is_reported(store):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_truncated_store_is_reported(store, engine):
     """Cut short while in use: the read that misses its bytes fails with the tensor's name."""
     path, _ = store
     opened = WeightStore.open(path, False)
     last = max(opened.index.values(), key=lambda e: e.offset)
     with open(path, "r+b") as f:
         f.truncate(last.offset + 10)
-    s = Streamer(opened, units(), 1 << 20, window=0, io_threads=1, lock_memory=False)
+    s = streamer(engine, opened, units(), 1 << 20, window=0, io_threads=1, lock_memory=False)
     for u in range(4):
         s.release(s.acquire(u))
     with pytest.raises(RuntimeError, match="could not read head"):
@@ -182,6 +195,59 @@ def test_unknown_device_is_refused(store):
     with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
         Streamer(WeightStore.open(path, False), units(), 1 << 20, window=1, io_threads=1, lock_memory=False,
                  device="meta")
+
+
+_AIO_THREADS_CHECK = """
+import os, sys, threading
+from pathlib import Path
+from flexoffload.aio import AioStreamer
+from flexoffload.runtime import Unit
+from flexoffload.store import WeightStore
+
+path, compute, helper = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+os.sched_setaffinity(0, {compute})  # the computing thread, pinned as vLLM pins a CPU worker
+tasks = lambda: set(os.listdir("/proc/self/task"))
+before, py_before = tasks(), threading.active_count()
+st = WeightStore.open(path, True)
+units = [Unit(n, [n]) for n in sorted(st.index)]
+s = AioStreamer(st, units, 1 << 20, window=3, io_threads=2, lock_memory=False)
+started = tasks() - before
+for _ in range(20):
+    for u in range(len(units)):
+        s.release(s.acquire(u))
+later = tasks() - before - started
+print(len(started), sorted({c for t in started for c in os.sched_getaffinity(int(t))}), len(later),
+      threading.active_count() - py_before, s.stats.units_read)
+s.close()
+"""
+
+
+@pytest.mark.skipif(aio.unavailable_reason() is not None, reason=str(aio.unavailable_reason()))
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_aio_reads_on_reader_threads_of_the_helper_cores_and_no_python_thread(store):
+    """The computing thread pinned to one core: glibc's reader threads (one per lane) start on the helper
+    cores, none is started later (it would inherit the computing thread's core), and no Python thread
+    is started at all."""
+    import subprocess
+    import sys
+
+    path, _ = store
+    compute, helper = sorted(os.sched_getaffinity(0))[:2]
+    env = {**os.environ, "VTENSOR_HELPER_CORES": str(helper), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _AIO_THREADS_CHECK, str(path), str(compute), str(helper)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    started, cores, later, python_threads, units_read = out.stdout.split("\n")[-2].split(" ", 4)
+    assert (int(started), cores, int(later), int(python_threads)) == (2, f"[{helper}]", 0, 0)
+    assert int(units_read) >= 20 * 9
+
+
+@pytest.mark.skipif(aio.unavailable_reason() is not None, reason=str(aio.unavailable_reason()))
+def test_aio_streamer_refuses_a_gpu(store):
+    path, _ = store
+    with pytest.raises(ValueError, match="io_engine 'threads'"):
+        aio.AioStreamer(WeightStore.open(path, False), units(), 1 << 20, window=1, io_threads=1, lock_memory=False,
+                        device="cuda")
 
 
 @pytest.mark.gpu

@@ -204,7 +204,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("prefetch_window", "flexinfer option", "int >= 0", None,
             "Layers read ahead of the one computing (0: synchronous reads).",
             default_text="3, fewer where the budget cannot hold that many layer buffers"),
-    Setting("io_threads", "flexinfer option", "int >= 1", 2, "Threads reading streamed tensors, and how many layers' reads may be in flight at once."),
+    Setting("io_threads", "flexinfer option", "int >= 1", 2,
+            "Reader threads, and how many streamed tensors' (with `io_engine` threads: layers') reads may be in "
+            "flight at once."),
+    Setting("io_engine", "flexinfer option", "auto, aio or threads", "auto",
+            "How streamed reads run. `aio`: glibc's POSIX AIO, on C reader threads started on the helper cores, "
+            "queued and checked by the computing thread in its layer hooks (no Python thread beside the model to "
+            "take the GIL from it; CPU only). `threads`: a Python prefetch thread and a pool of `io_threads` "
+            "readers. `auto`: `aio` on a CPU where glibc provides it, `threads` on CUDA (its prefetch thread also "
+            "issues the copies to the device)."),
     Setting("direct_io", "flexinfer option", "bool", True,
             "Read streamed tensors with `O_DIRECT` (no page cache, so streamed bytes do not count twice)."),
     Setting("policy", "flexinfer option", "choice", "flexinfer",
