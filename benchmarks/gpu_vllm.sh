@@ -60,6 +60,16 @@ if [ "${MULTI_ENGINE:-0}" = 1 ]; then
       --log-dir "$OUT/multi-engine-logs" ${MULTI_ENGINE_ARGS:---phases busy-0,all} 2>&1 | tee "$OUT/multi-engine.log"
   exit 0
 fi
+# OFFLOAD_CUDA=1: only FlexInfer in vLLM at device budgets of 25/50/75% (the rest in pinned host memory) against vLLM's
+# cpu_offload_gb at the same device memory and all weights resident, decode at batch 1 and 16 (benchmarks/offload_cuda.py:
+# OFFLOAD_CUDA_SHAPE, default llama-3.1-8b, random bf16 weights written once under $VTENSOR_CACHE; OFFLOAD_CUDA_ARGS
+# for more): JSON, PNG and log in $OUT
+if [ "${OFFLOAD_CUDA:-0}" = 1 ]; then
+  timeout ${OFFLOAD_TIMEOUT:-540} $PY benchmarks/offload_cuda.py --shape "${OFFLOAD_CUDA_SHAPE:-llama-3.1-8b}" --out-dir "$OUT" \
+      ${OFFLOAD_CUDA_ARGS:-} 2>&1 | tee "$OUT/offload-cuda-full.log" \
+      | grep --line-buffered -v "^(EngineCore\|^INFO\|^WARNING\|^(Worker\|^(MainProcess" | tee "$OUT/offload-cuda.log"
+  exit 0
+fi
 # 10 engines (~45 s each to start and run); each outcome is written to outcomes.txt as it happens (a pass as one
 # line, a failure with its report), and output goes to the log line by line: a run cut off by its limit keeps both.
 # BENCH_ONLY=1 skips the tests (a second call for the benchmark: one call cannot hold both in 10 minutes)
