@@ -26,7 +26,7 @@ import torch
 from vllm_vtensor.threads import helper_cores
 
 from .runtime import HostTier, Streamer, Unit, _Slot
-from .store import WeightStore
+from .store import ALIGN, WeightStore
 
 _SIGEV_NONE = 1
 _IDLE_SECONDS = 10**8  # glibc's reader threads stay (one started later would inherit the computing thread's cores)
@@ -94,7 +94,6 @@ class Lanes:
             raise AioUnavailable(reason)
         flags = os.O_RDONLY | (os.O_DIRECT if direct_io else 0)
         self.fds = [os.open(path, flags) for _ in range(count)]
-        self._next = 0
         self._start_readers()
 
     def _start_readers(self) -> None:
@@ -135,10 +134,9 @@ class Lanes:
                         os.close(fd)
                 os.sched_setaffinity(me, mine)
 
-    def read(self, addr: int, nbytes: int, offset: int) -> _Aiocb:
-        """Queue a read on the next lane; the returned control block must live until it is done."""
-        cb = _Aiocb(fildes=self.fds[self._next], buf=addr, nbytes=nbytes, offset=offset)
-        self._next = (self._next + 1) % len(self.fds)
+    def read(self, lane: int, addr: int, nbytes: int, offset: int) -> _Aiocb:
+        """Queue a read on ``lane``; the returned control block must live until it is done."""
+        cb = _Aiocb(fildes=self.fds[lane], buf=addr, nbytes=nbytes, offset=offset)
         cb.sigevent.notify = _SIGEV_NONE
         if _libc.aio_read(ctypes.byref(cb)) != 0:
             err = ctypes.get_errno()
@@ -175,7 +173,11 @@ class Lanes:
 class _Read:
     slot: _Slot
     name: str
-    start: int  # arena offset of the tensor
+    lane: int
+    start: int  # arena offset of this piece of the tensor
+    offset: int  # its file offset
+    size: int  # its bytes (4096-aligned)
+    need: int  # of which the tensor's own (the rest is padding; a read may end at the end of the file)
     done: int = 0  # bytes read so far (a read that ends early is continued)
     cb: _Aiocb | None = None  # the request in flight
 
@@ -200,16 +202,25 @@ class AioStreamer(Streamer):
     def _start_readers(self, io_threads: int) -> None:
         self._lanes = Lanes(self.store.path, max(1, io_threads), self.store.direct_io)
         self._reads: list[_Read] = []  # in flight, in submission order
+        self._lane = 0  # the lane of the next piece
 
     def _issue(self, slot: _Slot) -> None:
-        """Queue ``slot``'s disk reads (host-tier tensors are copied now)."""
-        off, reads = slot.start, []
+        """Queue ``slot``'s disk reads (host-tier tensors are copied now).  A tensor of 256 KiB or more per
+        lane is read in one piece per lane: glibc gives each lane's requests to one thread in order, so
+        whole tensors dealt to lanes in turn left one lane behind the other where a unit's tensors
+        differ in size (a reader thread idle while the other read the unit needed next)."""
+        off, reads, lanes = slot.start, [], len(self._lanes.fds)
         for name in self.units[slot.unit].names:
             e = self.store.index[name]
             if self.host is not None and name in self.host:
                 self.stats.bytes_from_host += self.host.read_into(name, self._view[off: off + e.padded])
             else:
-                reads.append(_Read(slot, name, off))
+                pieces = lanes if e.padded >= lanes * (256 << 10) else 1
+                size = -(-e.padded // pieces // ALIGN) * ALIGN
+                for at in range(0, e.padded, size):
+                    reads.append(_Read(slot, name, self._lane, off + at, e.offset + at, min(size, e.padded - at),
+                                       max(0, min(size, e.nbytes - at))))
+                    self._lane = (self._lane + 1) % lanes
             off += e.padded
         slot.pending = len(reads)
         if not reads:
@@ -218,10 +229,9 @@ class AioStreamer(Streamer):
             self._queue(r)
 
     def _queue(self, r: _Read) -> None:
-        e = self.store.index[r.name]
         if not self._reads:
             self._busy_since = time.perf_counter()
-        r.cb = self._lanes.read(self._addr + r.start + r.done, e.padded - r.done, e.offset + r.done)
+        r.cb = self._lanes.read(r.lane, self._addr + r.start + r.done, r.size - r.done, r.offset + r.done)
         self._reads.append(r)
 
     def _collect(self) -> None:
@@ -232,21 +242,22 @@ class AioStreamer(Streamer):
                 still.append(r)
                 continue
             res = self._lanes.result(r.cb)
-            e = self.store.index[r.name]
             if res < 0:
                 r.slot.error = r.slot.error or OSError(-res, f"reading {r.name} from {self.store.path}: "
                                                              f"{os.strerror(-res)}")
             else:
                 r.done += res
-                if 0 < res and r.done < e.padded:  # ended early: read the rest
-                    r.cb = self._lanes.read(self._addr + r.start + r.done, e.padded - r.done, e.offset + r.done)
+                if 0 < res and r.done < r.size:  # ended early: read the rest
+                    r.cb = self._lanes.read(r.lane, self._addr + r.start + r.done, r.size - r.done, r.offset + r.done)
                     still.append(r)
                     continue
-                if r.done < e.nbytes:
-                    r.slot.error = r.slot.error or OSError(f"short read of {r.name} from {self.store.path}: "
-                                                           f"{r.done} of {e.nbytes} bytes (file damaged?)")
+                if r.done < r.need:
+                    e = self.store.index[r.name]
+                    r.slot.error = r.slot.error or OSError(
+                        f"short read of {r.name} from {self.store.path}: {r.done} of bytes "
+                        f"{r.offset - e.offset}-{r.offset - e.offset + r.need} of {e.nbytes} (file damaged?)")
                 else:
-                    self.stats.bytes_streamed += e.nbytes
+                    self.stats.bytes_streamed += r.need
             r.slot.pending -= 1
             if not r.slot.pending:
                 self._finish_slot(r.slot)

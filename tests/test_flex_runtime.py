@@ -243,6 +243,42 @@ def test_aio_reads_on_reader_threads_of_the_helper_cores_and_no_python_thread(st
 
 
 @pytest.mark.skipif(aio.unavailable_reason() is not None, reason=str(aio.unavailable_reason()))
+def test_aio_reads_a_large_tensor_in_one_piece_per_lane(tmp_path):
+    """A tensor of 256 KiB or more per lane is split across the lanes (so one lane never trails with a unit's
+    largest tensor): pieces on every lane, every byte where it belongs (sizes not multiples of a page, the
+    last tensor ending the file), every byte counted once; a store cut inside a piece is reported."""
+    g = torch.Generator().manual_seed(1)
+    tensors = {"layers.0.big": torch.randn(1001, 300, generator=g), "layers.0.small": torch.randn(7, 33, generator=g),
+               "layers.1.big": torch.randn(777, 413, generator=g)}
+    path = tmp_path / "w.bin"
+    WeightStore.write(path, tensors)
+    us = [Unit("layer.0", ["layers.0.big", "layers.0.small"]), Unit("layer.1", ["layers.1.big"])]
+    st = WeightStore.open(path, True)
+    s = aio.AioStreamer(st, us, 3 << 20, window=1, io_threads=2, lock_memory=False)
+    lanes, read = [], s._lanes.read
+    s._lanes.read = lambda lane, addr, n, off: lanes.append((lane, n)) or read(lane, addr, n, off)
+    for _ in range(3):
+        for u in range(2):
+            slot = s.acquire(u)
+            for name, t in s.tensors(slot).items():
+                assert torch.equal(t, tensors[name]), name
+            s.release(slot)
+    s.close()
+    biggest = max(aligned(t.numel() * 4) for t in tensors.values())
+    assert {lane for lane, n in lanes if n > 256 << 10} == {0, 1} and max(n for _, n in lanes) <= biggest // 2 + 4096
+    assert s.stats.bytes_streamed % sum(t.numel() * 4 for t in tensors.values()) == 0 and s.stats.bytes_streamed > 0
+    opened = WeightStore.open(path, False)
+    with open(path, "r+b") as f:  # cut inside the second piece of the last tensor
+        f.truncate(st.index["layers.1.big"].offset + st.index["layers.1.big"].nbytes - 5000)
+    s = aio.AioStreamer(opened, us, 3 << 20, window=0, io_threads=2, lock_memory=False)
+    s.release(s.acquire(0))
+    with pytest.raises(RuntimeError, match="could not read layer.1") as err:
+        s.acquire(1)
+    assert "short read of layers.1.big" in str(err.value.__cause__)
+    s.close()
+
+
+@pytest.mark.skipif(aio.unavailable_reason() is not None, reason=str(aio.unavailable_reason()))
 def test_aio_streamer_refuses_a_gpu(store):
     path, _ = store
     with pytest.raises(ValueError, match="io_engine 'threads'"):
