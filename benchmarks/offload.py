@@ -19,8 +19,8 @@ matters for the mmap baseline: the page cache may then keep only what the
 budget covers.  A run whose memory cannot be brought under the limit (the
 kernel refuses to lower it) or that is killed by it is reported as over the
 limit.  Every run starts with the page cache dropped.  Configurations: ``flexinfer``; its
-ablations ``sync`` (no prefetch), ``threads`` (reads by a prefetch thread and reader threads instead
-of native AIO submitted from the computing thread), ``no_balance``, ``attention_first``,
+ablations ``sync`` (no prefetch), ``threads`` (reads by a Python prefetch thread and reader pool instead
+of glibc's AIO queued from the computing thread), ``no_balance``, ``attention_first``,
 ``ffn_first``, ``vllm_poll`` (the engine core waits for the worker with vLLM's ``sched_yield`` loop,
 ``VTENSOR_ENGINE_POLL_US=0``, instead of sleeping between checks) and ``poll_1ms`` (sleeping 1 ms
 between checks instead of the default 200 us); ``mmap`` (every matrix mapped from the store, paged by the
@@ -160,8 +160,8 @@ def disk_bandwidth(path: Path, io_threads: int = 2, window: int = DEFAULT_WINDOW
     """Read bandwidth of the weight store ``path`` (bytes/s) through flexinfer's own streaming runtime with
     no compute: a streamer with every decoder layer as one unit (as when a whole layer streams), the
     default prefetch window, an mlocked arena (O_DIRECT into page-aligned buffers); a pass acquires and
-    releases every layer in order.  The best of ``passes`` with each read path (native AIO where the
-    kernel allows it, and the reader threads with ``io_threads``): a virtual machine's disk can vary by
+    releases every layer in order.  The best of ``passes`` with each read path (glibc's AIO where
+    the C library provides it, and the Python reader threads), ``io_threads`` reads in flight: a virtual machine's disk can vary by
     up to 2x from one measurement to the next (main() also measures again after the runs).  An earlier
     version read each tensor with a plain thread pool and measured ~0.6x of the rate the runtime
     itself reached during the runs, which made the bound no bound."""

@@ -172,18 +172,17 @@ def summarise(rows: dict, budgets: list[float], copy_bps: float | None) -> dict:
     out = {}
     for f in budgets:
         flex, off = rows.get(f"flexinfer@{f:g}", {}), rows.get(f"vllm_offload@{f:g}", {})
-        per_fwd = (flex.get("flexinfer") or {}).get("bytes_copied_to_device", 0) / max(
-            1, (flex.get("flexinfer") or {}).get("forwards", 0)) if flex.get("flexinfer") else None
+        stats = flex.get("flexinfer") or {}
+        per_fwd = stats["bytes_copied_to_device"] / stats["forwards"] if stats.get("forwards") else None
         for b in BATCHES:
-            tok = (flex.get(f"b{b}") or {}).get("tok_s")
+            run, off_run, res_run = (r.get(f"b{b}") or {} for r in (flex, off, resident))
+            tok, off_tok = run.get("tok_s"), off_run.get("tok_s")
             bound = b * copy_bps / per_fwd if copy_bps and per_fwd else None
-            off_tok = (off.get(f"b{b}") or {}).get("tok_s")
             out[f"{f:g}/b{b}"] = {
                 "flexinfer_tok_s": tok, "host_to_device_bound_tok_s": bound,
                 "vs_bound": tok / bound if tok and bound else None,
                 "vllm_offload_tok_s": off_tok, "vs_vllm_offload": tok / off_tok if tok and off_tok else None,
-                "tokens_equal_resident": ((flex.get(f"b{b}") or {}).get("answers") ==
-                                          (resident.get(f"b{b}") or {}).get("answers")) if tok and resident else None}
+                "tokens_equal_resident": run["answers"] == res_run["answers"] if tok and res_run else None}
     return out
 
 
@@ -247,6 +246,8 @@ def main(argv=None) -> int:
     data = {**provenance("offload_cuda.py", sys.argv[1:] if argv is None else argv), "shape": args.shape,
             "card": card, "dtype": dtype, "weight_bytes": wbytes, "tokens": tokens, "batches": list(BATCHES),
             "pinned_copy_bytes_per_s": copy_bps, "native_ops": not without_vllm_ops(), "rows": {}}
+    if not cuda:
+        data["vllm_offload"] = "not run: vLLM's cpu_offload_gb moves weights from a GPU to the host"
     base = dict(model=str(model), dtype=dtype, cuda=cuda, vocab=SHAPES[args.shape]["vocab_size"], tokens=tokens,
                 kv_bytes=(2 << 30) if cuda else (64 << 20))
     plan = [("resident", {})]
@@ -266,9 +267,6 @@ def main(argv=None) -> int:
                   flush=True)
             data["summary"] = summarise(data["rows"], budgets, copy_bps)
             stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
-    if not cuda:
-        data["vllm_offload"] = "not run: vLLM's cpu_offload_gb moves weights from a GPU to the host"
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
     plot(data, stem.with_suffix(".png"))
     print(json.dumps(data["summary"], indent=1))
     print(f"wrote {stem}.json and .png")

@@ -168,7 +168,6 @@ class Lanes:
         self.fds = []
 
 
-
 @dataclass
 class _Read:
     slot: _Slot
@@ -231,8 +230,11 @@ class AioStreamer(Streamer):
     def _queue(self, r: _Read) -> None:
         if not self._reads:
             self._busy_since = time.perf_counter()
-        r.cb = self._lanes.read(r.lane, self._addr + r.start + r.done, r.size - r.done, r.offset + r.done)
+        self._read_rest(r)
         self._reads.append(r)
+
+    def _read_rest(self, r: _Read) -> None:
+        r.cb = self._lanes.read(r.lane, self._addr + r.start + r.done, r.size - r.done, r.offset + r.done)
 
     def _collect(self) -> None:
         """Account the reads that have finished."""
@@ -248,14 +250,14 @@ class AioStreamer(Streamer):
             else:
                 r.done += res
                 if 0 < res and r.done < r.size:  # ended early: read the rest
-                    r.cb = self._lanes.read(r.lane, self._addr + r.start + r.done, r.size - r.done, r.offset + r.done)
+                    self._read_rest(r)
                     still.append(r)
                     continue
                 if r.done < r.need:
                     e = self.store.index[r.name]
                     r.slot.error = r.slot.error or OSError(
-                        f"short read of {r.name} from {self.store.path}: {r.done} of bytes "
-                        f"{r.offset - e.offset}-{r.offset - e.offset + r.need} of {e.nbytes} (file damaged?)")
+                        f"short read of {r.name} from {self.store.path}: {r.done} of the {r.need} bytes from byte "
+                        f"{r.offset - e.offset} of its {e.nbytes} (file damaged?)")
                 else:
                     self.stats.bytes_streamed += r.need
             r.slot.pending -= 1

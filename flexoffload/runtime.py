@@ -62,7 +62,7 @@ class _Slot:
     error: BaseException | None = None
     copied: object = None  # CUDA: event recorded after the host-to-device copy
     direct: dict = field(default_factory=dict)  # CUDA: arena offset -> host-tier bytes copied from there
-    pending: int = 0  # AIO: its tensors whose reads have not finished
+    pending: int = 0  # AIO: its reads (a tensor's pieces) not finished yet
 
 
 class HostTier:
@@ -173,7 +173,7 @@ class Streamer:
             raise ValueError(f"flexinfer streams to 'cpu' or 'cuda' devices, not {self.device}")
         self._ring: collections.deque[_Slot] = collections.deque()
         self._cond = threading.Condition()
-        self._in_flight, self._busy_since = 0, 0.0  # units (reads, with AIO) being read; since when some have been
+        self._in_flight, self._busy_since = 0, 0.0  # units being read; since when some have been
         self._next_seq = 0
         self._closed = False
         self.stats = StreamStats()
@@ -416,4 +416,3 @@ class Streamer:
             if self._host_addr is not None:
                 torch.cuda.cudart().cudaHostUnregister(self._host_addr)
                 self._host_addr = None
-

@@ -39,6 +39,15 @@ def units():
     return [Unit(f"layer.{i}", [f"layers.{i}.w0", f"layers.{i}.w1"]) for i in range(4)] + [Unit("head", ["head"])]
 
 
+def read_intact(s: Streamer, tensors: dict, order) -> None:
+    """One forward pass over the units in ``order``: each arrives holding exactly its tensors."""
+    for u in order:
+        slot = s.acquire(u)
+        for name, t in s.tensors(slot).items():
+            assert torch.equal(t, tensors[name]), name
+        s.release(slot)
+
+
 def run_with_timeout(fn, seconds=20):
     errors = []
 
@@ -66,20 +75,10 @@ def test_units_arrive_intact_in_order(store, window, direct, engine):
 
     def forward_passes():
         for step in range(3):
-            order = list(range(5)) if step != 1 else list(range(4))  # step 1 computes no logits
-            for u in order:
-                slot = s.acquire(u)
-                for name, t in s.tensors(slot).items():
-                    assert torch.equal(t, tensors[name]), name
-                s.release(slot)
+            read_intact(s, tensors, range(5) if step != 1 else range(4))  # step 1 computes no logits
         rng = random.Random(window)
         for _ in range(25):  # random skips exercise every wrap-around of the ring
-            order = [u for u in range(5) if rng.random() > 0.2]
-            for u in order:
-                slot = s.acquire(u)
-                for name, t in s.tensors(slot).items():
-                    assert torch.equal(t, tensors[name]), name
-                s.release(slot)
+            read_intact(s, tensors, [u for u in range(5) if rng.random() > 0.2])
 
     run_with_timeout(forward_passes)
     consumed = 3 * sum(tensors[n].numel() * 4 for u in us[:4] for n in u.names) + 2 * tensors["head"].numel() * 4
@@ -117,11 +116,7 @@ def test_units_of_one_tensor_are_read_several_at_a_time(store):
     def forward_passes():
         rng = random.Random(0)
         for step in range(20):
-            for u in (range(len(us)) if step < 2 else [u for u in range(len(us)) if rng.random() > 0.3]):
-                slot = s.acquire(u)
-                for name, t in s.tensors(slot).items():
-                    assert torch.equal(t, tensors[name]), name
-                s.release(slot)
+            read_intact(s, tensors, range(len(us)) if step < 2 else [u for u in range(len(us)) if rng.random() > 0.3])
 
     run_with_timeout(forward_passes, 60)
     s.close()
@@ -144,11 +139,7 @@ def test_units_with_tensors_in_the_host_tier_arrive_intact(store, window, engine
 
     def forward_passes():
         for _ in range(3):
-            for u in range(5):
-                slot = s.acquire(u)
-                for name, t in s.tensors(slot).items():
-                    assert torch.equal(t, tensors[name]), name
-                s.release(slot)
+            read_intact(s, tensors, range(5))
 
     run_with_timeout(forward_passes)
     from_host = sum(tensors[n].numel() * 4 for n in host_names)
@@ -258,11 +249,7 @@ def test_aio_reads_a_large_tensor_in_one_piece_per_lane(tmp_path):
     lanes, read = [], s._lanes.read
     s._lanes.read = lambda lane, addr, n, off: lanes.append((lane, n)) or read(lane, addr, n, off)
     for _ in range(3):
-        for u in range(2):
-            slot = s.acquire(u)
-            for name, t in s.tensors(slot).items():
-                assert torch.equal(t, tensors[name]), name
-            s.release(slot)
+        read_intact(s, tensors, range(2))
     s.close()
     biggest = max(aligned(t.numel() * 4) for t in tensors.values())
     assert {lane for lane, n in lanes if n > 256 << 10} == {0, 1} and max(n for _, n in lanes) <= biggest // 2 + 4096
