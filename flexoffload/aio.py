@@ -202,30 +202,46 @@ class AioStreamer(Streamer):
         self._lanes = Lanes(self.store.path, max(1, io_threads), self.store.direct_io)
         self._reads: list[_Read] = []  # in flight, in submission order
         self._lane = 0  # the lane of the next piece
+        self._unit_pieces: dict[int, list[tuple]] = {}  # see _pieces
 
     def _issue(self, slot: _Slot) -> None:
-        """Queue ``slot``'s disk reads (host-tier tensors are copied now).  A tensor of 256 KiB or more per
-        lane is read in one piece per lane: glibc gives each lane's requests to one thread in order, so
-        whole tensors dealt to lanes in turn left one lane behind the other where a unit's tensors
-        differ in size (a reader thread idle while the other read the unit needed next)."""
-        off, reads, lanes = slot.start, [], len(self._lanes.fds)
-        for name in self.units[slot.unit].names:
-            e = self.store.index[name]
-            if self.host is not None and name in self.host:
-                self.stats.bytes_from_host += self.host.read_into(name, self._view[off: off + e.padded])
-            else:
-                pieces = lanes if e.padded >= lanes * (256 << 10) else 1
-                size = -(-e.padded // pieces // ALIGN) * ALIGN
-                for at in range(0, e.padded, size):
-                    reads.append(_Read(slot, name, self._lane, off + at, e.offset + at, min(size, e.padded - at),
-                                       max(0, min(size, e.nbytes - at))))
-                    self._lane = (self._lane + 1) % lanes
-            off += e.padded
+        """Queue ``slot``'s disk reads (host-tier tensors are copied now)."""
+        reads, lanes = [], len(self._lanes.fds)
+        for name, at, offset, size, need in self._pieces(slot.unit):
+            start = slot.start + at
+            if offset is None:  # a host-tier tensor
+                self.stats.bytes_from_host += self.host.read_into(name, self._view[start: start + size])
+                continue
+            reads.append(_Read(slot, name, self._lane, start, offset, size, need))
+            self._lane = (self._lane + 1) % lanes
         slot.pending = len(reads)
         if not reads:
             self._finish_slot(slot)
         for r in reads:
             self._queue(r)
+
+    def _pieces(self, unit: int) -> list[tuple]:
+        """``unit``'s reads as ``(name, arena offset from the unit's start, file offset, bytes, bytes of the
+        tensor's own)``, the file offset None for a host-tier tensor (copied, not read); made once per
+        unit.  A tensor of 256 KiB or more per lane is read in one piece per lane: glibc gives each
+        lane's requests to one thread in order, so whole tensors dealt to lanes in turn left one lane
+        behind the other where a unit's tensors differ in size (a reader thread idle while the other
+        read the unit needed next)."""
+        pieces = self._unit_pieces.get(unit)
+        if pieces is None:
+            pieces, off, lanes = [], 0, len(self._lanes.fds)
+            for name in self.units[unit].names:
+                e = self.store.index[name]
+                if self.host is not None and name in self.host:
+                    pieces.append((name, off, None, e.padded, None))
+                else:
+                    n = lanes if e.padded >= lanes * (256 << 10) else 1
+                    size = -(-e.padded // n // ALIGN) * ALIGN
+                    pieces += [(name, off + at, e.offset + at, min(size, e.padded - at), max(0, min(size, e.nbytes - at)))
+                               for at in range(0, e.padded, size)]
+                off += e.padded
+            self._unit_pieces[unit] = pieces
+        return pieces
 
     def _queue(self, r: _Read) -> None:
         if not self._reads:
@@ -237,11 +253,17 @@ class AioStreamer(Streamer):
         r.cb = self._lanes.read(r.lane, self._addr + r.start + r.done, r.size - r.done, r.offset + r.done)
 
     def _collect(self) -> None:
-        """Account the reads that have finished."""
-        still = []
-        for r in self._reads:
-            if not self._lanes.done(r.cb):
+        """Account the reads that have finished.  A lane's reads finish in the order they were queued, so
+        the scan stops at the first unfinished read of each lane (a read continued after ending early
+        is queued again, behind its lane's later ones: the scan then waits for it, which is safe)."""
+        still, blocked, lanes = [], set(), len(self._lanes.fds)
+        for i, r in enumerate(self._reads):
+            if r.lane in blocked or not self._lanes.done(r.cb):
+                blocked.add(r.lane)
                 still.append(r)
+                if len(blocked) == lanes:
+                    still += self._reads[i + 1:]
+                    break
                 continue
             res = self._lanes.result(r.cb)
             if res < 0:

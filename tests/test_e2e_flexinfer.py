@@ -4,7 +4,9 @@ host tier at once), and with the budget "auto" (which here, with the model fitti
 memory, streams nothing); the worker's memory shrinks by what is streamed (measured), and loading,
 the weight store's first build included, stays within the budget (measured); at 100% nothing
 streams; the engine core sleeps between checks of the worker's replies instead of keeping a core
-busy (VTENSOR_ENGINE_POLL_US=auto); a budget below the minimum fails with the minimum named."""
+busy (VTENSOR_ENGINE_POLL_US=auto); a resident lm_head is packed from the store while layers
+stream, tied (SmolLM2) or not (a tiny untied llama, whose load never holds two copies of it); a
+budget below the minimum fails with the minimum named."""
 from __future__ import annotations
 
 import gc
@@ -113,6 +115,8 @@ def test_flexinfer_matches_default_loader(fraction, reference, smollm2_path, tmp
         assert stats["streamed_bytes_per_forward"] == 0 and stats["bytes_streamed"] == 0
     else:
         assert stats["forwards"] > 0
+        # a resident lm_head (SmolLM2's is its embedding table) is packed for oneDNN from the store
+        assert stats["head_packed"] == (not stats["head_streamed"]), stats
         assert stats["bytes_streamed"] + stats["bytes_from_host"] >= (
             stats["forwards"] * stats["streamed_bytes_per_forward"] * 0.9)
         # measured: the worker holds at least 3/4 of the bytes the plan keeps out of memory less than vanilla's
@@ -145,3 +149,36 @@ def test_bad_options_are_refused_before_the_engine_starts(extra, message, smollm
     from test_e2e_bad_config import refused_at_config
 
     assert message in refused_at_config(smollm2_path, load_format="flexinfer", model_loader_extra_config=extra)
+
+
+def test_an_untied_lm_head_is_packed_from_the_store(tmp_path):
+    """A model whose lm_head is not its embedding table (as Llama-3.1-8B's), at a budget that keeps the
+    head resident and streams layers: the lm_head is packed for oneDNN as vLLM packs it, straight from
+    the store's pages, so loading never holds its unpacked weight beside the packed one (measured:
+    the worker's anonymous memory grows by no more than the budget), and greedy tokens equal vLLM's
+    default loader's."""
+    from vllm import LLM, SamplingParams
+
+    from vllm_vtensor.models import build_tiny_llama
+
+    model = str(build_tiny_llama(head_dim=64, num_layers=12, num_heads=8, num_kv_heads=2, hidden_size=512,
+                                 intermediate_size=1024, tie_word_embeddings=False))
+    prompts = ["The lighthouse keeper", "Once upon a time, in a city by the sea, " * 8]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    common = dict(model=model, dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
+                  kv_cache_memory_bytes=64 << 20)
+    outs = {}
+    for name, extra in (("vanilla", {}), ("flexinfer", {"load_format": "flexinfer", "model_loader_extra_config": {
+            "memory_budget": 0.8, "cache_dir": str(tmp_path / "store")}})):
+        stats_path = tmp_path / f"{name}.json"
+        os.environ["FLEXOFFLOAD_STATS_FILE"] = str(stats_path)
+        llm = LLM(**common, **extra)
+        outs[name] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    stats = json.loads((tmp_path / "flexinfer.json").read_text())
+
+    assert outs["flexinfer"] == outs["vanilla"]
+    assert stats["head_packed"] and not stats["head_streamed"] and stats["bytes_streamed"] > 0, stats
+    assert stats["load_peak_anon_bytes"] <= stats["budget_bytes"] + (32 << 20), stats

