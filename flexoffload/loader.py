@@ -138,10 +138,11 @@ class FlexInferLoader(BaseModelLoader):
             assign_host_tier(plan, host_budget)
         logger.info("flexinfer plan (weights %.1f MiB):\n%s", weight_bytes / 2**20, plan.table())
         streamed = [n for names in plan.streamed.values() for n in names] + (plan.head_names if plan.head_streamed else [])
+        partial = bool(streamed) or plan.embed_rows is not None  # the model is not held whole
         # When anything streams on a CPU, the resident lm_head is packed from the store's pages as vLLM
         # packs it (see _pack_head); its unpacked weight is never loaded.
-        packed_head = _packable_head(model, plan, target) if streamed else None
-        if streamed:
+        packed_head = _packable_head(model, plan, target) if partial else None
+        if partial:
             self._fill(model, model_config, params, path, target, lambda n: n in plan.resident and n != packed_head)
             store = WeightStore.open(path, self.cfg.direct_io)
         else:  # the whole model fits: vLLM's own weight loading, no store
@@ -154,18 +155,22 @@ class FlexInferLoader(BaseModelLoader):
         # packed here instead, with no original kept (_pack_head); an embedding table that is not also
         # the lm_head stays as it lies (it is only looked up).  Resident linear layers are packed as
         # vLLM packs them (the packed copy replaces the weight): vLLM's own speed.
-        kept = {n: params[n].data for n in plan.resident if streamed and params[n].dim() >= 2
+        kept = {n: params[n].data for n in plan.resident if partial and params[n].dim() >= 2
                 and isinstance(_module(model, n), VocabParallelEmbedding) and n != packed_head}
         # CPU weight packing replaces packed layers' Parameters: a reference kept here would hold
         # every original weight alive beside its packed copy (a second model's worth of memory).
         del params
-        _drop(model, streamed + list(kept) + ([packed_head] if packed_head else []), target)
+        not_held = [n for n in (packed_head, plan.embed_rows) if n]
+        _drop(model, streamed + list(kept) + not_held, target)
         _check_materialised(model)
         process_weights_after_loading(model, model_config, target)
         for name, data in kept.items():
             _param(model, name).data = data
         _gemm_on_live_weights(model, list(kept))
         self.head_packed = packed_head is not None and _pack_head(model, packed_head, store)
+        if plan.embed_rows:  # an untied embedding table: lookups read rows from the store
+            table = _param(model, plan.embed_rows)
+            _stream_embedding_rows(model, plan.embed_rows, store, table, table.data)
         if streamed:
             self._install(model, layers, plan, store, streamed)
         _give_back_freed_memory()
@@ -191,7 +196,7 @@ class FlexInferLoader(BaseModelLoader):
             "host_bytes_per_forward": plan.host_streamed_bytes_per_forward,
             "disk_bytes_per_forward": plan.disk_bytes_per_forward,
             "device": target.type, "device_weight_bytes": _device_bytes(model, self.streamer, target),
-            "io_engine": self.io_engine, "head_packed": self.head_packed,
+            "io_engine": self.io_engine, "head_packed": self.head_packed, "embed_rows": plan.embed_rows,
             "auto": self.auto.as_dict() if self.auto else None})
         return model.eval()
 
@@ -300,8 +305,9 @@ class FlexInferLoader(BaseModelLoader):
         if head_unit is not None:
             model.logits_processor.register_forward_pre_hook(pre(head_unit))
             model.logits_processor.register_forward_hook(post(head_unit))
-            name = next(n for n in plan.head_names if "embed" in n)
-            _stream_embedding_rows(model, name, store, *placeholders[name])
+            tied = next((n for n in plan.head_names if "embed" in n), None)  # the lm_head is the embedding table
+            if tied:
+                _stream_embedding_rows(model, tied, store, *placeholders[tied])
 
     def _io_engine(self, device: torch.device) -> str:
         """``aio`` or ``threads``: what ``io_engine`` asks for, where it can run (auto: aio on a CPU where

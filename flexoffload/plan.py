@@ -7,6 +7,11 @@ Budget layout::
            + stream arena                     holds the layers being read ahead (and the head)
            + resident layer tensors           chosen by the policy below
 
+An embedding table that is not also the lm_head (untied weights) is only looked up: whenever the
+model does not fit the budget whole, it is neither resident nor streamed, and each lookup reads its
+rows from the weight store (``embed_rows``): a few KB per token instead of the whole table in
+memory (1 GB of bf16 for Llama-3.1-8B's).
+
 Policies (``flexinfer`` is the paper's; the others are its ablations):
 
 * ``flexinfer`` - flexible tensor preservation (Algorithm 1): keep all FFN tensors of
@@ -84,6 +89,7 @@ class Plan:
     sizes: dict[str, int] = field(default_factory=dict)
     host: set[str] = field(default_factory=set)  # streamed tensors kept in the host tier (not read from disk)
     host_budget: int = 0
+    embed_rows: str | None = None  # an untied embedding table read by rows from the store (see above)
 
     @property
     def resident_bytes(self) -> int:
@@ -100,6 +106,11 @@ class Plan:
     @property
     def total_bytes(self) -> int:
         return sum(self.sizes.values())
+
+    @property
+    def touched_bytes(self) -> int:
+        """Weight bytes a forward pass reads (an embedding table read by rows: a few rows of it)."""
+        return self.total_bytes - (self.sizes[self.embed_rows] if self.embed_rows else 0)
 
     @property
     def host_bytes(self) -> int:
@@ -123,7 +134,7 @@ class Plan:
         """Decode bound: each link carries its bytes at its bandwidth, overlapped: t >= the slowest of
         weights touched / memory bandwidth, disk bytes / disk bandwidth, host-tier bytes / host-to-device
         bandwidth (``host_bytes_per_s``; on a CPU a copy at memory bandwidth)."""
-        t = max(self.total_bytes / mem_bytes_per_s, self.disk_bytes_per_forward / disk_bytes_per_s,
+        t = max(self.touched_bytes / mem_bytes_per_s, self.disk_bytes_per_forward / disk_bytes_per_s,
                 self.host_streamed_bytes_per_forward / (host_bytes_per_s or mem_bytes_per_s))
         return 1.0 / t
 
@@ -135,13 +146,17 @@ class Plan:
             f"  resident weights {self.resident_bytes / mib:.1f} MiB + stream arena {self.arena_bytes / mib:.1f} MiB "
             f"= {(self.resident_bytes + self.arena_bytes) / mib:.1f} MiB of {self.total_bytes / mib:.1f} MiB weights",
             f"  host tier {self.host_bytes / mib:.1f} MiB of a {self.host_budget / mib:.1f} MiB host budget",
-            f"  head (embedding/lm_head) {'streamed' if self.head_streamed else 'resident'}"
+            f"  head ({'lm_head' if self.embed_rows else 'embedding/lm_head'}) "
+            f"{'streamed' if self.head_streamed else 'resident'}"
             f"{' from the host tier' if self.head_streamed and set(self.head_names) <= self.host else ''}; "
             f"streamed per forward pass {self.streamed_bytes_per_forward / mib:.1f} MiB "
             f"({self.host_streamed_bytes_per_forward / mib:.1f} from the host tier, "
             f"{self.disk_bytes_per_forward / mib:.1f} from disk)",
             f"  {'layer':>5} {'resident MiB':>13} {'host MiB':>9} {'disk MiB':>9}  streamed tensors (* from the host tier)",
         ]
+        if self.embed_rows:
+            lines.insert(4, f"  embedding table ({self.sizes[self.embed_rows] / mib:.1f} MiB) not held: lookups read "
+                            "its rows from the store")
         for i in range(self.num_layers):
             names = self.streamed.get(i, [])
             res = sum(s for n, s in self.sizes.items() if n in self.resident and _layer_of(n) == i)
@@ -241,7 +256,13 @@ def make_plan(tensors: list[TensorInfo], budget: int, *, window: int = DEFAULT_W
         else:
             by_layer[t.layer].append(t)
     sizes = {t.name: t.nbytes for t in tensors}
-    plan = Plan(budget=budget, policy=policy, window=window, num_layers=n, sizes=sizes, head_names=[t.name for t in head])
+    if budget >= sum(sizes.values()):  # everything fits: nothing streams, no buffers, no slowdown
+        return Plan(budget=budget, policy=policy, window=window, num_layers=n, sizes=sizes,
+                    head_names=[t.name for t in head], resident=set(sizes))
+    table = [t for t in head if "embed" in t.name] if len(head) > 1 else []  # untied: only looked up
+    head = [t for t in head if t not in table]
+    plan = Plan(budget=budget, policy=policy, window=window, num_layers=n, sizes=sizes, head_names=[t.name for t in head],
+                embed_rows=table[0].name if table else None)
     plan.resident |= {t.name for t in small}
     small_bytes = sum(t.nbytes for t in small)
     head_bytes = sum(t.nbytes for t in head)
@@ -251,9 +272,6 @@ def make_plan(tensors: list[TensorInfo], budget: int, *, window: int = DEFAULT_W
         a = (window + 1) * max_unit
         return max(a, max_unit + head_bytes) if head_streamed else a
 
-    if budget >= sum(sizes.values()):  # everything fits: nothing streams, no buffers, no slowdown
-        plan.resident = set(sizes)
-        return plan
     minimum = small_bytes + arena(layer_full, True)
     if budget < minimum:
         raise BudgetError(

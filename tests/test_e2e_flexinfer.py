@@ -5,8 +5,9 @@ memory, streams nothing); the worker's memory shrinks by what is streamed (measu
 the weight store's first build included, stays within the budget (measured); at 100% nothing
 streams; the engine core sleeps between checks of the worker's replies instead of keeping a core
 busy (VTENSOR_ENGINE_POLL_US=auto); a resident lm_head is packed from the store while layers
-stream, tied (SmolLM2) or not (a tiny untied llama, whose load never holds two copies of it); a
-budget below the minimum fails with the minimum named."""
+stream, tied (SmolLM2) or not (a tiny untied llama, whose load never holds two copies of it and
+whose embedding table is read by rows below 100%); a budget below the minimum fails with the
+minimum named."""
 from __future__ import annotations
 
 import gc
@@ -151,34 +152,53 @@ def test_bad_options_are_refused_before_the_engine_starts(extra, message, smollm
     assert message in refused_at_config(smollm2_path, load_format="flexinfer", model_loader_extra_config=extra)
 
 
-def test_an_untied_lm_head_is_packed_from_the_store(tmp_path):
-    """A model whose lm_head is not its embedding table (as Llama-3.1-8B's), at a budget that keeps the
-    head resident and streams layers: the lm_head is packed for oneDNN as vLLM packs it, straight from
-    the store's pages, so loading never holds its unpacked weight beside the packed one (measured:
-    the worker's anonymous memory grows by no more than the budget), and greedy tokens equal vLLM's
-    default loader's."""
+UNTIED = dict(head_dim=64, num_layers=12, num_heads=8, num_kv_heads=2, hidden_size=512, intermediate_size=1024,
+              tie_word_embeddings=False)
+UNTIED_PROMPTS = ["The lighthouse keeper", "Once upon a time, in a city by the sea, " * 8]
+
+
+def _untied_run(model: str, extra: dict | None, stats_path) -> list[list[int]]:
     from vllm import LLM, SamplingParams
 
+    os.environ["FLEXOFFLOAD_STATS_FILE"] = str(stats_path)
+    kw = {"load_format": "flexinfer", "model_loader_extra_config": extra} if extra else {}
+    llm = LLM(model=model, dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
+              kv_cache_memory_bytes=64 << 20, **kw)
+    out = [list(o.outputs[0].token_ids) for o in llm.generate(
+        UNTIED_PROMPTS, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))]
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    return out
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    """A tiny llama whose lm_head is not its embedding table (as Llama-3.1-8B's), and vLLM's tokens."""
     from vllm_vtensor.models import build_tiny_llama
 
-    model = str(build_tiny_llama(head_dim=64, num_layers=12, num_heads=8, num_kv_heads=2, hidden_size=512,
-                                 intermediate_size=1024, tie_word_embeddings=False))
-    prompts = ["The lighthouse keeper", "Once upon a time, in a city by the sea, " * 8]
-    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    common = dict(model=model, dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
-                  kv_cache_memory_bytes=64 << 20)
-    outs = {}
-    for name, extra in (("vanilla", {}), ("flexinfer", {"load_format": "flexinfer", "model_loader_extra_config": {
-            "memory_budget": 0.8, "cache_dir": str(tmp_path / "store")}})):
-        stats_path = tmp_path / f"{name}.json"
-        os.environ["FLEXOFFLOAD_STATS_FILE"] = str(stats_path)
-        llm = LLM(**common, **extra)
-        outs[name] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-    stats = json.loads((tmp_path / "flexinfer.json").read_text())
+    model = str(build_tiny_llama(**UNTIED))
+    return model, _untied_run(model, None, tmp_path_factory.mktemp("untied") / "vanilla.json")
 
-    assert outs["flexinfer"] == outs["vanilla"]
-    assert stats["head_packed"] and not stats["head_streamed"] and stats["bytes_streamed"] > 0, stats
+
+@pytest.mark.parametrize("fraction", [0.8, 0.4])
+def test_an_untied_embedding_table_is_read_by_rows_and_the_lm_head_packed(fraction, untied, tmp_path):
+    """Below 100% the untied embedding table is not held (lookups read its rows from the store), so at
+    80% everything else fits and nothing streams; at 40% the lm_head streams alone.  A resident lm_head
+    is packed for oneDNN as vLLM packs it, straight from the store's pages, so loading never holds its
+    unpacked weight beside the packed one (measured: the worker's anonymous memory grows by no more
+    than the budget).  Greedy tokens equal vLLM's default loader's."""
+    model, ref = untied
+    stats_path = tmp_path / "flex.json"
+    out = _untied_run(model, {"memory_budget": fraction, "cache_dir": str(tmp_path / "store")}, stats_path)
+    stats = json.loads(stats_path.read_text())
+    table = 49152 * UNTIED["hidden_size"] * 4  # SmolLM2's vocabulary, float32
+
+    assert out == ref
+    assert stats["embed_rows"] == "model.embed_tokens.weight", stats
+    assert stats["resident_bytes"] + stats["streamed_bytes_per_forward"] + table == stats["weight_bytes"], stats
     assert stats["load_peak_anon_bytes"] <= stats["budget_bytes"] + (32 << 20), stats
+    if fraction == 0.8:
+        assert stats["head_packed"] and stats["streamed_bytes_per_forward"] == 0, stats
+    else:
+        assert stats["head_streamed"] and not stats["head_packed"] and stats["bytes_streamed"] > 0, stats

@@ -12,8 +12,9 @@ from flexoffload.plan import (BudgetError, TensorInfo, assign_host_tier, checkpo
 MiB = 1 << 20
 
 
-def llama_table(n=8, ffn=4 * MiB, attn=MiB, head=0, small=4096):
-    """llama.cpp-style granularity: 3 equal FFN matrices, q/o of size attn, k/v a quarter of it."""
+def llama_table(n=8, ffn=4 * MiB, attn=MiB, head=0, small=4096, untied=False):
+    """llama.cpp-style granularity: 3 equal FFN matrices, q/o of size attn, k/v a quarter of it; with
+    ``untied`` an lm_head of its own beside the embedding table."""
     t = []
     for i in range(n):
         p = f"model.layers.{i}."
@@ -23,6 +24,8 @@ def llama_table(n=8, ffn=4 * MiB, attn=MiB, head=0, small=4096):
               TensorInfo(p + "input_layernorm.weight", small, i, "small")]
     if head:
         t.append(TensorInfo("model.embed_tokens.weight", head, None, "head"))
+        if untied:
+            t.append(TensorInfo("lm_head.weight", head, None, "head"))
     return t
 
 
@@ -72,6 +75,24 @@ def test_full_budget_streams_nothing():
     table = llama_table(head=10 * MiB)
     p = make_plan(table, sum(t.nbytes for t in table))
     assert p.streamed_bytes_per_forward == 0 and p.arena_bytes == 0 and not p.head_streamed
+
+
+def test_an_untied_embedding_table_is_read_by_rows_whenever_the_model_does_not_fit():
+    """An embedding table of its own is only looked up: below 100% it is not held, so its bytes go to
+    layers; the lm_head alone is the head (resident here, streamed when it does not fit)."""
+    table = llama_table(head=20 * MiB, untied=True)
+    total = sum(t.nbytes for t in table)
+    whole = make_plan(table, total)
+    assert whole.embed_rows is None and whole.resident == {t.name for t in table}
+    p = make_plan(table, total - MiB, window=1)
+    assert p.embed_rows == "model.embed_tokens.weight" and p.head_names == ["lm_head.weight"]
+    assert "lm_head.weight" in p.resident and p.streamed_bytes_per_forward == 0  # the table's room holds all else
+    assert p.touched_bytes == total - 20 * MiB
+    tied = make_plan(llama_table(head=20 * MiB), total - 20 * MiB - MiB, window=1)  # the same room, tied
+    assert tied.embed_rows is None and tied.streamed_bytes_per_forward > 0
+    low = make_plan(table, 40 * MiB, window=1)
+    assert low.head_streamed and low.head_names == ["lm_head.weight"] and low.arena_bytes < 40 * MiB
+    assert "embedding table (20.0 MiB) not held" in low.table()
 
 
 def test_head_streams_when_it_does_not_fit():
@@ -130,12 +151,14 @@ def test_plans_respect_budget_and_cover_every_tensor(n, ffn, attn, head, window,
 @settings(max_examples=200, deadline=None)
 @given(
     n=st.integers(1, 12), ffn=st.integers(1, 64), attn=st.integers(1, 32), head=st.integers(0, 200),
-    frac=st.floats(0.0, 1.0), host_frac=st.floats(0.0, 1.2),
+    frac=st.floats(0.0, 1.0), host_frac=st.floats(0.0, 1.2), untied=st.booleans(),
 )
-def test_three_tiers_respect_their_budgets_place_every_tensor_once_and_balance(n, ffn, attn, head, frac, host_frac):
+def test_three_tiers_respect_their_budgets_place_every_tensor_once_and_balance(n, ffn, attn, head, frac, host_frac,
+                                                                               untied):
     """Device (resident + arena), host tier and disk: no tier over its budget, every tensor in exactly one
-    (the host tier only streamed ones), and each layer's disk bytes within one tensor kind of the others'."""
-    table = llama_table(n, ffn * 65536, attn * 65536, head * 65536)
+    (the host tier only streamed ones; an untied embedding table in none, read by rows, whenever the
+    model does not fit whole), and each layer's disk bytes within one tensor kind of the others'."""
+    table = llama_table(n, ffn * 65536, attn * 65536, head * 65536, untied=untied)
     total = sum(t.nbytes for t in table)
     try:
         p = make_plan(table, int(frac * total), window=2)
@@ -146,7 +169,10 @@ def test_three_tiers_respect_their_budgets_place_every_tensor_once_and_balance(n
     assign_host_tier(p, host_budget)
     assert p.host_bytes <= host_budget and p.host <= streamed and p.host.isdisjoint(p.resident)
     disk = streamed - p.host
-    assert p.resident | streamed == {t.name for t in table} and p.resident.isdisjoint(streamed)
+    rows = {p.embed_rows} if p.embed_rows else set()
+    assert p.embed_rows == ("model.embed_tokens.weight" if untied and head and int(frac * total) < total else None)
+    assert p.resident | streamed | rows == {t.name for t in table} and p.resident.isdisjoint(streamed | rows)
+    assert rows.isdisjoint(streamed) and p.resident_bytes + p.arena_bytes <= p.budget
     assert p.disk_bytes_per_forward == sum(p.sizes[x] for x in disk)
     assert p.disk_bytes_per_forward + p.host_streamed_bytes_per_forward == p.streamed_bytes_per_forward
     if host_budget >= sum(p.sizes[x] for x in streamed):
