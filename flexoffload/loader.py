@@ -65,6 +65,7 @@ class FlexInferLoader(BaseModelLoader):
         self.auto: AutoBudget | None = None  # what memory_budget "auto" found free
         self.io_engine: str | None = None  # "aio" or "threads" once something streams
         self.head_packed = False  # the resident lm_head packed from the store (see _pack_head)
+        self.head_runs = 0  # runs of rows a streamed lm_head is read and computed in (see _HeadInRuns)
 
     def download_model(self, model_config: ModelConfig) -> None:
         self.inner.download_model(model_config)
@@ -171,9 +172,9 @@ class FlexInferLoader(BaseModelLoader):
         if plan.embed_rows:  # an untied embedding table: lookups read rows from the store
             table = _param(model, plan.embed_rows)
             _stream_embedding_rows(model, plan.embed_rows, store, table, table.data)
+        _give_back_freed_memory()  # the weights CPU packing replaced, before the arena is made
         if streamed:
             self._install(model, layers, plan, store, streamed)
-        _give_back_freed_memory()
         if target.type == "cuda":
             torch.cuda.empty_cache()  # the dropped tensors' device memory, back to the driver
         if self.cfg.lock_memory and target.type == "cpu":  # on CUDA resident weights are device memory
@@ -197,6 +198,7 @@ class FlexInferLoader(BaseModelLoader):
             "disk_bytes_per_forward": plan.disk_bytes_per_forward,
             "device": target.type, "device_weight_bytes": _device_bytes(model, self.streamer, target),
             "io_engine": self.io_engine, "head_packed": self.head_packed, "embed_rows": plan.embed_rows,
+            "head_runs": self.head_runs,
             "auto": self.auto.as_dict() if self.auto else None})
         return model.eval()
 
@@ -247,12 +249,20 @@ class FlexInferLoader(BaseModelLoader):
     # -- runtime wiring ----------------------------------------------------
     def _install(self, model, layers, plan, store: WeightStore, streamed: list[str]) -> None:
         units = [Unit(f"layer.{i}", plan.streamed[i]) for i in range(plan.num_layers) if plan.streamed.get(i)]
-        head_unit = None
-        if plan.head_streamed:
+        layer_units = len(units)
+        head_unit, runs = None, []
+        host_names = set(plan.host)
+        if plan.head_streamed and plan.head_chunk_bytes:  # the lm_head in runs of rows, each a unit
+            (name,) = plan.head_names
+            runs = store.row_runs(name, plan.head_chunk_bytes)
+            units += [Unit(f"head.{r0}", [run]) for run, r0, _ in runs]
+            if name in host_names:
+                host_names = (host_names - {name}) | {run for run, _, _ in runs}
+        elif plan.head_streamed:
             head_unit = len(units)
             units.append(Unit("head", list(plan.head_names)))
         device = next(model.parameters()).device
-        host = HostTier(store, sorted(plan.host), self.cfg.lock_memory) if plan.host else None
+        host = HostTier(store, sorted(host_names), self.cfg.lock_memory) if host_names else None
         self.io_engine = self._io_engine(device)
         streamer = (aio.AioStreamer if self.io_engine == "aio" else Streamer)(
             store, units, plan.arena_bytes, window=plan.window, io_threads=self.cfg.io_threads,
@@ -289,12 +299,17 @@ class FlexInferLoader(BaseModelLoader):
                 swap_in(slot)
             return hook
 
+        def forward_done():
+            streamer.stats.forwards += 1
+            _report(streamer, stats_path, reported)
+
+        count_at = len(units) - 1 if not runs else layer_units - 1  # the unit that ends a forward pass
+
         def post(unit_idx):
             def hook(module, args, output):
                 swap_out(active.pop(unit_idx))
-                if unit_idx == len(units) - 1:
-                    streamer.stats.forwards += 1
-                    _report(streamer, stats_path, reported)
+                if unit_idx == count_at:
+                    forward_done()
             return hook
 
         for u_idx, unit in enumerate(units):
@@ -305,6 +320,11 @@ class FlexInferLoader(BaseModelLoader):
         if head_unit is not None:
             model.logits_processor.register_forward_pre_hook(pre(head_unit))
             model.logits_processor.register_forward_hook(post(head_unit))
+        self.head_runs = len(runs)
+        if runs:
+            model.lm_head.quant_method = _HeadInRuns(model.lm_head.quant_method, streamer, layer_units, runs,
+                                                     device, None if layer_units else forward_done)
+        if plan.head_streamed:
             tied = next((n for n in plan.head_names if "embed" in n), None)  # the lm_head is the embedding table
             if tied:
                 _stream_embedding_rows(model, tied, store, *placeholders[tied])
@@ -476,6 +496,34 @@ def _device_bytes(model, streamer, device: torch.device) -> int | None:
     storages = {p.data.untyped_storage().data_ptr(): p.data.untyped_storage().nbytes()
                 for p in model.parameters() if p.device.type == "cuda"}
     return sum(storages.values()) + (streamer.device_arena_bytes if streamer is not None else 0)
+
+
+class _HeadInRuns:
+    """The lm_head's method with its weight streamed in runs of rows (units ``first``, ``first + 1``, ...):
+    the logits are computed run by run, each run's unit acquired, multiplied and released in turn, so
+    the arena never holds the whole head and its reads overlap with the GEMMs before them.  Everything
+    else is the wrapped method's."""
+
+    def __init__(self, inner, streamer: Streamer, first: int, runs: list[tuple[str, int, int]],
+                 device: torch.device, done=None):
+        self.inner, self.streamer, self.first, self.runs, self.done = inner, streamer, first, runs, done
+        self.gemm = _live_gemm if device.type == "cpu" else F.linear
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        parts = []
+        for i, (run, _, _) in enumerate(self.runs):
+            slot = self.streamer.acquire(self.first + i)
+            parts.append(self.gemm(x, self.streamer.tensors(slot)[run], None))
+            self.streamer.release(slot)
+        out = torch.cat(parts, dim=-1)
+        if bias is not None:
+            out = out + bias
+        if self.done is not None:
+            self.done()
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def _packable_head(model, plan, target: torch.device) -> str | None:

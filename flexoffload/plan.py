@@ -4,7 +4,8 @@ Budget layout::
 
     budget = small tensors (norms)            always resident
            + head (embedding / lm_head)       resident, or streamed when it does not fit
-           + stream arena                     holds the layers being read ahead (and the head)
+           + stream arena                     holds the layers being read ahead (and runs of the
+                                              head's rows, when it streams)
            + resident layer tensors           chosen by the policy below
 
 An embedding table that is not also the lm_head (untied weights) is only looked up: whenever the
@@ -90,6 +91,7 @@ class Plan:
     host: set[str] = field(default_factory=set)  # streamed tensors kept in the host tier (not read from disk)
     host_budget: int = 0
     embed_rows: str | None = None  # an untied embedding table read by rows from the store (see above)
+    head_chunk_bytes: int = 0  # a streamed head is read and computed in runs of rows of at most this size
 
     @property
     def resident_bytes(self) -> int:
@@ -224,6 +226,7 @@ def ffn_tier(room: int, ffn_sizes: list[int], attn_matrix: int, n: int) -> int:
 
 
 DEFAULT_WINDOW = 3  # layers read ahead when the user names no prefetch_window
+HEAD_CHUNKS = 8  # a streamed head is read in at most this many runs of rows, unless a layer is larger
 
 
 def plan_for_budget(tensors: list[TensorInfo], budget: int, *, window: int | None = None,
@@ -266,23 +269,32 @@ def make_plan(tensors: list[TensorInfo], budget: int, *, window: int = DEFAULT_W
     plan.resident |= {t.name for t in small}
     small_bytes = sum(t.nbytes for t in small)
     head_bytes = sum(t.nbytes for t in head)
+
     layer_full = max(sum(t.nbytes for t in ts) for ts in by_layer.values())
+    # A streamed head goes in runs of rows no larger than a whole layer (or an eighth of it, if that is
+    # more: fewer, larger GEMMs), so the arena need not hold it at once and it overlaps like a layer.
+    # (A head of several tensors goes whole, beside the last layer's unit.)
+    chunk = min(head_bytes, max(layer_full, -(-head_bytes // HEAD_CHUNKS))) if len(head) == 1 else 0
 
     def arena(max_unit: int, head_streamed: bool) -> int:
-        a = (window + 1) * max_unit
-        return max(a, max_unit + head_bytes) if head_streamed else a
+        if not head_streamed:
+            return (window + 1) * max_unit
+        return (window + 1) * max(max_unit, chunk) if chunk else max((window + 1) * max_unit, max_unit + head_bytes)
 
     minimum = small_bytes + arena(layer_full, True)
     if budget < minimum:
         raise BudgetError(
             f"memory_budget {budget / 2**20:.1f} MiB is below the minimum {minimum / 2**20:.1f} MiB for this model "
-            f"(norms {small_bytes / 2**20:.1f} MiB + buffers for {window + 1} layers and the embedding/lm_head); "
+            f"(norms {small_bytes / 2**20:.1f} MiB + buffers for {window + 1} layers or runs of the lm_head's rows"
+            f"{'' if chunk or not plan.head_names else ' and the embedding/lm_head'}); "
             f"raise the budget or lower prefetch_window"
         )
     # head resident if it fits next to the worst-case arena
     plan.head_streamed = budget - small_bytes - arena(layer_full, False) < head_bytes
     if not plan.head_streamed:
         plan.resident |= set(plan.head_names)
+    else:
+        plan.head_chunk_bytes = chunk
     fixed = small_bytes + (0 if plan.head_streamed else head_bytes)
 
     # Representative layer (llama layers are uniform): tensor kinds sorted largest first.

@@ -247,9 +247,10 @@ class Streamer:
                 except BaseException as e:
                     error = error or e
             with self._cond:
-                self._in_flight -= 1
-                if not self._in_flight:
-                    self.stats.io_seconds += time.perf_counter() - self._busy_since
+                self._in_flight -= 1  # reads were in flight since the last mark: counted now
+                now = time.perf_counter()
+                self.stats.io_seconds += now - self._busy_since
+                self._busy_since = now
                 if error is None:
                     self.stats.bytes_streamed += n
                     self.stats.bytes_from_host += from_host

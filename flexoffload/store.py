@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import math
 import mmap
 import os
 from dataclasses import dataclass
@@ -171,6 +172,26 @@ class WeightStore:
         if done < e.nbytes:
             raise OSError(f"short read of {name} from {self.path}: {done} of {e.nbytes} bytes (file damaged?)")
         return e.nbytes
+
+    def row_runs(self, name: str, max_bytes: int) -> list[tuple[str, int, int]]:
+        """Split 2-D tensor ``name`` into runs of whole rows of at most ``max_bytes`` (fewer if its rows
+        do not divide), each starting at an ALIGN-aligned offset (``O_DIRECT``), and index each as a
+        tensor of its own, ``name#r0:r1``: ``[(run name, r0, r1)]``."""
+        e = self.index[name]
+        rows = e.shape[0]
+        row_bytes = e.nbytes // rows
+        step = ALIGN // math.gcd(row_bytes, ALIGN)  # rows per aligned group
+        per = max_bytes // row_bytes // step * step
+        if per <= 0:
+            raise ValueError(f"{name}: {step} rows ({step * row_bytes} bytes, the smallest aligned run) exceed "
+                             f"{max_bytes} bytes")
+        runs = []
+        for r0 in range(0, rows, per):
+            r1 = min(rows, r0 + per)
+            run = f"{name}#{r0}:{r1}"
+            self.index[run] = Entry(e.offset + r0 * row_bytes, (r1 - r0) * row_bytes, e.dtype, (r1 - r0, *e.shape[1:]))
+            runs.append((run, r0, r1))
+        return runs
 
     def read_rows(self, name: str, rows: list[int], row_bytes: int) -> bytes:
         e = self.index[name]

@@ -95,11 +95,16 @@ def test_an_untied_embedding_table_is_read_by_rows_whenever_the_model_does_not_f
     assert "embedding table (20.0 MiB) not held" in low.table()
 
 
-def test_head_streams_when_it_does_not_fit():
-    table = llama_table(head=40 * MiB)
+def test_head_streams_when_it_does_not_fit_in_runs_no_larger_than_a_layer():
+    """A streamed head goes in runs of rows: the arena holds window + 1 of them (or of the layers'
+    units), not the whole head, and what it does not need stays for resident layer tensors."""
+    table = llama_table(head=40 * MiB)  # a layer: 14.5 MiB
     p = make_plan(table, 60 * MiB, window=1)
-    assert p.head_streamed and p.arena_bytes >= 40 * MiB
+    assert p.head_streamed and p.head_chunk_bytes == 14.5 * MiB
+    assert p.arena_bytes == 2 * p.head_chunk_bytes < 40 * MiB
     assert p.resident_bytes + p.arena_bytes <= p.budget
+    big = make_plan(llama_table(head=400 * MiB), 120 * MiB, window=1)  # an eighth of the head is more
+    assert big.head_chunk_bytes == 50 * MiB and big.arena_bytes == 100 * MiB
 
 
 def test_budget_below_minimum_says_the_minimum():
