@@ -170,8 +170,7 @@ class FlexInferLoader(BaseModelLoader):
         _gemm_on_live_weights(model, list(kept))
         self.head_packed = packed_head is not None and _pack_head(model, packed_head, store)
         if plan.embed_rows:  # an untied embedding table: lookups read rows from the store
-            table = _param(model, plan.embed_rows)
-            _stream_embedding_rows(model, plan.embed_rows, store, table, table.data)
+            _stream_embedding_rows(model, plan.embed_rows, store)
         _give_back_freed_memory()  # the weights CPU packing replaced, before the arena is made
         if streamed:
             self._install(model, layers, plan, store, streamed)
@@ -327,7 +326,7 @@ class FlexInferLoader(BaseModelLoader):
         if plan.head_streamed:
             tied = next((n for n in plan.head_names if "embed" in n), None)  # the lm_head is the embedding table
             if tied:
-                _stream_embedding_rows(model, tied, store, *placeholders[tied])
+                _stream_embedding_rows(model, tied, store)
 
     def _io_engine(self, device: torch.device) -> str:
         """``aio`` or ``threads``: what ``io_engine`` asks for, where it can run (auto: aio on a CPU where
@@ -348,10 +347,12 @@ class FlexInferLoader(BaseModelLoader):
         return "threads"
 
 
-def _stream_embedding_rows(model, name: str, store: WeightStore, param: nn.Parameter, empty: torch.Tensor) -> None:
+def _stream_embedding_rows(model, name: str, store: WeightStore) -> None:
     """The embedding lookup reads only the rows it needs (a few KB per token) from the store; between
-    lookups the table's parameter holds ``empty``."""
+    lookups the table's parameter holds the empty tensor it holds now."""
     embed = model.model.embed_tokens
+    param = _param(model, name)
+    empty = param.data
     entry = store.index[name]
     rows, hidden = entry.shape
     row_bytes = entry.nbytes // rows
@@ -578,7 +579,7 @@ def _pack_head(model, name: str, store: WeightStore) -> bool:
         return False
     head.cpu_linear = lambda x, weight, bias: ops.onednn_mm(handler, x, bias)
     if model.model.embed_tokens.weight is param:
-        _stream_embedding_rows(model, name, store, param, param.data)
+        _stream_embedding_rows(model, name, store)
     return True
 
 

@@ -262,7 +262,8 @@ def make_plan(tensors: list[TensorInfo], budget: int, *, window: int = DEFAULT_W
     if budget >= sum(sizes.values()):  # everything fits: nothing streams, no buffers, no slowdown
         return Plan(budget=budget, policy=policy, window=window, num_layers=n, sizes=sizes,
                     head_names=[t.name for t in head], resident=set(sizes))
-    table = [t for t in head if "embed" in t.name] if len(head) > 1 else []  # untied: only looked up
+    # untied: the input embedding (vLLM's model.embed_tokens) is only looked up
+    table = [t for t in head if "embed_tokens" in t.name][:1] if len(head) > 1 else []
     head = [t for t in head if t not in table]
     plan = Plan(budget=budget, policy=policy, window=window, num_layers=n, sizes=sizes, head_names=[t.name for t in head],
                 embed_rows=table[0].name if table else None)
