@@ -105,13 +105,27 @@ class FlexConfig:
         return path
 
 
-def check_load_config(load_config) -> None:
-    """FlexInfer's options and the settings, checked where vLLM makes the engine's configuration (the user's
-    process: the ``engine-config-check`` patch), so a bad option stops ``LLM(...)`` or ``vllm serve`` at once
-    instead of after the engine has started; budgets that need the model or the free memory are checked
-    when the loader runs."""
+def check_load_config(load_config, model_config=None) -> None:
+    """FlexInfer's options, the settings and the model, checked where vLLM makes the engine's configuration
+    (the user's process: the ``engine-config-check`` patch), so a bad option stops ``LLM(...)`` or ``vllm
+    serve`` at once instead of after the engine has started; budgets that need the model's weights or the
+    free memory are checked when the loader runs."""
     FlexConfig.from_extra(load_config.model_loader_extra_config)
     settings.check_all()
+    if model_config is not None:
+        check_model(model_config)
+
+
+def check_model(model_config) -> None:
+    """Refuse, naming the fix, a model whose layers FlexInfer cannot stream: a mixture of experts.  vLLM
+    repacks expert weights for its fused MoE kernels after loading, and a decode step touches only the
+    experts its router picks, so streaming whole expert tensors every pass is not a plan worth making."""
+    if model_config.is_moe:
+        arch = ", ".join(getattr(model_config.hf_config, "architectures", None) or [model_config.model])
+        raise FlexConfigError(
+            f"--load-format flexinfer streams dense decoder layers; {arch} is a mixture of experts "
+            f"({model_config.get_num_experts()} experts per layer), which it does not stream: load it without "
+            "--load-format flexinfer")
 
 
 def _is_auto(value) -> bool:

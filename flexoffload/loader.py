@@ -11,7 +11,7 @@ weight loading aimed straight into the file's shared mapping
 Weight memory is resident tensors + arena <= ``memory_budget``, while loading
 too (up to a tensor being converted: measured in the stats snapshot).
 
-Supported: CPU and CUDA, llama-style decoders (``model.model.layers``), eager
+Supported: CPU and CUDA, dense decoders whose layers are ``model.model.layers``, eager
 mode (``--enforce-eager``: forward hooks must run on every pass).  On CUDA the
 budget is device memory: resident tensors and the device arena stay on the
 GPU, streamed tensors are read into a pinned host arena and copied on a side
@@ -43,7 +43,7 @@ from vllm_vtensor.log import get_logger
 from vllm_vtensor.stats import write_json_atomic
 
 from . import aio
-from .config import FlexConfig, FlexConfigError
+from .config import FlexConfig, FlexConfigError, check_model
 from .memory import AutoBudget, auto_budget, free_host_share
 from .plan import BudgetError, assign_host_tier, classify, plan_for_budget
 from .runtime import HostTier, Streamer, Unit, mlock
@@ -74,6 +74,7 @@ class FlexInferLoader(BaseModelLoader):
         self.inner.load_weights(model, model_config)
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> torch.nn.Module:
+        check_model(model_config)  # also refused in the user's process (engine-config-check), before the engine starts
         device_type = torch.device(vllm_config.device_config.device).type
         if device_type not in ("cpu", "cuda"):
             raise FlexConfigError(f"--load-format flexinfer streams weights on CPU and CUDA devices, not {device_type}")
@@ -109,7 +110,7 @@ class FlexInferLoader(BaseModelLoader):
     def _load_into(self, model, model_config: ModelConfig, target: torch.device, t0: float) -> torch.nn.Module:
         layers = getattr(getattr(model, "model", None), "layers", None)
         if layers is None:
-            raise FlexConfigError(f"flexinfer supports llama-style decoders (model.model.layers); "
+            raise FlexConfigError(f"flexinfer streams decoders whose layers are model.model.layers; "
                                   f"{type(model).__name__} has none")
         params = dict(model.named_parameters())  # tied lm_head/embedding appear once
         tensors = [classify(n, aligned(p.numel() * p.element_size()), p.dim()) for n, p in params.items()]
@@ -321,8 +322,9 @@ class FlexInferLoader(BaseModelLoader):
             model.logits_processor.register_forward_hook(post(head_unit))
         self.head_runs = len(runs)
         if runs:
-            model.lm_head.quant_method = _HeadInRuns(model.lm_head.quant_method, streamer, layer_units, runs,
-                                                     device, None if layer_units else forward_done)
+            head = _lm_head(model)
+            head.quant_method = _HeadInRuns(head.quant_method, streamer, layer_units, runs, device,
+                                            None if layer_units else forward_done)
         if plan.head_streamed:
             tied = next((n for n in plan.head_names if "embed" in n), None)  # the lm_head is the embedding table
             if tied:
@@ -407,6 +409,13 @@ def _module(model, name: str) -> nn.Module:
 
 def _param(model, name: str) -> torch.nn.Parameter:
     return getattr(_module(model, name), name.rpartition(".")[2])
+
+
+def _lm_head(model) -> nn.Module:
+    """The module vLLM computes the logits with: ``lm_head``, or the embedding table itself in models
+    that have no lm_head (Gemma 2 hands ``model.embed_tokens`` to its logits processor)."""
+    head = getattr(model, "lm_head", None)
+    return head if head is not None else model.model.embed_tokens
 
 
 def _drop(model, names: list[str], device: torch.device) -> None:
@@ -532,7 +541,7 @@ def _packable_head(model, plan, target: torch.device) -> str | None:
     whose vLLM computes GEMMs with oneDNN (elsewhere it computes on the weight as it lies)."""
     from vllm import _custom_ops as ops
 
-    head = getattr(model, "lm_head", None)
+    head = _lm_head(model)
     if target.type != "cpu" or not getattr(ops, "_supports_onednn", False) or not isinstance(head,
                                                                                             VocabParallelEmbedding):
         return None
@@ -551,7 +560,7 @@ def _pack_head(model, name: str, store: WeightStore) -> bool:
 
     from vllm import _custom_ops as ops
 
-    head, param = model.lm_head, _param(model, name)
+    head, param = _lm_head(model), _param(model, name)
     e = store.index[name]
     with open(store.path, "rb") as f:
         pages = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)

@@ -4,9 +4,12 @@ logit soft-capping passed to vLLM's CPU kernel), Gemma 3 (five sliding layers to
 Qwen 3 (full attention, QK-norm) and gpt-oss (sliding and full layers alternating, attention sinks,
 a mixture of experts). Prompts several windows long, chunked prefill forced; VTENSOR with prefix
 caching on (a prefix hit mapped, not recomputed) and off under a budget that forces preemption;
-mapped bytes back to zero."""
+mapped bytes back to zero. FlexInfer (`--load-format flexinfer`) on the dense ones, with layers and the
+lm_head streamed and with the lm_head resident (Gemma 2 computes its logits with the embedding table
+itself), against the same tokens."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -75,3 +78,24 @@ def test_architecture_tokens_equal_vanilla(arch, tmp_path):
                           enable_prefix_caching=False)
     assert out == ref_pressure
     assert after["preemptions"] > 0 and after["mapped_bytes"] == 0
+
+    if arch == "gpt_oss":  # a mixture of experts: FlexInfer refuses it (test_e2e_flexinfer)
+        return
+    # FlexInfer at half the weights (layers and the lm_head streamed, the head in runs of rows) and at 95%
+    # (the lm_head resident, packed for oneDNN from the store, layers streamed)
+    for fraction, head_streamed in ((0.5, True), (0.95, False)):
+        out, flex = _flexinfer(model, tmp_path / f"flex{fraction}.json", fraction)
+        assert out == ref_mixed, fraction
+        assert flex["head_streamed"] == head_streamed and flex["forwards"] > 0 and flex["bytes_streamed"] > 0
+        assert (flex["head_runs"] > 0) == head_streamed and flex["head_packed"] == (not head_streamed), flex
+
+
+def _flexinfer(model, stats, fraction):
+    from vllm import LLM
+
+    os.environ["FLEXOFFLOAD_STATS_FILE"] = str(stats)
+    llm = LLM(model=model, **ENGINE, kv_cache_memory_bytes=64 << 20, load_format="flexinfer",
+              model_loader_extra_config={"memory_budget": fraction, "cache_dir": str(stats.parent / "store")})
+    out = _mixed(llm)
+    _shutdown(llm)
+    return out, json.loads(stats.read_text())

@@ -156,6 +156,19 @@ def test_bad_options_are_refused_before_the_engine_starts(extra, message, smollm
     assert message in refused_at_config(smollm2_path, load_format="flexinfer", model_loader_extra_config=extra)
 
 
+def test_a_mixture_of_experts_is_refused_before_the_engine_starts():
+    """gpt-oss (a tiny random-weight one): refused as LLM() makes its configuration, naming the fix; it
+    used to fail inside the worker, in vLLM's repacking of the expert weights it had left empty."""
+    from test_e2e_bad_config import refused_at_config
+
+    from vllm_vtensor.models import build_tiny_model
+
+    message = refused_at_config(str(build_tiny_model("gpt_oss")), load_format="flexinfer",
+                                model_loader_extra_config={"memory_budget": 0.5})
+    assert "GptOssForCausalLM is a mixture of experts (4 experts per layer)" in message
+    assert "load it without --load-format flexinfer" in message
+
+
 UNTIED = dict(head_dim=64, num_layers=12, num_heads=8, num_kv_heads=2, hidden_size=512, intermediate_size=1024,
               tie_word_embeddings=False)
 UNTIED_PROMPTS = ["The lighthouse keeper", "Once upon a time, in a city by the sea, " * 8]

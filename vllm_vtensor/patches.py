@@ -355,7 +355,7 @@ def _patch_engine_config_check() -> None:
         if config.load_config.load_format == "flexinfer":
             from flexoffload.config import check_load_config
 
-            check_load_config(config.load_config)
+            check_load_config(config.load_config, config.model_config)
 
     _run_after(EngineArgs, "create_engine_config", after)
 
