@@ -117,9 +117,16 @@ def check_load_config(load_config, model_config=None) -> None:
 
 
 def check_model(model_config) -> None:
-    """Refuse, naming the fix, a model whose layers FlexInfer cannot stream: a mixture of experts.  vLLM
-    repacks expert weights for its fused MoE kernels after loading, and a decode step touches only the
-    experts its router picks, so streaming whole expert tensors every pass is not a plan worth making."""
+    """Refuse, naming the fix, a model whose weights FlexInfer cannot stream: quantized weights and a
+    mixture of experts.  vLLM converts both after loading (quantized weights to its kernels' layout,
+    expert weights repacked for its fused MoE kernels) from the whole tensors, which a streamed tensor
+    never is; and a decode step touches only the experts its router picks, so streaming whole expert
+    tensors every pass is not a plan worth making."""
+    if model_config.quantization:
+        raise FlexConfigError(
+            f"--load-format flexinfer streams unquantized weights (float32, bfloat16, float16); this model's "
+            f"weights are quantized ({model_config.quantization}), which it does not stream: load it without "
+            "--load-format flexinfer, or use an unquantized checkpoint")
     if model_config.is_moe:
         arch = ", ".join(getattr(model_config.hf_config, "architectures", None) or [model_config.model])
         raise FlexConfigError(

@@ -255,7 +255,7 @@ def test_the_loader_refuses_pipeline_parallelism_naming_the_fix():
                              compilation_config=SimpleNamespace(mode=CompilationMode.NONE),
                              parallel_config=SimpleNamespace(world_size=4, tensor_parallel_size=2))
     with pytest.raises(FlexConfigError, match="--pipeline-parallel-size 1"):
-        loader.load_model(config, SimpleNamespace(is_moe=False))
+        loader.load_model(config, SimpleNamespace(is_moe=False, quantization=None))
 
 
 def test_the_loader_picks_its_read_engine_by_device_and_names_the_fix_where_it_cannot():
