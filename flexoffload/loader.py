@@ -351,7 +351,8 @@ class FlexInferLoader(BaseModelLoader):
 
 def _stream_embedding_rows(model, name: str, store: WeightStore) -> None:
     """The embedding lookup reads only the rows it needs (a few KB per token) from the store; between
-    lookups the table's parameter holds the empty tensor it holds now."""
+    lookups the table's parameter holds the empty tensor it holds now.  The module's own ``forward`` is
+    wrapped, not hooked: vLLM's LoRA layer calls ``base_layer.forward`` directly, past any hook."""
     embed = model.model.embed_tokens
     param = _param(model, name)
     empty = param.data
@@ -360,9 +361,9 @@ def _stream_embedding_rows(model, name: str, store: WeightStore) -> None:
     row_bytes = entry.nbytes // rows
 
     shard = embed.shard_indices if embed.tp_size > 1 else None
+    lookup = embed.forward
 
-    def pre(module, args):
-        ids = args[0]
+    def forward(ids, *args, **kwargs):
         if shard is not None:  # this rank's rows: ids of other shards read row 0, then masked by vLLM
             local, outside = get_masked_input_and_mask(
                 ids, shard.org_vocab_start_index, shard.org_vocab_end_index, shard.num_org_vocab_padding,
@@ -372,18 +373,17 @@ def _stream_embedding_rows(model, name: str, store: WeightStore) -> None:
         uniq, inverse = torch.unique(local, return_inverse=True)
         data = store.read_rows(name, uniq.tolist(), row_bytes)
         rows_read = torch.frombuffer(bytearray(data), dtype=entry.torch_dtype).view(len(uniq), hidden)
-        param.data = rows_read.to(ids.device)
         if shard is not None:  # ids vLLM's shard masking turns into rows of the table read
             start = shard.org_vocab_start_index
             assert len(uniq) <= shard.org_vocab_end_index - start
             inverse = torch.where(outside, -1, inverse.view(ids.shape) + start)
-        return (inverse.view(ids.shape),) + tuple(args[1:])
+        param.data = rows_read.to(ids.device)
+        try:
+            return lookup(inverse.view(ids.shape), *args, **kwargs)
+        finally:
+            param.data = empty
 
-    def post(module, args, output):
-        param.data = empty
-
-    embed.register_forward_pre_hook(pre)
-    embed.register_forward_hook(post)
+    embed.forward = forward
 
 
 def _tp_shard() -> str:

@@ -1,10 +1,12 @@
 """LoRA adapters with VTENSOR: requests for the base model and for two adapters (random weights in
 PEFT's format, made here) share a system prompt; vLLM keys its prefix cache by adapter, so a block
 cached for one adapter is never hit by another.  Two rounds, the second hitting the first's
-blocks: the same tokens as vanilla vLLM."""
+blocks: the same tokens as vanilla vLLM.  An adapter with FlexInfer streaming the base model's weights:
+the same tokens as vLLM's default loader."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -58,3 +60,34 @@ def test_lora_adapters_match_vanilla(smollm2_path, tmp_path):
     assert out == ref
     assert len({tuple(ids) for ids in ref[0][:3]}) == 3  # base, a1 and a2 answer differently: the adapters act
     assert stats["prefix_hit_bytes"] > 0 and stats["mapped_bytes"] == 0
+
+
+def test_lora_adapters_with_flexinfer_match_the_default_loader(tiny_llama_path, tmp_path):
+    """`--load-format flexinfer` at 40% of a tiny llama's weights (layers and the tied embedding/lm_head
+    streamed; the embedding lookup reads its rows from the store, which vLLM's LoRA embedding layer
+    reaches past module hooks) with an adapter on its attention: the tokens of vLLM's default loader,
+    for the adapter and the base model alike."""
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    adapter = LoRARequest("a1", 1, _adapter(tmp_path / "a1", seed=1, layers=4, hidden=256, kv=128))
+    prompts = [{"prompt_token_ids": [100 + (i * 7 + k) % 900 for k in range(30 + 20 * i)]} for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+    def run(**kw):
+        llm = LLM(model=tiny_llama_path, dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
+                  kv_cache_memory_bytes=32 << 20, enable_lora=True, max_lora_rank=8, max_loras=1, **kw)
+        out = [[list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, lora_request=lora, use_tqdm=False)]
+               for lora in (adapter, None)]
+        _shutdown(llm)
+        return out
+
+    ref = run()
+    assert ref[0] != ref[1]  # the adapter acts
+    stats = tmp_path / "flex.json"
+    os.environ["FLEXOFFLOAD_STATS_FILE"] = str(stats)
+    out = run(load_format="flexinfer", model_loader_extra_config={"memory_budget": 0.4,
+                                                                 "cache_dir": str(tmp_path / "store")})
+    assert out == ref
+    flex = json.loads(stats.read_text())
+    assert flex["head_streamed"] and flex["forwards"] > 0, flex
