@@ -128,7 +128,8 @@ class FlexInferLoader(BaseModelLoader):
             del params  # see below: no reference may outlive CPU weight packing
             return self._load_mmap_baseline(model, model_config, target, mapped, path)
         try:
-            plan = plan_for_budget(tensors, budget, window=self.cfg.prefetch_window, policy=self.cfg.policy)
+            plan = plan_for_budget(tensors, budget, window=self.cfg.prefetch_window, policy=self.cfg.policy,
+                                   logits=model_config.runner_type != "pooling")
         except BudgetError as e:
             if self.auto is None:
                 raise

@@ -8,8 +8,8 @@ Budget layout::
                                               head's rows, when it streams)
            + resident layer tensors           chosen by the policy below
 
-An embedding table that is not also the lm_head (untied weights) is only looked up: whenever the
-model does not fit the budget whole, it is neither resident nor streamed, and each lookup reads its
+An embedding table that is not also the lm_head (untied weights), or whose model computes no logits
+(a pooling model), is only looked up: whenever the model does not fit the budget whole, it is neither resident nor streamed, and each lookup reads its
 rows from the weight store (``embed_rows``): a few KB per token instead of the whole table in
 memory (1 GB of bf16 for Llama-3.1-8B's).
 
@@ -148,9 +148,10 @@ class Plan:
             f"  resident weights {self.resident_bytes / mib:.1f} MiB + stream arena {self.arena_bytes / mib:.1f} MiB "
             f"= {(self.resident_bytes + self.arena_bytes) / mib:.1f} MiB of {self.total_bytes / mib:.1f} MiB weights",
             f"  host tier {self.host_bytes / mib:.1f} MiB of a {self.host_budget / mib:.1f} MiB host budget",
-            f"  head ({'lm_head' if self.embed_rows else 'embedding/lm_head'}) "
-            f"{'streamed' if self.head_streamed else 'resident'}"
-            f"{' from the host tier' if self.head_streamed and set(self.head_names) <= self.host else ''}; "
+            (f"  head ({'lm_head' if self.embed_rows else 'embedding/lm_head'}) "
+             f"{'streamed' if self.head_streamed else 'resident'}"
+             f"{' from the host tier' if self.head_streamed and set(self.head_names) <= self.host else ''}; "
+             if self.head_names else "  no lm_head (no logits computed); ") +
             f"streamed per forward pass {self.streamed_bytes_per_forward / mib:.1f} MiB "
             f"({self.host_streamed_bytes_per_forward / mib:.1f} from the host tier, "
             f"{self.disk_bytes_per_forward / mib:.1f} from disk)",
@@ -230,21 +231,22 @@ HEAD_CHUNKS = 8  # a streamed head is read in at most this many runs of rows, un
 
 
 def plan_for_budget(tensors: list[TensorInfo], budget: int, *, window: int | None = None,
-                    policy: str = "flexinfer") -> Plan:
+                    policy: str = "flexinfer", logits: bool = True) -> Plan:
     """``make_plan`` with the default window (None) shrunk until its buffers fit the budget: a tight budget
     reads fewer layers ahead rather than failing.  An explicit window is kept as given."""
     if window is not None:
-        return make_plan(tensors, budget, window=window, policy=policy)
+        return make_plan(tensors, budget, window=window, policy=policy, logits=logits)
     for w in range(DEFAULT_WINDOW, 0, -1):
         try:
-            return make_plan(tensors, budget, window=w, policy=policy)
+            return make_plan(tensors, budget, window=w, policy=policy, logits=logits)
         except BudgetError:
             continue
-    return make_plan(tensors, budget, window=0, policy=policy)
+    return make_plan(tensors, budget, window=0, policy=policy, logits=logits)
 
 
 def make_plan(tensors: list[TensorInfo], budget: int, *, window: int = DEFAULT_WINDOW,
-              policy: str = "flexinfer") -> Plan:
+              policy: str = "flexinfer", logits: bool = True) -> Plan:
+    """The plan for ``budget``; ``logits`` False for a model that computes none (a pooling model)."""
     layers = sorted({t.layer for t in tensors if t.layer is not None})
     n = len(layers)
     if n == 0 or layers != list(range(n)):
@@ -262,8 +264,9 @@ def make_plan(tensors: list[TensorInfo], budget: int, *, window: int = DEFAULT_W
     if budget >= sum(sizes.values()):  # everything fits: nothing streams, no buffers, no slowdown
         return Plan(budget=budget, policy=policy, window=window, num_layers=n, sizes=sizes,
                     head_names=[t.name for t in head], resident=set(sizes))
-    # untied: the input embedding (vLLM's model.embed_tokens) is only looked up
-    table = [t for t in head if "embed_tokens" in t.name][:1] if len(head) > 1 else []
+    # untied: the input embedding (vLLM's model.embed_tokens) is only looked up; so is a tied one in a
+    # model that computes no logits (a pooling model's lm_head is never used)
+    table = [t for t in head if "embed_tokens" in t.name][:1] if len(head) > 1 or not logits else []
     head = [t for t in head if t not in table]
     plan = Plan(budget=budget, policy=policy, window=window, num_layers=n, sizes=sizes, head_names=[t.name for t in head],
                 embed_rows=table[0].name if table else None)

@@ -226,3 +226,34 @@ def test_an_untied_embedding_table_is_read_by_rows_and_the_lm_head_packed(fracti
     else:
         assert stats["head_streamed"] and not stats["head_packed"] and stats["head_runs"] > 1, stats
         assert stats["bytes_streamed"] >= stats["forwards"] * stats["streamed_bytes_per_forward"] * 0.9, stats
+
+
+def test_a_pooling_model_reads_its_tied_table_by_rows(tiny_llama_path, tmp_path):
+    """An embedding model (a tiny llama converted by vLLM, `--convert embed`) at 40% of its weights: it
+    computes no logits, so its tied embedding table is only looked up and read by rows (it was streamed
+    whole every forward pass as a head); what is left fits, nothing streams; the embeddings of vLLM's
+    default loader."""
+    import torch
+    from vllm import LLM
+
+    prompts = [{"prompt_token_ids": [100 + (i * 7 + k) % 900 for k in range(30 + 20 * i)]} for i in range(4)]
+
+    def run(**kw):
+        llm = LLM(model=tiny_llama_path, dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
+                  kv_cache_memory_bytes=32 << 20, runner="pooling", convert="embed", **kw)
+        out = [torch.tensor(o.outputs.embedding) for o in llm.embed(prompts, use_tqdm=False)]
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        return out
+
+    ref = run()
+    stats_path = tmp_path / "flex.json"
+    os.environ["FLEXOFFLOAD_STATS_FILE"] = str(stats_path)
+    out = run(load_format="flexinfer", model_loader_extra_config={"memory_budget": 0.4,
+                                                                 "cache_dir": str(tmp_path / "store")})
+    stats = json.loads(stats_path.read_text())
+    for a, b in zip(out, ref):
+        assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+    assert stats["embed_rows"] == "model.embed_tokens.weight" and not stats["head_streamed"], stats
+    assert stats["streamed_bytes_per_forward"] == 0 and stats["resident_bytes"] <= stats["budget_bytes"], stats

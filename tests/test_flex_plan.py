@@ -95,6 +95,19 @@ def test_an_untied_embedding_table_is_read_by_rows_whenever_the_model_does_not_f
     assert "embedding table (20.0 MiB) not held" in low.table()
 
 
+def test_a_model_computing_no_logits_reads_its_tied_table_by_rows():
+    """A pooling model never uses its lm_head: a tied embedding table is then only looked up, so below
+    100% it is read by rows, not streamed whole as a head would be every forward pass."""
+    table = llama_table(head=20 * MiB)
+    budget = sum(t.nbytes for t in table) - MiB
+    tied = make_plan(table, budget, window=1)
+    assert tied.head_names == ["model.embed_tokens.weight"] and tied.streamed_bytes_per_forward > 0
+    pooling = make_plan(table, budget, window=1, logits=False)
+    assert pooling.embed_rows == "model.embed_tokens.weight" and pooling.head_names == []
+    assert pooling.streamed_bytes_per_forward == 0 and "model.embed_tokens.weight" not in pooling.resident
+    assert "no lm_head (no logits computed)" in pooling.table()
+
+
 def test_head_streams_when_it_does_not_fit_in_runs_no_larger_than_a_layer():
     """A streamed head goes in runs of rows: the arena holds window + 1 of them (or of the layers'
     units), not the whole head, and what it does not need stays for resident layer tensors."""
