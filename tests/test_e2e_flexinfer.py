@@ -228,18 +228,23 @@ def test_an_untied_embedding_table_is_read_by_rows_and_the_lm_head_packed(fracti
         assert stats["bytes_streamed"] >= stats["forwards"] * stats["streamed_bytes_per_forward"] * 0.9, stats
 
 
-def test_a_pooling_model_reads_its_tied_table_by_rows(tiny_llama_path, tmp_path):
-    """An embedding model (a tiny llama converted by vLLM, `--convert embed`) at 40% of its weights: it
-    computes no logits, so its tied embedding table is only looked up and read by rows (it was streamed
-    whole every forward pass as a head); what is left fits, nothing streams; the embeddings of vLLM's
-    default loader."""
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_pooling_model_reads_its_embedding_table_by_rows(tied, tiny_llama_path, tmp_path):
+    """An embedding model (a tiny llama converted by vLLM, `--convert embed`, which leaves out an untied
+    lm_head) at 40% of its weights: it computes no logits, so its embedding table is only looked up and
+    read by rows (a tied one was streamed whole every forward pass as a head); what is left fits,
+    nothing streams; the embeddings of vLLM's default loader."""
     import torch
     from vllm import LLM
+
+    from vllm_vtensor.models import build_tiny_llama
+
+    model = tiny_llama_path if tied else str(build_tiny_llama(tie_word_embeddings=False))
 
     prompts = [{"prompt_token_ids": [100 + (i * 7 + k) % 900 for k in range(30 + 20 * i)]} for i in range(4)]
 
     def run(**kw):
-        llm = LLM(model=tiny_llama_path, dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
+        llm = LLM(model=model, dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
                   kv_cache_memory_bytes=32 << 20, runner="pooling", convert="embed", **kw)
         out = [torch.tensor(o.outputs.embedding) for o in llm.embed(prompts, use_tqdm=False)]
         llm.llm_engine.engine_core.shutdown()
@@ -257,3 +262,5 @@ def test_a_pooling_model_reads_its_tied_table_by_rows(tiny_llama_path, tmp_path)
         assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
     assert stats["embed_rows"] == "model.embed_tokens.weight" and not stats["head_streamed"], stats
     assert stats["streamed_bytes_per_forward"] == 0 and stats["resident_bytes"] <= stats["budget_bytes"], stats
+    table = 49152 * 256 * 4  # SmolLM2's vocabulary, the tiny llama's width, float32
+    assert stats["resident_bytes"] == stats["weight_bytes"] - table, stats
