@@ -324,6 +324,9 @@ class FlexInferLoader(BaseModelLoader):
         self.head_runs = len(runs)
         if runs:
             head = _lm_head(model)
+            if head is None:
+                raise FlexConfigError(f"flexinfer found no lm_head in {type(model).__name__} to stream in runs of rows; "
+                                      "raise memory_budget so the head stays resident")
             head.quant_method = _HeadInRuns(head.quant_method, streamer, layer_units, runs, device,
                                             None if layer_units else forward_done)
         if plan.head_streamed:
@@ -412,11 +415,12 @@ def _param(model, name: str) -> torch.nn.Parameter:
     return getattr(_module(model, name), name.rpartition(".")[2])
 
 
-def _lm_head(model) -> nn.Module:
+def _lm_head(model) -> nn.Module | None:
     """The module vLLM computes the logits with: ``lm_head``, or the embedding table itself in models
-    that have no lm_head (Gemma 2 hands ``model.embed_tokens`` to its logits processor)."""
+    that have no lm_head (Gemma 2 hands ``model.embed_tokens`` to its logits processor); None in a
+    model that has neither (a pooling model, or one naming them otherwise)."""
     head = getattr(model, "lm_head", None)
-    return head if head is not None else model.model.embed_tokens
+    return head if head is not None else getattr(model.model, "embed_tokens", None)
 
 
 def _drop(model, names: list[str], device: torch.device) -> None:
