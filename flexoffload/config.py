@@ -122,17 +122,24 @@ def check_model(model_config) -> None:
     expert weights repacked for its fused MoE kernels) from the whole tensors, which a streamed tensor
     never is; and a decode step touches only the experts its router picks, so streaming whole expert
     tensors every pass is not a plan worth making."""
-    if model_config.quantization:
-        raise FlexConfigError(
-            f"--load-format flexinfer streams unquantized weights (float32, bfloat16, float16); this model's "
-            f"weights are quantized ({model_config.quantization}), which it does not stream: load it without "
-            "--load-format flexinfer, or use an unquantized checkpoint")
-    if model_config.is_moe:
-        arch = ", ".join(getattr(model_config.hf_config, "architectures", None) or [model_config.model])
-        raise FlexConfigError(
-            f"--load-format flexinfer streams dense decoder layers; {arch} is a mixture of experts "
-            f"({model_config.get_num_experts()} experts per layer), which it does not stream: load it without "
-            "--load-format flexinfer")
+    arch = ", ".join(getattr(model_config.hf_config, "architectures", None) or [model_config.model])
+    refusal = refusal_for(arch, model_config.quantization, model_config.get_num_experts())
+    if refusal:
+        raise FlexConfigError(refusal)
+
+
+def refusal_for(arch: str, quantization: str | None, experts: int) -> str | None:
+    """Why FlexInfer will not stream this model, with the fix, or None (for :func:`check_model` and
+    ``python -m flexoffload.plan``)."""
+    if quantization:
+        return (f"--load-format flexinfer streams unquantized weights (float32, bfloat16, float16); this model's "
+                f"weights are quantized ({quantization}), which it does not stream: load it without "
+                "--load-format flexinfer, or use an unquantized checkpoint")
+    if experts:
+        return (f"--load-format flexinfer streams dense decoder layers; {arch} is a mixture of experts "
+                f"({experts} experts per layer), which it does not stream: load it without "
+                "--load-format flexinfer")
+    return None
 
 
 def _is_auto(value) -> bool:

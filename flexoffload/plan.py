@@ -398,6 +398,21 @@ def checkpoint_tensors(model_dir: str | Path, dtype_bytes: int | None = None) ->
     return out
 
 
+def checkpoint_refusal(model_dir: str | Path) -> str | None:
+    """What the loader would refuse this checkpoint for (quantized weights, a mixture of experts), read
+    from its config.json as vLLM reads them, or None."""
+    from .config import refusal_for
+
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    text = config.get("text_config") or config
+    quant = (config.get("quantization_config") or text.get("quantization_config") or {}).get("quant_method")
+    experts = next((text[k] for k in ("num_experts", "moe_num_experts", "n_routed_experts", "num_local_experts")
+                    if text.get(k)), 0)
+    arch = ", ".join(config.get("architectures") or [str(model_dir)])
+    return refusal_for(arch, quant, max(experts) if isinstance(experts, list) else experts)
+
+
 def measure_disk_bandwidth(path: Path, nbytes: int = 256 << 20) -> float:
     """``O_DIRECT`` sequential read bandwidth of ``path`` in bytes/s (buffered if O_DIRECT is refused)."""
     import mmap
@@ -462,6 +477,10 @@ def main(argv=None) -> int:
     disk = args.disk_gbps * 1e9 if args.disk_gbps else measure_disk_bandwidth(next(Path(args.model).glob("*.safetensors")))
     mem = args.mem_gbps * 1e9 if args.mem_gbps else measure_memory_bandwidth()
     tensors = checkpoint_tensors(args.model, args.dtype_bytes)
+    refusal = checkpoint_refusal(args.model)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 1
     room = None
     if args.budget.strip().lower() == "auto":
         from vllm_vtensor.settings import parse_bytes

@@ -297,3 +297,31 @@ def test_the_loader_picks_its_read_engine_by_device_and_names_the_fix_where_it_c
             pick("aio", "cuda")
     finally:
         aio._checked, aio._unavailable = checked, unavailable
+
+
+def test_the_plan_command_prints_a_plan_and_refuses_what_the_loader_refuses(tmp_path, capsys):
+    """`python -m flexoffload.plan`: a plan for a dense checkpoint; for a mixture of experts or quantized
+    weights, the loader's refusal (exit status 1) instead of a plan it would never run."""
+    import json
+    import os
+
+    from flexoffload.plan import main
+    from vllm_vtensor.models import build_tiny_llama, build_tiny_model
+
+    rates = ["--budget", "50%", "--disk-gbps", "2", "--mem-gbps", "10"]
+    dense = build_tiny_llama()
+    assert main([str(dense), *rates]) == 0
+    assert "predicted decode bound" in capsys.readouterr().out
+
+    assert main([str(build_tiny_model("gpt_oss")), *rates]) == 1
+    assert "GptOssForCausalLM is a mixture of experts (4 experts per layer)" in capsys.readouterr().err
+
+    quantized = tmp_path / "awq"
+    quantized.mkdir()
+    for f in dense.glob("*.safetensors"):
+        os.symlink(f, quantized / f.name)
+    config = json.loads((dense / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128}
+    (quantized / "config.json").write_text(json.dumps(config))
+    assert main([str(quantized), *rates]) == 1
+    assert "this model's weights are quantized (awq)" in capsys.readouterr().err
