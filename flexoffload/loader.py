@@ -111,7 +111,8 @@ class FlexInferLoader(BaseModelLoader):
         layers = getattr(getattr(model, "model", None), "layers", None)
         if layers is None:
             raise FlexConfigError(f"flexinfer streams decoders whose layers are model.model.layers; "
-                                  f"{type(model).__name__} has none")
+                                  f"{type(model).__name__} has none (a multimodal model's decoder is nested "
+                                  "deeper): load it without --load-format flexinfer")
         params = dict(model.named_parameters())  # tied lm_head/embedding appear once
         tensors = [classify(n, aligned(p.numel() * p.element_size()), p.dim()) for n, p in params.items()]
         weight_bytes = sum(t.nbytes for t in tensors)  # the plan's (4096-aligned) sizes: 100% streams nothing
