@@ -117,20 +117,25 @@ def check_load_config(load_config, model_config=None) -> None:
 
 
 def check_model(model_config) -> None:
-    """Refuse, naming the fix, a model whose weights FlexInfer cannot stream: quantized weights and a
-    mixture of experts.  vLLM converts both after loading (quantized weights to its kernels' layout,
+    """Refuse, naming the fix, a model whose weights FlexInfer cannot stream: a multimodal model,
+    quantized weights and a mixture of experts.  vLLM converts both after loading (quantized weights to its kernels' layout,
     expert weights repacked for its fused MoE kernels) from the whole tensors, which a streamed tensor
     never is; and a decode step touches only the experts its router picks, so streaming whole expert
     tensors every pass is not a plan worth making."""
     arch = ", ".join(getattr(model_config.hf_config, "architectures", None) or [model_config.model])
-    refusal = refusal_for(arch, model_config.quantization, model_config.get_num_experts())
+    refusal = refusal_for(arch, model_config.quantization, model_config.get_num_experts(),
+                          model_config.is_multimodal_model)
     if refusal:
         raise FlexConfigError(refusal)
 
 
-def refusal_for(arch: str, quantization: str | None, experts: int) -> str | None:
+def refusal_for(arch: str, quantization: str | None, experts: int, multimodal: bool = False) -> str | None:
     """Why FlexInfer will not stream this model, with the fix, or None (for :func:`check_model` and
     ``python -m flexoffload.plan``)."""
+    if multimodal:
+        return (f"--load-format flexinfer streams text decoders whose layers are model.model.layers; {arch} is "
+                "multimodal (its decoder is nested under language_model), which it does not stream: load it "
+                "without --load-format flexinfer")
     if quantization:
         return (f"--load-format flexinfer streams unquantized weights (float32, bfloat16, float16); this model's "
                 f"weights are quantized ({quantization}), which it does not stream: load it without "

@@ -399,8 +399,8 @@ def checkpoint_tensors(model_dir: str | Path, dtype_bytes: int | None = None) ->
 
 
 def checkpoint_refusal(model_dir: str | Path) -> str | None:
-    """What the loader would refuse this checkpoint for (quantized weights, a mixture of experts), read
-    from its config.json as vLLM reads them, or None."""
+    """What the loader would refuse this checkpoint for (a multimodal model, quantized weights, a mixture
+    of experts), read from its config.json, or None."""
     from .config import refusal_for
 
     path = Path(model_dir) / "config.json"
@@ -410,7 +410,7 @@ def checkpoint_refusal(model_dir: str | Path) -> str | None:
     experts = next((text[k] for k in ("num_experts", "moe_num_experts", "n_routed_experts", "num_local_experts")
                     if text.get(k)), 0)
     arch = ", ".join(config.get("architectures") or [str(model_dir)])
-    return refusal_for(arch, quant, max(experts) if isinstance(experts, list) else experts)
+    return refusal_for(arch, quant, max(experts) if isinstance(experts, list) else experts, "vision_config" in config)
 
 
 def measure_disk_bandwidth(path: Path, nbytes: int = 256 << 20) -> float:

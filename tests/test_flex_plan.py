@@ -268,7 +268,8 @@ def test_the_loader_refuses_pipeline_parallelism_naming_the_fix():
                              compilation_config=SimpleNamespace(mode=CompilationMode.NONE),
                              parallel_config=SimpleNamespace(world_size=4, tensor_parallel_size=2))
     with pytest.raises(FlexConfigError, match="--pipeline-parallel-size 1"):
-        loader.load_model(config, SimpleNamespace(is_moe=False, quantization=None))
+        loader.load_model(config, SimpleNamespace(is_moe=False, quantization=None, is_multimodal_model=False, model="m",
+                                                     hf_config=SimpleNamespace(), get_num_experts=lambda: 0))
 
 
 def test_the_loader_picks_its_read_engine_by_device_and_names_the_fix_where_it_cannot():
@@ -325,3 +326,9 @@ def test_the_plan_command_prints_a_plan_and_refuses_what_the_loader_refuses(tmp_
     (quantized / "config.json").write_text(json.dumps(config))
     assert main([str(quantized), *rates]) == 1
     assert "this model's weights are quantized (awq)" in capsys.readouterr().err
+
+    config.pop("quantization_config")
+    config["vision_config"] = {"model_type": "siglip_vision_model"}  # as a Gemma 3 4B+ checkpoint has
+    (quantized / "config.json").write_text(json.dumps(config))
+    assert main([str(quantized), *rates]) == 1
+    assert "is multimodal (its decoder is nested under language_model)" in capsys.readouterr().err
