@@ -74,6 +74,14 @@ class FlexInferLoader(BaseModelLoader):
         self.inner.load_weights(model, model_config)
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> torch.nn.Module:
+        spec = vllm_config.speculative_config
+        if spec is not None and model_config is spec.draft_model_config:
+            # A draft model runs several forward passes per step: streamed, it would read its weights
+            # each time; it is small beside the target, so vLLM loads it whole, and the stats snapshot
+            # stays the target's.
+            logger.info("flexinfer: the draft model %s (speculative decoding) is loaded whole by vLLM's default "
+                        "loader, outside memory_budget", model_config.model)
+            return self.inner.load_model(vllm_config, model_config, prefix)
         check_model(model_config)  # also refused in the user's process (engine-config-check), before the engine starts
         device_type = torch.device(vllm_config.device_config.device).type
         if device_type not in ("cpu", "cuda"):

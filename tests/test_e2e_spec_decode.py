@@ -51,3 +51,31 @@ def test_ngram_speculative_decoding_matches_vanilla(smollm2_path, tmp_path):
     # of each request has no KV: it was never fed back); test_kv_space checks rejected drafts directly
     assert 0 < stats["cached_bytes"] <= stats["full_blocks"] * stats["chunk_bytes"]
     assert stats["lingering_bytes"] == 0 and stats["resident_bytes"] == stats["cached_bytes"] + stats["reserve_bytes"]
+
+
+def test_a_draft_model_beside_flexinfer_is_loaded_whole(smollm2_path, tiny_llama_path, tmp_path):
+    """A draft model (a tiny llama with SmolLM2's vocabulary) beside SmolLM2 streamed by FlexInfer at 50%:
+    the draft is loaded whole by vLLM's loader (streamed, it would read its weights on each of its
+    forward passes), the stats snapshot describes the target, and the tokens and acceptance figures
+    equal vanilla vLLM's with the same draft."""
+    import json
+
+    from vllm import LLM, SamplingParams
+
+    spec = {"method": "draft_model", "model": tiny_llama_path, "num_speculative_tokens": 3}
+
+    def run(**kw):
+        llm = LLM(model=smollm2_path, dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
+                  disable_log_stats=False, kv_cache_memory_bytes=64 << 20, speculative_config=spec, **kw)
+        outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+        metrics = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
+        _shutdown(llm)
+        return [list(o.outputs[0].token_ids) for o in outs], metrics["vllm:spec_decode_num_accepted_tokens"]
+
+    ref, ref_accepted = run()
+    stats_path = tmp_path / "flex.json"
+    os.environ["FLEXOFFLOAD_STATS_FILE"] = str(stats_path)
+    out, accepted = run(load_format="flexinfer", model_loader_extra_config={"memory_budget": 0.5})
+    stats = json.loads(stats_path.read_text())
+    assert out == ref and accepted == ref_accepted
+    assert stats["weight_bytes"] > 500 << 20 and stats["forwards"] > 0 and stats["bytes_streamed"] > 0, stats
