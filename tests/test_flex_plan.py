@@ -266,7 +266,8 @@ def test_the_loader_refuses_pipeline_parallelism_naming_the_fix():
     loader = FlexInferLoader(LoadConfig(load_format="flexinfer", model_loader_extra_config={"memory_budget": 0.5}))
     config = SimpleNamespace(device_config=SimpleNamespace(device="cpu"),
                              compilation_config=SimpleNamespace(mode=CompilationMode.NONE),
-                             parallel_config=SimpleNamespace(world_size=4, tensor_parallel_size=2))
+                             parallel_config=SimpleNamespace(world_size=4, tensor_parallel_size=2),
+                             speculative_config=None)
     with pytest.raises(FlexConfigError, match="--pipeline-parallel-size 1"):
         loader.load_model(config, SimpleNamespace(is_moe=False, quantization=None, is_multimodal_model=False, model="m",
                                                      hf_config=SimpleNamespace(), get_num_experts=lambda: 0))
