@@ -117,11 +117,12 @@ def check_load_config(load_config, model_config=None) -> None:
 
 
 def check_model(model_config) -> None:
-    """Refuse, naming the fix, a model whose weights FlexInfer cannot stream: a multimodal model,
-    quantized weights and a mixture of experts.  vLLM converts both after loading (quantized weights to its kernels' layout,
-    expert weights repacked for its fused MoE kernels) from the whole tensors, which a streamed tensor
-    never is; and a decode step touches only the experts its router picks, so streaming whole expert
-    tensors every pass is not a plan worth making."""
+    """Refuse, naming the fix, a model whose weights FlexInfer cannot stream: a multimodal model (its
+    decoder is not ``model.model.layers``), quantized weights and a mixture of experts.  vLLM converts
+    the last two after loading (quantized weights to its kernels' layout, expert weights repacked for
+    its fused MoE kernels) from whole tensors, which a streamed tensor never is; and a decode step
+    touches only the experts its router picks, so streaming whole expert tensors every pass is not a
+    plan worth making."""
     arch = ", ".join(getattr(model_config.hf_config, "architectures", None) or [model_config.model])
     refusal = refusal_for(arch, model_config.quantization, model_config.get_num_experts(),
                           model_config.is_multimodal_model)

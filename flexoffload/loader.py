@@ -334,8 +334,8 @@ class FlexInferLoader(BaseModelLoader):
         if runs:
             head = _lm_head(model)
             if head is None:
-                raise FlexConfigError(f"flexinfer found no lm_head in {type(model).__name__} to stream in runs of rows; "
-                                      "raise memory_budget so the head stays resident")
+                raise FlexConfigError(f"flexinfer found no lm_head in {type(model).__name__} to stream in runs of "
+                                      "rows; raise memory_budget so the head stays resident")
             head.quant_method = _HeadInRuns(head.quant_method, streamer, layer_units, runs, device,
                                             None if layer_units else forward_done)
         if plan.head_streamed:

@@ -9,9 +9,10 @@ Budget layout::
            + resident layer tensors           chosen by the policy below
 
 An embedding table that is not also the lm_head (untied weights), or whose model computes no logits
-(a pooling model), is only looked up: whenever the model does not fit the budget whole, it is neither resident nor streamed, and each lookup reads its
-rows from the weight store (``embed_rows``): a few KB per token instead of the whole table in
-memory (1 GB of bf16 for Llama-3.1-8B's).
+(a pooling model), is only looked up: whenever the model does not fit the budget whole, it is
+neither resident nor streamed, and each lookup reads its rows from the weight store
+(``embed_rows``): a few KB per token instead of the whole table in memory (1 GB of bf16 for
+Llama-3.1-8B's).
 
 Policies (``flexinfer`` is the paper's; the others are its ablations):
 
