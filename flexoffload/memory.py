@@ -11,6 +11,7 @@ model fits, nothing streams.
 * The KV cache: ``--kv-cache-memory-bytes`` (or ``VLLM_CPU_KVCACHE_SPACE``) when set; else room for
   one ``--max-model-len`` request, the least vLLM starts with (it sizes the KV cache from what the
   weights leave).
+* A speculative-decoding draft model's weights (loaded whole by vLLM after the target's).
 """
 from __future__ import annotations
 
@@ -27,15 +28,17 @@ class AutoBudget:
     kv_bytes: int  # kept for the KV cache
     margin_bytes: int  # kept for activations and the runtime
     where: str  # what limited the free memory ("MemAvailable", "cgroup /x", "cuda:0")
+    draft_bytes: int = 0  # a speculative-decoding draft model's weights, loaded whole after the target's
 
     @property
     def room_bytes(self) -> int:
-        return max(0, self.free_bytes - self.kv_bytes - self.margin_bytes)
+        return max(0, self.free_bytes - self.kv_bytes - self.margin_bytes - self.draft_bytes)
 
     def describe(self) -> str:
         mib = 1 << 20
+        draft = f"draft model {self.draft_bytes / mib:.0f} MiB - " if self.draft_bytes else ""
         return (f"{self.free_bytes / mib:.0f} MiB free ({self.where}) - KV cache {self.kv_bytes / mib:.0f} MiB - "
-                f"margin {self.margin_bytes / mib:.0f} MiB = {self.room_bytes / mib:.0f} MiB for weights")
+                f"{draft}margin {self.margin_bytes / mib:.0f} MiB = {self.room_bytes / mib:.0f} MiB for weights")
 
     def as_dict(self) -> dict:
         return asdict(self) | {"room_bytes": self.room_bytes}
@@ -130,8 +133,30 @@ def margin_bytes(free: int) -> int:
     return max(MIN_MARGIN, int(free * MARGIN_FRACTION))
 
 
-def budget_from(free: int, where: str, kv_bytes: int) -> AutoBudget:
-    return AutoBudget(free_bytes=free, kv_bytes=kv_bytes, margin_bytes=margin_bytes(free), where=where)
+def budget_from(free: int, where: str, kv_bytes: int, draft_bytes: int = 0) -> AutoBudget:
+    return AutoBudget(free_bytes=free, kv_bytes=kv_bytes, margin_bytes=margin_bytes(free), where=where,
+                      draft_bytes=draft_bytes)
+
+
+def draft_weight_bytes(vllm_config) -> int:
+    """The weights of a speculative-decoding draft model (``"method": "draft_model"``), in the dtype it
+    runs in, from its checkpoint's safetensors headers; 0 without one.  FlexInfer leaves the draft to
+    vLLM's loader, which loads it whole after the target (see ``FlexInferLoader.load_model``)."""
+    spec = vllm_config.speculative_config
+    draft = spec.draft_model_config if spec is not None and spec.method == "draft_model" else None
+    if draft is None:
+        return 0
+    from .plan import BudgetError, checkpoint_tensors
+
+    folder = Path(draft.model)
+    if not folder.is_dir():  # a hub id: the files vLLM is about to fetch for the draft anyway
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(draft.model, revision=draft.revision, allow_patterns=["*.safetensors"]))
+    try:
+        return sum(t.nbytes for t in checkpoint_tensors(folder, draft.dtype.itemsize))
+    except BudgetError:  # no safetensors: not counted (the margin has to hold it)
+        return 0
 
 
 def host_share(vllm_config) -> int:
@@ -152,4 +177,4 @@ def auto_budget(vllm_config, device) -> AutoBudget:
         free, where = free_device_bytes(device, vllm_config.cache_config.gpu_memory_utilization)
     else:
         free, where = free_host_share(vllm_config)
-    return budget_from(free, where, kv_reserve_bytes(vllm_config))
+    return budget_from(free, where, kv_reserve_bytes(vllm_config), draft_weight_bytes(vllm_config))

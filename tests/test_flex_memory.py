@@ -61,6 +61,26 @@ def test_auto_budget_leaves_the_kv_cache_and_a_margin():
     assert AutoBudget(free_bytes=GiB, kv_bytes=2 * GiB, margin_bytes=0, where="x").room_bytes == 0
 
 
+def test_a_draft_model_is_left_room_for(smollm2_path, tiny_llama_path):
+    """A speculative-decoding draft model loads whole after the target: its weights, in the dtype it
+    runs in, read from its safetensors headers as vLLM's configuration names it (none for n-gram)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from flexoffload.memory import draft_weight_bytes
+    from flexoffload.plan import checkpoint_tensors
+
+    def config(spec):
+        return EngineArgs(model=smollm2_path, dtype="float32", max_model_len=512, enforce_eager=True,
+                          speculative_config=spec).create_engine_config()
+
+    draft = config({"method": "draft_model", "model": tiny_llama_path, "num_speculative_tokens": 3})
+    expected = sum(t.nbytes for t in checkpoint_tensors(tiny_llama_path, 4))  # float32
+    assert draft_weight_bytes(draft) == expected > 50 << 20
+    assert draft_weight_bytes(config({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3})) == 0
+    b = AutoBudget(free_bytes=10 * GiB, kv_bytes=2 * GiB, margin_bytes=MIN_MARGIN, where="x", draft_bytes=GiB)
+    assert b.room_bytes == 7 * GiB - MIN_MARGIN and "draft model 1024 MiB" in b.describe()
+
+
 def test_auto_config_takes_all_the_weights_when_they_fit():
     cfg = FlexConfig.from_extra({"memory_budget": "auto"})
     assert cfg.auto and cfg.budget_bytes(3 * GiB, room=5 * GiB) == 3 * GiB
