@@ -18,6 +18,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vllm_vtensor.log import get_logger
+
+logger = get_logger(__name__)
+
 MIN_MARGIN = 256 << 20  # activations, vLLM's runtime, allocator slack
 MARGIN_FRACTION = 0.05  # of the free memory, when that is more
 
@@ -148,14 +152,16 @@ def draft_weight_bytes(vllm_config) -> int:
         return 0
     from .plan import BudgetError, checkpoint_tensors
 
-    folder = Path(draft.model)
-    if not folder.is_dir():  # a hub id: the files vLLM is about to fetch for the draft anyway
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(draft.model, revision=draft.revision, allow_patterns=["*.safetensors"]))
     try:
+        folder = Path(draft.model)
+        if not folder.is_dir():  # a hub id: the files vLLM is about to fetch for the draft anyway
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(draft.model, revision=draft.revision, allow_patterns=["*.safetensors"]))
         return sum(t.nbytes for t in checkpoint_tensors(folder, draft.dtype.itemsize))
-    except BudgetError:  # no safetensors: not counted (the margin has to hold it)
+    except (BudgetError, OSError, ValueError) as e:  # not counted: the margin has to hold it
+        logger.warning("flexinfer: memory_budget auto cannot size the draft model %s (%s); it is not counted",
+                       draft.model, e)
         return 0
 
 

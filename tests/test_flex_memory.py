@@ -61,7 +61,7 @@ def test_auto_budget_leaves_the_kv_cache_and_a_margin():
     assert AutoBudget(free_bytes=GiB, kv_bytes=2 * GiB, margin_bytes=0, where="x").room_bytes == 0
 
 
-def test_a_draft_model_is_left_room_for(smollm2_path, tiny_llama_path):
+def test_a_draft_model_is_left_room_for(smollm2_path, tiny_llama_path, tmp_path):
     """A speculative-decoding draft model loads whole after the target: its weights, in the dtype it
     runs in, read from its safetensors headers as vLLM's configuration names it (none for n-gram)."""
     from vllm.engine.arg_utils import EngineArgs
@@ -77,6 +77,9 @@ def test_a_draft_model_is_left_room_for(smollm2_path, tiny_llama_path):
     expected = sum(t.nbytes for t in checkpoint_tensors(tiny_llama_path, 4))  # float32
     assert draft_weight_bytes(draft) == expected > 50 << 20
     assert draft_weight_bytes(config({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3})) == 0
+    empty = draft.speculative_config.draft_model_config  # a folder without safetensors: not counted, logged
+    draft.speculative_config.draft_model_config = SimpleNamespace(model=str(tmp_path), revision=None, dtype=empty.dtype)
+    assert draft_weight_bytes(draft) == 0
     b = AutoBudget(free_bytes=10 * GiB, kv_bytes=2 * GiB, margin_bytes=MIN_MARGIN, where="x", draft_bytes=GiB)
     assert b.room_bytes == 7 * GiB - MIN_MARGIN and "draft model 1024 MiB" in b.describe()
 
