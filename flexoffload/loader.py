@@ -149,6 +149,7 @@ class FlexInferLoader(BaseModelLoader):
                                                       target.type)
             assign_host_tier(plan, host_budget)
         logger.info("flexinfer plan (weights %.1f MiB):\n%s", weight_bytes / 2**20, plan.table())
+        check_drafter(plan, self.vllm_config.speculative_config)
         streamed = [n for names in plan.streamed.values() for n in names] + (plan.head_names if plan.head_streamed else [])
         partial = bool(streamed) or plan.embed_rows is not None  # the model is not held whole
         # When anything streams on a CPU, the resident lm_head is packed from the store's pages as vLLM
@@ -360,6 +361,21 @@ class FlexInferLoader(BaseModelLoader):
                                   "use io_engine 'auto' or 'threads'")
         logger.info("flexinfer: glibc's POSIX AIO is not available (%s): streaming with Python reader threads", reason)
         return "threads"
+
+
+# speculative methods whose drafter has no module of the target's: n-gram lookups, or a model of its own
+OWN_DRAFTERS = ("ngram", "ngram_gpu", "suffix", "draft_model")
+
+
+def check_drafter(plan, spec) -> None:
+    """Refuse, naming the fix, a drafter that would compute with the target's streamed lm_head: EAGLE,
+    MTP and the like share the target's lm_head, whose streamed runs are read in step with the
+    target's forward pass only."""
+    if spec is not None and plan.head_streamed and spec.method not in OWN_DRAFTERS:
+        raise FlexConfigError(
+            f"speculative method {spec.method!r} computes its drafts' logits with the target's lm_head, which "
+            f"streams at memory_budget {plan.budget / 2**20:.0f} MiB: raise the budget until the plan keeps the "
+            f"head resident (python -m flexoffload.plan shows it), or use the method 'draft_model' or 'ngram'")
 
 
 def _stream_embedding_rows(model, name: str, store: WeightStore) -> None:

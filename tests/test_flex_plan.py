@@ -333,3 +333,22 @@ def test_the_plan_command_prints_a_plan_and_refuses_what_the_loader_refuses(tmp_
     (quantized / "config.json").write_text(json.dumps(config))
     assert main([str(quantized), *rates]) == 1
     assert "is multimodal (its decoder is nested under language_model)" in capsys.readouterr().err
+
+
+def test_a_drafter_sharing_a_streamed_lm_head_is_refused_naming_the_fix():
+    """EAGLE/MTP drafters compute with the target's lm_head: refused when it streams (its runs are read in
+    step with the target's forward pass only), allowed when it is resident or the drafter is its own."""
+    from types import SimpleNamespace
+
+    from flexoffload.loader import check_drafter
+
+    table = llama_table(head=20 * MiB)
+    streamed = make_plan(table, 40 * MiB, window=1)
+    resident = make_plan(table, sum(t.nbytes for t in table) - MiB, window=1)
+    assert streamed.head_streamed and not resident.head_streamed
+    with pytest.raises(FlexConfigError, match="speculative method 'eagle3' computes its drafts' logits with the "
+                                              "target's lm_head, which streams"):
+        check_drafter(streamed, SimpleNamespace(method="eagle3"))
+    check_drafter(resident, SimpleNamespace(method="eagle3"))
+    for ok in (None, SimpleNamespace(method="ngram"), SimpleNamespace(method="draft_model")):
+        check_drafter(streamed, ok)
