@@ -285,10 +285,8 @@ class AioStreamer(Streamer):
             r.slot.pending -= 1
             if not r.slot.pending:
                 self._finish_slot(r.slot)
-        if self._reads:  # in flight since the last look: counted now (reads that never drain count too)
-            now = time.perf_counter()
-            self.stats.io_seconds += now - self._busy_since
-            self._busy_since = now
+        if self._reads:
+            self._count_io_seconds()
         self._reads = still
 
     def _wait_for(self, slot: _Slot) -> None:

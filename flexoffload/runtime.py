@@ -236,6 +236,13 @@ class Streamer:
             error = e
         return slot, futures, from_host, error
 
+    def _count_io_seconds(self) -> None:
+        """Reads have been in flight since the last mark: that time is counted now (reads kept in flight
+        throughout, that never all drain, count too)."""
+        now = time.perf_counter()
+        self.stats.io_seconds += now - self._busy_since
+        self._busy_since = now
+
     def _finish(self, reading: tuple) -> None:
         """Wait for a unit's reads (in submission order), copy it to the device, and mark it ready."""
         slot, futures, from_host, error = reading
@@ -247,10 +254,8 @@ class Streamer:
                 except BaseException as e:
                     error = error or e
             with self._cond:
-                self._in_flight -= 1  # reads were in flight since the last mark: counted now
-                now = time.perf_counter()
-                self.stats.io_seconds += now - self._busy_since
-                self._busy_since = now
+                self._in_flight -= 1
+                self._count_io_seconds()
                 if error is None:
                     self.stats.bytes_streamed += n
                     self.stats.bytes_from_host += from_host
