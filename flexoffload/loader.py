@@ -181,8 +181,9 @@ class FlexInferLoader(BaseModelLoader):
             _param(model, name).data = data
         _gemm_on_live_weights(model, list(kept))
         self.head_packed = packed_head is not None and _pack_head(model, packed_head, store)
-        if plan.embed_rows:  # an untied embedding table: lookups read rows from the store
-            _stream_embedding_rows(model, plan.embed_rows, store)
+        table = _table_read_by_rows(model, plan, packed_head if self.head_packed else None)
+        if table:
+            _stream_embedding_rows(model, table, store)
         _give_back_freed_memory()  # the weights CPU packing replaced, before the arena is made
         if streamed:
             self._install(model, layers, plan, store, streamed)
@@ -339,10 +340,6 @@ class FlexInferLoader(BaseModelLoader):
                                       "rows; raise memory_budget so the head stays resident")
             head.quant_method = _HeadInRuns(head.quant_method, streamer, layer_units, runs, device,
                                             None if layer_units else forward_done)
-        if plan.head_streamed:
-            tied = next((n for n in plan.head_names if "embed" in n), None)  # the lm_head is the embedding table
-            if tied:
-                _stream_embedding_rows(model, tied, store)
 
     def _io_engine(self, device: torch.device) -> str:
         """``aio`` or ``threads``: what ``io_engine`` asks for, where it can run (auto: aio on a CPU where
@@ -376,6 +373,17 @@ def check_drafter(plan, spec) -> None:
             f"speculative method {spec.method!r} computes its drafts' logits with the target's lm_head, which "
             f"streams at memory_budget {plan.budget / 2**20:.0f} MiB: raise the budget until the plan keeps the "
             f"head resident (python -m flexoffload.plan shows it), or use the method 'draft_model' or 'ngram'")
+
+
+def _table_read_by_rows(model, plan, packed_head: str | None) -> str | None:
+    """The embedding table whose lookups read its rows from the store, being held nowhere: one the plan
+    reads by rows (untied, or in a model computing no logits), or the lm_head's own weight where that
+    is not held either: streamed, or packed by :func:`_pack_head` (its handler holds the only copy)."""
+    if plan.embed_rows:
+        return plan.embed_rows
+    embed = getattr(model.model, "embed_tokens", None)
+    not_held = plan.head_names if plan.head_streamed else [packed_head] if packed_head else []
+    return next((n for n in not_held if embed is not None and _param(model, n) is embed.weight), None)
 
 
 def _stream_embedding_rows(model, name: str, store: WeightStore) -> None:
@@ -584,8 +592,8 @@ def _pack_head(model, name: str, store: WeightStore) -> bool:
     the weight from the store's pages, which are dropped again: no unpacked copy is ever in anonymous
     memory.  The lm_head's GEMM is the largest a decode step runs; unpacked it ran at 0.73x the packed
     speed (SmolLM2's 113 MB head, float32, one core: 4.05 vs 2.94 ms).  Where the lm_head is also the
-    embedding table (tied weights), lookups read their rows from the store.  False (the weight loaded
-    as it lies instead) where oneDNN refuses the weight."""
+    embedding table (tied weights), lookups read their rows from the store (:func:`_table_read_by_rows`).
+    False (the weight loaded as it lies instead) where oneDNN refuses the weight."""
     import mmap
 
     from vllm import _custom_ops as ops
@@ -617,8 +625,6 @@ def _pack_head(model, name: str, store: WeightStore) -> bool:
         _gemm_on_live_weights(model, [name])
         return False
     head.cpu_linear = lambda x, weight, bias: ops.onednn_mm(handler, x, bias)
-    if model.model.embed_tokens.weight is param:
-        _stream_embedding_rows(model, name, store)
     return True
 
 

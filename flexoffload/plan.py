@@ -91,7 +91,7 @@ class Plan:
     sizes: dict[str, int] = field(default_factory=dict)
     host: set[str] = field(default_factory=set)  # streamed tensors kept in the host tier (not read from disk)
     host_budget: int = 0
-    embed_rows: str | None = None  # an untied embedding table read by rows from the store (see above)
+    embed_rows: str | None = None  # an embedding table only looked up, read by rows from the store (see above)
     head_chunk_bytes: int = 0  # a streamed head is read and computed in runs of rows of at most this size
 
     @property
