@@ -10,6 +10,11 @@ current size, while growing a plain tensor (allocate a bigger one, copy) costs
 time linear in the current size. ``map_run16``/``unmap_run16``: per chunk, 16
 consecutive chunks mapped in one ``map_many`` call (a prompt's blocks; on CUDA one
 unmap of the zero granules and one set-access for them all) and unmapped in one call.
+
+On CUDA, ``while_busy`` times each operation again while the device runs a kernel of
+``--busy-ms`` (``torch.cuda._sleep``) and records whether the call returned only after
+that kernel had finished: an operation that waits for the device cannot overlap a
+forward pass under vLLM's async scheduling, whatever thread makes it.
 """
 from __future__ import annotations
 
@@ -123,6 +128,56 @@ def grow_vs_copy(pool: ChunkPool, device: str, sizes_mib: list[int], grow_chunks
     return rows
 
 
+def _sleep_cycles(ms: float) -> int:
+    """GPU clock cycles for ``torch.cuda._sleep`` to run about ``ms`` milliseconds on this device."""
+    probe = 10_000_000
+    torch.cuda._sleep(probe)  # warm-up (module load)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(probe)
+    end.record()
+    end.synchronize()
+    return int(probe * ms / max(start.elapsed_time(end), 1e-3))
+
+
+def while_busy(backend, chunk: int, reps: int, busy_ms: float) -> dict:
+    """Each operation of a step's block updates timed with the device idle and while it runs a
+    ``busy_ms`` kernel; ``waited`` is the share of busy calls that returned only after the kernel had
+    finished (1.0: the call waits for the device; 0.0: it runs beside the kernel)."""
+    cycles = _sleep_cycles(busy_ms)
+    vr = backend.reserve((RUN + 1) * chunk)
+    ops = {
+        "create": lambda st: st.setdefault("made", []).append(backend.create_chunk(chunk)),
+        "map": lambda st: backend.map(vr, 0, st["made"][0], chunk),
+        "unmap": lambda st: backend.unmap(vr, 0, chunk),
+        f"map_run{RUN}": lambda st: backend.map_many(vr, chunk, st["made"][1:RUN + 1], chunk),
+        f"unmap_run{RUN}": lambda st: backend.unmap(vr, chunk, RUN * chunk),
+        "release": lambda st: [backend.release_chunk(h) for h in st.pop("made")],
+    }
+    times: dict[str, dict[str, list]] = {op: {"idle": [], "busy": [], "waited": []} for op in ops}
+    for _ in range(reps):
+        for busy in (False, True):
+            state = {"made": [backend.create_chunk(chunk) for _ in range(RUN)]}
+            for op, run in ops.items():
+                torch.cuda.synchronize()
+                if busy:
+                    torch.cuda._sleep(cycles)
+                    done = torch.cuda.Event()
+                    done.record()
+                t = time.perf_counter()
+                run(state)
+                dt = time.perf_counter() - t
+                times[op]["busy" if busy else "idle"].append(dt)
+                if busy:
+                    times[op]["waited"].append(done.query())
+            torch.cuda.synchronize()
+    backend.free_range(vr)
+    return {op: {"idle_median_us": statistics.median(t["idle"]) * 1e6,
+                 "busy_median_us": statistics.median(t["busy"]) * 1e6,
+                 "waited": sum(t["waited"]) / len(t["waited"])} for op, t in times.items()}
+
+
 def reserve_cost(backend, sizes_gib: list[float]) -> list[dict]:
     """Time reserving a fresh range of each size, reading as zeros everywhere: what a KV space does
     once at start-up (VTENSOR reserves max_num_seqs slots of max_model_len).  The host backend maps
@@ -150,6 +205,9 @@ def main(argv=None) -> int:
     p.add_argument("--grow-chunks", type=int, default=8)
     p.add_argument("--reserve-gib", default="1,4,16",
                    help="sizes of fresh virtual ranges to time reserving (comma-separated GiB; '' for none)")
+    p.add_argument("--busy-ms", type=float, default=20.0,
+                   help="CUDA: the kernel each operation is timed beside (0: skip the busy timings)")
+    p.add_argument("--busy-reps", type=int, default=5)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -167,6 +225,8 @@ def main(argv=None) -> int:
     grow = grow_vs_copy(pool, args.device, sizes, args.grow_chunks, reps=5)
     pool.close()
     reserve = reserve_cost(backend, [float(g) for g in args.reserve_gib.split(",") if g])
+    cuda = args.device.startswith("cuda")
+    busy = while_busy(backend, chunk, args.busy_reps, args.busy_ms) if cuda and args.busy_ms > 0 else {}
     backend.close()
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
@@ -190,6 +250,13 @@ def main(argv=None) -> int:
         for r in reserve:
             print(f"{r['reserve_gib']:>8g}{r['ms']:>12.3f}{r['us_per_granule']:>12.3f}")
 
+    if busy:
+        print(f"\nEach operation with the device idle and beside a {args.busy_ms:g} ms kernel "
+              f"(waited: share of calls that returned after the kernel had finished)")
+        print(f"{'op':<12}{'idle us':>12}{'busy us':>12}{'waited':>9}")
+        for op, r in busy.items():
+            print(f"{op:<12}{r['idle_median_us']:>12.1f}{r['busy_median_us']:>12.1f}{r['waited']:>9.2f}")
+
     from provenance import card_name, provenance
 
     where = "cpu" if args.device == "cpu" else card_name(device_name)
@@ -198,7 +265,8 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({
         **provenance("vmm.py", argv),
         "device": args.device, "device_name": device_name, "chunk_bytes": chunk, "staged": args.stage,
-        "latency": summary, "grow": grow, "reserve": reserve, "torch": torch.__version__, **backend_facts,
+        "latency": summary, "grow": grow, "reserve": reserve,
+        **({"while_busy": {"busy_ms": args.busy_ms, "ops": busy}} if busy else {}), "torch": torch.__version__, **backend_facts,
     }, indent=2))
     print(f"\nwrote {out}")
     return 0
