@@ -12,7 +12,10 @@ core and worker) and take turns on every workload, the order rotating:
 * ``vtensor``: ``--attention-backend VTENSOR`` with this project's kernels (``VTENSOR_ATTENTION=triton``;
   on a CPU only under Triton's interpreter, so not by default there);
 * ``vtensor_vllm_kernel``: VTENSOR's memory with vLLM's kernel over it (``VTENSOR_ATTENTION=vllm`` on
-  CUDA, ``cpu`` on a CPU): what the memory management costs, apart from what the kernels gain.
+  CUDA, ``cpu`` on a CPU): what the memory management costs, apart from what the kernels gain;
+* a variant of either, named ``BASE+SETTING=VALUE[+...]`` in ``--engines`` (e.g.
+  ``vtensor+VTENSOR_DEFERRED_UNMAP=1``): that engine with VTENSOR settings of its own, side by side
+  with the others (its summary over vanilla under ``summaries_over_vanilla``).
 
 Workloads (sizes for ``--quick`` are smaller):
 
@@ -49,6 +52,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -95,17 +99,19 @@ def _ratio(a, b):
 class Engine:
     """One vLLM engine of the comparison, with what it needs set in the environment at its start."""
 
-    def __init__(self, name: str, model: str, kw: dict, out_dir: Path, cuda: bool):
+    def __init__(self, name: str, model: str, kw: dict, out_dir: Path, cuda: bool, vtensor_env: dict | None = None):
         from vllm import LLM
 
         self.name = name
-        self.vtensor = name in VT_ENGINES
+        base, own_env = parse_engine(name)
+        self.vtensor = base in VT_ENGINES
+        vtensor_env = (vtensor_env or {}) | own_env
         env = {"VTENSOR_STEP_PROFILE_LABEL": name}
         args = dict(kw)
         if self.vtensor:
-            self.stats_file = out_dir / f"stats-{name}.json"
-            env |= {"VTENSOR_STATS_FILE": str(self.stats_file),
-                    "VTENSOR_ATTENTION": "triton" if name == "vtensor" else ("vllm" if cuda else "cpu")}
+            self.stats_file = out_dir / f"stats-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.json"
+            env |= vtensor_env | {"VTENSOR_STATS_FILE": str(self.stats_file),
+                                  "VTENSOR_ATTENTION": "triton" if base == "vtensor" else ("vllm" if cuda else "cpu")}
             args |= dict(attention_backend="VTENSOR", worker_extension_cls=EXTENSION)
         elif cuda:
             args |= dict(attention_backend="TRITON_ATTN")
@@ -126,6 +132,7 @@ class Engine:
         self.config = {
             "attention_backend": args.get("attention_backend") or "vLLM's default",
             "attention_kernel": env.get("VTENSOR_ATTENTION"),
+            "vtensor_env": dict(vtensor_env) if self.vtensor else None,
             "block_size": cfg.cache_config.block_size,
             "prefix_caching": bool(cfg.cache_config.enable_prefix_caching),
             "chunked_prefill": bool(cfg.scheduler_config.enable_chunked_prefill),
@@ -439,7 +446,9 @@ def _plot(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     res, names = data["results"], data["engines_run"]
+    palette = iter(["#d62", "#a4c", "#2aa", "#cb3"])
     colors = {"vanilla": "#888", "vtensor": "#2a7", "vtensor_vllm_kernel": "#46c"}
+    colors |= {n: next(palette, "#555") for n in names if n not in colors}
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     if "A" in res:
         axes[0].bar(names, [res["A"][n]["output_tok_s"] or 0 for n in names], color=[colors[n] for n in names])
@@ -521,6 +530,31 @@ def _print_table(data: dict) -> None:
                                                         if not isinstance(v, list)}, default=str))
 
 
+def parse_settings(items: list[str]) -> dict:
+    """``NAME=VALUE`` items as a dict, each checked by the plugin's settings module (ValueError names the
+    fix: a name it does not know or a value it refuses is a usage error, not a failed engine start later)."""
+    from vllm_vtensor import settings
+
+    env = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("VTENSOR_"):
+            raise ValueError(f"{item!r}: give NAME=VALUE with a VTENSOR_ setting's name")
+        settings.parse_env(name, value)
+        env[name] = value
+    return env
+
+
+def parse_engine(spec: str) -> tuple[str, dict]:
+    """An ``--engines`` entry: ``BASE`` or ``BASE+NAME=VALUE[+...]`` -> (BASE, its own VTENSOR settings)."""
+    base, *items = spec.split("+")
+    if base not in ENGINES:
+        raise ValueError(f"{spec!r}: an engine is one of {', '.join(ENGINES)}, optionally with +SETTING=VALUE")
+    if items and base not in VT_ENGINES:
+        raise ValueError(f"{spec!r}: only a VTENSOR engine ({', '.join(VT_ENGINES)}) takes VTENSOR settings")
+    return base, parse_settings(items)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -528,7 +562,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="a model folder instead of --shape (its weights are still dummy)")
     p.add_argument("--engines", default=None,
                    help="comma-separated, of " + ", ".join(ENGINES) + " (default: all three on CUDA; on a CPU "
-                   "vanilla,vtensor_vllm_kernel, since this project's kernels run there only under Triton's interpreter)")
+                   "vanilla,vtensor_vllm_kernel, since this project's kernels run there only under Triton's interpreter); "
+                   "a VTENSOR engine may carry settings of its own: vtensor+VTENSOR_DEFERRED_UNMAP=1")
     p.add_argument("--workloads", default="ABC", help="which of A, B, C to run (D is measured within each)")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on a CPU")
     p.add_argument("--kv-bytes", default=None, type=int,
@@ -546,6 +581,9 @@ def main(argv=None) -> int:
     p.add_argument("--vtensor-block-size", type=int, default=None,
                    help="the VTENSOR engines' block size (default: VTENSOR's choice, 16 at the 8B shape on CUDA): a "
                    "larger block maps fewer, larger chunks")
+    p.add_argument("--vtensor-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="a VTENSOR setting for the VTENSOR engines' environment (repeatable), e.g. "
+                   "VTENSOR_DEFERRED_UNMAP=1; recorded in each engine's config")
     p.add_argument("--quick", action="store_true", help="small workloads (a CPU's tiny model)")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default=None, help="result file name without suffix (default gpu-e2e-<card>-<shape>)")
@@ -555,11 +593,19 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available()
     names = args.engines.split(",") if args.engines else (list(ENGINES) if cuda else ["vanilla", "vtensor_vllm_kernel"])
-    bad = [n for n in names if n not in ENGINES]
-    if bad or "vanilla" not in names or len(names) < 2:
-        p.error(f"--engines: vanilla and at least one of {', '.join(VT_ENGINES)} (unknown: {bad})")
+    try:
+        for n in names:
+            parse_engine(n)
+    except ValueError as e:
+        p.error(f"--engines {e}")
+    if "vanilla" not in names or len(names) < 2 or len(set(names)) < len(names):
+        p.error(f"--engines: vanilla and at least one of {', '.join(VT_ENGINES)}, each once")
     if set(args.workloads.upper()) - set("ABC") or not args.workloads:
         p.error("--workloads: some of A, B, C")
+    try:
+        vtensor_env = parse_settings(args.vtensor_env)
+    except ValueError as e:
+        p.error(f"--vtensor-env {e}")
     w = dict(QUICK if args.quick else FULL)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -610,12 +656,17 @@ def main(argv=None) -> int:
     def save():
         if data["results"]:
             data["memory"] = _memory(data["results"], engines, bytes_per_token)
-            data["summary"] = _summary(data["results"], data["memory"], "vtensor" if "vtensor" in names else names[-1])
+            primary = next(n for n in (*VT_ENGINES, *names[1:]) if n in names and n != "vanilla")  # vtensor first
+            data["summary"] = _summary(data["results"], data["memory"], primary)
+            data["summary_engine"] = primary
             data["goals"] = _goals(data["summary"])
             vk = [n for n in VT_ENGINES if n in names]
             if len(vk) == 2:  # what the kernels gain over vLLM's on the same memory
                 data["summary_vllm_kernel_over_vanilla"] = _summary(data["results"], data["memory"], vk[1])
                 data["summary_vtensor_over_vllm_kernel"] = _summary(data["results"], data["memory"], vk[0], vk[1])
+            variants = [n for n in names if n not in ENGINES]
+            if variants:  # engines with settings of their own, each over vanilla
+                data["summaries_over_vanilla"] = {n: _summary(data["results"], data["memory"], n) for n in variants}
             fails = sum(data["results"][wl][n].get("failed", 0) for wl in data["results"] for n in names)
             data["summary"]["failed_requests"] = fails
             data["goals"] = _goals(data["summary"])
@@ -626,8 +677,9 @@ def main(argv=None) -> int:
     try:
         for n in names:
             try:
-                ekw = kw | ({"block_size": args.vtensor_block_size} if args.vtensor_block_size and n in VT_ENGINES else {})
-                engines[n] = Engine(n, model, ekw, out_dir, cuda)
+                vt = parse_engine(n)[0] in VT_ENGINES
+                ekw = kw | ({"block_size": args.vtensor_block_size} if args.vtensor_block_size and vt else {})
+                engines[n] = Engine(n, model, ekw, out_dir, cuda, vtensor_env)
                 data["engines"][n] = engines[n].config
             except Exception as e:  # the others still run; the result says why this one is missing
                 print(f"{n} failed to start: {e!r}", flush=True)

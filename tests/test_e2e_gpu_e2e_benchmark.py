@@ -1,7 +1,8 @@
 """benchmarks/gpu_e2e.py (the end-to-end comparison at a real model's shape) runs on a CPU at a tiny
 shape: random weights (load_format="dummy"), requests by token ids, vanilla and VTENSOR (vLLM's
 kernel over VTENSOR's memory) side by side on all workloads, and the JSON holds what the docs and
-the goals read, each figure consistent with the others."""
+the goals read, each figure consistent with the others. A variant of the VTENSOR engine with a
+setting of its own (no ready reserve) runs beside it, and the two engines' figures show each got its own."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ from vllm_vtensor.worker import DEFAULT_PRECREATE_BYTES
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
+VT, VARIANT = "vtensor_vllm_kernel", "vtensor_vllm_kernel+VTENSOR_PRECREATE_BYTES=0"
 SUMMARY_KEYS = ("throughput_ratio", "itl_ratio", "multi_turn_ttft_ratio", "long_doc_ttft_ratio",
                 "kv_committed_over_need", "failed_requests")
 
@@ -24,7 +26,8 @@ SUMMARY_KEYS = ("throughput_ratio", "itl_ratio", "multi_turn_ttft_ratio", "long_
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-e2e")
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_e2e.py"), "--shape", "tiny", "--quick",
-                          "--rounds-c", "1", "--settle-s", "1.5", "--out-dir", str(out)],
+                          "--rounds-c", "1", "--settle-s", "1.5", "--out-dir", str(out),
+                          "--engines", f"vanilla,{VT},{VARIANT}", "--vtensor-env", "VTENSOR_CHUNK_LINGER_S=0.5"],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     path = out / "gpu-e2e-cpu-tiny.json"
@@ -33,9 +36,16 @@ def result(tmp_path_factory):
 
 def test_every_workload_ran_on_both_engines_and_nothing_failed(result):
     data, path, stdout = result
-    assert data["partial"] is False and data["engines_run"] == ["vanilla", "vtensor_vllm_kernel"]
-    assert data["engines"]["vtensor_vllm_kernel"]["attention_backend"] == "VTENSOR"
-    assert data["engines"]["vtensor_vllm_kernel"]["prefix_caching"] is True
+    assert data["partial"] is False and data["engines_run"] == ["vanilla", VT, VARIANT]
+    for name in (VT, VARIANT):
+        assert data["engines"][name]["attention_backend"] == "VTENSOR"
+        assert data["engines"][name]["prefix_caching"] is True
+    assert data["engines"][VT]["vtensor_env"] == {"VTENSOR_CHUNK_LINGER_S": "0.5"}
+    assert data["engines"][VARIANT]["vtensor_env"] == {"VTENSOR_CHUNK_LINGER_S": "0.5", "VTENSOR_PRECREATE_BYTES": "0"}
+    assert data["engines"]["vanilla"]["vtensor_env"] is None
+    assert set(data["summaries_over_vanilla"]) == {VARIANT}
+    assert data["summaries_over_vanilla"][VARIANT]["throughput_ratio"] == pytest.approx(
+        data["results"]["A"][VARIANT]["output_tok_s"] / data["results"]["A"]["vanilla"]["output_tok_s"])
     w = data["workload_sizes"]
     for name in data["engines_run"]:
         a, b, c = (data["results"][k][name] for k in "ABC")
@@ -54,11 +64,11 @@ def test_every_workload_ran_on_both_engines_and_nothing_failed(result):
 def test_summary_holds_the_goal_figures_as_ratios(result):
     data, _, _ = result
     s, res = data["summary"], data["results"]
-    assert all(k in s for k in SUMMARY_KEYS)
-    van, vt = res["A"]["vanilla"], res["A"]["vtensor_vllm_kernel"]
+    assert all(k in s for k in SUMMARY_KEYS) and data["summary_engine"] == VT
+    van, vt = res["A"]["vanilla"], res["A"][VT]
     assert s["throughput_ratio"] == pytest.approx(vt["output_tok_s"] / van["output_tok_s"])
     assert s["multi_turn_ttft_ratio"] == pytest.approx(
-        res["B"]["vtensor_vllm_kernel"]["ttft_p50_s"] / res["B"]["vanilla"]["ttft_p50_s"])
+        res["B"][VT]["ttft_p50_s"] / res["B"]["vanilla"]["ttft_p50_s"])
     assert set(data["goals"]) >= set(SUMMARY_KEYS)
     assert data["goals"]["failed_requests"]["met"] is True
     assert data["commit"] and data["date"] and data["command"].startswith("python benchmarks/gpu_e2e.py")
@@ -69,16 +79,38 @@ def test_kv_memory_peaks_are_exact_and_given_back(result):
     budget; after the load and a prefix-cache reset its memory falls to the ready reserve."""
     data, _, _ = result
     per_token = data["kv_bytes_per_token"]
-    a = data["memory"]["A"]["vtensor_vllm_kernel"]
+    a = data["memory"]["A"][VT]
     assert 0 < a["peak_need_bytes"] <= a["peak_committed_bytes"]
     assert a["peak_need_bytes"] % per_token == 0
     vanilla = data["memory"]["A"]["vanilla"]
     assert vanilla["peak_committed_bytes"] == data["engine_kwargs"]["kv_cache_memory_bytes"]
     for wl in "ABC":
-        mem = data["results"][wl]["vtensor_vllm_kernel"]
-        mems = [r["memory"] for r in mem["rounds"]] if "rounds" in mem else [mem["memory"]]
-        for m in mems:
-            assert m["running_requests_after"] == 0 and m["mapped_bytes_after"] == 0
-            assert m["peak_resident_bytes"] <= m["allocator"]["budget_bytes"]
-            # what stays once the prefix cache is reset and the linger time passed: the ready reserve, nothing else
-            assert m["resident_bytes_after_prefix_cache_reset"] <= DEFAULT_PRECREATE_BYTES + m["allocator"]["chunk_bytes"]
+        for name in (VT, VARIANT):
+            mem = data["results"][wl][name]
+            mems = [r["memory"] for r in mem["rounds"]] if "rounds" in mem else [mem["memory"]]
+            for m in mems:
+                assert m["running_requests_after"] == 0 and m["mapped_bytes_after"] == 0
+                assert m["peak_resident_bytes"] <= m["allocator"]["budget_bytes"]
+                # what stays once the prefix cache is reset and the linger time passed: the ready reserve
+                # (DEFAULT_PRECREATE_BYTES), nothing else; none in the variant without one
+                after = m["resident_bytes_after_prefix_cache_reset"]
+                chunk = m["allocator"]["chunk_bytes"]
+                if name == VT:
+                    assert DEFAULT_PRECREATE_BYTES - chunk < after <= DEFAULT_PRECREATE_BYTES + chunk
+                else:
+                    assert after <= chunk < DEFAULT_PRECREATE_BYTES
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--vtensor-env", "VTENSOR_NOT_A_SETTING=1"], "not an environment setting"),
+    (["--vtensor-env", "VTENSOR_CHUNK_LINGER_S=-1"], "out of range"),
+    (["--vtensor-env", "VTENSOR_DEFERRED_UNMAP"], "NAME=VALUE"),
+    (["--engines", "vanilla,vtensor+VTENSOR_DEFERRED_UNMAP=maybe"], "VTENSOR_DEFERRED_UNMAP='maybe'"),
+    (["--engines", "vanilla,vanilla+VTENSOR_DEFERRED_UNMAP=1"], "only a VTENSOR engine"),
+    (["--engines", "vanilla,vtensr"], "an engine is one of"),
+    (["--engines", "vanilla,vtensor,vtensor"], "each once"),
+])
+def test_an_engine_or_setting_it_cannot_use_is_a_usage_error_before_any_engine_starts(args, says):
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_e2e.py"), "--shape", "tiny", "--quick",
+                          *args], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and says in run.stderr, run.stderr[-2000:]

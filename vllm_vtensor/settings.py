@@ -241,8 +241,14 @@ def get(name: str):
     if s.kind != "env":
         raise KeyError(f"{name} is a FlexInfer option, read from --model-loader-extra-config")
     raw = os.environ.get(name, "")
-    if not raw:
-        return s.default
+    return parse_env(name, raw) if raw else s.default
+
+
+def parse_env(name: str, raw: str):
+    """``raw`` read as the environment setting ``name`` would be: parsed and checked (SettingError names the fix)."""
+    s = SETTINGS_BY_NAME.get(name)
+    if s is None or s.kind != "env":
+        raise SettingError(f"{name} is not an environment setting of this plugin: see docs/user-guide/configuration.md")
     try:
         value = s.parse(raw)
     except ValueError:
