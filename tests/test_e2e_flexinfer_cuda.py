@@ -3,7 +3,9 @@ greedy outputs equal vLLM's default loader's at 25%, 50% and 100% of the weight 
 numerical ties (the rule of tests/test_e2e_cuda.py: a session-11 run in bf16 saw one prompt of six
 go another way from its 9th token at every budget, 100% included, where nothing streams); the
 weights' device memory (parameter storages plus the device arena, measured) stays within the
-budget, and so does the allocator's peak while loading; at 100% nothing streams.
+budget, and so does the allocator's peak while loading; at 100% nothing streams. In bf16 at 100%
+the weights are the default loader's bit for bit, and a prompt whose greedy tokens go another way
+is one whose tokens under the default loader depend on the batch it runs in.
 
 Needs a GPU and vLLM; skipped otherwise (benchmarks/gpu_vllm.sh runs it on a GPU machine without vLLM, with vLLM's
 Python source and its native layers: see tests/test_e2e_cuda.py).
@@ -82,3 +84,37 @@ def test_flexinfer_matches_default_loader_on_cuda(fraction, host, reference, mod
             assert stats["disk_bytes_per_forward"] == 0 and stats["bytes_streamed"] == 0
         else:
             assert stats["host_bytes_per_forward"] > 0 and stats["disk_bytes_per_forward"] > 0
+
+
+def test_at_the_full_budget_in_bf16_the_weights_are_the_default_loaders_and_any_divergence_is_vanillas_batching(
+        model, monkeypatch):
+    """Where FlexInfer streams nothing it computes with the default loader's weights, bit for bit (values, shapes,
+    strides). A prompt whose tokens still differ must be one whose tokens under the default loader differ
+    between the batch and running alone: vLLM's own batch-dependent rounding in bf16, not the loader."""
+    from vllm import LLM
+
+    from weight_digest import parameter_digests
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", here + os.pathsep + os.environ.get("PYTHONPATH", ""))  # the workers import it
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    engine = {k: v for k, v in ENGINE.items() if k not in ("block_size", "max_num_batched_tokens")}
+    engine |= dict(dtype="bfloat16", attention_backend="TRITON_ATTN", kv_cache_memory_bytes=256 << 20)
+    runs = {}
+    for name, kw in (("default", {}),
+                     ("flexinfer", dict(load_format="flexinfer", model_loader_extra_config={"memory_budget": 1.0}))):
+        llm = LLM(model=model, **engine, **kw)
+        digests = llm.apply_model(parameter_digests)[0]
+        batched = [ids for ids, _ in _gen(llm, MIXED)]
+        alone = [_gen(llm, [conv])[0][0] for conv in MIXED] if name == "default" else None
+        _shutdown(llm)
+        runs[name] = digests, batched, alone
+    (ref_weights, ref_batched, ref_alone), (flex_weights, flex_batched, _) = runs["default"], runs["flexinfer"]
+    assert flex_weights.keys() == ref_weights.keys()
+    differ = [n for n in ref_weights if flex_weights[n] != ref_weights[n]]
+    assert not differ, [(n, ref_weights[n], flex_weights[n]) for n in differ[:5]]
+    diverged = [i for i, (a, b) in enumerate(zip(ref_batched, flex_batched)) if a != b]
+    batch_dependent = [i for i, (a, b) in enumerate(zip(ref_batched, ref_alone)) if a != b]
+    print(f"bf16 at 100%: prompts diverging from the default loader {diverged}; "
+          f"prompts whose default-loader tokens depend on the batch {batch_dependent}")
+    assert set(diverged) <= set(batch_dependent), (diverged, batch_dependent)
