@@ -13,9 +13,10 @@ core and worker) and take turns on every workload, the order rotating:
   on a CPU only under Triton's interpreter, so not by default there);
 * ``vtensor_vllm_kernel``: VTENSOR's memory with vLLM's kernel over it (``VTENSOR_ATTENTION=vllm`` on
   CUDA, ``cpu`` on a CPU): what the memory management costs, apart from what the kernels gain;
-* a variant of either, named ``BASE+SETTING=VALUE[+...]`` in ``--engines`` (e.g.
-  ``vtensor+VTENSOR_DEFERRED_UNMAP=1``): that engine with VTENSOR settings of its own, side by side
-  with the others (its summary over vanilla under ``summaries_over_vanilla``).
+* a variant of any, named ``BASE+NAME=VALUE[+...]`` in ``--engines`` (e.g.
+  ``vtensor+VTENSOR_DEFERRED_UNMAP=1+block_size=64``): that engine with VTENSOR settings or vLLM engine
+  arguments of its own, side by side with the others (its summary over vanilla under
+  ``summaries_over_vanilla``).
 
 Workloads (sizes for ``--quick`` are smaller):
 
@@ -103,11 +104,11 @@ class Engine:
         from vllm import LLM
 
         self.name = name
-        base, own_env = parse_engine(name)
+        base, own_env, own_args = parse_engine(name)
         self.vtensor = base in VT_ENGINES
         vtensor_env = (vtensor_env or {}) | own_env
         env = {"VTENSOR_STEP_PROFILE_LABEL": name}
-        args = dict(kw)
+        args = dict(kw) | own_args
         if self.vtensor:
             self.stats_file = out_dir / f"stats-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.json"
             env |= vtensor_env | {"VTENSOR_STATS_FILE": str(self.stats_file),
@@ -133,6 +134,7 @@ class Engine:
             "attention_backend": args.get("attention_backend") or "vLLM's default",
             "attention_kernel": env.get("VTENSOR_ATTENTION"),
             "vtensor_env": dict(vtensor_env) if self.vtensor else None,
+            "own_engine_args": own_args,
             "block_size": cfg.cache_config.block_size,
             "prefix_caching": bool(cfg.cache_config.enable_prefix_caching),
             "chunked_prefill": bool(cfg.scheduler_config.enable_chunked_prefill),
@@ -545,14 +547,34 @@ def parse_settings(items: list[str]) -> dict:
     return env
 
 
-def parse_engine(spec: str) -> tuple[str, dict]:
-    """An ``--engines`` entry: ``BASE`` or ``BASE+NAME=VALUE[+...]`` -> (BASE, its own VTENSOR settings)."""
+def _engine_arg(item: str) -> tuple[str, object]:
+    """``name=value`` for one of vLLM's engine arguments (``EngineArgs``' fields; the value read as JSON
+    where it parses, else kept as text)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    name, _, value = item.partition("=")
+    if name not in {f.name for f in dataclasses.fields(EngineArgs)}:
+        raise ValueError(f"{item!r}: {name!r} is neither a VTENSOR_ setting nor one of vLLM's engine arguments")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value
+
+
+def parse_engine(spec: str) -> tuple[str, dict, dict]:
+    """An ``--engines`` entry, ``BASE`` or ``BASE+NAME=VALUE[+...]``: (BASE, its own VTENSOR settings, its own
+    engine arguments), e.g. ``vtensor+VTENSOR_DEFERRED_UNMAP=1+block_size=64``."""
     base, *items = spec.split("+")
     if base not in ENGINES:
-        raise ValueError(f"{spec!r}: an engine is one of {', '.join(ENGINES)}, optionally with +SETTING=VALUE")
-    if items and base not in VT_ENGINES:
+        raise ValueError(f"{spec!r}: an engine is one of {', '.join(ENGINES)}, optionally with +NAME=VALUE")
+    if any("=" not in item for item in items):
+        raise ValueError(f"{spec!r}: give each of an engine's own settings as +NAME=VALUE")
+    env_items = [item for item in items if item.startswith("VTENSOR_")]
+    if env_items and base not in VT_ENGINES:
         raise ValueError(f"{spec!r}: only a VTENSOR engine ({', '.join(VT_ENGINES)}) takes VTENSOR settings")
-    return base, parse_settings(items)
+    return base, parse_settings(env_items), dict(_engine_arg(item) for item in items if item not in env_items)
 
 
 def main(argv=None) -> int:
@@ -563,7 +585,8 @@ def main(argv=None) -> int:
     p.add_argument("--engines", default=None,
                    help="comma-separated, of " + ", ".join(ENGINES) + " (default: all three on CUDA; on a CPU "
                    "vanilla,vtensor_vllm_kernel, since this project's kernels run there only under Triton's interpreter); "
-                   "a VTENSOR engine may carry settings of its own: vtensor+VTENSOR_DEFERRED_UNMAP=1")
+                   "an engine may carry settings and engine arguments of its own: "
+                   "vtensor+VTENSOR_DEFERRED_UNMAP=1+block_size=64")
     p.add_argument("--workloads", default="ABC", help="which of A, B, C to run (D is measured within each)")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on a CPU")
     p.add_argument("--kv-bytes", default=None, type=int,

@@ -2,7 +2,8 @@
 shape: random weights (load_format="dummy"), requests by token ids, vanilla and VTENSOR (vLLM's
 kernel over VTENSOR's memory) side by side on all workloads, and the JSON holds what the docs and
 the goals read, each figure consistent with the others. A variant of the VTENSOR engine with a
-setting of its own (no ready reserve) runs beside it, and the two engines' figures show each got its own."""
+setting and an engine argument of its own (no ready reserve, another block size) runs beside it, and
+the two engines' figures show each got its own."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ from vllm_vtensor.worker import DEFAULT_PRECREATE_BYTES
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
-VT, VARIANT = "vtensor_vllm_kernel", "vtensor_vllm_kernel+VTENSOR_PRECREATE_BYTES=0"
+VT, VARIANT = "vtensor_vllm_kernel", "vtensor_vllm_kernel+VTENSOR_PRECREATE_BYTES=0+block_size=64"
 SUMMARY_KEYS = ("throughput_ratio", "itl_ratio", "multi_turn_ttft_ratio", "long_doc_ttft_ratio",
                 "kv_committed_over_need", "failed_requests")
 
@@ -43,6 +44,8 @@ def test_every_workload_ran_on_both_engines_and_nothing_failed(result):
     assert data["engines"][VT]["vtensor_env"] == {"VTENSOR_CHUNK_LINGER_S": "0.5"}
     assert data["engines"][VARIANT]["vtensor_env"] == {"VTENSOR_CHUNK_LINGER_S": "0.5", "VTENSOR_PRECREATE_BYTES": "0"}
     assert data["engines"]["vanilla"]["vtensor_env"] is None
+    assert data["engines"][VARIANT]["block_size"] == 64 != data["engines"][VT]["block_size"]
+    assert data["engines"][VARIANT]["own_engine_args"] == {"block_size": 64}
     assert set(data["summaries_over_vanilla"]) == {VARIANT}
     assert data["summaries_over_vanilla"][VARIANT]["throughput_ratio"] == pytest.approx(
         data["results"]["A"][VARIANT]["output_tok_s"] / data["results"]["A"]["vanilla"]["output_tok_s"])
@@ -107,6 +110,8 @@ def test_kv_memory_peaks_are_exact_and_given_back(result):
     (["--vtensor-env", "VTENSOR_DEFERRED_UNMAP"], "NAME=VALUE"),
     (["--engines", "vanilla,vtensor+VTENSOR_DEFERRED_UNMAP=maybe"], "VTENSOR_DEFERRED_UNMAP='maybe'"),
     (["--engines", "vanilla,vanilla+VTENSOR_DEFERRED_UNMAP=1"], "only a VTENSOR engine"),
+    (["--engines", "vanilla,vtensor+blok_size=64"], "neither a VTENSOR_ setting nor one of vLLM's engine arguments"),
+    (["--engines", "vanilla,vtensor+VTENSOR_DEFERRED_UNMAP"], "+NAME=VALUE"),
     (["--engines", "vanilla,vtensr"], "an engine is one of"),
     (["--engines", "vanilla,vtensor,vtensor"], "each once"),
 ])
