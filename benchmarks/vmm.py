@@ -14,7 +14,8 @@ unmap of the zero granules and one set-access for them all) and unmapped in one 
 On CUDA, ``while_busy`` times each operation again while the device runs a kernel of
 ``--busy-ms`` (``torch.cuda._sleep``) and records whether the call returned only after
 that kernel had finished: an operation that waits for the device cannot overlap a
-forward pass under vLLM's async scheduling, whatever thread makes it.
+forward pass under vLLM's async scheduling, whatever thread makes it. ``beside_a_sync``:
+the same while another thread waits in ``synchronize`` (as the deferred-unmap helper does).
 """
 from __future__ import annotations
 
@@ -178,6 +179,41 @@ def while_busy(backend, chunk: int, reps: int, busy_ms: float) -> dict:
                  "waited": sum(t["waited"]) / len(t["waited"])} for op, t in times.items()}
 
 
+def beside_a_sync(backend, chunk: int, reps: int, busy_ms: float) -> dict:
+    """What the worker's thread can do while another thread waits in ``synchronize`` for a ``busy_ms``
+    kernel (VTENSOR_DEFERRED_UNMAP's helper does that before unmapping finished requests): launch a
+    kernel, map a chunk. ``waited``: the share of calls that returned only after the kernel had finished
+    (the helper's wait holding the driver up)."""
+    import threading
+
+    cycles = _sleep_cycles(busy_ms)
+    vr = backend.reserve(chunk)
+    handle = backend.create_chunk(chunk)
+    ops = {"launch": lambda: torch.cuda._sleep(1000),
+           "map": lambda: backend.map(vr, 0, handle, chunk),
+           "unmap": lambda: backend.unmap(vr, 0, chunk)}
+    times = {op: {"us": [], "waited": []} for op in ops}
+    for _ in range(reps):
+        for op, run in ops.items():
+            torch.cuda.synchronize()
+            torch.cuda._sleep(cycles)
+            done = torch.cuda.Event()
+            done.record()
+            helper = threading.Thread(target=backend.synchronize)
+            helper.start()
+            time.sleep(0.002)  # the helper is inside its wait
+            t = time.perf_counter()
+            run()
+            times[op]["us"].append((time.perf_counter() - t) * 1e6)
+            times[op]["waited"].append(done.query())
+            helper.join()
+    torch.cuda.synchronize()
+    backend.release_chunk(handle)
+    backend.free_range(vr)
+    return {op: {"median_us": statistics.median(t["us"]), "waited": sum(t["waited"]) / len(t["waited"])}
+            for op, t in times.items()}
+
+
 def reserve_cost(backend, sizes_gib: list[float]) -> list[dict]:
     """Time reserving a fresh range of each size, reading as zeros everywhere: what a KV space does
     once at start-up (VTENSOR reserves max_num_seqs slots of max_model_len).  The host backend maps
@@ -227,6 +263,7 @@ def main(argv=None) -> int:
     reserve = reserve_cost(backend, [float(g) for g in args.reserve_gib.split(",") if g])
     cuda = args.device.startswith("cuda")
     busy = while_busy(backend, chunk, args.busy_reps, args.busy_ms) if cuda and args.busy_ms > 0 else {}
+    sync_beside = beside_a_sync(backend, chunk, args.busy_reps, args.busy_ms) if busy else {}
     backend.close()
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
@@ -256,6 +293,10 @@ def main(argv=None) -> int:
         print(f"{'op':<12}{'idle us':>12}{'busy us':>12}{'waited':>9}")
         for op, r in busy.items():
             print(f"{op:<12}{r['idle_median_us']:>12.1f}{r['busy_median_us']:>12.1f}{r['waited']:>9.2f}")
+        print("\nThe same thread's calls while another thread waits in synchronize for that kernel")
+        print(f"{'op':<12}{'us':>12}{'waited':>9}")
+        for op, r in sync_beside.items():
+            print(f"{op:<12}{r['median_us']:>12.1f}{r['waited']:>9.2f}")
 
     from provenance import card_name, provenance
 
@@ -266,7 +307,7 @@ def main(argv=None) -> int:
         **provenance("vmm.py", argv),
         "device": args.device, "device_name": device_name, "chunk_bytes": chunk, "staged": args.stage,
         "latency": summary, "grow": grow, "reserve": reserve,
-        **({"while_busy": {"busy_ms": args.busy_ms, "ops": busy}} if busy else {}), "torch": torch.__version__, **backend_facts,
+        **({"while_busy": {"busy_ms": args.busy_ms, "ops": busy, "beside_a_sync": sync_beside}} if busy else {}), "torch": torch.__version__, **backend_facts,
     }, indent=2))
     print(f"\nwrote {out}")
     return 0
