@@ -13,7 +13,7 @@
   ``cuMemUnmap`` for a run of whole mappings and one ``cuMemSetAccess`` over a run
   of fresh ones (as PyTorch's expandable segments set access), each ``cuMemMap``
   still its own. A driver that refuses a shared call gets one call per mapping
-  from then on.
+  from then on (the backend knows each chunk mapping's extent for that).
 """
 from __future__ import annotations
 
@@ -62,8 +62,7 @@ class CudaBackend(VMMBackend):
             raise VMMError("the CUDA VMM backend needs a CUDA GPU; use the host backend on CPU")
         self.index = device_index
         self.device = f"cuda:{device_index}"
-        torch.cuda.init()
-        torch.empty(1, device=self.device)  # make torch create and bind the primary context
+        self._torch_context()
         _ok(cu.cuInit(0), "cuInit")
         dev = _ok(cu.cuDeviceGet(device_index), "cuDeviceGet")
         self._ctx = _ok(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
@@ -88,6 +87,7 @@ class CudaBackend(VMMBackend):
             desc.flags = getattr(cu.CUmemAccess_flags, f"CU_MEM_ACCESS_FLAGS_{flag}")
         self._sizes: dict[int, int] = {}  # handle key -> bytes
         self._handles: dict[int, object] = {}  # handle key -> CUmemGenericAllocationHandle
+        self._mapped: dict[int, int] = {}  # address -> bytes of each chunk mapping in a range (not the zero's)
         self._zero = self._create(self._gran)
         scratch = _ok(cu.cuMemAddressReserve(self._gran, 0, 0, 0), "cuMemAddressReserve")
         self._map_raw(int(scratch), self._gran, self._zero, self._rw)
@@ -95,6 +95,13 @@ class CudaBackend(VMMBackend):
         self.synchronize()
         _ok(cu.cuMemUnmap(scratch, self._gran), "cuMemUnmap")
         _ok(cu.cuMemAddressFree(scratch, self._gran), "cuMemAddressFree")
+
+    def _torch_context(self) -> None:
+        """Make torch create and bind the device's primary context (the one this backend's calls use)."""
+        import torch
+
+        torch.cuda.init()
+        torch.empty(1, device=self.device)
 
     def _bind(self) -> None:
         # Driver calls from another thread (the pool's pre-creation thread) need the context current.
@@ -150,14 +157,19 @@ class CudaBackend(VMMBackend):
             _ok(cu.cuMemSetAccess(addr, g, [self._rw], 1), "cuMemSetAccess(zero chunk)")
 
     def _unmap_pieces(self, addr: int, size: int, piece: int) -> None:
-        """Unmap ``size`` bytes mapped as consecutive whole ``piece``-byte mappings: one call, or one per mapping
+        """Unmap ``size`` bytes mapped as consecutive whole ``piece``-byte mappings."""
+        self._unmap_run(addr, [piece] * (size // piece))
+
+    def _unmap_run(self, addr: int, sizes: list[int]) -> None:
+        """Unmap consecutive whole mappings of ``sizes`` bytes from ``addr``: one call, or one per mapping
         where the driver refuses a call over several."""
-        if size > piece and self.shared_calls:
-            if not _failed(cu.cuMemUnmap(addr, size)):
+        if len(sizes) > 1 and self.shared_calls:
+            if not _failed(cu.cuMemUnmap(addr, sum(sizes))):
                 return
             self.shared_calls = False
-        for off in range(0, size, piece):
-            _ok(cu.cuMemUnmap(addr + off, piece), "cuMemUnmap")
+        for size in sizes:
+            _ok(cu.cuMemUnmap(addr, size), "cuMemUnmap")
+            addr += size
 
     # -- virtual ranges -------------------------------------------------
     def _reserve_new(self, size: int) -> int:
@@ -211,13 +223,27 @@ class CudaBackend(VMMBackend):
         self._unmap_pieces(addr, total, self._gran)  # the zero granules over these chunks' place
         for i, handle in enumerate(handles):
             _ok(cu.cuMemMap(addr + i * size, size, 0, self._handles[handle], 0), "cuMemMap")
+            self._mapped[addr + i * size] = size
         if not self._set_access(addr, total, size, self._rw, "cuMemSetAccess"):
             _ok(cu.cuMemSetAccess(addr, size, [self._rw], 1), "cuMemSetAccess")
 
     def unmap(self, vr: VirtualRange, offset: int, size: int) -> None:
         self._bind()
-        addr = vr.addr + offset
-        _ok(cu.cuMemUnmap(addr, size), "cuMemUnmap")
+        addr, sizes, covered = vr.addr + offset, [], 0  # the chunk mappings there, one by one
+        while covered < size:
+            piece = self._mapped.get(addr + covered)
+            if piece is None:
+                raise VMMError(f"unmap of [{offset:#x}, {offset + size:#x}) in a range: no chunk is mapped at "
+                               f"{offset + covered:#x}")
+            sizes.append(piece)
+            covered += piece
+        if covered != size:
+            raise VMMError(f"unmap of [{offset:#x}, {offset + size:#x}) in a range ends inside a chunk")
+        self._unmap_run(addr, sizes)
+        at = addr
+        for piece in sizes:
+            del self._mapped[at]
+            at += piece
         self._map_zero(addr, size)
 
     # -- access --------------------------------------------------------
@@ -245,6 +271,7 @@ class CudaBackend(VMMBackend):
                 cu.cuMemAddressFree(vr.addr, vr.size)
             self._ranges.clear()
             self._free_ranges.clear()
+            self._mapped.clear()
             for h in self._handles.values():
                 cu.cuMemRelease(h)
             self._handles.clear()

@@ -1,0 +1,157 @@
+"""The CUDA VMM backend's calls, checked against a model of the driver's rules (tests/cuda_driver_model.py)
+on a machine without a GPU: every byte of a live range stays readable (the zero granule where no chunk
+is), calls that cover several mappings fall back to one call per mapping on a driver that refuses them,
+zero granules fall back to read-write access where read-only is refused, copies and zeroing land on the
+right allocation, nothing leaks, and a device out of memory is an error that names the fix. The same
+backend runs against the real driver in the GPU tests (``-m gpu``)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from cuda_driver_model import READ, READWRITE, DriverModel
+from vllm_vtensor.kv_space import KVSpace
+from vllm_vtensor.vmm import VMMError
+from vllm_vtensor.vmm import cuda as cuda_backend
+
+G = 2 << 20
+
+
+@pytest.fixture
+def driver_backend(monkeypatch, request):
+    """``(driver model, CudaBackend over it)``; the model's options come from the test's parameters."""
+    driver = DriverModel(G, **getattr(request, "param", {}))
+    monkeypatch.setattr(cuda_backend, "cu", driver)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_backend.CudaBackend, "_torch_context", lambda self: None)
+    backend = cuda_backend.CudaBackend(0)
+    yield driver, backend
+    backend.close()
+    assert not driver.mappings and not driver.reserved and not driver.allocations  # nothing leaks
+
+
+DRIVERS = [{}, {"one_mapping_per_call": True}, {"refuse_read_only": True},
+           {"one_mapping_per_call": True, "refuse_read_only": True}]
+IDS = ["shared-calls", "one-mapping-per-call", "no-read-only", "strict"]
+
+
+@pytest.mark.parametrize("driver_backend", DRIVERS, ids=IDS, indirect=True)
+def test_a_reserved_range_is_readable_everywhere_through_the_zero_granule(driver_backend):
+    driver, backend = driver_backend
+    vr = backend.reserve(8 * G)
+    driver.check_readable(vr.addr, vr.size)
+    zero = {m.handle for a, m in driver.mappings.items() if vr.addr <= a < vr.addr + vr.size}
+    assert len(zero) == 1 and driver.contents[zero.pop()] == 0  # one chunk of zeros, every granule
+    assert backend.zero_read_only is not driver.refuse_read_only
+    assert {m.access for m in driver.mappings.values()} == {READWRITE if driver.refuse_read_only else READ}
+    assert backend.resident_bytes() == 0
+
+
+@pytest.mark.parametrize("driver_backend", DRIVERS, ids=IDS, indirect=True)
+def test_runs_mapped_and_unmapped_in_one_call_or_one_per_mapping(driver_backend):
+    driver, backend = driver_backend
+    vr = backend.reserve(20 * G)
+    chunk = 2 * G  # two granules per chunk: the zero granules under one chunk are unmapped together
+    handles = [backend.create_chunk(chunk) for _ in range(6)]
+    before = dict(driver.calls)
+    backend.map_many(vr, 2 * G, handles[:4], chunk)  # a request's four consecutive blocks
+    calls = {k: driver.calls[k] - before.get(k, 0) for k in driver.calls}
+    driver.check_readable(vr.addr, vr.size)
+    for i, h in enumerate(handles[:4]):
+        m = driver.mappings[vr.addr + 2 * G + i * chunk]
+        assert (m.handle, m.size, m.access) == (h, chunk, READWRITE)
+    if driver.one_mapping_per_call:
+        assert not backend.shared_calls  # found out on the first call over several mappings
+    else:
+        # one cuMemUnmap over the eight zero granules, one cuMemSetAccess over the four chunks
+        assert calls["cuMemUnmap"] == 1 and calls["cuMemSetAccess"] == 1 and calls["cuMemMap"] == 4
+    backend.map(vr, 12 * G, handles[4], chunk)
+    backend.unmap(vr, 4 * G, 4 * G)  # the middle two chunks: a run unmapped together
+    driver.check_readable(vr.addr, vr.size)
+    assert driver.mapping_at(vr.addr + 4 * G).handle not in handles  # zeros again
+    assert driver.mappings[vr.addr + 2 * G].handle == handles[0]
+    assert driver.mappings[vr.addr + 8 * G].handle == handles[3]
+    for off in (2 * G, 8 * G, 12 * G):
+        backend.unmap(vr, off, chunk)
+    assert {m.handle for m in driver.mappings.values()} == {backend._zero}
+    for h in handles:
+        backend.release_chunk(h)
+    assert backend.resident_bytes() == 0
+    backend.free_range(vr)
+
+
+@pytest.mark.parametrize("driver_backend", DRIVERS[:2], ids=IDS[:2], indirect=True)
+def test_copy_and_zero_land_on_the_right_allocation_through_scratch_mappings(driver_backend):
+    driver, backend = driver_backend
+    src, dst = backend.create_chunk(G), backend.create_chunk(G)
+    driver.contents[src] = 7  # what a kernel wrote there
+    syncs = driver.calls.get("cuCtxSynchronize", 0)
+    backend.copy_chunk(dst, src, G)
+    assert driver.contents[dst] == 7 and driver.contents[src] == 7
+    backend.zero_chunk(src, G)
+    assert driver.contents[src] == 0 and driver.contents[dst] == 7
+    assert driver.calls["cuCtxSynchronize"] >= syncs + 2  # before each scratch range is unmapped
+    assert not driver.mappings and len(driver.reserved) == 0  # the scratch ranges are gone
+    backend.release_chunk(src)
+    backend.release_chunk(dst)
+
+
+@pytest.mark.parametrize("driver_backend", [{"memory_chunks": 3}], indirect=True)
+def test_a_device_out_of_memory_names_the_fix(driver_backend):
+    driver, backend = driver_backend  # the zero chunk takes one of the three
+    a, b = backend.create_chunk(G), backend.create_chunk(G)
+    with pytest.raises(VMMError, match="CUDA_ERROR_OUT_OF_MEMORY.*lower the vTensor budget"):
+        backend.create_chunk(G)
+    backend.release_chunk(a)
+    backend.release_chunk(b)
+
+
+@pytest.mark.parametrize("driver_backend", DRIVERS, ids=IDS, indirect=True)
+def test_a_kv_space_on_the_cuda_backend_keeps_every_range_readable_and_leaks_nothing(driver_backend):
+    """Random requests arriving, growing, sharing prefixes and finishing on a KV space over the CUDA
+    backend: after every step each running request's blocks map its own chunks (or the shared
+    prefix's), the rest of the range reads the zero granule, and at the end every chunk is gone."""
+    driver, backend = driver_backend
+    rng = random.Random(0)
+    block = 16
+    kv = KVSpace(backend, num_blocks=40, num_slots=4, blocks_per_slot=12, block_bytes=G, block_size=block,
+                 keep_full_blocks=True)
+    running: dict[str, list[int]] = {}
+    free = list(range(1, 40))
+    prefix: list[int] = []  # full blocks a finished request left in the prefix cache
+    for step in range(120):
+        if running and rng.random() < 0.3:
+            req = rng.choice(sorted(running))
+            kv.remove_request(req)
+            blocks = running.pop(req)
+            prefix = blocks[:2] if len(blocks) >= 3 else prefix
+            free.extend(b for b in blocks if b not in prefix)
+        elif len(running) < 4 and rng.random() < 0.5:
+            hits = prefix if prefix and rng.random() < 0.5 and all(b not in free for b in prefix) else []
+            own = [free.pop(rng.randrange(len(free))) for _ in range(rng.randint(1, 3))]
+            req = f"r{step}"
+            virtual = kv.add_request(req, hits + own, len(hits) * block)
+            running[req] = hits + own
+            kv.note_tokens(req, len(running[req]) * block)
+            assert len(virtual) == len(running[req])
+        elif running:
+            req = rng.choice(sorted(running))
+            if len(running[req]) < 11 and free:
+                new = [free.pop(0)]
+                kv.append_blocks(req, new)
+                running[req] += new
+                kv.note_tokens(req, len(running[req]) * block)
+        driver.check_readable(kv.range.addr, kv.range.size)
+        for req, blocks in running.items():
+            base = kv.range.addr + kv.slot_of(req) * kv.blocks_per_slot * kv.chunk_bytes
+            for j, b in enumerate(blocks):
+                m = driver.mapping_at(base + j * kv.chunk_bytes)
+                assert m.handle == kv._phys[b] and m.access == READWRITE, (step, req, j)
+    for req in list(running):
+        kv.remove_request(req)
+    kv.reset_cache()
+    kv.close()
+    assert {m.handle for m in driver.mappings.values()} <= {backend._zero}
+    assert set(driver.allocations) == {backend._zero}
