@@ -16,6 +16,8 @@ tests (``-m gpu``) check.
 from __future__ import annotations
 
 import enum
+import functools
+import threading
 import types
 from dataclasses import dataclass, field
 
@@ -88,6 +90,19 @@ class DriverModel:
         self.calls: dict[str, int] = {}
         self._next_addr = 1 << 40
         self._next_handle = 1
+        # the driver is thread-safe (a KV space's unmapping thread calls it beside the worker): one call at a time
+        self.lock = threading.RLock()
+        self.unmapping_threads: set[str] = set()  # names of the threads that called cuMemUnmap
+        for name in dir(self):
+            if name.startswith(("cu", "check_", "mapping_at")):
+                setattr(self, name, self._locked(getattr(self, name)))
+
+    def _locked(self, fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            with self.lock:
+                return fn(*args, **kwargs)
+        return call
 
     # -- bookkeeping ------------------------------------------------------
     def _count(self, name: str) -> None:
@@ -206,6 +221,7 @@ class DriverModel:
 
     def cuMemUnmap(self, addr, size):
         self._count("cuMemUnmap")
+        self.unmapping_threads.add(threading.current_thread().name)
         covered = self._covering(addr, size)
         if covered is None or (self.one_mapping_per_call and len(covered) > 1):
             return (CUresult.CUDA_ERROR_INVALID_VALUE,)
