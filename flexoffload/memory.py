@@ -143,12 +143,19 @@ def budget_from(free: int, where: str, kv_bytes: int, draft_bytes: int = 0) -> A
 
 
 def draft_weight_bytes(vllm_config) -> int:
-    """The weights of a speculative-decoding draft model (``"method": "draft_model"``), in the dtype it
-    runs in, from its checkpoint's safetensors headers; 0 without one.  FlexInfer leaves the draft to
-    vLLM's loader, which loads it whole after the target (see ``FlexInferLoader.load_model``)."""
+    """The weights of a speculative-decoding drafter with a checkpoint of its own (a draft model, an
+    EAGLE head), in the dtype it runs in, from the checkpoint's safetensors headers; 0 without one.
+    vLLM's loader loads a drafter whole beside the target (FlexInfer leaves the draft model to it: see
+    ``FlexInferLoader.load_model``); a drafter that shares tensors with the target loads fewer, so this
+    errs on the side of room. A drafter read from the target's own checkpoint (MTP layers) is not
+    counted: the margin holds its few layers."""
     spec = vllm_config.speculative_config
-    draft = spec.draft_model_config if spec is not None and spec.method == "draft_model" else None
+    draft = getattr(spec, "draft_model_config", None) if spec is not None else None
     if draft is None:
+        return 0
+    if draft.model == vllm_config.model_config.model:
+        logger.info("flexinfer: memory_budget auto does not count the %s drafter's layers (read from the target's "
+                    "checkpoint); the margin holds them", spec.method)
         return 0
     from .plan import BudgetError, checkpoint_tensors
 
@@ -160,8 +167,8 @@ def draft_weight_bytes(vllm_config) -> int:
             folder = Path(snapshot_download(draft.model, revision=draft.revision, allow_patterns=["*.safetensors"]))
         return sum(t.nbytes for t in checkpoint_tensors(folder, draft.dtype.itemsize))
     except (BudgetError, OSError, ValueError) as e:  # not counted: the margin has to hold it
-        logger.warning("flexinfer: memory_budget auto cannot size the draft model %s (%s); it is not counted",
-                       draft.model, e)
+        logger.warning("flexinfer: memory_budget auto cannot size the %s drafter %s (%s); it is not counted",
+                       spec.method, draft.model, e)
         return 0
 
 

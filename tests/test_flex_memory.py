@@ -62,8 +62,9 @@ def test_auto_budget_leaves_the_kv_cache_and_a_margin():
 
 
 def test_a_draft_model_is_left_room_for(smollm2_path, tiny_llama_path, tmp_path):
-    """A speculative-decoding draft model loads whole after the target: its weights, in the dtype it
-    runs in, read from its safetensors headers as vLLM's configuration names it (none for n-gram)."""
+    """A speculative-decoding draft model (or an EAGLE head) loads whole beside the target: its weights, in
+    the dtype it runs in, read from its safetensors headers as vLLM's configuration names it (none for
+    n-gram, nor for layers read from the target's own checkpoint)."""
     from vllm.engine.arg_utils import EngineArgs
 
     from flexoffload.memory import draft_weight_bytes
@@ -77,8 +78,13 @@ def test_a_draft_model_is_left_room_for(smollm2_path, tiny_llama_path, tmp_path)
     expected = sum(t.nbytes for t in checkpoint_tensors(tiny_llama_path, 4))  # float32
     assert draft_weight_bytes(draft) == expected > 50 << 20
     assert draft_weight_bytes(config({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3})) == 0
+    # an EAGLE drafter's checkpoint (vLLM takes a llama checkpoint as one): counted the same way
+    assert draft_weight_bytes(config({"method": "eagle", "model": tiny_llama_path, "num_speculative_tokens": 3})) == expected
     empty = draft.speculative_config.draft_model_config  # a folder without safetensors: not counted, logged
     draft.speculative_config.draft_model_config = SimpleNamespace(model=str(tmp_path), revision=None, dtype=empty.dtype)
+    assert draft_weight_bytes(draft) == 0
+    # a drafter read from the target's own checkpoint (MTP layers): not the whole target counted again
+    draft.speculative_config.draft_model_config = SimpleNamespace(model=smollm2_path, revision=None, dtype=empty.dtype)
     assert draft_weight_bytes(draft) == 0
     b = AutoBudget(free_bytes=10 * GiB, kv_bytes=2 * GiB, margin_bytes=MIN_MARGIN, where="x", draft_bytes=GiB)
     assert b.room_bytes == 7 * GiB - MIN_MARGIN and "draft model 1024 MiB" in b.describe()

@@ -199,8 +199,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Required. The memory the model's weights may hold: bytes, a size (`\"1.5GiB\"`, `\"800M\"`), a "
             "fraction of the weights (`0.25`, `\"25%\"`), or `\"auto\"`: what is free when the engine loads (the "
             "tightest of MemAvailable and a cgroup limit on a CPU, the device's free memory on CUDA) less the KV "
-            "cache, a speculative-decoding draft model's weights and a margin of 5% (at least 256 MiB); when the "
-            "model fits, nothing streams.",
+            "cache, a speculative-decoding drafter's own weights (a draft model, an EAGLE head) and a margin of "
+            "5% (at least 256 MiB); when the model fits, nothing streams.",
             default_text="required"),
     Setting("prefetch_window", "flexinfer option", "int >= 0", None,
             "Layers read ahead of the one computing (0: synchronous reads).",
