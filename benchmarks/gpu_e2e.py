@@ -609,7 +609,8 @@ def main(argv=None) -> int:
                    "VTENSOR_DEFERRED_UNMAP=1; recorded in each engine's config")
     p.add_argument("--quick", action="store_true", help="small workloads (a CPU's tiny model)")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--name", default=None, help="result file name without suffix (default gpu-e2e-<card>-<shape>)")
+    p.add_argument("--name", default=None, help="result file name without suffix (default gpu-e2e-<card>-<shape>[-<tag>])")
+    p.add_argument("--tag", default=None, help="a variant's name appended to the default file name (e.g. deferred-unmap)")
     args = p.parse_args(argv)
 
     import torch
@@ -662,7 +663,8 @@ def main(argv=None) -> int:
         kw[k] = (kw.get(k) or {}) | v if isinstance(v, dict) else v
 
     device = _device(cuda)
-    name = args.name or f"gpu-e2e-{card_name(device) if cuda else 'cpu'}-{args.shape if not args.model else Path(model).name}"
+    name = args.name or (f"gpu-e2e-{card_name(device) if cuda else 'cpu'}-{args.shape if not args.model else Path(model).name}"
+                         + (f"-{args.tag}" if args.tag else ""))
     out, png = out_dir / f"{name}.json", out_dir / f"{name}.png"
     data = {
         **provenance("gpu_e2e.py", argv),

@@ -28,10 +28,11 @@ def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-e2e")
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_e2e.py"), "--shape", "tiny", "--quick",
                           "--rounds-c", "1", "--settle-s", "1.5", "--out-dir", str(out),
-                          "--engines", f"vanilla,{VT},{VARIANT}", "--vtensor-env", "VTENSOR_CHUNK_LINGER_S=0.5"],
+                          "--engines", f"vanilla,{VT},{VARIANT}", "--vtensor-env", "VTENSOR_CHUNK_LINGER_S=0.5",
+                          "--tag", "variants"],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    path = out / "gpu-e2e-cpu-tiny.json"
+    path = out / "gpu-e2e-cpu-tiny-variants.json"
     return json.loads(path.read_text()), path, run.stdout
 
 
