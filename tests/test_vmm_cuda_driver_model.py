@@ -82,6 +82,18 @@ def test_runs_mapped_and_unmapped_in_one_call_or_one_per_mapping(driver_backend)
     backend.free_range(vr)
 
 
+@pytest.mark.parametrize("driver_backend", DRIVERS, ids=IDS, indirect=True)
+def test_closing_with_chunks_still_mapped_gives_everything_back(driver_backend):
+    """An engine that stops with requests mapped: close() unmaps every chunk and zero granule, frees the
+    ranges and releases every allocation, on drivers that refuse a call over several mappings too
+    (the fixture checks that nothing is left)."""
+    driver, backend = driver_backend
+    vr = backend.reserve(16 * G)
+    backend.map_many(vr, 0, [backend.create_chunk(2 * G) for _ in range(3)], 2 * G)
+    backend.map(vr, 10 * G, backend.create_chunk(2 * G), 2 * G)
+    backend.reserve(4 * G)  # another range, only zero granules
+
+
 @pytest.mark.parametrize("driver_backend", DRIVERS[:2], ids=IDS[:2], indirect=True)
 def test_copy_and_zero_land_on_the_right_allocation_through_scratch_mappings(driver_backend):
     driver, backend = driver_backend

@@ -265,9 +265,12 @@ class CudaBackend(VMMBackend):
         self.synchronize()
         with self._lock:
             for vr in self._ranges:
-                if _failed(cu.cuMemUnmap(vr.addr, vr.size)):
-                    for off in range(0, vr.size, self._gran):  # best effort: granule by granule
-                        cu.cuMemUnmap(vr.addr + off, self._gran)
+                if _failed(cu.cuMemUnmap(vr.addr, vr.size)):  # one call over every mapping, where allowed
+                    at = vr.addr
+                    while at < vr.addr + vr.size:  # else mapping by mapping: chunks by their extent, zero granules
+                        piece = self._mapped.get(at, self._gran)
+                        cu.cuMemUnmap(at, piece)  # best effort: a failure leaves the rest to the driver's teardown
+                        at += piece
                 cu.cuMemAddressFree(vr.addr, vr.size)
             self._ranges.clear()
             self._free_ranges.clear()
