@@ -186,3 +186,24 @@ def test_cuda_graphs_of_decode_steps(model, tmp_path, reference, kernel):
     out = _workloads(llm)
     _shutdown(llm)
     _assert_kernel_matches(kernel, reference, out)
+
+
+def test_deferred_unmaps_with_cuda_graphs_and_preemption(model, tmp_path, reference, monkeypatch):
+    """VTENSOR_DEFERRED_UNMAP=1: finished and preempted requests' ranges are unmapped by a helper thread once
+    the device has passed the work that may read them, while decode steps replay CUDA graphs captured at
+    start-up and a budget of 5 blocks forces preemption: vanilla's tokens exactly (vLLM's kernel), and every
+    range is unmapped in the end."""
+    import time
+
+    monkeypatch.setenv("VTENSOR_DEFERRED_UNMAP", "1")
+    stats = tmp_path / "stats.json"
+    cfg = dict(ENGINE.get("compilation_config", {}), mode=0, cudagraph_mode="FULL_DECODE_ONLY")
+    llm = _vtensor(model, stats, "vllm", max_model_len=512, kv_cache_memory_bytes=5 * CHUNK, enforce_eager=False,
+                   compilation_config=cfg)
+    out = _gen(llm, MIXED)
+    deadline = time.monotonic() + 10
+    while (after := _stats(stats))["mapped_bytes"] and time.monotonic() < deadline:  # the helper's last unmaps
+        time.sleep(0.1)
+    _shutdown(llm)
+    assert [ids for ids, _ in out] == _tokens(reference)["mixed"]
+    assert after["preemptions"] > 0 and after["running_requests"] == 0 and after["mapped_bytes"] == 0
