@@ -681,7 +681,7 @@ def main(argv=None) -> int:
     def save():
         if data["results"]:
             data["memory"] = _memory(data["results"], engines, bytes_per_token)
-            primary = next(n for n in (*VT_ENGINES, *names[1:]) if n in names and n != "vanilla")  # vtensor first
+            primary = next(n for n in (*VT_ENGINES, *names) if n in names and n != "vanilla")  # vtensor first
             data["summary"] = _summary(data["results"], data["memory"], primary)
             data["summary_engine"] = primary
             data["goals"] = _goals(data["summary"])
