@@ -214,6 +214,27 @@ def beside_a_sync(backend, chunk: int, reps: int, busy_ms: float) -> dict:
             for op, t in times.items()}
 
 
+def create_in_threads(backend, chunk: int, n: int, thread_counts: list[int]) -> list[dict]:
+    """Creating ``n`` chunks at once (a burst of new requests finding no ready chunk) from one thread and
+    from several: whether the device's allocator creates them side by side (then a step that needs many
+    could create them in parallel) or one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = []
+    for threads in thread_counts:
+        with ThreadPoolExecutor(threads) as ex:
+            warm = list(ex.map(lambda _: backend.create_chunk(chunk), range(threads)))  # each thread bound once
+            _sync(backend.device)
+            t = time.perf_counter()
+            made = list(ex.map(lambda _: backend.create_chunk(chunk), range(n)))
+            _sync(backend.device)
+            dt = time.perf_counter() - t
+        for h in warm + made:
+            backend.release_chunk(h)
+        rows.append({"threads": threads, "chunks": n, "ms": dt * 1e3, "us_per_chunk": dt * 1e6 / n})
+    return rows
+
+
 def reserve_cost(backend, sizes_gib: list[float]) -> list[dict]:
     """Time reserving a fresh range of each size, reading as zeros everywhere: what a KV space does
     once at start-up (VTENSOR reserves max_num_seqs slots of max_model_len).  The host backend maps
@@ -244,6 +265,8 @@ def main(argv=None) -> int:
     p.add_argument("--busy-ms", type=float, default=20.0,
                    help="CUDA: the kernel each operation is timed beside (0: skip the busy timings)")
     p.add_argument("--busy-reps", type=int, default=5)
+    p.add_argument("--create-chunks", type=int, default=64,
+                   help="chunks created at once from 1, 2 and 4 threads (0: skip)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -264,6 +287,7 @@ def main(argv=None) -> int:
     cuda = args.device.startswith("cuda")
     busy = while_busy(backend, chunk, args.busy_reps, args.busy_ms) if cuda and args.busy_ms > 0 else {}
     sync_beside = beside_a_sync(backend, chunk, args.busy_reps, args.busy_ms) if busy else {}
+    creates = create_in_threads(backend, chunk, args.create_chunks, [1, 2, 4]) if args.create_chunks else []
     backend.close()
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
@@ -298,6 +322,12 @@ def main(argv=None) -> int:
         for op, r in sync_beside.items():
             print(f"{op:<12}{r['median_us']:>12.1f}{r['waited']:>9.2f}")
 
+    if creates:
+        print(f"\nCreating {args.create_chunks} chunks at once")
+        print(f"{'threads':>8}{'ms':>10}{'us/chunk':>10}")
+        for r in creates:
+            print(f"{r['threads']:>8}{r['ms']:>10.1f}{r['us_per_chunk']:>10.1f}")
+
     from provenance import card_name, provenance
 
     where = "cpu" if args.device == "cpu" else card_name(device_name)
@@ -306,7 +336,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({
         **provenance("vmm.py", argv),
         "device": args.device, "device_name": device_name, "chunk_bytes": chunk, "staged": args.stage,
-        "latency": summary, "grow": grow, "reserve": reserve,
+        "latency": summary, "grow": grow, "reserve": reserve, "create_in_threads": creates,
         **({"while_busy": {"busy_ms": args.busy_ms, "ops": busy, "beside_a_sync": sync_beside}} if busy else {}), "torch": torch.__version__, **backend_facts,
     }, indent=2))
     print(f"\nwrote {out}")

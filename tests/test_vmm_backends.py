@@ -327,8 +327,9 @@ def test_host_unmapping_never_leaves_a_hole_another_threads_mmap_could_fall_into
 
 
 def test_vmm_benchmark_runs_and_times_reserving_ranges(tmp_path):
-    """benchmarks/vmm.py end to end, small: its JSON holds the per-chunk latencies, the growth rows
-    and the start-up cost of reserving each range size asked for."""
+    """benchmarks/vmm.py end to end, small: its JSON holds the per-chunk latencies, the growth rows,
+    the start-up cost of reserving each range size asked for and a burst of chunks created from 1, 2
+    and 4 threads."""
     import json
     import subprocess
     import sys
@@ -337,9 +338,12 @@ def test_vmm_benchmark_runs_and_times_reserving_ranges(tmp_path):
     out = tmp_path / "vmm.json"
     script = Path(__file__).parents[1] / "benchmarks" / "vmm.py"
     subprocess.run([sys.executable, str(script), "--reps", "3", "--sizes-mib", "4", "--grow-chunks", "2",
-                    "--reserve-gib", "0.25,1", "--out", str(out)], check=True, capture_output=True, timeout=120)
+                    "--reserve-gib", "0.25,1", "--create-chunks", "8", "--out", str(out)], check=True,
+                   capture_output=True, timeout=120)
     result = json.loads(out.read_text())
     assert {"map", "unmap", "share"} <= set(result["latency"])
+    assert [(r["threads"], r["chunks"]) for r in result["create_in_threads"]] == [(1, 8), (2, 8), (4, 8)]
+    assert all(r["us_per_chunk"] > 0 for r in result["create_in_threads"])
     assert [r["current_mib"] for r in result["grow"]] == [4]
     assert [r["reserve_gib"] for r in result["reserve"]] == [0.25, 1.0]
     assert all(r["ms"] > 0 for r in result["reserve"])
