@@ -430,6 +430,51 @@ def _step_profile() -> dict | None:
     return out
 
 
+GiB = 1 << 30
+DEFAULT_KV_BYTES = 20 * GiB  # each engine's KV budget on CUDA, where the card holds them all
+DEFAULT_GPU_SHARE = 0.28  # each engine's gpu_memory_utilization, the same
+USABLE = 0.92  # of the card's memory, for all the engines together
+ENGINE_OVERHEAD = 4 * GiB  # per engine beyond weights and KV: activations, CUDA graphs, torch and driver state
+
+
+def weight_bytes(hf: dict, itemsize: int) -> int:
+    """A llama-shaped model's weights from its config (embedding, lm_head unless tied, attention, MLP, norms)."""
+    h, layers = hf["hidden_size"], hf["num_hidden_layers"]
+    head_dim = hf.get("head_dim") or h // hf["num_attention_heads"]
+    q, kv = hf["num_attention_heads"] * head_dim, hf["num_key_value_heads"] * head_dim
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * hf["intermediate_size"] + 2 * h
+    table = hf["vocab_size"] * h * (1 if hf.get("tie_word_embeddings") else 2)
+    return (table + layers * per_layer + h) * itemsize
+
+
+def fit_engines(card_bytes: int | None, weights: int, engines: int) -> tuple[int, float, str]:
+    """Each engine's KV budget and memory share on a card of ``card_bytes``: the defaults where all the
+    engines fit with them (an H200 with three at the 8B shape), else what fits (an H100), with why.
+    Raises SystemExit naming the fix where less than 2 GiB of KV per engine would fit."""
+    need = engines * (weights + DEFAULT_KV_BYTES + ENGINE_OVERHEAD)
+    if card_bytes is None or need <= USABLE * card_bytes:
+        return DEFAULT_KV_BYTES, DEFAULT_GPU_SHARE, "default"
+    share = USABLE / engines
+    kv = int(share * card_bytes) - weights - ENGINE_OVERHEAD
+    if kv < 2 * GiB:
+        raise SystemExit(f"{engines} engines of {weights / GiB:.1f} GiB of weights leave {max(kv, 0) / GiB:.1f} GiB of KV "
+                         f"each on a {card_bytes / GiB:.0f} GiB card: run fewer engines (--engines) or a smaller "
+                         "--shape, or give --kv-bytes")
+    kv = kv // (2 << 20) * (2 << 20)
+    return kv, round(share, 3), (f"fitted to the card: {engines} x ({weights / GiB:.1f} GiB weights + 20 GiB KV + "
+                                 f"{ENGINE_OVERHEAD / GiB:.0f} GiB) > {USABLE:.0%} of {card_bytes / GiB:.0f} GiB")
+
+
+def _card_bytes() -> int | None:
+    """The card's memory from nvidia-smi (MiB), or None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+        return int(out) << 20 if out else None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
 def _device(cuda: bool) -> str:
     """The card's name from nvidia-smi (no CUDA context in this process: the engines' workers hold theirs)."""
     if not cuda:
@@ -590,9 +635,11 @@ def main(argv=None) -> int:
     p.add_argument("--workloads", default="ABC", help="which of A, B, C to run (D is measured within each)")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on a CPU")
     p.add_argument("--kv-bytes", default=None, type=int,
-                   help="each engine's KV budget (kv_cache_memory_bytes); default 20 GiB on CUDA, 1 GiB on a CPU")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.28,
-                   help="each engine's share of the GPU (the engines run side by side on one device)")
+                   help="each engine's KV budget (kv_cache_memory_bytes); default 20 GiB on CUDA where the card holds "
+                   "every engine with it (an H200 at the 8B shape), else what fits (recorded); 1 GiB on a CPU")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="each engine's share of the GPU (the engines run side by side on one device); default 0.28, "
+                   "or the card's share per engine where the KV budget was fitted to it")
     p.add_argument("--max-num-seqs", type=int, default=128,
                    help="the same for every engine (default 128). VTENSOR reserves a virtual range of max_model_len per "
                    "sequence and maps the zero granule over all of it: at 256 x 16896 tokens of the 8B shape (528 GiB each) "
@@ -647,12 +694,19 @@ def main(argv=None) -> int:
     max_len = max(w["a_in"][1] + w["a_out"], w["b_system"] + w["b_turns"] * (w["b_new"][1] + w["b_out"]),
                   w["c_doc"] + w["c_question"] + w["c_out"])
     max_len = -(-max_len // 256) * 256
+    kv_bytes, gpu_share = args.kv_bytes or (1 << 30), args.gpu_memory_utilization
+    sized = "given" if args.kv_bytes else "default"
+    if cuda and not args.kv_bytes:
+        kv_bytes, fitted_share, sized = fit_engines(_card_bytes(), weight_bytes(hf, itemsize), len(names))
+        gpu_share = args.gpu_memory_utilization or fitted_share
+        if sized != "default":
+            print(f"each engine: {kv_bytes / 2**30:.1f} GiB of KV, gpu_memory_utilization {gpu_share} ({sized})",
+                  flush=True)
     kw = dict(dtype=dtype, load_format="dummy", skip_tokenizer_init=True, max_model_len=max_len, seed=0,
-              max_num_seqs=args.max_num_seqs, disable_log_stats=False,
-              kv_cache_memory_bytes=args.kv_bytes or ((20 << 30) if cuda else (1 << 30)))
+              max_num_seqs=args.max_num_seqs, disable_log_stats=False, kv_cache_memory_bytes=kv_bytes)
     if cuda:
         # torch.compile off (mode 0), decode steps replayed from full CUDA graphs: what VTENSOR's CUDA tests cover
-        kw |= dict(gpu_memory_utilization=args.gpu_memory_utilization,
+        kw |= dict(gpu_memory_utilization=gpu_share or DEFAULT_GPU_SHARE,
                    compilation_config={"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"})
         if without_vllm_ops():
             kw["compilation_config"]["custom_ops"] = list(CUSTOM_OPS)
@@ -675,7 +729,8 @@ def main(argv=None) -> int:
         "harness": ("vLLM 0.32's Python source without its compiled CUDA ops (benchmarks/gpu_vllm.sh): native torch "
                     "layers for every engine, vLLM's Triton attention for vanilla, no FlashAttention, no torch.compile"
                     if without_vllm_ops() else "the installed vLLM"),
-        "engine_kwargs": kw, "engines_run": names, "engines": {}, "results": {}, "partial": True,
+        "engine_kwargs": kw, "kv_budget_sized": sized, "engines_run": names, "engines": {}, "results": {},
+        "partial": True,
     }
 
     def save():

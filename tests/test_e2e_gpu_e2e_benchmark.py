@@ -120,3 +120,26 @@ def test_an_engine_or_setting_it_cannot_use_is_a_usage_error_before_any_engine_s
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_e2e.py"), "--shape", "tiny", "--quick",
                           *args], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and says in run.stderr, run.stderr[-2000:]
+
+
+def test_each_engines_kv_budget_fits_the_card():
+    """On an H200 the three engines at the 8B shape keep 20 GiB of KV each (the committed runs); on an H100
+    two get what fits beside their weights, and three with too little room stop before any engine starts."""
+    import importlib
+    import sys as _sys
+
+    _sys.path.insert(0, str(ROOT / "benchmarks"))
+    g = importlib.import_module("gpu_e2e")
+    from vllm_vtensor.models import SHAPES
+
+    weights = g.weight_bytes(SHAPES["llama-3.1-8b"], 2)
+    assert weights == 8_030_261_248 * 2  # Llama-3.1-8B's parameter count, bf16
+    assert g.weight_bytes(SHAPES["llama-3.2-1b"], 2) == 1_235_814_400 * 2  # tied embedding counted once
+    h200, h100 = 143771 << 20, 81559 << 20
+    assert g.fit_engines(h200, weights, 3) == (20 << 30, 0.28, "default")
+    assert g.fit_engines(None, weights, 3)[:2] == (20 << 30, 0.28)  # card unknown: the defaults
+    kv, share, why = g.fit_engines(h100, weights, 2)
+    assert 16 << 30 < kv < 20 << 30 and share == 0.46 and why.startswith("fitted to the card")
+    assert 2 * (weights + kv + g.ENGINE_OVERHEAD) <= g.USABLE * h100
+    with pytest.raises(SystemExit, match="run fewer engines"):
+        g.fit_engines(h100, weights, 5)
