@@ -697,7 +697,11 @@ def main(argv=None) -> int:
     kv_bytes, gpu_share = args.kv_bytes or (1 << 30), args.gpu_memory_utilization
     sized = "given" if args.kv_bytes else "default"
     if cuda and not args.kv_bytes:
-        kv_bytes, fitted_share, sized = fit_engines(_card_bytes(), weight_bytes(hf, itemsize), len(names))
+        try:
+            weights = weight_bytes(hf, itemsize)
+        except KeyError:  # not a llama-shaped config: the defaults, as on a card that holds them
+            weights = 0
+        kv_bytes, fitted_share, sized = fit_engines(_card_bytes() if weights else None, weights, len(names))
         gpu_share = args.gpu_memory_utilization or fitted_share
         if sized != "default":
             print(f"each engine: {kv_bytes / 2**30:.1f} GiB of KV, gpu_memory_utilization {gpu_share} ({sized})",
