@@ -260,3 +260,21 @@ class DriverModel:
         for a in range(addr, addr + size, self.gran):
             m = self.mapping_at(a)
             assert m is not None and m.access is not None, f"granule at +{a - addr:#x} is not readable"
+
+
+def cuda_backend_on(monkeypatch, driver: DriverModel):
+    """``vllm_vtensor.vmm.cuda.CudaBackend`` making its driver calls to ``driver`` (torch's own CUDA context
+    set-up skipped: there is no device)."""
+    import torch
+
+    from vllm_vtensor.vmm import cuda as cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "cu", driver)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_backend.CudaBackend, "_torch_context", lambda self: None)
+    return cuda_backend.CudaBackend(0)
+
+
+def assert_nothing_left(driver: DriverModel) -> None:
+    """After the backend closed: no mapping, no reserved range, no allocation."""
+    assert not driver.mappings and not driver.reserved and not driver.allocations

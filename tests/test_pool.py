@@ -13,10 +13,20 @@ from vllm_vtensor.vmm.host import HostBackend
 MiB = 1 << 20
 
 
-@pytest.fixture(params=[False, True], ids=["fill", "stage"])
-def backend(request):
-    """Both ways the host backend maps: filling page tables (the default) and moving them (staged)."""
-    b = HostBackend(stage=request.param)
+@pytest.fixture(params=["fill", "stage", "cuda-driver-model"])
+def backend(request, monkeypatch):
+    """Both ways the host backend maps (filling page tables, the default, and moving them), and the CUDA
+    backend making its calls to a model of the driver (tests/cuda_driver_model.py: 1 MiB granules here)."""
+    if request.param == "cuda-driver-model":
+        from cuda_driver_model import DriverModel, assert_nothing_left, cuda_backend_on
+
+        driver = DriverModel(MiB)
+        b = cuda_backend_on(monkeypatch, driver)
+        yield b
+        b.close()
+        assert_nothing_left(driver)
+        return
+    b = HostBackend(stage=request.param == "stage")
     yield b
     b.close()
 
@@ -293,7 +303,7 @@ def test_precreation_never_exceeds_the_budget(backend):
     "budget, chunk, message",
     [
         (MiB // 2, MiB, "below one chunk"),
-        (4 * MiB, 1000, "multiple of the cpu granularity"),
+        (4 * MiB, 1000, "multiple of the (cpu|cuda:0) granularity"),
         (4 * MiB, 0, "positive multiple"),
     ],
 )

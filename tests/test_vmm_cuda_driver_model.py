@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from cuda_driver_model import READ, READWRITE, DriverModel
+from cuda_driver_model import READ, READWRITE, DriverModel, assert_nothing_left, cuda_backend_on
 from vllm_vtensor.kv_space import KVSpace
 from vllm_vtensor.vmm import VMMError
 from vllm_vtensor.vmm import cuda as cuda_backend
@@ -23,13 +23,10 @@ G = 2 << 20
 def driver_backend(monkeypatch, request):
     """``(driver model, CudaBackend over it)``; the model's options come from the test's parameters."""
     driver = DriverModel(G, **getattr(request, "param", {}))
-    monkeypatch.setattr(cuda_backend, "cu", driver)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cuda_backend.CudaBackend, "_torch_context", lambda self: None)
-    backend = cuda_backend.CudaBackend(0)
+    backend = cuda_backend_on(monkeypatch, driver)
     yield driver, backend
     backend.close()
-    assert not driver.mappings and not driver.reserved and not driver.allocations  # nothing leaks
+    assert_nothing_left(driver)
 
 
 DRIVERS = [{}, {"one_mapping_per_call": True}, {"refuse_read_only": True},
