@@ -100,11 +100,13 @@ def _ratio(a, b):
 class Engine:
     """One vLLM engine of the comparison, with what it needs set in the environment at its start."""
 
-    def __init__(self, name: str, model: str, kw: dict, out_dir: Path, cuda: bool, vtensor_env: dict | None = None):
+    def __init__(self, name: str, spec: tuple[str, dict, dict], model: str, kw: dict, out_dir: Path, cuda: bool,
+                 vtensor_env: dict | None = None):
+        """``spec``: the ``--engines`` entry ``name`` read by :func:`parse_engine`."""
         from vllm import LLM
 
         self.name = name
-        base, own_env, own_args = parse_engine(name)
+        base, own_env, own_args = spec
         self.vtensor = base in VT_ENGINES
         vtensor_env = (vtensor_env or {}) | own_env
         env = {"VTENSOR_STEP_PROFILE_LABEL": name}
@@ -665,8 +667,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     names = args.engines.split(",") if args.engines else (list(ENGINES) if cuda else ["vanilla", "vtensor_vllm_kernel"])
     try:
-        for n in names:
-            parse_engine(n)
+        specs = {n: parse_engine(n) for n in names}
     except ValueError as e:
         p.error(f"--engines {e}")
     if "vanilla" not in names or len(names) < 2 or len(set(names)) < len(names):
@@ -743,7 +744,6 @@ def main(argv=None) -> int:
             primary = next(n for n in (*VT_ENGINES, *names) if n in names and n != "vanilla")  # vtensor first
             data["summary"] = _summary(data["results"], data["memory"], primary)
             data["summary_engine"] = primary
-            data["goals"] = _goals(data["summary"])
             vk = [n for n in VT_ENGINES if n in names]
             if len(vk) == 2:  # what the kernels gain over vLLM's on the same memory
                 data["summary_vllm_kernel_over_vanilla"] = _summary(data["results"], data["memory"], vk[1])
@@ -761,9 +761,9 @@ def main(argv=None) -> int:
     try:
         for n in names:
             try:
-                vt = parse_engine(n)[0] in VT_ENGINES
+                vt = specs[n][0] in VT_ENGINES
                 ekw = kw | ({"block_size": args.vtensor_block_size} if args.vtensor_block_size and vt else {})
-                engines[n] = Engine(n, model, ekw, out_dir, cuda, vtensor_env)
+                engines[n] = Engine(n, specs[n], model, ekw, out_dir, cuda, vtensor_env)
                 data["engines"][n] = engines[n].config
             except Exception as e:  # the others still run; the result says why this one is missing
                 print(f"{n} failed to start: {e!r}", flush=True)
