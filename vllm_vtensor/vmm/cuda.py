@@ -229,21 +229,20 @@ class CudaBackend(VMMBackend):
 
     def unmap(self, vr: VirtualRange, offset: int, size: int) -> None:
         self._bind()
-        addr, sizes, covered = vr.addr + offset, [], 0  # the chunk mappings there, one by one
+        addr, starts, sizes, covered = vr.addr + offset, [], [], 0  # the chunk mappings there, one by one
         while covered < size:
             piece = self._mapped.get(addr + covered)
             if piece is None:
                 raise VMMError(f"unmap of [{offset:#x}, {offset + size:#x}) in a range: no chunk is mapped at "
                                f"{offset + covered:#x}")
+            starts.append(addr + covered)
             sizes.append(piece)
             covered += piece
         if covered != size:
             raise VMMError(f"unmap of [{offset:#x}, {offset + size:#x}) in a range ends inside a chunk")
         self._unmap_run(addr, sizes)
-        at = addr
-        for piece in sizes:
-            del self._mapped[at]
-            at += piece
+        for start in starts:
+            del self._mapped[start]
         self._map_zero(addr, size)
 
     # -- access --------------------------------------------------------
