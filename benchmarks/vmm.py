@@ -142,11 +142,19 @@ def _sleep_cycles(ms: float) -> int:
     return int(probe * ms / max(start.elapsed_time(end), 1e-3))
 
 
-def while_busy(backend, chunk: int, reps: int, busy_ms: float) -> dict:
-    """Each operation of a step's block updates timed with the device idle and while it runs a
-    ``busy_ms`` kernel; ``waited`` is the share of busy calls that returned only after the kernel had
-    finished (1.0: the call waits for the device; 0.0: it runs beside the kernel)."""
-    cycles = _sleep_cycles(busy_ms)
+def _busy(cycles: int):
+    """Start a kernel of ``cycles`` on an idle device; the event recorded after it (``query()``: finished)."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(cycles)
+    done = torch.cuda.Event()
+    done.record()
+    return done
+
+
+def while_busy(backend, chunk: int, reps: int, cycles: int) -> dict:
+    """Each operation of a step's block updates timed with the device idle and while it runs a kernel of
+    ``cycles``; ``waited`` is the share of busy calls that returned only after the kernel had finished
+    (1.0: the call waits for the device; 0.0: it runs beside the kernel)."""
     vr = backend.reserve((RUN + 1) * chunk)
     ops = {
         "create": lambda st: st.setdefault("made", []).append(backend.create_chunk(chunk)),
@@ -161,11 +169,10 @@ def while_busy(backend, chunk: int, reps: int, busy_ms: float) -> dict:
         for busy in (False, True):
             state = {"made": [backend.create_chunk(chunk) for _ in range(RUN)]}
             for op, run in ops.items():
-                torch.cuda.synchronize()
                 if busy:
-                    torch.cuda._sleep(cycles)
-                    done = torch.cuda.Event()
-                    done.record()
+                    done = _busy(cycles)
+                else:
+                    torch.cuda.synchronize()
                 t = time.perf_counter()
                 run(state)
                 dt = time.perf_counter() - t
@@ -179,14 +186,13 @@ def while_busy(backend, chunk: int, reps: int, busy_ms: float) -> dict:
                  "waited": sum(t["waited"]) / len(t["waited"])} for op, t in times.items()}
 
 
-def beside_a_sync(backend, chunk: int, reps: int, busy_ms: float) -> dict:
-    """What the worker's thread can do while another thread waits in ``synchronize`` for a ``busy_ms``
-    kernel (VTENSOR_DEFERRED_UNMAP's helper does that before unmapping finished requests): launch a
+def beside_a_sync(backend, chunk: int, reps: int, cycles: int) -> dict:
+    """What the worker's thread can do while another thread waits in ``synchronize`` for a kernel of
+    ``cycles`` (VTENSOR_DEFERRED_UNMAP's helper does that before unmapping finished requests): launch a
     kernel, map a chunk. ``waited``: the share of calls that returned only after the kernel had finished
     (the helper's wait holding the driver up)."""
     import threading
 
-    cycles = _sleep_cycles(busy_ms)
     vr = backend.reserve(chunk)
     handle = backend.create_chunk(chunk)
     ops = {"launch": lambda: torch.cuda._sleep(1000),
@@ -195,10 +201,7 @@ def beside_a_sync(backend, chunk: int, reps: int, busy_ms: float) -> dict:
     times = {op: {"us": [], "waited": []} for op in ops}
     for _ in range(reps):
         for op, run in ops.items():
-            torch.cuda.synchronize()
-            torch.cuda._sleep(cycles)
-            done = torch.cuda.Event()
-            done.record()
+            done = _busy(cycles)
             helper = threading.Thread(target=backend.synchronize)
             helper.start()
             time.sleep(0.002)  # the helper is inside its wait
@@ -285,12 +288,15 @@ def main(argv=None) -> int:
     pool.close()
     reserve = reserve_cost(backend, [float(g) for g in args.reserve_gib.split(",") if g])
     cuda = args.device.startswith("cuda")
-    busy = while_busy(backend, chunk, args.busy_reps, args.busy_ms) if cuda and args.busy_ms > 0 else {}
-    sync_beside = beside_a_sync(backend, chunk, args.busy_reps, args.busy_ms) if busy else {}
+    busy, sync_beside = {}, {}
+    if cuda and args.busy_ms > 0:
+        cycles = _sleep_cycles(args.busy_ms)
+        busy = while_busy(backend, chunk, args.busy_reps, cycles)
+        sync_beside = beside_a_sync(backend, chunk, args.busy_reps, cycles)
     creates = create_in_threads(backend, chunk, args.create_chunks, [1, 2, 4]) if args.create_chunks else []
     backend.close()
 
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    device_name = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
     print(f"\nVMM latency per {args.chunk_mib} MiB chunk on {args.device} ({device_name}), {args.reps} reps")
     print(f"{'op':<12}{'median us':>12}{'p99 us':>12}   (runs: per chunk of {RUN} mapped or unmapped in one call)")
     summary = {}
@@ -337,7 +343,8 @@ def main(argv=None) -> int:
         **provenance("vmm.py", argv),
         "device": args.device, "device_name": device_name, "chunk_bytes": chunk, "staged": args.stage,
         "latency": summary, "grow": grow, "reserve": reserve, "create_in_threads": creates,
-        **({"while_busy": {"busy_ms": args.busy_ms, "ops": busy, "beside_a_sync": sync_beside}} if busy else {}), "torch": torch.__version__, **backend_facts,
+        **({"while_busy": {"busy_ms": args.busy_ms, "ops": busy, "beside_a_sync": sync_beside}} if busy else {}),
+        "torch": torch.__version__, **backend_facts,
     }, indent=2))
     print(f"\nwrote {out}")
     return 0

@@ -29,12 +29,6 @@ class CUresult(enum.IntEnum):
     CUDA_ERROR_NOT_PERMITTED = 800
 
 
-class _Enum:
-    def __init__(self, *names):
-        for i, n in enumerate(names):
-            setattr(self, n, n if "FLAGS" in n or "TYPE" in n or "GRANULARITY" in n else i)
-
-
 @dataclass
 class _Location:
     type: object = None

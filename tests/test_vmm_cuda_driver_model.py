@@ -9,12 +9,10 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from cuda_driver_model import READ, READWRITE, DriverModel, assert_nothing_left, cuda_backend_on
 from vllm_vtensor.kv_space import KVSpace
 from vllm_vtensor.vmm import VMMError
-from vllm_vtensor.vmm import cuda as cuda_backend
 
 G = 2 << 20
 
