@@ -416,19 +416,25 @@ def _goals(summary: dict) -> dict:
 def _step_profile() -> dict | None:
     """Where each engine's step time went, when the run was profiled ($VTENSOR_STEP_PROFILE, see
     benchmarks/step_profile/): host milliseconds per step in the worker (execute_model; on CUDA it
-    returns once the step is launched) and VTENSOR's block updates within them."""
+    returns once the step is launched), VTENSOR's block updates within them, and the VMM backend calls
+    those updates made (``block_update_calls``) and other threads made beside them (``calls_beside``),
+    as ``{call: {"calls": n, "seconds": s}}``."""
     directory = os.environ.get("VTENSOR_STEP_PROFILE")
     if not directory:
         return None
     sys.path.insert(0, str(ROOT / "benchmarks" / "step_profile"))
-    from report import load
+    from report import load, op_totals
+
+    def calls(ops: dict) -> dict:
+        return {k: {"calls": n, "seconds": round(s, 4)} for k, (n, s) in sorted(ops.items())}
 
     out = {}
     for engine, rows in load(directory).items():
         slow = sorted(rows, key=lambda r: -r[2])[:5]
         out[engine] = {"steps": len(rows), "step_host_seconds": round(sum(r[1] for r in rows) / 1e3, 3),
                        "block_update_seconds": round(sum(r[2] for r in rows) / 1e3, 3),
-                       "slowest_block_updates_ms": [(round(r[2], 1), r[3]) for r in slow]}
+                       "slowest_block_updates_ms": [(round(r[2], 1), r[3]) for r in slow],
+                       "block_update_calls": calls(op_totals(rows, 4)), "calls_beside": calls(op_totals(rows, 5))}
     return out
 
 

@@ -7,6 +7,7 @@ the two engines' figures show each got its own."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,11 +27,15 @@ SUMMARY_KEYS = ("throughput_ratio", "itl_ratio", "multi_turn_ttft_ratio", "long_
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-e2e")
+    # with the per-step profile on, as benchmarks/gpu_vllm.sh runs it on a GPU
+    env = dict(os.environ, VTENSOR_STEP_PROFILE=str(out / "steps"),
+               PYTHONPATH=os.pathsep.join([str(ROOT / "benchmarks" / "step_profile"), str(ROOT),
+                                           os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_e2e.py"), "--shape", "tiny", "--quick",
                           "--rounds-c", "1", "--settle-s", "1.5", "--out-dir", str(out),
                           "--engines", f"vanilla,{VT},{VARIANT}", "--vtensor-env", "VTENSOR_CHUNK_LINGER_S=0.5",
                           "--tag", "variants"],
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=900, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     path = out / "gpu-e2e-cpu-tiny-variants.json"
     return json.loads(path.read_text()), path, run.stdout
@@ -103,6 +108,23 @@ def test_kv_memory_peaks_are_exact_and_given_back(result):
                     assert DEFAULT_PRECREATE_BYTES - chunk < after <= DEFAULT_PRECREATE_BYTES + chunk
                 else:
                     assert after <= chunk < DEFAULT_PRECREATE_BYTES
+
+
+def test_the_step_profile_splits_block_updates_into_vmm_calls(result):
+    """Profiled (benchmarks/step_profile/), each engine's steps are recorded; a VTENSOR engine's block
+    updates are split into the VMM calls they made, which took part of that time; vanilla made none."""
+    data, _, _ = result
+    prof = data["step_profile"]
+    assert set(prof) == set(data["engines_run"])
+    assert prof["vanilla"]["block_update_calls"] == {} and prof["vanilla"]["block_update_seconds"] == 0
+    for name in (VT, VARIANT):
+        p = prof[name]
+        calls = p["block_update_calls"]
+        assert p["steps"] > 0 and calls["map_many"]["calls"] > 0 and calls["unmap"]["calls"] > 0
+        assert 0 < sum(c["seconds"] for c in calls.values()) <= p["block_update_seconds"] + 1e-3
+    # the ready reserve is made beside the steps by the pool's thread; the variant keeps none
+    assert prof[VT]["calls_beside"]["create_chunk"]["calls"] > 0
+    assert "create_chunk" not in prof[VARIANT]["calls_beside"]
 
 
 @pytest.mark.parametrize("args, says", [

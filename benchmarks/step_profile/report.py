@@ -1,5 +1,6 @@
 """Summarise a step profile (see sitecustomize.py here): per step shape, the median step time of
-each engine against vanilla's and their ratio, and VTENSOR's time on block updates. Engines are
+each engine against vanilla's and their ratio, VTENSOR's time on block updates, and which VMM
+backend calls that time went to (and those made beside the steps on other threads). Engines are
 labelled ``va``/``vt``, or by name where a benchmark runs several (``VTENSOR_STEP_PROFILE_LABEL``).
 
     python benchmarks/step_profile/report.py DIR
@@ -12,15 +13,44 @@ import os
 import statistics
 import sys
 
+from vmm_ops import add_ops, parse_ops
 
-def load(directory: str) -> dict[str, list[tuple[float, float, float, str]]]:
-    steps = collections.defaultdict(list)  # engine -> [(time, ms, update ms, shape)]
+
+def load(directory: str) -> dict[str, list[tuple]]:
+    """engine -> [(time, ms, update ms, shape, the update's VMM calls, calls beside it)] (the calls as
+    ``{op: (calls, seconds)}``; empty in profiles written before they were recorded)."""
+    steps = collections.defaultdict(list)
     for path in glob.glob(os.path.join(directory, "steps-*.txt")):
         with open(path) as f:
             for line in f:
-                t, engine, ms, upd, *shape = line.split()
-                steps[engine].append((float(t), float(ms), float(upd), " ".join(shape)))
+                t, engine, ms, upd, *rest = line.split()
+                fields = {k: v for k, _, v in (w.partition("=") for w in rest if w.startswith(("ops=", "beside=")))}
+                shape = " ".join(w for w in rest if not w.startswith(("ops=", "beside=")))
+                steps[engine].append((float(t), float(ms), float(upd), shape, parse_ops(fields.get("ops", "")),
+                                      parse_ops(fields.get("beside", ""))))
     return steps
+
+
+def op_totals(rows, which: int = 4) -> dict[str, list]:
+    """``{op: [calls, seconds]}`` over ``rows`` (``which``: 4 the updates' own calls, 5 those beside)."""
+    total: dict[str, list] = {}
+    for r in rows:
+        if len(r) > which:
+            add_ops(total, r[which])
+    return total
+
+
+def describe_ops(rows) -> str:
+    """The block updates' time by VMM call, what those calls leave (bookkeeping, waits), and the calls
+    other threads made beside the steps; empty when the profile has no calls recorded."""
+    own, beside = op_totals(rows, 4), op_totals(rows, 5)
+    if not own and not beside:
+        return ""
+    fmt = lambda ops: ", ".join(f"{k} {n} x {s * 1e6 / max(n, 1):.0f} us = {s:.3f} s"  # noqa: E731
+                                for k, (n, s) in sorted(ops.items(), key=lambda kv: -kv[1][1])) or "none"
+    rest = sum(r[2] for r in rows) / 1e3 - sum(s for _, s in own.values())
+    return (f"  block updates by VMM call: {fmt(own)}; bookkeeping and waits {rest:.3f} s\n"
+            f"  VMM calls beside the steps (other threads): {fmt(beside)}")
 
 
 def main(argv=None) -> int:
@@ -50,6 +80,8 @@ def main(argv=None) -> int:
         print(f"{engine}: block updates {sum(r[2] for r in vt) / 1e3:.3f} s, step time {sum(r[1] for r in vt) / 1e3:.3f} s "
               f"over {len(vt)} steps ({base}: {sum(r[1] for r in va) / 1e3:.3f} s over {len(va)}); slowest updates: "
               + ", ".join(f"{r[2]:.1f} ms ({r[3]})" for r in sorted(vt, key=lambda r: -r[2])[:5]))
+        if ops := describe_ops(vt):
+            print(ops)
     return 0
 
 

@@ -8,9 +8,10 @@ Python imports this file at start-up in every process of the run (it is first on
 a worker it wraps the model runner's ``execute_model`` (one step: block updates, input preparation,
 forward pass) and VTENSOR's block updates within it, and appends one line per step to
 ``$VTENSOR_STEP_PROFILE/steps-<pid>.txt``: the engine (``vt`` when the runner has a VTENSOR KV
-space, else ``va``), the step's milliseconds, VTENSOR's block-update milliseconds, and the step's
-shape (tokens, new, finished and scheduled requests), so steps of the same shape can be compared
-across the two engines of serve_compare.
+space, else ``va``), the step's milliseconds, VTENSOR's block-update milliseconds, the VMM backend
+calls within those updates and those made beside them on other threads since the last step
+(``ops=`` and ``beside=``: ``op:calls:ms``, see vmm_ops.py), and the step's shape (tokens, new,
+finished and scheduled requests), so steps of the same shape can be compared across engines.
 """
 import os
 
@@ -32,13 +33,19 @@ if _DIR:
 
     import vllm_vtensor.patches as _patches
     import vllm_vtensor.worker as _worker
+    from vllm_vtensor.vmm import base as _vmm_base, cuda as _vmm_cuda, host as _vmm_host
+    from vmm_ops import OpTimes, format_ops
 
+    _ops = OpTimes()
+    for _cls in (_vmm_base.VMMBackend, _vmm_host.HostBackend, _vmm_cuda.CudaBackend):
+        _ops.wrap(_cls)
     _translate = _worker.translate_scheduler_output
 
     def _timed_translate(kv, so):
         t0 = time.perf_counter()
         try:
-            _translate(kv, so)
+            with _ops.updating():
+                _translate(kv, so)
         finally:
             _updates[0] += time.perf_counter() - t0
 
@@ -57,7 +64,9 @@ if _DIR:
             out = execute(self, so, *args, **kwargs)
             ms = (time.perf_counter() - t0) * 1e3
             engine = _LABEL or ("vt" if getattr(self, "_vtensor_kv", None) is not None else "va")
-            _log(f"{time.time():.4f} {engine} {ms:.3f} {_updates[0] * 1e3:.3f} tok={so.total_num_scheduled_tokens} "
+            own, beside = _ops.take()
+            _log(f"{time.time():.4f} {engine} {ms:.3f} {_updates[0] * 1e3:.3f} ops={format_ops(own)} "
+                 f"beside={format_ops(beside)} tok={so.total_num_scheduled_tokens} "
                  f"new={len(so.scheduled_new_reqs)} fin={len(so.finished_req_ids)} sched={len(so.num_scheduled_tokens)}")
             return out
 
