@@ -16,6 +16,8 @@ On CUDA, ``while_busy`` times each operation again while the device runs a kerne
 that kernel had finished: an operation that waits for the device cannot overlap a
 forward pass under vLLM's async scheduling, whatever thread makes it. ``beside_a_sync``:
 the same while another thread waits in ``synchronize`` (as the deferred-unmap helper does).
+``by_size``: each operation on one chunk of 1, 4, 16 x ``--chunk-mib`` (bigger blocks), and on
+CUDA the bare driver calls mapping that much of one allocation.
 """
 from __future__ import annotations
 
@@ -238,6 +240,64 @@ def create_in_threads(backend, chunk: int, n: int, thread_counts: list[int]) -> 
     return rows
 
 
+def by_size(make, chunk: int, multiples: list[int], reps: int) -> list[dict]:
+    """Each operation on one chunk of 1, 4, 16, ... times ``chunk`` (on CUDA, granules): whether a bigger
+    block (one chunk per block of all layers: ``--block-size 64`` makes an 8B model's chunk 8 MiB)
+    costs as many calls' time as it holds granules or about one. On CUDA ``driver_map_us`` /
+    ``driver_unmap_us`` time the bare ``cuMemMap`` + ``cuMemSetAccess`` and ``cuMemUnmap`` of that
+    size of one allocation (what covering a range with bigger zero pieces would cost per call); the
+    backend's own ``map``/``unmap`` also move the zero granules there (one call each way per granule).
+    ``make()`` gives a fresh backend for each size (the host backend's chunks have one size)."""
+    rows = []
+    for k in multiples:
+        size = k * chunk
+        backend = make()
+        vr = backend.reserve(size)
+        t: dict[str, list] = {"create": [], "map": [], "unmap": [], "release": []}
+        for _ in range(reps):
+            for op in ("create", "map", "unmap", "release"):
+                t0 = time.perf_counter()
+                if op == "create":
+                    h = backend.create_chunk(size)
+                elif op == "map":
+                    backend.map(vr, 0, h, size)
+                elif op == "unmap":
+                    backend.unmap(vr, 0, size)
+                else:
+                    backend.release_chunk(h)
+                _sync(backend.device)
+                t[op].append(time.perf_counter() - t0)
+        row = {"chunks": k, "mib": size / MiB, **{f"{op}_us": statistics.median(xs) * 1e6 for op, xs in t.items()}}
+        if backend.device.startswith("cuda"):
+            row.update(_driver_by_size(backend, size, reps))
+        backend.close()
+        rows.append(row)
+    return rows
+
+
+def _driver_by_size(backend, size: int, reps: int) -> dict:
+    """Bare driver calls mapping ``size`` bytes of one allocation at a fresh address (no zero granules)."""
+    from vllm_vtensor.vmm.cuda import _ok, cu
+
+    backend._bind()
+    addr = int(_ok(cu.cuMemAddressReserve(size, backend.granularity, 0, 0), "cuMemAddressReserve"))
+    handle = _ok(cu.cuMemCreate(size, backend._prop, 0), "cuMemCreate")
+    maps, unmaps = [], []
+    try:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            _ok(cu.cuMemMap(addr, size, 0, handle, 0), "cuMemMap")
+            _ok(cu.cuMemSetAccess(addr, size, [backend._rw], 1), "cuMemSetAccess")
+            maps.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            _ok(cu.cuMemUnmap(addr, size), "cuMemUnmap")
+            unmaps.append(time.perf_counter() - t0)
+    finally:
+        _ok(cu.cuMemRelease(handle), "cuMemRelease")
+        _ok(cu.cuMemAddressFree(addr, size), "cuMemAddressFree")
+    return {"driver_map_us": statistics.median(maps) * 1e6, "driver_unmap_us": statistics.median(unmaps) * 1e6}
+
+
 def reserve_cost(backend, sizes_gib: list[float]) -> list[dict]:
     """Time reserving a fresh range of each size, reading as zeros everywhere: what a KV space does
     once at start-up (VTENSOR reserves max_num_seqs slots of max_model_len).  The host backend maps
@@ -270,6 +330,8 @@ def main(argv=None) -> int:
     p.add_argument("--busy-reps", type=int, default=5)
     p.add_argument("--create-chunks", type=int, default=64,
                    help="chunks created at once from 1, 2 and 4 threads (0: skip)")
+    p.add_argument("--by-size", default="1,4,16",
+                   help="chunk sizes, in multiples of --chunk-mib, for the per-size timings (comma-separated; '' for none)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -295,6 +357,8 @@ def main(argv=None) -> int:
         sync_beside = beside_a_sync(backend, chunk, args.busy_reps, cycles)
     creates = create_in_threads(backend, chunk, args.create_chunks, [1, 2, 4]) if args.create_chunks else []
     backend.close()
+    make = lambda: make_backend(args.device, **({"stage": True} if args.stage else {}))  # noqa: E731
+    sizes_by = by_size(make, chunk, [int(k) for k in args.by_size.split(",") if k], min(args.reps, 16))
 
     device_name = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
     print(f"\nVMM latency per {args.chunk_mib} MiB chunk on {args.device} ({device_name}), {args.reps} reps")
@@ -334,6 +398,15 @@ def main(argv=None) -> int:
         for r in creates:
             print(f"{r['threads']:>8}{r['ms']:>10.1f}{r['us_per_chunk']:>10.1f}")
 
+    if sizes_by:
+        driver = "driver_map_us" in sizes_by[0]
+        print(f"\nOne chunk of k x {args.chunk_mib} MiB (median us per call; drv: bare cuMemMap + cuMemSetAccess / cuMemUnmap)")
+        print(f"{'k':>9}{'MiB':>7}{'create':>9}{'map':>9}{'unmap':>9}{'release':>9}"
+              + (f"{'drv map':>9}{'drv unmap':>10}" if driver else ""))
+        for r in sizes_by:
+            print(f"{r['chunks']:>9}{r['mib']:>7g}{r['create_us']:>9.1f}{r['map_us']:>9.1f}{r['unmap_us']:>9.1f}"
+                  f"{r['release_us']:>9.1f}" + (f"{r['driver_map_us']:>9.1f}{r['driver_unmap_us']:>10.1f}" if driver else ""))
+
     from provenance import card_name, provenance
 
     where = "cpu" if args.device == "cpu" else card_name(device_name)
@@ -342,7 +415,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({
         **provenance("vmm.py", argv),
         "device": args.device, "device_name": device_name, "chunk_bytes": chunk, "staged": args.stage,
-        "latency": summary, "grow": grow, "reserve": reserve, "create_in_threads": creates,
+        "latency": summary, "grow": grow, "reserve": reserve, "create_in_threads": creates, "by_size": sizes_by,
         **({"while_busy": {"busy_ms": args.busy_ms, "ops": busy, "beside_a_sync": sync_beside}} if busy else {}),
         "torch": torch.__version__, **backend_facts,
     }, indent=2))

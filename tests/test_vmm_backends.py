@@ -328,8 +328,8 @@ def test_host_unmapping_never_leaves_a_hole_another_threads_mmap_could_fall_into
 
 def test_vmm_benchmark_runs_and_times_reserving_ranges(tmp_path):
     """benchmarks/vmm.py end to end, small: its JSON holds the per-chunk latencies, the growth rows,
-    the start-up cost of reserving each range size asked for and a burst of chunks created from 1, 2
-    and 4 threads."""
+    the start-up cost of reserving each range size asked for, a burst of chunks created from 1, 2
+    and 4 threads and each operation on chunks of each size asked for."""
     import json
     import subprocess
     import sys
@@ -338,7 +338,7 @@ def test_vmm_benchmark_runs_and_times_reserving_ranges(tmp_path):
     out = tmp_path / "vmm.json"
     script = Path(__file__).parents[1] / "benchmarks" / "vmm.py"
     subprocess.run([sys.executable, str(script), "--reps", "3", "--sizes-mib", "4", "--grow-chunks", "2",
-                    "--reserve-gib", "0.25,1", "--create-chunks", "8", "--out", str(out)], check=True,
+                    "--reserve-gib", "0.25,1", "--create-chunks", "8", "--by-size", "1,3", "--out", str(out)], check=True,
                    capture_output=True, timeout=120)
     result = json.loads(out.read_text())
     assert {"map", "unmap", "share"} <= set(result["latency"])
@@ -347,3 +347,33 @@ def test_vmm_benchmark_runs_and_times_reserving_ranges(tmp_path):
     assert [r["current_mib"] for r in result["grow"]] == [4]
     assert [r["reserve_gib"] for r in result["reserve"]] == [0.25, 1.0]
     assert all(r["ms"] > 0 for r in result["reserve"])
+    assert [(r["chunks"], r["mib"]) for r in result["by_size"]] == [(1, 2), (3, 6)]
+    assert all(r[f"{op}_us"] > 0 for r in result["by_size"] for op in ("create", "map", "unmap", "release"))
+
+
+def test_vmm_benchmark_times_bare_driver_calls_by_size_on_cuda(monkeypatch):
+    """benchmarks/vmm.py's per-size timings on the CUDA backend (over the driver model: the calls and their
+    order, not their time): bare cuMemMap/cuMemUnmap of 1 and 4 granules of one allocation beside the
+    backend's own operations, and nothing left behind."""
+    import sys
+    from pathlib import Path
+
+    from cuda_driver_model import DriverModel, assert_nothing_left, cuda_backend_on
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import vmm
+
+    g = 2 << 20
+    driver = DriverModel(g)
+    monkeypatch.setattr(vmm, "_sync", lambda device: None)
+    made = []
+
+    def make():
+        made.append(cuda_backend_on(monkeypatch, driver))
+        return made[-1]
+
+    rows = vmm.by_size(make, g, [1, 4], reps=2)
+    assert [(r["chunks"], r["mib"]) for r in rows] == [(1, 2), (4, 8)]
+    assert all(r["driver_map_us"] > 0 and r["driver_unmap_us"] > 0 for r in rows)
+    assert len(made) == 2
+    assert_nothing_left(driver)
