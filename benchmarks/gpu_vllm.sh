@@ -47,7 +47,7 @@ export VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
 # (benchmarks/vmm.py while_busy, in $OUT/vmm-cuda-busy.json)
 if [ "${GPU_E2E:-0}" = 1 ]; then
   [ "${VMM_PROBE:-1}" = 0 ] || timeout 45 $PY benchmarks/vmm.py --device cuda --reps 32 --sizes-mib 16 --reserve-gib "" \
-      --busy-ms 20 --busy-reps 5 --out "$OUT/vmm-cuda-busy.json" 2>&1 | tail -n 12 | tee "$OUT/vmm-busy.log"
+      --busy-ms 20 --busy-reps 5 --out "$OUT/vmm-cuda-busy.json" 2>&1 | tail -n 40 | tee "$OUT/vmm-busy.log"
   VTENSOR_STEP_PROFILE="$OUT/steps" PYTHONPATH="$PWD/benchmarks/step_profile:$PYTHONPATH" \
   timeout ${E2E_TIMEOUT:-530} $PY benchmarks/gpu_e2e.py --shape "${GPU_E2E_SHAPE:-llama-3.1-8b}" --out-dir "$OUT" \
       ${GPU_E2E_ARGS:-} 2>&1 | tee "$OUT/gpu-e2e-full.log" | grep --line-buffered -v "^(EngineCore\|^INFO\|^WARNING\|^(Worker\|^(MainProcess" \
