@@ -326,6 +326,50 @@ def test_host_unmapping_never_leaves_a_hole_another_threads_mmap_could_fall_into
     assert r.returncode == 0 and r.stdout.strip() == "OK", (r.returncode, r.stderr[-2000:])
 
 
+@pytest.mark.gpu
+def test_cuda_zero_pieces_read_as_zeros_around_chunks(monkeypatch):
+    """A CUDA range covered with zero pieces (as a range of more than 262144 granules is; thresholds lowered
+    here): the whole range reads through one tensor view, zeros everywhere but the chunks mapped inside,
+    across and at the edges of pieces, each holding what was written to it, before and after some are
+    unmapped again."""
+    from vllm_vtensor.vmm import cuda
+
+    monkeypatch.setattr(cuda, "ZERO_PIECES_ABOVE", 16)
+    monkeypatch.setattr(cuda, "COVER_MAPPINGS", 8)
+    b = make_backend("cuda")
+    try:
+        g, n = b.granularity, 200  # pieces of up to 32 granules
+        vr = b.reserve(n * g)
+        assert vr.addr in b._covers
+        view = b.as_tensor(vr.addr, vr.size)
+        assert int(view.count_nonzero()) == 0
+        placed: dict[int, int] = {}
+        for at, count in ((100, 1), (101, 1), (40, 3), (63, 2), (0, 1), (199, 1), (150, 20)):
+            b.map_many(vr, at * g, [b.create_chunk(g) for _ in range(count)], g)
+            for i in range(at, at + count):
+                placed[i] = i % 255 + 1
+                view[i * g:(i + 1) * g].fill_(placed[i])
+
+        def check():
+            torch.cuda.synchronize()
+            want = torch.zeros(n, dtype=torch.uint8, device=view.device)
+            for i, v in placed.items():
+                want[i] = v
+            per = view.view(n, g)
+            assert torch.equal(per.amin(1), want) and torch.equal(per.amax(1), want)
+
+        check()
+        for at in (100, 40, 41, 42, 0, 199):
+            b.unmap(vr, at * g, g)
+            del placed[at]
+        b.unmap(vr, 150 * g, 20 * g)
+        for i in range(150, 170):
+            del placed[i]
+        check()
+    finally:
+        b.close()
+
+
 def test_vmm_benchmark_runs_and_times_reserving_ranges(tmp_path):
     """benchmarks/vmm.py end to end, small: its JSON holds the per-chunk latencies, the growth rows,
     the start-up cost of reserving each range size asked for, a burst of chunks created from 1, 2

@@ -115,15 +115,82 @@ def test_a_device_out_of_memory_names_the_fix(driver_backend):
     backend.release_chunk(b)
 
 
+def _zero_pieces_above(monkeypatch, granules: int, mappings: int) -> None:
+    """Ranges of more than ``granules`` covered with zero pieces, about ``mappings`` of them (the real
+    thresholds are hundreds of thousands of granules, too many for the driver model)."""
+    from vllm_vtensor.vmm import cuda
+
+    monkeypatch.setattr(cuda, "ZERO_PIECES_ABOVE", granules)
+    monkeypatch.setattr(cuda, "COVER_MAPPINGS", mappings)
+
+
+def _zero_mappings(driver, backend, vr) -> list:
+    zero = set(backend._zero_pieces.values())
+    return sorted((m.addr, m.size) for a, m in driver.mappings.items()
+                  if vr.addr <= a < vr.addr + vr.size and m.handle in zero)
+
+
+@pytest.mark.parametrize("driver_backend", DRIVERS, ids=IDS, indirect=True)
+def test_a_large_range_is_covered_with_zero_pieces_that_chunks_split(driver_backend, monkeypatch):
+    """A range too large to cover granule by granule at start-up is covered with a few zero pieces (whole
+    allocations of 1, 2, 4, ... granules of zeros); a chunk mapped inside a piece, at its edge or across
+    several, unmaps them and covers what it leaves again, smallest pieces next to the chunk; an unmapped
+    chunk's place is covered again. Every granule stays readable through all of it, no zero mapping
+    overlaps a chunk, and the zero pieces are not counted as KV memory."""
+    driver, backend = driver_backend
+    _zero_pieces_above(monkeypatch, 16, 8)
+    n = 200  # granules: pieces of up to 32 (200 / 8 = 25, rounded up to a power of two)
+    before = driver.calls.get("cuMemMap", 0)
+    vr = backend.reserve(n * G)
+    assert set(backend._zero_pieces) == {1, 2, 4, 8, 16, 32}  # each zeroed through one scratch mapping when made
+    assert driver.calls["cuMemMap"] - before - 5 == len(_zero_mappings(driver, backend, vr)) <= n // 32 + 6
+    driver.check_readable(vr.addr, vr.size)
+    assert {driver.contents[h] for h in backend._zero_pieces.values()} == {0}
+    assert backend.resident_bytes() == 0
+
+    def check():
+        driver.check_readable(vr.addr, vr.size)
+        zero = _zero_mappings(driver, backend, vr)
+        assert sum(size for _, size in zero) + sum(backend._mapped.values()) == n * G
+        assert {m.access for m in driver.mappings.values() if m.handle in backend._zero_pieces.values()} == {
+            READWRITE if driver.refuse_read_only else READ}
+
+    chunks = {}
+    for at, count in ((100, 1), (101, 1), (40, 3), (63, 2), (0, 1), (199, 1), (150, 20)):  # granules
+        handles = [backend.create_chunk(G) for _ in range(count)]
+        backend.map_many(vr, at * G, handles, G)
+        chunks.update({at + i: h for i, h in enumerate(handles)})
+        check()
+        for g, h in chunks.items():
+            m = driver.mappings[vr.addr + g * G]
+            assert (m.handle, m.size, m.access) == (h, G, READWRITE)
+    with pytest.raises(VMMError, match="already mapped"):
+        backend.map(vr, 101 * G, backend.create_chunk(G), G)
+    after_growth = len(_zero_mappings(driver, backend, vr))
+    for g in (100, 101, 40, 41, 42, 63, 64, 0, 199):
+        backend.unmap(vr, g * G, G)
+        check()
+    backend.unmap(vr, 150 * G, 20 * G)
+    check()
+    assert len(_zero_mappings(driver, backend, vr)) <= after_growth + 20
+    assert not backend._mapped
+    assert backend.resident_bytes() == (len(chunks) + 1) * G  # the chunks made (one refused a place), no zero piece
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("pieces", [False, True], ids=["zero-granules", "zero-pieces"])
 @pytest.mark.parametrize("defer", [False, True], ids=["unmap-in-step", "deferred-unmap"])
 @pytest.mark.parametrize("driver_backend", DRIVERS, ids=IDS, indirect=True)
-def test_a_kv_space_on_the_cuda_backend_keeps_every_range_readable_and_leaks_nothing(driver_backend, defer, seed):
+def test_a_kv_space_on_the_cuda_backend_keeps_every_range_readable_and_leaks_nothing(driver_backend, defer, pieces,
+                                                                                     seed, monkeypatch):
     """Random requests arriving, growing, sharing prefixes and finishing on a KV space over the CUDA
-    backend, finished ranges unmapped in the step or by the unmapping thread (VTENSOR_DEFERRED_UNMAP):
-    after every step each running request's blocks map its own chunks (or the shared prefix's), the
-    rest of the range reads the zero granule, and at the end every chunk is gone."""
+    backend, finished ranges unmapped in the step or by the unmapping thread (VTENSOR_DEFERRED_UNMAP),
+    the range covered with the zero granule or, as a large one is, with zero pieces: after every step
+    each running request's blocks map its own chunks (or the shared prefix's), the rest of the range
+    reads zeros, and at the end every chunk is gone."""
     driver, backend = driver_backend
+    if pieces:
+        _zero_pieces_above(monkeypatch, 8, 4)  # the 48 granules below: pieces of up to 16
     rng = random.Random(seed)
     block = 16
     kv = KVSpace(backend, num_blocks=40, num_slots=4, blocks_per_slot=12, block_bytes=G, block_size=block,
@@ -166,7 +233,9 @@ def test_a_kv_space_on_the_cuda_backend_keeps_every_range_readable_and_leaks_not
         kv.remove_request(req)
     kv.drain()
     kv.reset_cache()
+    assert len(backend._covers) == int(pieces)
     kv.close()
-    assert {m.handle for m in driver.mappings.values()} <= {backend._zero}
-    assert set(driver.allocations) == {backend._zero}
+    zero = set(backend._zero_pieces.values())
+    assert {m.handle for m in driver.mappings.values()} <= zero
+    assert set(driver.allocations) == zero and len(zero) == (5 if pieces else 1)
     assert ("vtensor-unmap" in driver.unmapping_threads) is defer

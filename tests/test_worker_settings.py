@@ -186,15 +186,22 @@ def test_a_virtual_range_too_large_names_the_flags_that_size_it():
 
 
 def test_a_cuda_range_slow_to_cover_is_warned_about_naming_the_flags(caplog):
+    """Warned where covering the range with zero memory takes more than SLOW_COVER_MAPPINGS mappings: a range
+    of that many granules is covered one granule each, a larger one with zero pieces (up to 32 granules), so
+    the warning comes only where even those are too many (vLLM's default --max-num-seqs 1024 of a server
+    on a large GPU at Llama-3.1's 131072 tokens)."""
     import logging
 
-    from vllm_vtensor.policy import SLOW_COVER_GRANULES, warn_if_slow_to_cover
+    from vllm_vtensor.policy import SLOW_COVER_MAPPINGS, warn_if_slow_to_cover
 
-    big = (SLOW_COVER_GRANULES + 1) * (2 << 20)
+    g = 2 << 20
+    huge = 1024 * (131072 // 16 + 1) * g
     with caplog.at_level(logging.WARNING):
-        assert not warn_if_slow_to_cover("cpu", big, 4096, 256, 8192)  # the host maps one zero file: no cost
-        assert not warn_if_slow_to_cover("cuda:0", SLOW_COVER_GRANULES * (2 << 20), 2 << 20, 256, 8192)
-        assert warn_if_slow_to_cover("cuda:0", big, 2 << 20, 1024, 131072)
+        assert not warn_if_slow_to_cover("cpu", huge, 4096, 1024, 131072)  # the host maps one zero file: no cost
+        assert not warn_if_slow_to_cover("cuda:0", SLOW_COVER_MAPPINGS * g, g, 256, 8192)
+        assert not warn_if_slow_to_cover("cuda:0", (SLOW_COVER_MAPPINGS + 1) * g, g, 256, 8193)  # pieces of 8
+        assert not warn_if_slow_to_cover("cuda:0", 256 * (131072 // 16 + 1) * g, g, 256, 131072)  # pieces of 32
+        assert warn_if_slow_to_cover("cuda:0", huge, g, 1024, 131072)
     assert "--max-num-seqs 1024 x --max-model-len 131072" in caplog.text
     assert "lower --max-num-seqs or --max-model-len" in caplog.text
 

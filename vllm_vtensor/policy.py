@@ -59,18 +59,23 @@ def check_chunk_padding(block_bytes: int, block_size: int, granularity: int) -> 
         f"block that wastes at most {MAX_CHUNK_PADDING:.0%}, or leave --block-size unset (VTENSOR then picks it).")
 
 
-SLOW_COVER_GRANULES = 1 << 16  # ~2 s of start-up at the 29-35 us per granule measured on an H100 (benchmarks/results/vmm-reserve-h100.json)
+SLOW_COVER_MAPPINGS = 1 << 18  # ~8 s of start-up at the 29-35 us per mapping measured on an H100 (benchmarks/results/vmm-reserve-h100.json)
 
 
 def warn_if_slow_to_cover(device: str, virtual_bytes: int, granularity: int, max_num_seqs: int,
                           max_model_len: int) -> bool:
-    """On CUDA every granule of the virtual range gets the read-only zero granule mapped at start-up
-    (one cuMemMap + cuMemSetAccess each): warn, naming what sizes the range, when that is many."""
+    """On CUDA the virtual range is covered with read-only zero memory at start-up, one cuMemMap per
+    granule or, for a range of more than ``ZERO_PIECES_ABOVE`` granules, per zero piece of up to 32
+    granules (:func:`vllm_vtensor.vmm.cuda.zero_piece_granules`): warn, naming what sizes the range,
+    when that is many mappings."""
+    from .vmm.cuda import zero_piece_granules
+
     granules = virtual_bytes // granularity
-    if not device.startswith("cuda") or granules <= SLOW_COVER_GRANULES:
+    mappings = granules // zero_piece_granules(granules)
+    if not device.startswith("cuda") or mappings <= SLOW_COVER_MAPPINGS:
         return False
     logger.warning(
-        "VTENSOR: the KV space's virtual range (--max-num-seqs %d x --max-model-len %d: %.1f GiB) maps the zero "
-        "granule over %d granules at start-up, ~30 us each; lower --max-num-seqs or --max-model-len to start "
-        "faster", max_num_seqs, max_model_len, virtual_bytes / 2**30, granules)
+        "VTENSOR: the KV space's virtual range (--max-num-seqs %d x --max-model-len %d: %.1f GiB) is covered "
+        "with zero memory by %d mappings at start-up, ~30 us each; lower --max-num-seqs or --max-model-len to "
+        "start faster", max_num_seqs, max_model_len, virtual_bytes / 2**30, mappings)
     return True

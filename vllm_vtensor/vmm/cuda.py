@@ -6,7 +6,15 @@
 * One **zero chunk** (a granule of zeros) is mapped read-only over every
   granule of a range that holds no real chunk, so every address of a live
   reservation is readable: padded kernel reads are safe and addresses captured
-  by CUDA graphs stay valid.
+  by CUDA graphs stay valid.  A range of more than :data:`ZERO_PIECES_ABOVE`
+  granules (vLLM's default ``--max-model-len`` of a long-context model times
+  ``--max-num-seqs``: millions) is covered with **zero pieces** instead, zero
+  allocations of 2, 4, ... up to :func:`zero_piece_granules` granules, so that
+  about :data:`COVER_MAPPINGS` mappings cover it: one mapping per granule took
+  ~30 us each at start-up and ran a GPU out of memory at ~540k of them.  A chunk
+  mapped inside a piece unmaps that piece and covers what the chunk leaves of it
+  again, smallest pieces next to the chunk (a request grows into them): about one
+  zero mapping more per chunk than with zero granules.
 * Unmapping is preceded by :meth:`synchronize` (the caller batches it), since a
   kernel may still be reading the chunk.
 * Consecutive mappings share their calls where the driver allows: one
@@ -17,6 +25,7 @@
 """
 from __future__ import annotations
 
+import math
 import threading
 
 from .base import VirtualRange, VMMBackend, VMMError
@@ -28,6 +37,69 @@ except ImportError:  # pragma: no cover - older cuda-python
         from cuda import cuda as cu  # type: ignore[no-redef]
     except ImportError:
         cu = None
+
+
+ZERO_PIECES_ABOVE = 1 << 18  # granules a range may have and still be covered granule by granule (~8 s at 30 us)
+COVER_MAPPINGS = 1 << 16  # zero mappings a larger range is covered with, about
+MAX_ZERO_PIECE = 32  # granules of the largest zero piece (all pieces together: 63 granules, 126 MiB at 2 MiB)
+
+
+def zero_piece_granules(granules: int) -> int:
+    """The largest zero piece (a power of two, in granules) a range of ``granules`` is covered with: 1 (the
+    zero granule over each granule) up to :data:`ZERO_PIECES_ABOVE`, else enough for ~:data:`COVER_MAPPINGS`
+    mappings, at most :data:`MAX_ZERO_PIECE`."""
+    if granules <= ZERO_PIECES_ABOVE:
+        return 1
+    return min(MAX_ZERO_PIECE, 1 << math.ceil(math.log2(granules / COVER_MAPPINGS)))
+
+
+def _pieces(start: int, end: int, largest: int) -> list[tuple[int, int]]:
+    """``[start, end)`` (granules) as ``(start, granules)`` pieces of powers of two up to ``largest``, growing
+    from ``start``: 1, 2, 4, ... then ``largest`` ones, the rest shrinking. A request grows from ``start``:
+    its next chunk lands on a one-granule piece (one unmap, as with zero granules), and growing through a
+    piece of n granules maps n - 1 smaller ones on the way, about one per chunk."""
+    out, at, k = [], start, 1
+    while at < end:
+        left = end - at
+        take = k if k <= left else 1 << (left.bit_length() - 1)
+        out.append((at, take))
+        at += take
+        k = min(2 * k, largest)
+    return out
+
+
+class _ZeroCover:
+    """Where a range covered with zero pieces has them: each piece's start and size, and for every
+    granule the start of the piece over it (-1 where a chunk is mapped)."""
+
+    def __init__(self, granules: int, largest: int):
+        import numpy as np
+
+        self.largest = largest
+        self.owner = np.full(granules, -1, dtype=np.int32)
+        self.size_at: dict[int, int] = {}  # piece start (granule) -> granules
+
+    def add(self, start: int, granules: int) -> None:
+        self.owner[start:start + granules] = start
+        self.size_at[start] = granules
+
+    def over(self, a: int, b: int) -> list[tuple[int, int]]:
+        """The pieces that cover ``[a, b)`` (every granule there must be zero)."""
+        out, at = [], int(self.owner[a])
+        while 0 <= at < b:
+            k = self.size_at.get(at)
+            if k is None:
+                break
+            out.append((at, k))
+            at += k
+        if not out or at < b:
+            raise VMMError(f"map at granules [{a}, {b}) of a range: a chunk is already mapped there")
+        return out
+
+    def remove(self, pieces: list[tuple[int, int]]) -> None:
+        for start, k in pieces:
+            del self.size_at[start]
+            self.owner[start:start + k] = -1
 
 
 def _failed(result) -> bool:
@@ -88,13 +160,26 @@ class CudaBackend(VMMBackend):
         self._sizes: dict[int, int] = {}  # handle key -> bytes
         self._handles: dict[int, object] = {}  # handle key -> CUmemGenericAllocationHandle
         self._mapped: dict[int, int] = {}  # address -> bytes of each chunk mapping in a range (not the zero's)
-        self._zero = self._create(self._gran)
-        scratch = _ok(cu.cuMemAddressReserve(self._gran, 0, 0, 0), "cuMemAddressReserve")
-        self._map_raw(int(scratch), self._gran, self._zero, self._rw)
-        _ok(cu.cuMemsetD8(scratch, 0, self._gran), "cuMemsetD8(zero chunk)")
-        self.synchronize()
-        _ok(cu.cuMemUnmap(scratch, self._gran), "cuMemUnmap")
-        _ok(cu.cuMemAddressFree(scratch, self._gran), "cuMemAddressFree")
+        self._zero_pieces: dict[int, int] = {}  # granules -> handle key of a zero allocation that size
+        self._zero_bytes = 0
+        self._covers: dict[int, _ZeroCover] = {}  # range address -> its zero pieces, for ranges covered with them
+        self._zero = self._zero_piece(1)
+
+    def _zero_piece(self, granules: int) -> int:
+        """The handle key of a zero allocation of ``granules`` (made once, zeroed through a scratch mapping)."""
+        key = self._zero_pieces.get(granules)
+        if key is None:
+            size = granules * self._gran
+            key = self._create(size)
+            scratch = _ok(cu.cuMemAddressReserve(size, 0, 0, 0), "cuMemAddressReserve")
+            self._map_raw(int(scratch), size, key, self._rw)
+            _ok(cu.cuMemsetD8(scratch, 0, size), "cuMemsetD8(zero chunk)")
+            self.synchronize()
+            _ok(cu.cuMemUnmap(scratch, size), "cuMemUnmap")
+            _ok(cu.cuMemAddressFree(scratch, size), "cuMemAddressFree")
+            self._zero_pieces[granules] = key
+            self._zero_bytes += size
+        return key
 
     def _torch_context(self) -> None:
         """Make torch create and bind the device's primary context (the one this backend's calls use)."""
@@ -129,32 +214,53 @@ class CudaBackend(VMMBackend):
     def _set_access(self, addr: int, size: int, piece: int, access, what: str) -> bool:
         """``cuMemSetAccess`` over ``size`` bytes of fresh ``piece``-byte mappings: one call, or one per mapping
         where the driver refuses a call over several. False if the driver refuses ``access`` itself."""
-        if size > piece and self.shared_calls:
-            if not _failed(cu.cuMemSetAccess(addr, size, [access], 1)):
+        return self._set_access_each(addr, [piece] * (size // piece), access, what)
+
+    def _set_access_each(self, addr: int, sizes: list[int], access, what: str) -> bool:
+        """``cuMemSetAccess`` over consecutive fresh mappings of ``sizes`` bytes from ``addr``: one call, or one
+        per mapping where the driver refuses a call over several. False if it refuses ``access`` itself."""
+        if len(sizes) > 1 and self.shared_calls:
+            if not _failed(cu.cuMemSetAccess(addr, sum(sizes), [access], 1)):
                 return True
-            if _failed(cu.cuMemSetAccess(addr, piece, [access], 1)):
+            if _failed(cu.cuMemSetAccess(addr, sizes[0], [access], 1)):
                 return False  # the access flags, not the shared call (the caller may try others)
             self.shared_calls = False
-            start = piece
+            first = 1
         else:
-            start = 0
-        for off in range(start, size, piece):
-            if _failed(result := cu.cuMemSetAccess(addr + off, piece, [access], 1)):
-                if off == 0:
+            first = 0
+        at = addr + sum(sizes[:first])
+        for i in range(first, len(sizes)):
+            if _failed(result := cu.cuMemSetAccess(at, sizes[i], [access], 1)):
+                if i == 0:
                     return False
                 _ok(result, what)
+            at += sizes[i]
         return True
 
     def _map_zero(self, addr: int, size: int) -> None:
         g = self._gran
         for off in range(0, size, g):
             _ok(cu.cuMemMap(addr + off, g, 0, self._handles[self._zero], 0), "cuMemMap(zero chunk)")
-        # Some drivers refuse PROT_READ alone; nothing here ever writes through a zero mapping.
-        if self.zero_read_only and self._set_access(addr, size, g, self._ro, "cuMemSetAccess(zero chunk)"):
+        self._zero_access(addr, [g] * (size // g))
+
+    def _zero_access(self, addr: int, sizes: list[int]) -> None:
+        """Access for fresh zero mappings of ``sizes`` bytes from ``addr``: read-only, or read-write on a
+        driver that refuses read-only (nothing here ever writes through a zero mapping)."""
+        if self.zero_read_only and self._set_access_each(addr, sizes, self._ro, "cuMemSetAccess(zero chunk)"):
             return
         self.zero_read_only = False
-        if not self._set_access(addr, size, g, self._rw, "cuMemSetAccess(zero chunk)"):
-            _ok(cu.cuMemSetAccess(addr, g, [self._rw], 1), "cuMemSetAccess(zero chunk)")
+        if not self._set_access_each(addr, sizes, self._rw, "cuMemSetAccess(zero chunk)"):
+            _ok(cu.cuMemSetAccess(addr, sizes[0], [self._rw], 1), "cuMemSetAccess(zero chunk)")
+
+    def _cover(self, base: int, cover: _ZeroCover, start: int, end: int) -> None:
+        """Map zero pieces over granules ``[start, end)`` of the range at ``base`` (see :func:`_pieces`)."""
+        if start >= end:
+            return
+        g, pieces = self._gran, _pieces(start, end, cover.largest)
+        for at, k in pieces:
+            _ok(cu.cuMemMap(base + at * g, k * g, 0, self._handles[self._zero_piece(k)], 0), "cuMemMap(zero piece)")
+            cover.add(at, k)
+        self._zero_access(base + start * g, [k * g for _, k in pieces])
 
     def _unmap_pieces(self, addr: int, size: int, piece: int) -> None:
         """Unmap ``size`` bytes mapped as consecutive whole ``piece``-byte mappings."""
@@ -175,7 +281,15 @@ class CudaBackend(VMMBackend):
     def _reserve_new(self, size: int) -> int:
         self._bind()
         addr = int(_ok(cu.cuMemAddressReserve(size, self._gran, 0, 0), f"cuMemAddressReserve({size})"))
-        self._map_zero(addr, size)
+        granules = size // self._gran
+        largest = zero_piece_granules(granules)
+        if largest == 1:
+            self._map_zero(addr, size)
+        else:
+            for k in (1 << i for i in range(largest.bit_length())):
+                self._zero_piece(k)  # all made now: a step that maps a chunk never makes one
+            cover = self._covers[addr] = _ZeroCover(granules, largest)
+            self._cover(addr, cover, 0, granules)
         return addr
 
     # -- physical chunks ------------------------------------------------
@@ -219,8 +333,17 @@ class CudaBackend(VMMBackend):
 
     def map_many(self, vr: VirtualRange, offset: int, handles: list[int], size: int) -> None:
         self._bind()
-        addr, total = vr.addr + offset, size * len(handles)
-        self._unmap_pieces(addr, total, self._gran)  # the zero granules over these chunks' place
+        addr, total, g = vr.addr + offset, size * len(handles), self._gran
+        cover = self._covers.get(vr.addr)
+        if cover is None:
+            self._unmap_pieces(addr, total, g)  # the zero granules over these chunks' place
+        else:  # the zero pieces over it, and after the chunks are in, what they leave of them covered again
+            a, b = offset // g, (offset + total) // g
+            pieces = cover.over(a, b)
+            self._unmap_run(vr.addr + pieces[0][0] * g, [k * g for _, k in pieces])
+            cover.remove(pieces)
+            self._cover(vr.addr, cover, pieces[0][0], a)
+            self._cover(vr.addr, cover, b, pieces[-1][0] + pieces[-1][1])
         for i, handle in enumerate(handles):
             _ok(cu.cuMemMap(addr + i * size, size, 0, self._handles[handle], 0), "cuMemMap")
             self._mapped[addr + i * size] = size
@@ -243,7 +366,11 @@ class CudaBackend(VMMBackend):
         self._unmap_run(addr, sizes)
         for start in starts:
             del self._mapped[start]
-        self._map_zero(addr, size)
+        cover = self._covers.get(vr.addr)
+        if cover is None:
+            self._map_zero(addr, size)
+        else:
+            self._cover(vr.addr, cover, offset // self._gran, (offset + size) // self._gran)
 
     # -- access --------------------------------------------------------
     def as_tensor(self, addr: int, nbytes: int):
@@ -257,7 +384,7 @@ class CudaBackend(VMMBackend):
 
     def resident_bytes(self) -> int:
         with self._lock:
-            return sum(self._sizes.values()) - self._gran  # the zero chunk is fixed overhead
+            return sum(self._sizes.values()) - self._zero_bytes  # the zero chunk and pieces are fixed overhead
 
     def close(self) -> None:
         self._bind()
@@ -265,15 +392,17 @@ class CudaBackend(VMMBackend):
         with self._lock:
             for vr in self._ranges:
                 if _failed(cu.cuMemUnmap(vr.addr, vr.size)):  # one call over every mapping, where allowed
-                    at = vr.addr
-                    while at < vr.addr + vr.size:  # else mapping by mapping: chunks by their extent, zero granules
-                        piece = self._mapped.get(at, self._gran)
+                    at, cover = vr.addr, self._covers.get(vr.addr)
+                    while at < vr.addr + vr.size:  # else mapping by mapping: chunks by their extent, zero pieces
+                        piece = self._mapped.get(at) or self._gran * (
+                            1 if cover is None else cover.size_at.get((at - vr.addr) // self._gran, 1))
                         cu.cuMemUnmap(at, piece)  # best effort: a failure leaves the rest to the driver's teardown
                         at += piece
                 cu.cuMemAddressFree(vr.addr, vr.size)
             self._ranges.clear()
             self._free_ranges.clear()
             self._mapped.clear()
+            self._covers.clear()
             for h in self._handles.values():
                 cu.cuMemRelease(h)
             self._handles.clear()
