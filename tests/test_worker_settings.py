@@ -352,3 +352,40 @@ def test_worker_memory_figures_name_one_process():
     gone.wait()
     assert stats.process_pss_bytes(mine | {"pid": gone.pid}) is None
     assert stats.process_pss_bytes({}) is None
+
+
+def test_snapshots_asked_for_every_step_are_written_at_most_every_interval_the_last_state_last(monkeypatch, tmp_path):
+    """Every step with requests starting or finishing asks for a snapshot; the publisher writes at most one
+    per ``_FORCED_INTERVAL_S`` (counting a KV space's figures holds its lock and the GIL the next step's
+    block updates wait for), and what it writes last is the state after the last request."""
+    import json
+    import time
+
+    from vllm_vtensor import stats
+
+    path = str(tmp_path / "stats.json")
+    monkeypatch.setenv("VTENSOR_STATS_FILE", path)
+    monkeypatch.setattr(stats, "_FORCED_INTERVAL_S", 0.05)
+    figures = dataclasses.make_dataclass("Figures", [("step", int)])
+    state = {"step": 0}
+    counted = []
+
+    def count():
+        counted.append(state["step"])
+        return figures(state["step"])
+
+    kv = SimpleNamespace(stats=count)
+    publisher = stats._Publisher()
+    monkeypatch.setattr(stats, "_publisher", publisher)
+    start = time.monotonic()
+    for step in range(1, 101):  # 100 steps of 2 ms
+        state["step"] = step
+        stats.publish(kv, force=True)
+        time.sleep(0.002)
+    took = time.monotonic() - start
+    deadline = time.monotonic() + 5
+    while (not counted or counted[-1] != 100) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert counted[-1] == 100 and json.loads(open(path).read())["step"] == 100
+    assert 2 <= len(counted) <= took / 0.05 + 2, counted
+    assert counted == sorted(counted)
