@@ -69,6 +69,37 @@ def test_cuda_impl_reads_each_requests_range_through_the_block_table(monkeypatch
     torch.testing.assert_close(out[:n].view(n, H, D), expected, atol=2e-5, rtol=2e-5)
 
 
+def test_the_layers_of_a_step_share_one_copy_of_each_requests_first_block(monkeypatch):
+    """Every layer of a step gets the same metadata: the first virtual blocks are copied out of the block
+    table once and the other layers read that copy; the next step's metadata (its own block table) gets
+    its own, with the requests in other slots."""
+    gen = torch.Generator().manual_seed(1)
+    kv_cache = torch.randn(16, HKV, B, 2 * D, generator=gen).to(DEVICE)
+    q = torch.randn(2, H * D, generator=gen).to(DEVICE)
+    impl = _impl(monkeypatch)
+    copies = []
+    real = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous",  # counting copies of block-table columns (int32, 1-D)
+                        lambda t, *a, **k: (t.dtype == torch.int32 and t.dim() == 1 and copies.append(1))
+                        or real(t, *a, **k))
+
+    def step(first_blocks):
+        table = torch.stack([torch.arange(4) + f for f in first_blocks]).to(DEVICE, torch.int32)
+        meta = SimpleNamespace(num_actual_tokens=2, max_query_len=1, max_seq_len=40, causal=True,
+                               query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE),
+                               seq_lens=torch.tensor([40, 9], dtype=torch.int32, device=DEVICE), block_table=table)
+        want = _paged_reference(q.view(2, H, D), kv_cache, table.cpu(), [40, 9], [1, 1])
+        for _layer in range(3):
+            out = torch.empty(2, H * D, device=DEVICE)
+            impl.forward(None, q, None, None, kv_cache, meta, out)
+            torch.testing.assert_close(out.view(2, H, D), want, atol=2e-5, rtol=2e-5)
+        return meta._vtensor_kv_start[2].tolist()
+
+    assert step([12, 0]) == [12, 0] and len(copies) == 1
+    copies.clear()
+    assert step([4, 8]) == [4, 8] and len(copies) == 1
+
+
 @pytest.mark.parametrize("kv_cache_dtype", ["fp8", "fp8_e5m2"])
 def test_cuda_impl_reads_an_fp8_cache_as_vllms_writer_stores_it(monkeypatch, kv_cache_dtype):
     """An fp8 KV cache: vLLM allocates it as bytes and its Triton writer stores every fp8 dtype as the

@@ -78,7 +78,7 @@ def run_kernels(impl, query, output, k_cache, v_cache, attn_metadata, k_scale: f
     q = query[:n].view(n, impl.num_heads, impl.head_size)
     out = output[:n].view(n, impl.num_heads, impl.head_size)
     num_reqs = attn_metadata.seq_lens.shape[0]
-    kv_start = attn_metadata.block_table[:num_reqs, 0].contiguous()
+    kv_start = _kv_start(attn_metadata, num_reqs)
     if attn_metadata.max_query_len == 1 and n == num_reqs:  # decode only: split-K over the context
         impl._decode(q=q, k_cache=k_cache, v_cache=v_cache, out=out, seq_lens=attn_metadata.seq_lens,
                      kv_start_block=kv_start, scale=impl.scale, max_seq_len=attn_metadata.max_seq_len,
@@ -88,6 +88,22 @@ def run_kernels(impl, query, output, k_cache, v_cache, attn_metadata, k_scale: f
                       seq_lens=attn_metadata.seq_lens, kv_start_block=kv_start, scale=impl.scale,
                       max_query_len=attn_metadata.max_query_len, k_scale=k_scale, v_scale=v_scale)
     return output
+
+
+def _kv_start(attn_metadata, num_reqs: int):
+    """Each request's first virtual block, copied once per step: every layer of a KV cache group gets the
+    same metadata object in a step, so the first layer's copy serves the others (one copy kernel a step,
+    not one per layer, in CUDA graphs too). Kept with the block table it was copied from."""
+    table = attn_metadata.block_table
+    kept = getattr(attn_metadata, "_vtensor_kv_start", None)
+    if kept is not None and kept[0] is table and kept[1] == num_reqs:
+        return kept[2]
+    kv_start = table[:num_reqs, 0].contiguous()
+    try:
+        attn_metadata._vtensor_kv_start = (table, num_reqs, kv_start)
+    except AttributeError:  # a metadata class without a __dict__: copy per layer
+        pass
+    return kv_start
 
 
 # vLLM's fp8 KV cache names -> the element type VTENSOR's kernels read (vLLM stores the bytes as uint8)
