@@ -515,6 +515,47 @@ def test_a_new_request_waits_for_a_retired_slot_when_none_is_free():
     backend.close()
 
 
+def test_a_full_engine_deferring_unmaps_starts_requests_beside_retiring_ones_without_waiting():
+    """The worker's KV space with deferred unmaps has spare slots (a quarter more, at least 4): an engine
+    running max_num_seqs requests starts one in each step another finished in, while the device still
+    runs the step that read the finished ones, without waiting for it; only once every spare slot holds
+    a retiring range does a new request wait."""
+    from vllm_vtensor.worker import kv_space_for, retiring_slots
+
+    assert [retiring_slots(n) for n in (1, 8, 16, 128, 256)] == [4, 4, 4, 32, 64]
+    backend = _LaggingDevice()
+    n = 8
+    kv = kv_space_for(backend, max_num_seqs=n, max_model_len=3 * B, block_size=B, block_bytes=PAGE, num_blocks=32,
+                      keep_full_blocks=False, defer_unmaps=True)
+    assert kv.num_slots == n + 4
+    plain_backend = HostBackend()
+    plain = kv_space_for(plain_backend, max_num_seqs=n, max_model_len=3 * B, block_size=B, block_bytes=PAGE,
+                         num_blocks=32, keep_full_blocks=False)
+    assert plain.num_slots == n  # unmapping in the step: none spare
+    plain.close()
+    plain_backend.close()
+    for i in range(n):
+        kv.add_request(f"r{i}", [i], 0)
+    backend.gate.clear()  # the device is still running the step that read them
+    started = threading.Event()
+
+    def four_steps():
+        for i in range(4):  # each: one request finishes, another starts
+            kv.remove_request(f"r{i}")
+            kv.add_request(f"n{i}", [n + i], 0)
+        started.set()
+
+    threading.Thread(target=four_steps, daemon=True).start()
+    assert started.wait(5)  # no step waited for the device (it never caught up)
+    kv.remove_request("r4")
+    threading.Timer(0.1, backend.gate.set).start()
+    t0 = time.monotonic()
+    kv.add_request("n4", [n + 4], 0)  # every spare slot holds a retiring range: this one waits
+    assert time.monotonic() - t0 >= 0.05
+    kv.close()
+    backend.close()
+
+
 def test_a_block_handed_out_again_before_its_unmap_keeps_its_new_content():
     """vLLM frees a partial block and hands it to another request before the device has caught up:
     the retired range must not mark the block's (new) content unwanted when its unmap finally runs."""

@@ -149,8 +149,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("VTENSOR_DEFERRED_UNMAP", "env", "0 or 1", False,
             "Experimental, CUDA only: a finished or preempted request's range is unmapped by a helper thread "
             "once the GPU has finished the work that may still read it, instead of synchronizing the device in "
-            "the step that finishes it (which stalls vLLM's async scheduling). Tested on CPU with a lagging "
-            "device; not yet measured on a GPU.",
+            "the step that finishes it (which stalls vLLM's async scheduling); the KV space gets a quarter more "
+            "slots (at least 4) for ranges waiting for it, so a request starting as another finishes does not "
+            "wait either. Tested on CPU with a lagging device; not yet measured on a GPU.",
             parse=_flag, fix="give 1 to unmap finished requests beside the compute, or 0", default_text="`0`"),
     Setting("VTENSOR_STAGE_MAPPINGS", "env", "0 or 1", False,
             "Experimental, CPU only: keep each chunk's page tables filled beside the compute and map by moving "

@@ -134,20 +134,31 @@ def layer_views(kv: KVSpace, num_layers: int, page_shape: tuple[int, int, int], 
     ]
 
 
+def retiring_slots(max_num_seqs: int) -> int:
+    """Slots beyond ``max_num_seqs`` for ranges waiting for their deferred unmap (``VTENSOR_DEFERRED_UNMAP``):
+    a quarter more, at least 4. When every slot is taken, vLLM starts a request in the step another
+    finished in; without a spare slot it would wait for the device to pass the finished one's last step,
+    the wait deferring was for."""
+    return max(4, -(-max_num_seqs // 4))
+
+
 def kv_space_for(backend, *, max_num_seqs: int, max_model_len: int, block_size: int, block_bytes: int,
                  **kw) -> KVSpace:
-    """A :class:`KVSpace` with one slot per request vLLM may run (``max_num_seqs``), each long enough
-    for ``max_model_len`` tokens (plus one block); a virtual reservation the system refuses is
-    reported with the flags that size it."""
+    """A :class:`KVSpace` with one slot per request vLLM may run (``max_num_seqs``; with deferred unmaps,
+    :func:`retiring_slots` more), each long enough for ``max_model_len`` tokens (plus one block); a
+    virtual reservation the system refuses is reported with the flags that size it."""
     blocks_per_slot = math.ceil(max_model_len / block_size) + 1
-    virtual = max_num_seqs * blocks_per_slot * chunk_bytes_for(block_bytes, backend.granularity)
+    slots = max_num_seqs + (retiring_slots(max_num_seqs) if kw.get("defer_unmaps") else 0)
+    virtual = slots * blocks_per_slot * chunk_bytes_for(block_bytes, backend.granularity)
     warn_if_slow_to_cover(backend.device, virtual, backend.granularity, max_num_seqs, max_model_len)
     try:
-        return KVSpace(backend, num_slots=max_num_seqs, blocks_per_slot=blocks_per_slot, block_size=block_size,
+        return KVSpace(backend, num_slots=slots, blocks_per_slot=blocks_per_slot, block_size=block_size,
                        block_bytes=block_bytes, **kw)
     except VMMError as e:
         raise VTensorConfigError(
-            f"VTENSOR reserves a virtual range for each of --max-num-seqs {max_num_seqs} requests, long enough for "
+            f"VTENSOR reserves a virtual range for each of --max-num-seqs {max_num_seqs} requests"
+            f"{f' (and {slots - max_num_seqs} for ranges waiting for their deferred unmap)' if slots > max_num_seqs else ''}"
+            f", long enough for "
             f"--max-model-len {max_model_len} tokens: {virtual / 2**30:.1f} GiB of address space in all (no memory "
             f"is committed for it), which {backend.device} refused ({e}). Lower --max-num-seqs or --max-model-len."
         ) from e
