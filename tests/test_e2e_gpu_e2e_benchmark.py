@@ -122,6 +122,10 @@ def test_the_step_profile_splits_block_updates_into_vmm_calls(result):
         calls = p["block_update_calls"]
         assert p["steps"] > 0 and calls["map_many"]["calls"] > 0 and calls["unmap"]["calls"] > 0
         assert 0 < sum(c["seconds"] for c in calls.values()) <= p["block_update_seconds"] + 1e-3
+        kinds = p["by_step_kind"]  # each workload starts and finishes requests; split, the steps add up
+        assert {"starting requests", "finishing requests"} <= set(kinds)
+        assert sum(k["steps"] for k in kinds.values()) == p["steps"]
+        assert kinds["starting requests"]["block_update_calls"]["map_many"]["calls"] > 0
     # the ready reserve is made beside the steps by the pool's thread; the variant keeps none
     assert prof[VT]["calls_beside"]["create_chunk"]["calls"] > 0
     assert "create_chunk" not in prof[VARIANT]["calls_beside"]

@@ -14,7 +14,7 @@ from vllm_vtensor.vmm import base
 from vllm_vtensor.vmm.host import HostBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "step_profile"))
-from report import describe_ops, load, op_totals  # noqa: E402
+from report import describe_ops, load, op_totals, step_kind  # noqa: E402
 from vmm_ops import OPS, OpTimes, format_ops, parse_ops  # noqa: E402
 
 PAGE, B = 4096, 16
@@ -74,4 +74,15 @@ def test_step_lines_parse_back_and_sum_per_engine(tmp_path):
     text = describe_ops(steps["vt"])
     # 1.5 ms of updates, 0.59 of them in calls: the rest is bookkeeping and waits
     assert "create_chunk 2 x 200 us" in text and "bookkeeping and waits 0.001 s" in text and "unmap 1 x 64 us" in text
+    # both steps only decoded (no request started or finished): one kind, all of the time
+    kind_line = next(line for line in text.splitlines() if "steps neither" in line)
+    assert kind_line.strip().startswith("steps neither (2, updates 0.00") and "create_chunk 2 x 200 us" in kind_line
+    assert "steps starting" not in text
     assert describe_ops(steps["va"]) == ""
+
+
+def test_steps_are_told_apart_by_what_their_updates_had_to_do():
+    assert step_kind("tok=4096 new=15 fin=0 sched=16") == "starting requests"
+    assert step_kind("tok=0 new=0 fin=7 sched=0") == "finishing requests"
+    assert step_kind("tok=243 new=7 fin=1 sched=7") == "starting and finishing requests"
+    assert step_kind("tok=32 new=0 fin=0 sched=32") == "neither"

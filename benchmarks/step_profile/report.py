@@ -40,17 +40,39 @@ def op_totals(rows, which: int = 4) -> dict[str, list]:
     return total
 
 
+STEP_KINDS = ("starting requests", "finishing requests", "starting and finishing requests", "neither")
+
+
+def step_kind(shape: str) -> str:
+    """A step by what its block updates had to do (one of :data:`STEP_KINDS`): map new requests' ranges,
+    unmap finished ones', both, or neither (only running requests growing)."""
+    fields = dict(w.split("=", 1) for w in shape.split() if "=" in w)
+    new, fin = int(fields.get("new", 0)), int(fields.get("fin", 0))
+    return STEP_KINDS[2] if new and fin else STEP_KINDS[0] if new else STEP_KINDS[1] if fin else STEP_KINDS[3]
+
+
 def describe_ops(rows) -> str:
-    """The block updates' time by VMM call, what those calls leave (bookkeeping, waits), and the calls
-    other threads made beside the steps; empty when the profile has no calls recorded."""
+    """The block updates' time by VMM call, what those calls leave (bookkeeping, waits), the same for each
+    kind of step (:func:`step_kind`), and the calls other threads made beside the steps; empty when the
+    profile has no calls recorded."""
     own, beside = op_totals(rows, 4), op_totals(rows, 5)
     if not own and not beside:
         return ""
     fmt = lambda ops: ", ".join(f"{k} {n} x {s * 1e6 / max(n, 1):.0f} us = {s:.3f} s"  # noqa: E731
                                 for k, (n, s) in sorted(ops.items(), key=lambda kv: -kv[1][1])) or "none"
-    rest = sum(r[2] for r in rows) / 1e3 - sum(s for _, s in own.values())
-    return (f"  block updates by VMM call: {fmt(own)}; bookkeeping and waits {rest:.3f} s\n"
-            f"  VMM calls beside the steps (other threads): {fmt(beside)}")
+    rest = lambda rs, ops: sum(r[2] for r in rs) / 1e3 - sum(s for _, s in ops.values())  # noqa: E731
+    lines = [f"  block updates by VMM call: {fmt(own)}; bookkeeping and waits {rest(rows, own):.3f} s"]
+    kinds = collections.defaultdict(list)
+    for r in rows:
+        kinds[step_kind(r[3])].append(r)
+    for kind in STEP_KINDS:
+        if kinds[kind]:
+            rs = kinds[kind]
+            ops = op_totals(rs, 4)
+            lines.append(f"    steps {kind} ({len(rs)}, updates {sum(r[2] for r in rs) / 1e3:.3f} s): "
+                         f"{fmt(ops)}; bookkeeping and waits {rest(rs, ops):.3f} s")
+    lines.append(f"  VMM calls beside the steps (other threads): {fmt(beside)}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
