@@ -423,7 +423,7 @@ def _step_profile() -> dict | None:
     if not directory:
         return None
     sys.path.insert(0, str(ROOT / "benchmarks" / "step_profile"))
-    from report import STEP_KINDS, load, op_totals, step_kind
+    from report import by_kind, load, op_totals
 
     def calls(ops: dict) -> dict:
         return {k: {"calls": n, "seconds": round(s, 4)} for k, (n, s) in sorted(ops.items())}
@@ -431,14 +431,13 @@ def _step_profile() -> dict | None:
     out = {}
     for engine, rows in load(directory).items():
         slow = sorted(rows, key=lambda r: -r[2])[:5]
-        kinds = {kind: [r for r in rows if step_kind(r[3]) == kind] for kind in STEP_KINDS}
         out[engine] = {"steps": len(rows), "step_host_seconds": round(sum(r[1] for r in rows) / 1e3, 3),
                        "block_update_seconds": round(sum(r[2] for r in rows) / 1e3, 3),
                        "slowest_block_updates_ms": [(round(r[2], 1), r[3]) for r in slow],
                        "block_update_calls": calls(op_totals(rows, 4)), "calls_beside": calls(op_totals(rows, 5)),
                        "by_step_kind": {kind: {"steps": len(rs), "block_update_seconds": round(sum(r[2] for r in rs) / 1e3, 3),
                                                "block_update_calls": calls(op_totals(rs, 4))}
-                                        for kind, rs in kinds.items() if rs}}
+                                        for kind, rs in by_kind(rows).items()}}
     return out
 
 

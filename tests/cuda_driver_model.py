@@ -15,6 +15,7 @@ tests (``-m gpu``) check.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import threading
@@ -272,3 +273,12 @@ def cuda_backend_on(monkeypatch, driver: DriverModel):
 def assert_nothing_left(driver: DriverModel) -> None:
     """After the backend closed: no mapping, no reserved range, no allocation."""
     assert not driver.mappings and not driver.reserved and not driver.allocations
+
+
+@contextlib.contextmanager
+def backend_on(monkeypatch, driver: DriverModel):
+    """A :func:`cuda_backend_on` ``driver`` for the block; closed after it, leaving nothing behind."""
+    backend = cuda_backend_on(monkeypatch, driver)
+    yield backend
+    backend.close()
+    assert_nothing_left(driver)

@@ -18,13 +18,10 @@ def backend(request, monkeypatch):
     """Both ways the host backend maps (filling page tables, the default, and moving them), and the CUDA
     backend making its calls to a model of the driver (tests/cuda_driver_model.py: 1 MiB granules here)."""
     if request.param == "cuda-driver-model":
-        from cuda_driver_model import DriverModel, assert_nothing_left, cuda_backend_on
+        from cuda_driver_model import DriverModel, backend_on
 
-        driver = DriverModel(MiB)
-        b = cuda_backend_on(monkeypatch, driver)
-        yield b
-        b.close()
-        assert_nothing_left(driver)
+        with backend_on(monkeypatch, DriverModel(MiB)) as b:
+            yield b
         return
     b = HostBackend(stage=request.param == "stage")
     yield b

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from cuda_driver_model import READ, READWRITE, DriverModel, assert_nothing_left, cuda_backend_on
+from cuda_driver_model import READ, READWRITE, DriverModel, backend_on
 from vllm_vtensor.kv_space import KVSpace
 from vllm_vtensor.vmm import VMMError
 
@@ -21,10 +21,8 @@ G = 2 << 20
 def driver_backend(monkeypatch, request):
     """``(driver model, CudaBackend over it)``; the model's options come from the test's parameters."""
     driver = DriverModel(G, **getattr(request, "param", {}))
-    backend = cuda_backend_on(monkeypatch, driver)
-    yield driver, backend
-    backend.close()
-    assert_nothing_left(driver)
+    with backend_on(monkeypatch, driver) as backend:
+        yield driver, backend
 
 
 DRIVERS = [{}, {"one_mapping_per_call": True}, {"refuse_read_only": True},

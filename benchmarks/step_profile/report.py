@@ -51,6 +51,14 @@ def step_kind(shape: str) -> str:
     return STEP_KINDS[2] if new and fin else STEP_KINDS[0] if new else STEP_KINDS[1] if fin else STEP_KINDS[3]
 
 
+def by_kind(rows) -> dict[str, list]:
+    """``rows`` grouped by :func:`step_kind`, in the order of :data:`STEP_KINDS` (kinds with no step left out)."""
+    kinds = {kind: [] for kind in STEP_KINDS}
+    for r in rows:
+        kinds[step_kind(r[3])].append(r)
+    return {kind: rs for kind, rs in kinds.items() if rs}
+
+
 def describe_ops(rows) -> str:
     """The block updates' time by VMM call, what those calls leave (bookkeeping, waits), the same for each
     kind of step (:func:`step_kind`), and the calls other threads made beside the steps; empty when the
@@ -62,15 +70,10 @@ def describe_ops(rows) -> str:
                                 for k, (n, s) in sorted(ops.items(), key=lambda kv: -kv[1][1])) or "none"
     rest = lambda rs, ops: sum(r[2] for r in rs) / 1e3 - sum(s for _, s in ops.values())  # noqa: E731
     lines = [f"  block updates by VMM call: {fmt(own)}; bookkeeping and waits {rest(rows, own):.3f} s"]
-    kinds = collections.defaultdict(list)
-    for r in rows:
-        kinds[step_kind(r[3])].append(r)
-    for kind in STEP_KINDS:
-        if kinds[kind]:
-            rs = kinds[kind]
-            ops = op_totals(rs, 4)
-            lines.append(f"    steps {kind} ({len(rs)}, updates {sum(r[2] for r in rs) / 1e3:.3f} s): "
-                         f"{fmt(ops)}; bookkeeping and waits {rest(rs, ops):.3f} s")
+    for kind, rs in by_kind(rows).items():
+        ops = op_totals(rs, 4)
+        lines.append(f"    steps {kind} ({len(rs)}, updates {sum(r[2] for r in rs) / 1e3:.3f} s): "
+                     f"{fmt(ops)}; bookkeeping and waits {rest(rs, ops):.3f} s")
     lines.append(f"  VMM calls beside the steps (other threads): {fmt(beside)}")
     return "\n".join(lines)
 
