@@ -15,6 +15,9 @@ on):
 * ``steady``: boundaries spread evenly, N / block size maps in every step, as in a long decode;
 * ``finish``: every request finishes in one step (unmaps; full blocks stay cached).
 
+``maps/step`` counts the maps a step made itself; with ``--map-ahead`` (``VTENSOR_MAP_AHEAD=1``) a helper
+thread maps decoding requests' next chunks between steps (``ahead/step``: those a step took).
+
 Between steps the script sleeps ``--compute-ms`` (the forward pass, during which chunks are pre-created).
 Prints a table, writes JSON (default ``benchmarks/results/block_updates-<device>.json``) and a PNG.
 """
@@ -53,7 +56,7 @@ def run_phase(backend, n: int, args, staggered: bool) -> dict:
     kv = worker.kv_space_for(backend, max_num_seqs=n, max_model_len=args.max_model_len, block_size=block,
                              block_bytes=args.chunk_kib << 10, num_blocks=n * (args.max_model_len // block + 1),
                              keep_full_blocks=True, null_block=0, linger_s=1.0, precreate_bytes=args.precreate_mib << 20,
-                             decode_lookahead=args.decode_lookahead)
+                             decode_lookahead=args.decode_lookahead, map_ahead=args.map_ahead)
     next_block = [1]  # 0 is vLLM's null block
 
     def fresh(k: int) -> tuple[int, ...]:
@@ -76,6 +79,7 @@ def run_phase(backend, n: int, args, staggered: bool) -> dict:
             tokens[r] += 1
     after = kv.stats()
     maps, on_demand = after.maps - before.maps, after.chunks_created_on_demand - before.chunks_created_on_demand
+    ahead = after.mapped_ahead - before.mapped_ahead  # maps made beside the steps and taken by one
     time.sleep(args.compute_ms / 1e3)
     t0 = time.perf_counter()
     worker.translate_scheduler_output(kv, _output(finished=tokens, tokens=tokens))
@@ -84,7 +88,7 @@ def run_phase(backend, n: int, args, staggered: bool) -> dict:
     kv.close()
     ms = sorted(s * 1e3 for s in steps)
     return {"step_ms_median": statistics.median(ms), "step_ms_p90": ms[int(0.9 * (len(ms) - 1))],
-            "step_ms_max": ms[-1], "maps_per_step": maps / args.steps,
+            "step_ms_max": ms[-1], "maps_per_step": (maps - ahead) / args.steps, "mapped_ahead_per_step": ahead / args.steps,
             # chunks a step had to create itself (the pre-creation thread had none ready for it)
             "created_in_step_per_step": on_demand / args.steps, "finish_ms": finish * 1e3}
 
@@ -105,14 +109,17 @@ def main(argv=None) -> int:
     p.add_argument("--decode-lookahead", type=int, default=None,
                    help="tokens before a decoding request's block boundary at which its chunk is made ahead "
                         "(default: VTENSOR's, half a block; 1: only for the next step)")
+    p.add_argument("--map-ahead", action="store_true",
+                   help="VTENSOR_MAP_AHEAD=1: decoding requests' next chunks mapped beside the compute")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     counts = [int(x) for x in args.requests.split(",")]
     backend = make_backend(args.device)
     rows = []
-    print(f"VTENSOR block updates per decode step on {args.device}: block {args.block_size}, chunk {args.chunk_kib} KiB")
+    print(f"VTENSOR block updates per decode step on {args.device}: block {args.block_size}, chunk {args.chunk_kib} KiB"
+          f"{', next chunks mapped ahead' if args.map_ahead else ''}")
     print(f"{'requests':>9} {'bookkeeping':>13} {'all cross':>10} {'steady':>11} {'steady p90':>10} {'maps/step':>10} "
-          f"{'us/map':>8} {'made in step':>12} {'finish all':>10}   (ms unless named)")
+          f"{'ahead/step':>10} {'us/map':>8} {'made in step':>12} {'finish all':>10}   (ms unless named)")
     try:
         for n in counts:
             row = {"requests": n,
@@ -127,7 +134,8 @@ def main(argv=None) -> int:
             # "made in step": chunks per step, over both phases, that the step created itself
             made = (b["created_in_step_per_step"] + s["created_in_step_per_step"]) / 2
             print(f"{n:>9} {b['step_ms_median']:>13.3f} {b['step_ms_max']:>10.3f} {s['step_ms_median']:>11.3f} "
-                  f"{s['step_ms_p90']:>10.3f} {s['maps_per_step']:>10.1f} {row['us_per_map']:>8.1f} {made:>12.2f} "
+                  f"{s['step_ms_p90']:>10.3f} {s['maps_per_step']:>10.1f} "
+                  f"{s['mapped_ahead_per_step']:>10.1f} {row['us_per_map']:>8.1f} {made:>12.2f} "
                   f"{s['finish_ms']:>10.2f}", flush=True)
     finally:
         backend.close()
@@ -149,6 +157,7 @@ def main(argv=None) -> int:
                                "block_size": args.block_size, "chunk_bytes": args.chunk_kib << 10,
                                "compute_ms": args.compute_ms, "steps": args.steps,
                                "decode_lookahead": args.decode_lookahead or default_decode_lookahead(args.block_size),
+                               "map_ahead": args.map_ahead,
                                "rows": rows}, indent=2))
     _plot(rows, out.with_suffix(".png"), device_name)
     print(f"wrote {out} and {out.with_suffix('.png')}")

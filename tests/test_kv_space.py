@@ -378,15 +378,16 @@ class _VLLMBlocks:
             if self.ref[b] == 0:
                 self.free.remove(b)
             self.ref[b] += 1
-        fresh = []
-        for _ in range(need):
-            b = self.free.pop(0)
-            if self.hash[b] is not None:  # evicted from the cache
-                self.cache[self.hash[b]].discard(b)
-                self.hash[b] = None
-            self.ref[b] = 1
-            fresh.append(b)
-        return hits + fresh, len(hits)
+        return hits + [self.take_free() for _ in range(need)], len(hits)
+
+    def take_free(self):
+        """The least recently freed block, its cached content evicted."""
+        b = self.free.pop(0)
+        if self.hash[b] is not None:  # evicted from the cache
+            self.cache[self.hash[b]].discard(b)
+            self.hash[b] = None
+        self.ref[b] = 1
+        return b
 
     def with_memory(self):
         """Blocks whose memory vLLM counts as held: in use, or kept by the prefix cache."""
@@ -706,3 +707,189 @@ def test_groups_share_one_memory_and_block_to_chunk_map(backend):
     assert full.stats().cached_bytes == 0
     full.close()
     assert window._closed
+
+
+# ---- map-ahead: a decoding request's next chunk mapped beside the compute ----
+class _CountingBackend(HostBackend):
+    """A host backend that counts the maps each thread makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.maps_by: dict[str, int] = {}
+
+    def map_many(self, vr, offset, handles, size):
+        name = threading.current_thread().name
+        self.maps_by[name] = self.maps_by.get(name, 0) + len(handles)
+        super().map_many(vr, offset, handles, size)
+
+
+def _ahead(kv, *, blocks=16, slots=4, per_slot=8, precreate=4):
+    return KVSpace(kv, num_blocks=blocks, num_slots=slots, blocks_per_slot=per_slot, block_bytes=PAGE, block_size=B,
+                   keep_full_blocks=True, precreate_bytes=precreate * PAGE, map_ahead=True)
+
+
+def _mapped_ahead(kv, req, timeout=10.0) -> bool:
+    """Whether ``req``'s next chunk gets mapped ahead (waits for the helper thread up to ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while kv._reqs[req].ahead is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return kv._reqs[req].ahead is not None
+
+
+def test_a_decoding_requests_next_chunk_is_mapped_ahead_and_its_step_maps_nothing():
+    backend = _CountingBackend()
+    kv = _ahead(backend)
+    kv.add_request("a", [1])
+    kv.note_tokens("a", B // 2 - 1)
+    kv.expect_growth({"a": 1})  # more than half a block before the boundary: not yet
+    time.sleep(0.05)
+    assert kv._reqs["a"].ahead is None
+    kv.note_tokens("a", B // 2 + 1)
+    kv.expect_growth({"a": 1})
+    assert _mapped_ahead(kv, "a")
+    assert backend.maps_by.get("vtensor-map-ahead") == 1
+    step_maps = backend.maps_by.get("MainThread", 0)
+    (v,) = kv.append_blocks("a", [2])  # the step that crosses the boundary
+    assert backend.maps_by.get("MainThread", 0) == step_maps  # nothing mapped in the step
+    assert v == kv.slot_of("a") * 8 + 1
+    block_bytes(kv, v).fill_(5)  # the block is writable where vLLM's id says, and is block 2's memory:
+    kv.note_tokens("a", 2 * B)
+    kv.remove_request("a")
+    (w,) = kv.add_request("b", [2], num_cached_tokens=B)[:1]  # a prefix hit on block 2 reads what "a" wrote
+    assert int(block_bytes(kv, w).min()) == 5 == int(block_bytes(kv, w).max())
+    s = kv.stats()
+    assert s.mapped_ahead == 1 and s.resident_bytes <= s.budget_bytes
+    kv.close()
+    backend.close()
+
+
+def test_a_finishing_request_gives_its_ahead_chunk_back_and_the_place_reads_zeros():
+    backend = HostBackend()
+    kv = _ahead(backend)
+    kv.add_request("a", [3])
+    kv.note_tokens("a", B - 1)
+    kv.expect_growth({"a": 1})
+    assert _mapped_ahead(kv, "a")
+    slot = kv.slot_of("a")
+    block_bytes(kv, slot * 8 + 1).fill_(3)  # a stray write past the request's blocks lands in the ahead chunk
+    kv.remove_request("a")
+    s = kv.stats()
+    assert s.mapped_ahead == 0 and s.mapped_bytes == 0 and s.resident_bytes == s.reserve_bytes + s.cached_bytes
+    assert int(block_bytes(kv, slot * 8 + 1).max()) == 0  # unmapped: the place reads as zeros again
+    kv.close()
+    backend.close()
+
+
+def test_a_block_with_content_elsewhere_or_zeroed_does_not_take_the_ahead_chunk():
+    """The block vLLM hands out for the ahead position takes the ahead chunk only if its own content is
+    gone (mapped nowhere): a block a parked slot still maps, or one zeroed in this step, is mapped as is
+    and the ahead chunk goes back."""
+    backend = HostBackend()
+    kv = _ahead(backend, slots=4)
+    kv.add_request("p", [1])
+    block_bytes(kv, kv.slot_of("p") * 8).fill_(7)
+    kv.note_tokens("p", B)
+    kv.remove_request("p")  # parked: block 1 stays mapped in its slot, for a later prefix hit
+    kv.add_request("a", [2])
+    kv.note_tokens("a", B - 1)
+    kv.expect_growth({"a": 1})
+    assert _mapped_ahead(kv, "a")
+    (v,) = kv.append_blocks("a", [1])  # vLLM evicted block 1 from its cache and handed it out again
+    assert kv.stats().mapped_ahead == 0 and kv._phys[1] == kv._reqs["a"].chunks[1]
+    assert int(block_bytes(kv, v).max()) == 7  # block 1's own chunk (its old content, to be overwritten)
+    kv.add_request("b", [3])
+    kv.note_tokens("b", B - 1)
+    kv.expect_growth({"b": 1})
+    assert _mapped_ahead(kv, "b")
+    kv.zero_blocks([4])  # vLLM asks for block 4 zeroed, then hands it to "b"
+    (w,) = kv.append_blocks("b", [4])
+    assert kv.stats().mapped_ahead == 0 and int(block_bytes(kv, w).max()) == 0
+    kv.note_step()
+    s = kv.stats()
+    assert s.resident_bytes <= s.budget_bytes and s.mapped_bytes == 4 * kv.chunk_bytes  # a: 2, b: 2
+    kv.close()
+    backend.close()
+
+
+def test_a_step_short_of_memory_takes_an_ahead_chunk_back():
+    """Ahead chunks are memory vLLM does not count: when the step's blocks need all of the budget, the
+    step takes them back (no VTensorOutOfMemory), as vLLM's block count says it may."""
+    backend = HostBackend()
+    kv = _ahead(backend, blocks=6, slots=2, precreate=2)
+    kv.add_request("a", [1])
+    kv.note_tokens("a", B - 1)
+    kv.expect_growth({"a": 1})
+    assert _mapped_ahead(kv, "a")  # 4 free chunks > 1 running request
+    kv.add_request("b", [2, 3, 4, 5, 6])  # the rest of vLLM's 6 blocks: the ahead chunk must go
+    assert kv._reqs["a"].ahead is None
+    s = kv.stats()
+    assert s.resident_bytes <= s.budget_bytes and s.mapped_bytes == 6 * kv.chunk_bytes
+    kv.close()
+    backend.close()
+
+
+def _kv_value(tokens, i):
+    """The KV a token's position holds: a function of the tokens up to it, as real KV is."""
+    return hash(tuple(tokens[: i + 1])) % 250 + 1
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_decoding_with_map_ahead_stays_in_budget_and_reads_its_own_kv(seed):
+    """Requests decode token by token under the miniature vLLM block pool (cached blocks evicted and handed
+    out again, requests finishing, memory running short) with map-ahead on: every step stays in the budget,
+    no step fails for memory, memory held for blocks is what vLLM counts plus at most one ahead chunk per
+    running request, and every request reads back the KV of all its tokens, prefix hits included."""
+    import random
+
+    rng = random.Random(seed)
+    backend = HostBackend()
+    n_blocks, n_slots = 14, 4
+    kv = KVSpace(backend, num_blocks=n_blocks, num_slots=n_slots, blocks_per_slot=6, block_bytes=PAGE, block_size=B,
+                 keep_full_blocks=True, precreate_bytes=2 * PAGE, map_ahead=True)
+    pool = _VLLMBlocks(n_blocks)
+    running = {}  # req -> (tokens, blocks, virtual ids)
+    for step in range(150):
+        for req in [r for r in running if rng.random() < 0.04 or len(running[r][0]) >= 6 * B - 1]:
+            tokens, blocks, _ = running.pop(req)
+            kv.remove_request(req)
+            pool.finish(tokens, blocks)
+        if len(running) < n_slots and rng.random() < 0.3:
+            tokens = [rng.randrange(3) for _ in range(rng.randrange(1, 2 * B))]  # shared prefixes are likely
+            got = pool.allocate(tokens)
+            if got is not None:
+                blocks, hits = got
+                req = f"r{step}"
+                virtual = kv.add_request(req, blocks, num_cached_tokens=hits * B)
+                running[req] = (tokens, blocks, virtual)
+                for i in range(hits * B, len(tokens)):
+                    block_bytes(kv, virtual[i // B])[i % B] = _kv_value(tokens, i)
+        scheduled = {}
+        for req, (tokens, blocks, virtual) in running.items():
+            if len(tokens) % B == 0:  # its next token needs a block
+                if not pool.free:
+                    continue  # vLLM would preempt or wait: this request sits the step out
+                b = pool.take_free()
+                blocks.append(b)
+                virtual += kv.append_blocks(req, [b])
+            i = len(tokens)
+            tokens.append(rng.randrange(3))
+            block_bytes(kv, virtual[i // B])[i % B] = _kv_value(tokens, i)
+            scheduled[req] = 1
+        kv.note_tokens_of({req: len(t) for req, (t, _, _) in running.items()})
+        kv.expect_growth(scheduled)
+        kv.note_step()
+        time.sleep(rng.random() * 0.004)  # the forward pass, beside which the helper maps ahead
+        s = kv.stats()
+        assert s.resident_bytes <= s.budget_bytes
+        with kv._lock:
+            ahead = sum(r.ahead is not None for r in kv._reqs.values())
+            held = (kv.stats().resident_bytes - kv.stats().lingering_bytes - kv.stats().reserve_bytes) // kv.chunk_bytes
+            assert held - ahead == len(pool.with_memory()) and ahead <= len(running)
+        for req, (tokens, _, virtual) in running.items():
+            got = [int(block_bytes(kv, virtual[i // B])[i % B]) for i in range(len(tokens))]
+            assert got == [_kv_value(tokens, i) for i in range(len(tokens))], (step, req)
+    assert kv.stats().mapped_ahead > 0
+    for req in running:
+        kv.remove_request(req)
+    kv.close()
+    backend.close()

@@ -7,6 +7,7 @@ backend runs against the real driver in the GPU tests (``-m gpu``)."""
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -176,13 +177,15 @@ def test_a_large_range_is_covered_with_zero_pieces_that_chunks_split(driver_back
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("ahead", [False, True], ids=["map-in-step", "map-ahead"])
 @pytest.mark.parametrize("pieces", [False, True], ids=["zero-granules", "zero-pieces"])
 @pytest.mark.parametrize("defer", [False, True], ids=["unmap-in-step", "deferred-unmap"])
 @pytest.mark.parametrize("driver_backend", DRIVERS, ids=IDS, indirect=True)
 def test_a_kv_space_on_the_cuda_backend_keeps_every_range_readable_and_leaks_nothing(driver_backend, defer, pieces,
-                                                                                     seed, monkeypatch):
+                                                                                     ahead, seed, monkeypatch):
     """Random requests arriving, growing, sharing prefixes and finishing on a KV space over the CUDA
     backend, finished ranges unmapped in the step or by the unmapping thread (VTENSOR_DEFERRED_UNMAP),
+    growing requests' next chunks mapped in the step or ahead by the map-ahead thread (VTENSOR_MAP_AHEAD),
     the range covered with the zero granule or, as a large one is, with zero pieces: after every step
     each running request's blocks map its own chunks (or the shared prefix's), the rest of the range
     reads zeros, and at the end every chunk is gone."""
@@ -192,7 +195,7 @@ def test_a_kv_space_on_the_cuda_backend_keeps_every_range_readable_and_leaks_not
     rng = random.Random(seed)
     block = 16
     kv = KVSpace(backend, num_blocks=40, num_slots=4, blocks_per_slot=12, block_bytes=G, block_size=block,
-                 keep_full_blocks=True, defer_unmaps=defer)
+                 keep_full_blocks=True, defer_unmaps=defer, map_ahead=ahead, precreate_bytes=4 * G if ahead else 0)
     running: dict[str, list[int]] = {}
     free = list(range(1, 40))
     prefix: list[int] = []  # full blocks a finished request left in the prefix cache
@@ -221,6 +224,9 @@ def test_a_kv_space_on_the_cuda_backend_keeps_every_range_readable_and_leaks_not
                 kv.append_blocks(req, new)
                 running[req] += new
                 kv.note_tokens(req, len(running[req]) * block - rng.randrange(block))
+                kv.expect_growth({req: 1})  # decoding: its next chunk is mapped ahead, when that is on
+                if ahead and rng.random() < 0.5:
+                    time.sleep(0.002)  # a forward pass, beside which the helper maps
         driver.check_readable(kv.range.addr, kv.range.size)
         for req, blocks in running.items():
             base = kv.range.addr + kv.slot_of(req) * kv.blocks_per_slot * kv.chunk_bytes
@@ -237,3 +243,4 @@ def test_a_kv_space_on_the_cuda_backend_keeps_every_range_readable_and_leaks_not
     assert {m.handle for m in driver.mappings.values()} <= zero
     assert set(driver.allocations) == zero and len(zero) == (5 if pieces else 1)
     assert ("vtensor-unmap" in driver.unmapping_threads) is defer
+    assert (kv.stats().mapped_ahead > 0) is ahead

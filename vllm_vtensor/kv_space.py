@@ -40,7 +40,9 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from .pool import ChunkPool
+from .log import get_logger
+from .pool import ChunkPool, VTensorOutOfMemory
+from .threads import move_to_helper_cores
 from .vmm.base import VMMBackend
 
 
@@ -66,6 +68,9 @@ class _RequestKV:
     blocks: list[int | None] = field(default_factory=list)
     chunks: list[int | None] = field(default_factory=list)
     num_tokens: int = 0  # tokens with KV written (computed + scheduled)
+    # map-ahead: a chunk mapped at the next position (``len(chunks)``) before vLLM hands out the block for it,
+    # holding one reference (this mapping); the step that gets the block takes it (see KVSpace._use_ahead)
+    ahead: int | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ class KVSpaceStats:
     wait_seconds: float  # time KV access waited for memory work running beside the compute (deferred backend), total
     peak_resident_bytes: int  # the most physical memory held at once (exact, not sampled)
     peak_live_tokens: int  # the most tokens with KV written at once, over running requests (as of each step)
+    mapped_ahead: int  # decoding requests' next chunks mapped beside the compute and taken by a step (total)
 
 
 class KVSpace:
@@ -117,6 +123,7 @@ class KVSpace:
         null_block: int | None = None,
         shares_memory_with: "KVSpace | None" = None,
         decode_lookahead: int | None = None,
+        map_ahead: bool = False,
     ):
         if min(num_blocks, num_slots, blocks_per_slot, block_bytes, block_size) <= 0:
             raise ValueError("KVSpace sizes must be positive")
@@ -180,6 +187,18 @@ class KVSpace:
         if defer_unmaps:
             self._drainer = threading.Thread(target=self._drain_loop, name="vtensor-unmap", daemon=True)
             self._drainer.start()
+        # Map-ahead (a full-attention space): a helper thread maps each decoding request's next chunk while the
+        # step before computes, so the step that gets the block maps nothing (see expect_growth, _use_ahead)
+        self._fresh: set[int] = first._fresh if first is not None else set()  # blocks given content this step
+        self._ahead_wanted: dict[str, None] = {}  # requests whose next chunk the helper should map, in order
+        self._mapped_ahead = 0
+        self._mapper = None
+        if map_ahead and hasattr(backend, "deferring"):
+            raise ValueError("map-ahead maps from its own thread: it does not combine with a deferred backend, "
+                             "whose queued operations would run after it")
+        if map_ahead and sliding_window is None:
+            self._mapper = threading.Thread(target=self._map_ahead_loop, name="vtensor-map-ahead", daemon=True)
+            self._mapper.start()
 
     def _released(self) -> None:
         if self.on_release is not None:
@@ -209,7 +228,12 @@ class KVSpace:
     def _chunk(self, block: int) -> int:
         chunk = self._phys.get(block)
         if chunk is None:
-            (chunk,) = self.pool.acquire(1)  # the "content" reference
+            try:
+                (chunk,) = self.pool.acquire(1)  # the "content" reference
+            except VTensorOutOfMemory:  # chunks mapped ahead hold the rest of the budget: take one back
+                if not self._take_back_ahead():
+                    raise
+                (chunk,) = self.pool.acquire(1)
             self._phys[block] = chunk
         return chunk
 
@@ -222,6 +246,7 @@ class KVSpace:
         with self._lock:
             for b in blocks:
                 self.backend.zero_chunk(self._chunk(b), self.chunk_bytes)
+            self._fresh.update(blocks)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """``(src, dst)`` physical block copies (vLLM's copy-on-write of a partial prefix hit)."""
@@ -232,16 +257,19 @@ class KVSpace:
                 if src not in self._phys:
                     raise KVSpaceError(f"copy from physical block {src}, which holds no content here")
                 self.backend.copy_chunk(self._chunk(dst), self._phys[src], self.chunk_bytes)
+                self._fresh.add(dst)
                 self._copied_bytes += self.chunk_bytes
 
     # -- requests ------------------------------------------------------
     def _map(self, r: _RequestKV, blocks: list[int]) -> list[int]:
-        start = len(r.chunks)
+        start, wanted = len(r.chunks), len(blocks)
         if start + len(blocks) > self.blocks_per_slot:
             raise KVSpaceError(
                 f"a request needs {start + len(blocks)} blocks but a slot holds {self.blocks_per_slot}; "
                 "raise max_model_len so the vTensor slots are sized for it"
             )
+        if r.ahead is not None and blocks and self._use_ahead(r, blocks[0]):
+            blocks = blocks[1:]
         run: list[tuple[int, int]] = []  # (block, chunk) at consecutive positions, retained, mapped in one call
 
         def map_run() -> None:
@@ -271,7 +299,87 @@ class KVSpace:
                 run.append((b, chunk))
         finally:
             map_run()  # what was retained is mapped and recorded, even if a later block's chunk could not be had
-        return [self.virtual_block(r.slot, j) for j in range(start, start + len(blocks))]
+        return [self.virtual_block(r.slot, j) for j in range(start, start + wanted)]
+
+    # -- map-ahead ---------------------------------------------------------
+    def _wants_ahead(self, r: _RequestKV) -> bool:
+        """Whether ``r``'s next block boundary is within ``decode_lookahead`` tokens (and its slot has room)."""
+        return (r.ahead is None and len(r.chunks) < self.blocks_per_slot
+                and r.num_tokens + self.decode_lookahead > len(r.chunks) * self.block_size)
+
+    def _map_ahead_loop(self) -> None:
+        """Map the wanted requests' next chunks, one at a time, under the lock (a step that comes meanwhile
+        waits for at most one mapping). Only chunks already made are used (the pool's reserve, which
+        :meth:`expect_growth` asks for): a request whose chunk is not ready is asked for again next step.
+        Never beyond what the pool can spare: a chunk is mapped ahead only while more chunks are free
+        than requests run, and is taken back if a step needs it for a block after all."""
+        move_to_helper_cores()
+        warned = False
+        while True:
+            with self._lock:
+                self._cond.wait_for(lambda: self._ahead_wanted or self._closed)
+                if self._closed:
+                    return
+                req_id = next(iter(self._ahead_wanted))
+                del self._ahead_wanted[req_id]
+                r = self._reqs.get(req_id)
+                if (r is None or not self._wants_ahead(r) or self.pool.share is not None
+                        or self.pool.num_free_chunks() <= len(self._reqs)):
+                    continue
+                chunk = self.pool.take_ready()
+                if chunk is None:
+                    continue
+                try:
+                    self.backend.map_many(self.range, self.virtual_block(r.slot, len(r.chunks)) * self.chunk_bytes,
+                                          [chunk], self.chunk_bytes)
+                except Exception:  # the step maps it itself, as without map-ahead
+                    self.pool.release(chunk)
+                    if not warned:
+                        warned = True
+                        get_logger(__name__).warning("vTensor: mapping a chunk ahead failed; steps map "
+                                                     "their own", exc_info=True)
+                    continue
+                r.ahead = chunk
+                self.pool.note_maps(maps=1)
+
+    def _use_ahead(self, r: _RequestKV, block: int) -> bool:
+        """The step hands ``r`` ``block`` for the position its ahead chunk is mapped at: the block takes
+        that chunk (True) when it has no content here, or only content vLLM has just evicted from its
+        prefix cache (its chunk mapped nowhere: it goes back to the pool), and was not zeroed or copied
+        into in this step. Otherwise the ahead chunk is unmapped and released (False) and the block is
+        mapped as usual."""
+        chunk, old = r.ahead, self._phys.get(block)
+        if (block != self.null_block and block not in self._fresh
+                and (old is None or self.pool.refcount(old) == 1)):
+            r.ahead = None
+            if old is not None:
+                self._drop(block)
+            self._phys[block] = chunk
+            self.pool.retain(chunk)  # the content reference, beside the mapping's
+            self._unwanted.discard(block)
+            r.blocks.append(block)
+            r.chunks.append(chunk)
+            self._mapped_ahead += 1
+            return True
+        self._drop_ahead(r)
+        return False
+
+    def _drop_ahead(self, r: _RequestKV) -> None:
+        """Unmap ``r``'s ahead chunk and release it. No device synchronize: nothing has read that
+        position (it lies past the request's blocks, and no block table names it)."""
+        chunk, r.ahead = r.ahead, None
+        self.backend.unmap(self.range, self.virtual_block(r.slot, len(r.chunks)) * self.chunk_bytes, self.chunk_bytes)
+        self.pool.note_maps(unmaps=1)
+        self.pool.release(chunk)
+
+    def _take_back_ahead(self) -> bool:
+        """Free one chunk mapped ahead, of any space of the family (the pool has no other); True if any."""
+        for space in self.family:
+            for r in space._reqs.values():
+                if r.ahead is not None:
+                    space._drop_ahead(r)
+                    return True
+        return False
 
     def add_request(self, req_id: str, blocks: list[int], num_cached_tokens: int = 0,
                     written_this_step: Collection[int] = ()) -> list[int]:
@@ -451,13 +559,19 @@ class KVSpace:
             need = 0
             for space in self.family:  # every KV cache group's requests grow from the one pool
                 reqs = space._reqs
+                ahead = space._mapper is not None
                 for req_id, n in scheduled.items():
                     r = reqs.get(req_id)
                     if r is not None and n:
-                        more = -(-(r.num_tokens + (n if n > 1 else decode_ahead)) // size) - len(r.chunks)
+                        more = (-(-(r.num_tokens + (n if n > 1 else decode_ahead)) // size) - len(r.chunks)
+                                - (r.ahead is not None))
                         if more > 0:
                             need += more
+                            if ahead and n == 1 and space._wants_ahead(r):
+                                space._ahead_wanted[req_id] = None
             self.pool.expect(need)
+            if any(space._ahead_wanted for space in self.family):
+                self._cond.notify_all()
 
     def slide(self, req_id: str, num_computed_tokens: int) -> None:
         """With a sliding window: unmap ``req_id``'s blocks wholly before the window of its next token
@@ -487,6 +601,7 @@ class KVSpace:
     def note_step(self) -> None:
         """After a step's block updates: remember the most tokens running requests have had KV for."""
         with self._lock:
+            self._fresh.clear()
             self._peak_live_tokens = max(self._peak_live_tokens, sum(r.num_tokens for r in self._reqs.values()))
 
     def reset_peaks(self) -> None:
@@ -524,6 +639,9 @@ class KVSpace:
             r = self._reqs.pop(req_id, None)
             if r is None:
                 return
+            self._ahead_wanted.pop(req_id, None)
+            if r.ahead is not None:
+                self._drop_ahead(r)
             if preempted:
                 self._preemptions += 1
             keep = 0
@@ -675,6 +793,7 @@ class KVSpace:
                 wait_seconds=getattr(self.backend, "waited_seconds", 0.0),
                 peak_resident_bytes=p.peak_resident_bytes,
                 peak_live_tokens=lead._peak_live_tokens,
+                mapped_ahead=sum(space._mapped_ahead for space in fam),
             )
 
     def close(self) -> None:
@@ -690,6 +809,7 @@ class KVSpace:
                 space._closed = True
             self._cond.notify_all()
         for space in self.family:
-            if space._drainer is not None:
-                space._drainer.join(timeout=30)
+            for thread in (space._drainer, space._mapper):
+                if thread is not None:
+                    thread.join(timeout=30)
         self.pool.close()

@@ -48,6 +48,8 @@ COUNTERS = {
     "vllm_vtensor_chunks_created": ("chunks_created", "Physical chunks created on first use"),
     "vllm_vtensor_chunks_created_on_demand": ("chunks_created_on_demand",
                                               "Physical chunks created while a step waited (none was ready)"),
+    "vllm_vtensor_chunks_mapped_ahead": ("mapped_ahead", "Decoding requests' next chunks mapped beside the compute "
+                                         "and taken by the step that needed them (VTENSOR_MAP_AHEAD)"),
     "vllm_vtensor_step_seconds": ("step_seconds", "Worker time spent applying block decisions before steps "
                                   "(with async mapping: bookkeeping and queueing only)"),
     "vllm_vtensor_deferred_operations": ("deferred_ops", "Memory operations run beside the compute"),

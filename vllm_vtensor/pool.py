@@ -229,6 +229,17 @@ class ChunkPool:
             self._lock.notify_all()  # wakes the refill thread if the cache fell below low
         return chunks
 
+    def take_ready(self) -> int | None:
+        """A chunk already created and unused (refcount 1 from now on), or None: never creates one, never
+        waits, never goes past the budget or a shared pool's count (the chunk is counted already)."""
+        with self._lock:
+            if not (self._cache or self._lingering) or len(self._ref) >= self.budget_chunks:
+                return None
+            chunk = self._take_unused()
+            self._ref[chunk] = 1
+            self._lock.notify_all()  # the refill thread, if the cache fell below its target
+            return chunk
+
     def _beyond_share(self, chunks: list[int], need: int) -> int:
         """An acquire holding ``chunks`` needs ``need`` more than the shared pool has room for: take what
         ``make_room`` brings back (unmaps still in flight), and count the rest anyway - a step never fails

@@ -153,6 +153,13 @@ SETTINGS: tuple[Setting, ...] = (
             "slots (at least 4) for ranges waiting for it, so a request starting as another finishes does not "
             "wait either. Tested on CPU with a lagging device; not yet measured on a GPU.",
             parse=_flag, fix="give 1 to unmap finished requests beside the compute, or 0", default_text="`0`"),
+    Setting("VTENSOR_MAP_AHEAD", "env", "0 or 1", False,
+            "Experimental: a decoding request's next chunk is mapped at its next block's place by a helper thread "
+            "while the steps before it compute (from half a block before the boundary), so the step that gets the "
+            "block maps nothing; only chunks already made are used, never while fewer chunks are free than "
+            "requests run, and one is taken back when a step needs its memory for a block. Full-attention layers; "
+            "not with `VTENSOR_ASYNC_MAPPING`. Tested on CPU; not yet measured on a GPU.",
+            parse=_flag, fix="give 1 to map decoding requests' next chunks ahead, or 0", default_text="`0`"),
     Setting("VTENSOR_STAGE_MAPPINGS", "env", "0 or 1", False,
             "Experimental, CPU only: keep each chunk's page tables filled beside the compute and map by moving "
             "them. Measured: mapping ~16 us instead of ~250 us per 2 MiB chunk, but no end-to-end gain on a "

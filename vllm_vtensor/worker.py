@@ -113,6 +113,7 @@ PRECREATE_ENV = "VTENSOR_PRECREATE_BYTES"
 STAGE_ENV = "VTENSOR_STAGE_MAPPINGS"
 ASYNC_ENV = "VTENSOR_ASYNC_MAPPING"
 DEFERRED_UNMAP_ENV = "VTENSOR_DEFERRED_UNMAP"
+MAP_AHEAD_ENV = "VTENSOR_MAP_AHEAD"
 DEFAULT_PRECREATE_BYTES = settings.SETTINGS_BY_NAME[PRECREATE_ENV].default
 
 
@@ -213,6 +214,11 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
     else:
         raise VTensorConfigError(f"--attention-backend VTENSOR runs on CPU and CUDA GPUs, not on {device}. "
                                  "Run without --attention-backend VTENSOR.")
+    map_ahead = settings.get(MAP_AHEAD_ENV)
+    if map_ahead and isinstance(backend, DeferredBackend):
+        logger.warning("%s does not combine with %s=1 (its queued mappings run after the helper's); ignored",
+                       MAP_AHEAD_ENV, ASYNC_ENV)
+        map_ahead = False
     t0 = time.perf_counter()
     spaces: list[KVSpace] = []
     views: dict[str, torch.Tensor] = {}
@@ -233,6 +239,7 @@ def allocate_kv_cache(runner, kv_cache_config, kernel_block_sizes=None) -> dict[
             linger_s=settings.get(LINGER_ENV),
             precreate_bytes=settings.get(PRECREATE_ENV),
             defer_unmaps=device.type == "cuda" and settings.get(DEFERRED_UNMAP_ENV),
+            map_ahead=map_ahead,
             on_release=lambda space: vt_stats.publish(space, force=True),
             shares_memory_with=spaces[0] if spaces else None,
         )

@@ -139,6 +139,9 @@ class CudaBackend(VMMBackend):
         dev = _ok(cu.cuDeviceGet(device_index), "cuDeviceGet")
         self._ctx = _ok(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
         self._tls = threading.local()
+        # the chunk mappings and zero pieces of the ranges (_mapped, _covers) change under this lock: the step
+        # maps while helper threads map ahead (VTENSOR_MAP_AHEAD) or unmap finished ranges (deferred unmaps)
+        self._map_lock = threading.RLock()
         self._bind()
 
         prop = cu.CUmemAllocationProp()
@@ -333,6 +336,10 @@ class CudaBackend(VMMBackend):
 
     def map_many(self, vr: VirtualRange, offset: int, handles: list[int], size: int) -> None:
         self._bind()
+        with self._map_lock:
+            self._map_many(vr, offset, handles, size)
+
+    def _map_many(self, vr: VirtualRange, offset: int, handles: list[int], size: int) -> None:
         addr, total, g = vr.addr + offset, size * len(handles), self._gran
         cover = self._covers.get(vr.addr)
         if cover is None:
@@ -352,6 +359,10 @@ class CudaBackend(VMMBackend):
 
     def unmap(self, vr: VirtualRange, offset: int, size: int) -> None:
         self._bind()
+        with self._map_lock:
+            self._unmap(vr, offset, size)
+
+    def _unmap(self, vr: VirtualRange, offset: int, size: int) -> None:
         addr, starts, sizes, covered = vr.addr + offset, [], [], 0  # the chunk mappings there, one by one
         while covered < size:
             piece = self._mapped.get(addr + covered)
