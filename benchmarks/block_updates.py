@@ -51,6 +51,12 @@ def _output(new=(), decoding=(), tokens=None, finished=()) -> NS:
                                        resumed_req_ids=set(), num_computed_tokens=[tokens[r] for r, _ in decoding]))
 
 
+def _held_ahead(kv) -> int:
+    """Chunks mapped ahead that no step has taken yet."""
+    with kv._lock:
+        return sum(r.ahead is not None for r in kv._reqs.values())
+
+
 def run_phase(backend, n: int, args, staggered: bool) -> dict:
     block = args.block_size
     kv = worker.kv_space_for(backend, max_num_seqs=n, max_model_len=args.max_model_len, block_size=block,
@@ -66,7 +72,7 @@ def run_phase(backend, n: int, args, staggered: bool) -> dict:
     prompts = {f"r{i}": args.prompt_len + ((i * block) // n if staggered else 0) for i in range(n)}
     worker.translate_scheduler_output(kv, _output(new=[(r, fresh(-(-p // block)), p) for r, p in prompts.items()]))
     tokens = dict(prompts)
-    before = kv.stats()
+    before, held_before = kv.stats(), _held_ahead(kv)
     steps = []
     for _ in range(args.steps):
         time.sleep(args.compute_ms / 1e3)
@@ -77,9 +83,10 @@ def run_phase(backend, n: int, args, staggered: bool) -> dict:
         steps.append(time.perf_counter() - t0)
         for r in tokens:
             tokens[r] += 1
-    after = kv.stats()
+    after, held_after = kv.stats(), _held_ahead(kv)
     maps, on_demand = after.maps - before.maps, after.chunks_created_on_demand - before.chunks_created_on_demand
     ahead = after.mapped_ahead - before.mapped_ahead  # maps made beside the steps and taken by one
+    maps -= ahead + held_after - held_before  # the steps' own (not those made ahead and not yet taken)
     time.sleep(args.compute_ms / 1e3)
     t0 = time.perf_counter()
     worker.translate_scheduler_output(kv, _output(finished=tokens, tokens=tokens))
@@ -88,7 +95,7 @@ def run_phase(backend, n: int, args, staggered: bool) -> dict:
     kv.close()
     ms = sorted(s * 1e3 for s in steps)
     return {"step_ms_median": statistics.median(ms), "step_ms_p90": ms[int(0.9 * (len(ms) - 1))],
-            "step_ms_max": ms[-1], "maps_per_step": (maps - ahead) / args.steps, "mapped_ahead_per_step": ahead / args.steps,
+            "step_ms_max": ms[-1], "maps_per_step": maps / args.steps, "mapped_ahead_per_step": ahead / args.steps,
             # chunks a step had to create itself (the pre-creation thread had none ready for it)
             "created_in_step_per_step": on_demand / args.steps, "finish_ms": finish * 1e3}
 

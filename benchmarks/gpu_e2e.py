@@ -233,7 +233,8 @@ class Engine:
             "reset_series": after_reset,
             "allocator": {k: first[k] for k in ("budget_bytes", "chunk_bytes", "block_size", "maps", "unmaps",
                                                 "prefix_hit_bytes", "copied_bytes", "preemptions", "chunks_created",
-                                                "chunks_created_on_demand", "step_seconds", "reserve_bytes")},
+                                                "chunks_created_on_demand", "step_seconds", "reserve_bytes",
+                                                "mapped_ahead")},
         }
 
     def shutdown(self) -> None:

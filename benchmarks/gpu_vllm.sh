@@ -48,8 +48,14 @@ export VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
 if [ "${GPU_E2E:-0}" = 1 ]; then
   [ "${VMM_PROBE:-1}" = 0 ] || timeout 45 $PY benchmarks/vmm.py --device cuda --reps 32 --sizes-mib 16 --reserve-gib "" \
       --busy-ms 20 --busy-reps 5 --out "$OUT/vmm-cuda-busy.json" 2>&1 | tail -n 40 | tee "$OUT/vmm-busy.log"
+  # and a decode step's block updates at the 8B shape's 2 MiB chunk, maps in the step or made ahead (~10 s each)
+  for ahead in "" --map-ahead; do
+    [ "${VMM_PROBE:-1}" = 0 ] || timeout 25 $PY benchmarks/block_updates.py --device cuda --chunk-kib 2048 \
+        --requests 32,128 --steps 64 --compute-ms 3 $ahead --out "$OUT/block_updates-cuda${ahead:+-map-ahead}.json" 2>&1 \
+        | tail -n 4 | tee -a "$OUT/vmm-busy.log"
+  done
   VTENSOR_STEP_PROFILE="$OUT/steps" PYTHONPATH="$PWD/benchmarks/step_profile:$PYTHONPATH" \
-  timeout ${E2E_TIMEOUT:-530} $PY benchmarks/gpu_e2e.py --shape "${GPU_E2E_SHAPE:-llama-3.1-8b}" --out-dir "$OUT" \
+  timeout ${E2E_TIMEOUT:-500} $PY benchmarks/gpu_e2e.py --shape "${GPU_E2E_SHAPE:-llama-3.1-8b}" --out-dir "$OUT" \
       ${GPU_E2E_ARGS:-} 2>&1 | tee "$OUT/gpu-e2e-full.log" | grep --line-buffered -v "^(EngineCore\|^INFO\|^WARNING\|^(Worker\|^(MainProcess" \
       | tee "$OUT/gpu-e2e.log"
   $PY benchmarks/step_profile/report.py "$OUT/steps" >"$OUT/step-profile.txt" 2>&1

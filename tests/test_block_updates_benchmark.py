@@ -33,3 +33,15 @@ def test_block_updates_benchmark_maps_a_block_per_full_block(tmp_path):
             assert 0 <= row[phase]["created_in_step_per_step"] <= row[phase]["maps_per_step"]
     assert out.with_suffix(".png").stat().st_size > 0
     assert data["commit"] and data["command"]
+
+
+def test_with_map_ahead_every_block_is_mapped_once_in_the_step_or_ahead(tmp_path):
+    out = tmp_path / "bu-ahead.json"
+    steps, block, prompt = 24, 16, 100
+    assert block_updates.main(["--requests", "4", "--steps", str(steps), "--compute-ms", "5", "--prompt-len",
+                               str(prompt), "--max-model-len", "512", "--map-ahead", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    steady = data["rows"][0]["steady"]
+    spread = sum(_crossings(prompt + i * block // 4, steps, block) for i in range(4))
+    assert data["map_ahead"] and steady["mapped_ahead_per_step"] > 0
+    assert round((steady["maps_per_step"] + steady["mapped_ahead_per_step"]) * steps) == spread
