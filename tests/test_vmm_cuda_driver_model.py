@@ -176,6 +176,16 @@ def test_a_large_range_is_covered_with_zero_pieces_that_chunks_split(driver_back
     assert backend.resident_bytes() == (len(chunks) + 1) * G  # the chunks made (one refused a place), no zero piece
 
 
+def _wait_for_ahead(kv, req: str, timeout: float = 2.0) -> None:
+    """Steps that schedule ``req`` again until the helper has mapped its next chunk, if it wants one (the
+    helper skips a request whose chunk is not made yet: the next step asks again)."""
+    deadline = time.monotonic() + timeout
+    while kv._reqs[req].ahead is None and kv._wants_ahead(kv._reqs[req]) and time.monotonic() < deadline:
+        if not kv._ahead_wanted:
+            kv.expect_growth({req: 1})
+        time.sleep(0.001)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("ahead", [False, True], ids=["map-in-step", "map-ahead"])
 @pytest.mark.parametrize("pieces", [False, True], ids=["zero-granules", "zero-pieces"])
@@ -225,8 +235,8 @@ def test_a_kv_space_on_the_cuda_backend_keeps_every_range_readable_and_leaks_not
                 running[req] += new
                 kv.note_tokens(req, len(running[req]) * block - rng.randrange(block))
                 kv.expect_growth({req: 1})  # decoding: its next chunk is mapped ahead, when that is on
-                if ahead and rng.random() < 0.5:
-                    time.sleep(0.002)  # a forward pass, beside which the helper maps
+                if ahead and rng.random() < 0.5:  # forward passes, beside which the helper maps it
+                    _wait_for_ahead(kv, req)
         driver.check_readable(kv.range.addr, kv.range.size)
         for req, blocks in running.items():
             base = kv.range.addr + kv.slot_of(req) * kv.blocks_per_slot * kv.chunk_bytes

@@ -560,6 +560,7 @@ class KVSpace:
             for space in self.family:  # every KV cache group's requests grow from the one pool
                 reqs = space._reqs
                 ahead = space._mapper is not None
+                wanted = []  # (tokens left before its boundary, request) for the map-ahead helper
                 for req_id, n in scheduled.items():
                     r = reqs.get(req_id)
                     if r is not None and n:
@@ -568,7 +569,9 @@ class KVSpace:
                         if more > 0:
                             need += more
                             if ahead and n == 1 and space._wants_ahead(r):
-                                space._ahead_wanted[req_id] = None
+                                wanted.append((len(r.chunks) * size - r.num_tokens, req_id))
+                if wanted:  # the nearest boundaries first: this step's list replaces the last one's
+                    space._ahead_wanted = dict.fromkeys(req_id for _, req_id in sorted(wanted))
             self.pool.expect(need)
             if any(space._ahead_wanted for space in self.family):
                 self._cond.notify_all()
