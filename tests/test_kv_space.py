@@ -736,6 +736,13 @@ def _mapped_ahead(kv, req, timeout=10.0) -> bool:
     return kv._reqs[req].ahead is not None
 
 
+def test_map_ahead_is_refused_with_a_deferred_backend():
+    backend = DeferredBackend(HostBackend())
+    with pytest.raises(ValueError, match="deferred backend"):
+        _ahead(backend)
+    backend.close()
+
+
 def test_a_decoding_requests_next_chunk_is_mapped_ahead_and_its_step_maps_nothing():
     backend = _CountingBackend()
     kv = _ahead(backend)

@@ -331,3 +331,20 @@ def test_trim_gives_back_every_unused_chunk_and_counts_it(backend):
     pool.close()
     assert backend.resident_bytes() == 0
 
+
+
+def test_take_ready_hands_out_only_chunks_already_made_and_within_the_budget(backend):
+    pool = ChunkPool(backend, 3 * MiB, MiB, linger_s=30.0)
+    assert pool.take_ready() is None  # nothing made yet: it never creates one
+    a, b = pool.acquire(2)
+    pool.release(a)  # lingering, ready to be taken
+    c = pool.take_ready()
+    assert c == a and pool.refcount(c) == 1 and pool.take_ready() is None
+    s = pool.stats()
+    assert s.chunks_created == 2 and s.chunks_created_on_demand == 2 and s.chunks_in_use == 2
+    (d,) = pool.acquire(1)  # the last of the budget
+    pool.release(b)
+    pool.release(d)
+    assert pool.take_ready() is not None and pool.take_ready() is not None  # two ready, one budget slot each
+    assert pool.take_ready() is None and not pool.can_acquire(1)  # the budget is used up: nothing more
+    pool.close()

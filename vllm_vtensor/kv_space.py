@@ -127,6 +127,9 @@ class KVSpace:
     ):
         if min(num_blocks, num_slots, blocks_per_slot, block_bytes, block_size) <= 0:
             raise ValueError("KVSpace sizes must be positive")
+        if map_ahead and hasattr(backend, "deferring"):
+            raise ValueError("map-ahead maps from its own thread: it does not combine with a deferred backend, "
+                             "whose queued operations would run after it")
         gran = backend.granularity
         self.backend = backend
         self.chunk_bytes = chunk_bytes_for(block_bytes, gran)
@@ -193,9 +196,6 @@ class KVSpace:
         self._ahead_wanted: dict[str, None] = {}  # requests whose next chunk the helper should map, in order
         self._mapped_ahead = 0
         self._mapper = None
-        if map_ahead and hasattr(backend, "deferring"):
-            raise ValueError("map-ahead maps from its own thread: it does not combine with a deferred backend, "
-                             "whose queued operations would run after it")
         if map_ahead and sliding_window is None:
             self._mapper = threading.Thread(target=self._map_ahead_loop, name="vtensor-map-ahead", daemon=True)
             self._mapper.start()
