@@ -24,7 +24,7 @@ want() { [[ "$STEPS" == *" $1 "* ]]; }
   $PY -m pip show cuda-bindings 2>/dev/null | grep -E '^(Name|Version)'
 } 2>&1 | tee "$OUT/card.txt"
 
-# 1. CUDA VMM backend + VTensor on CUDA (property tests included), FlexInfer's CUDA staging (pinned
+# 1. CUDA VMM backend + VTensor on CUDA (property tests included), the KV space mapping ahead on CUDA, FlexInfer's CUDA staging (pinned
 #    host arena, side-stream copies), and, alongside (CPU-bound Triton compiles), the kernel tests
 #    compiled, against the SDPA reference.
 if want 1; then
@@ -32,7 +32,7 @@ if want 1; then
       >"$OUT/kernel-tests.log" 2>&1 &
   kt=$!
   timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_vmm_backends.py tests/test_vtensor.py \
-      tests/test_flex_runtime.py tests/test_kv_space_kernels.py \
+      tests/test_flex_runtime.py tests/test_kv_space_kernels.py tests/test_kv_space.py \
       2>&1 | tee "$OUT/gpu-tests.log"
   wait $kt; echo "kernel tests exit $?" >>"$OUT/kernel-tests.log"; tail -n 25 "$OUT/kernel-tests.log"
 fi

@@ -841,15 +841,19 @@ def _kv_value(tokens, i):
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_random_decoding_with_map_ahead_stays_in_budget_and_reads_its_own_kv(seed):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_random_decoding_with_map_ahead_stays_in_budget_and_reads_its_own_kv(device, seed):
     """Requests decode token by token under the miniature vLLM block pool (cached blocks evicted and handed
     out again, requests finishing, memory running short) with map-ahead on: every step stays in the budget,
     no step fails for memory, memory held for blocks is what vLLM counts plus at most one ahead chunk per
-    running request, and every request reads back the KV of all its tokens, prefix hits included."""
+    running request, and every request reads back the KV of all its tokens, prefix hits included (on CUDA:
+    written and read on the device while the helper maps through the driver)."""
     import random
 
+    from vllm_vtensor.vmm import make_backend
+
     rng = random.Random(seed)
-    backend = HostBackend()
+    backend = make_backend(device)
     n_blocks, n_slots = 14, 4
     kv = KVSpace(backend, num_blocks=n_blocks, num_slots=n_slots, blocks_per_slot=6, block_bytes=PAGE, block_size=B,
                  keep_full_blocks=True, precreate_bytes=2 * PAGE, map_ahead=True)
