@@ -383,9 +383,15 @@ def test_snapshots_asked_for_every_step_are_written_at_most_every_interval_the_l
         stats.publish(kv, force=True)
         time.sleep(0.002)
     took = time.monotonic() - start
+    def written():  # the figures are counted first, then written: wait for the file, not the count
+        try:
+            return json.loads(open(path).read())["step"]
+        except (OSError, ValueError):
+            return None
+
     deadline = time.monotonic() + 5
-    while (not counted or counted[-1] != 100) and time.monotonic() < deadline:
+    while written() != 100 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert counted[-1] == 100 and json.loads(open(path).read())["step"] == 100
+    assert counted[-1] == 100 and written() == 100
     assert 2 <= len(counted) <= took / 0.05 + 2, counted
     assert counted == sorted(counted)
