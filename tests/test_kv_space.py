@@ -890,12 +890,12 @@ def test_random_decoding_with_map_ahead_stays_in_budget_and_reads_its_own_kv(dev
         kv.expect_growth(scheduled)
         kv.note_step()
         time.sleep(rng.random() * 0.004)  # the forward pass, beside which the helper maps ahead
-        s = kv.stats()
-        assert s.resident_bytes <= s.budget_bytes
-        with kv._lock:
+        with kv._lock:  # the figures and the ahead chunks at one moment
+            s = kv.stats()
             ahead = sum(r.ahead is not None for r in kv._reqs.values())
-            held = (kv.stats().resident_bytes - kv.stats().lingering_bytes - kv.stats().reserve_bytes) // kv.chunk_bytes
-            assert held - ahead == len(pool.with_memory()) and ahead <= len(running)
+        assert s.resident_bytes <= s.budget_bytes
+        held = (s.resident_bytes - s.lingering_bytes - s.reserve_bytes) // kv.chunk_bytes
+        assert held - ahead == len(pool.with_memory()) and ahead <= len(running)
         for req, (tokens, _, virtual) in running.items():
             got = [int(block_bytes(kv, virtual[i // B])[i % B]) for i in range(len(tokens))]
             assert got == [_kv_value(tokens, i) for i in range(len(tokens))], (step, req)

@@ -216,6 +216,10 @@ class KVSpace:
     def num_virtual_blocks(self) -> int:
         return self.num_slots * self.blocks_per_slot
 
+    def _next_offset(self, r: _RequestKV) -> int:
+        """Byte offset in the range of ``r``'s next position (where its next block, or its ahead chunk, goes)."""
+        return self.virtual_block(r.slot, len(r.chunks)) * self.chunk_bytes
+
     def slot_of(self, req_id: str) -> int:
         return self._reqs[req_id].slot
 
@@ -274,8 +278,7 @@ class KVSpace:
 
         def map_run() -> None:
             if run:
-                at = self.virtual_block(r.slot, len(r.chunks)) * self.chunk_bytes
-                self.backend.map_many(self.range, at, [c for _, c in run], self.chunk_bytes)
+                self.backend.map_many(self.range, self._next_offset(r), [c for _, c in run], self.chunk_bytes)
                 r.blocks.extend(b for b, _ in run)
                 r.chunks.extend(c for _, c in run)
                 self.pool.note_maps(maps=len(run))
@@ -330,8 +333,7 @@ class KVSpace:
                 if chunk is None:
                     continue
                 try:
-                    self.backend.map_many(self.range, self.virtual_block(r.slot, len(r.chunks)) * self.chunk_bytes,
-                                          [chunk], self.chunk_bytes)
+                    self.backend.map_many(self.range, self._next_offset(r), [chunk], self.chunk_bytes)
                 except Exception:  # the step maps it itself, as without map-ahead
                     self.pool.release(chunk)
                     if not warned:
@@ -368,7 +370,7 @@ class KVSpace:
         """Unmap ``r``'s ahead chunk and release it. No device synchronize: nothing has read that
         position (it lies past the request's blocks, and no block table names it)."""
         chunk, r.ahead = r.ahead, None
-        self.backend.unmap(self.range, self.virtual_block(r.slot, len(r.chunks)) * self.chunk_bytes, self.chunk_bytes)
+        self.backend.unmap(self.range, self._next_offset(r), self.chunk_bytes)
         self.pool.note_maps(unmaps=1)
         self.pool.release(chunk)
 

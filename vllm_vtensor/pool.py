@@ -231,9 +231,9 @@ class ChunkPool:
 
     def take_ready(self) -> int | None:
         """A chunk already created and unused (refcount 1 from now on), or None: never creates one, never
-        waits, never goes past the budget or a shared pool's count (the chunk is counted already)."""
+        waits; the chunk is counted already, within the budget and a shared pool's count."""
         with self._lock:
-            if not (self._cache or self._lingering) or len(self._ref) >= self.budget_chunks:
+            if not (self._cache or self._lingering):
                 return None
             chunk = self._take_unused()
             self._ref[chunk] = 1
