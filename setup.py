@@ -34,9 +34,10 @@ setup(
         ],
         # `vllm-vtensor-top`: the engines on each shared KV pool (same as `python -m vllm_vtensor.top`)
         "console_scripts": ["vllm-vtensor-top = vllm_vtensor.top:main"],
-        # Loaded by vLLM's API server: allocator figures in /metrics and the periodic log.
+        # Loaded by vLLM's API server: allocator and streaming figures in /metrics (and the periodic log).
         "vllm.stat_logger_plugins": [
             "vtensor = vllm_vtensor.metrics:VTensorStatLogger",
+            "flexinfer = flexoffload.metrics:FlexInferStatLogger",
         ],
     },
 )

@@ -23,6 +23,10 @@ def register() -> bool:
         _registered = False
         return False
     _registered = True
+    from vllm_vtensor import stats
+
     from . import loader  # noqa: F401  (registers --load-format flexinfer)
+
+    stats.ensure_private_file(loader.STATS_ENV, "flexinfer.json")  # the figures /metrics reads
     logger.info("flexoffload plugin registered in pid %d (%s)", os.getpid(), multiprocessing.current_process().name)
     return True

@@ -1,6 +1,6 @@
 """The OpenAI server with `--attention-backend VTENSOR` and `--load-format flexinfer` (50% budget):
 chat and completions, streaming and not, clients hanging up mid-stream,
-answers equal to vanilla greedy decoding, and the allocator's figures in /metrics."""
+answers equal to vanilla greedy decoding, and the allocator's and FlexInfer's figures in /metrics."""
 from __future__ import annotations
 
 import re
@@ -72,6 +72,44 @@ def test_metrics_expose_the_allocator(server, client):
     # the worker as ps sees it: RSS from its snapshot, PSS read from its /proc at scrape time
     assert 0 < values["vllm_vtensor_worker_pss_bytes"] <= values["vllm_vtensor_worker_rss_bytes"]
     assert "vllm:" in text  # vLLM's own metrics are still there
+
+
+def _flexinfer_figures(text: str) -> dict[str, float]:
+    """Rank 0's FlexInfer figures in /metrics (the server runs one rank)."""
+    return {k: float(v) for k, v in re.findall(r'^vllm_flexinfer_(\w+)\{tp_rank="0"\} (\S+)$', text, re.M)}
+
+
+def _iterations(text: str) -> float:
+    """vLLM's count of engine steps (each runs one forward pass here)."""
+    return float(re.search(r"^vllm:iteration_tokens_total_count\{[^}]*\} (\S+)$", text, re.M).group(1))
+
+
+def test_metrics_expose_flexinfer_streaming(server, client):
+    """FlexInfer's figures in /metrics: the plan at 50% and running totals that count every forward
+    pass, the last ones before the engine idles included (written after the snapshot interval)."""
+    import time
+
+    model = _model(client)
+    client.completions.create(model=model, prompt="Once upon a time", max_tokens=4, temperature=0)
+    time.sleep(1.0)  # idle: the last passes' figures are written 0.2 s after the last snapshot
+    text = server.metrics()
+    before, steps_before = _flexinfer_figures(text), _iterations(text)
+    client.completions.create(model=model, prompt="The capital of France is", max_tokens=12, temperature=0,
+                              extra_body={"ignore_eos": True})
+    time.sleep(1.0)
+    text = server.metrics()
+    after, steps = _flexinfer_figures(text), _iterations(text) - steps_before
+    assert steps >= 12  # the prompt's pass and eleven more tokens'
+    assert after["forwards_total"] - before["forwards_total"] == steps
+    per_forward = after["streamed_bytes_per_forward"]
+    assert per_forward > 0 and after["host_bytes"] == 0  # nothing on the host tier here: all from disk
+    read = after["disk_read_bytes_total"] - before["disk_read_bytes_total"]
+    # every pass reads the streamed weights once; reads ahead cross from one pass into the next
+    assert (steps - 1) * per_forward <= read <= (steps + 1) * per_forward, (read / per_forward, steps)
+    assert after["budget_bytes"] == pytest.approx(after["weight_bytes"] / 2, abs=1)
+    assert after["resident_bytes"] + after["arena_bytes"] <= after["budget_bytes"]
+    assert after["io_seconds_total"] > before["io_seconds_total"] and 0 <= after["overlap"] <= 1
+    assert after["wait_seconds_total"] >= before["wait_seconds_total"]
 
 
 def _vtensor_gauges(text: str) -> dict[str, float]:

@@ -24,6 +24,31 @@ def test_entry_points_are_declared():
     eps = {ep.name: ep.value for ep in md.entry_points(group="vllm.general_plugins")}
     assert eps["vtensor"] == "vllm_vtensor.plugin:register"
     assert eps["flexoffload"] == "flexoffload.plugin:register"
+    loggers = {ep.name: ep.value for ep in md.entry_points(group="vllm.stat_logger_plugins")}
+    assert loggers == {"vtensor": "vllm_vtensor.metrics:VTensorStatLogger",
+                       "flexinfer": "flexoffload.metrics:FlexInferStatLogger"}
+
+
+def test_flexinfer_figures_go_to_a_file_of_the_server(monkeypatch, tmp_path):
+    """Without FLEXOFFLOAD_STATS_FILE the loader's snapshot goes beside VTENSOR's, in the server's own
+    private folder (so /metrics has FlexInfer's figures); a file the user names is kept."""
+    import os
+    import tempfile
+
+    from flexoffload import plugin
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("VTENSOR_STATS_FILE", "")
+    monkeypatch.setenv("FLEXOFFLOAD_STATS_FILE", "")
+    monkeypatch.setattr(plugin, "_registered", None)
+    assert plugin.register() is True
+    own = tmp_path / f"vllm-vtensor-{os.getuid()}" / f"stats-{os.getpid()}"
+    assert os.environ["FLEXOFFLOAD_STATS_FILE"] == str(own / "flexinfer.json") and own.is_dir()
+    mine = tmp_path / "mine.json"
+    monkeypatch.setenv("FLEXOFFLOAD_STATS_FILE", str(mine))
+    monkeypatch.setattr(plugin, "_registered", None)
+    assert plugin.register() is True
+    assert os.environ["FLEXOFFLOAD_STATS_FILE"] == str(mine)
 
 
 @pytest.mark.parametrize("name", ["vtensor", "flexoffload"])

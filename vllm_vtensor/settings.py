@@ -199,10 +199,12 @@ SETTINGS: tuple[Setting, ...] = (
     # -- FlexInfer ------------------------------------------------------------------------------------
     Setting("FLEXOFFLOAD_STATS_FILE", "env", "path", None,
             "Where the FlexInfer loader writes its figures as JSON (plan, bytes streamed, I/O seconds, wait, load "
-            "peak). Its folder must exist. Under tensor parallelism this is rank 0's; rank r of n writes "
-            "`<name>.tp<r>of<n>.json` beside it.",
+            "peak; read by the API server's `/metrics` and by benchmarks). Its folder must exist. Under tensor "
+            "parallelism this is rank 0's; rank r of n writes `<name>.tp<r>of<n>.json` beside it.",
             parse=_path, check=lambda v: Path(v).parent.is_dir(),
-            fix="name a file in an existing folder (the folder is not created)"),
+            fix="name a file in an existing folder (the folder is not created)",
+            default_text="`stats-<pid>/flexinfer.json` beside VTENSOR's default snapshot, removed when the "
+                         "server exits"),
     Setting("memory_budget", "flexinfer option", "size, fraction or auto", None,
             "Required. The memory the model's weights may hold: bytes, a size (`\"1.5GiB\"`, `\"800M\"`), a "
             "fraction of the weights (`0.25`, `\"25%\"`), or `\"auto\"`: what is free when the engine loads (the "

@@ -107,24 +107,35 @@ def _retire(folder: str) -> None:
 
 def ensure_stats_path() -> str:
     """Choose the snapshot file once, in the first process (children inherit it through the
-    environment): ``$VTENSOR_STATS_FILE`` if set, else ``stats.json`` in a folder of this process
-    (``stats-<pid>``) in the private folder, removed with its folder when this process exits (those
-    of processes that died are removed here). A server's snapshot file whose folder is not on this
-    host was chosen on another node (vLLM's Ray executor hands the driver's environment to workers
-    on every node): this host's processes choose their own."""
-    chosen = settings.raw(ENV)
+    environment): ``$VTENSOR_STATS_FILE`` if set, else ``stats.json`` in this process's folder
+    (:func:`ensure_private_file`)."""
+    return ensure_private_file(ENV, "stats.json")
+
+
+_retired_at_exit: set[str] = set()  # this process's folders, removed when it exits
+
+
+def ensure_private_file(env: str, name: str) -> str:
+    """``$env`` if set, else ``name`` in a folder of this process (``stats-<pid>``) in the private
+    folder, set in ``$env`` for the processes it starts; the folder is removed with its files when
+    this process exits (those of processes that died are removed here). A file whose folder is not
+    on this host was chosen on another node (vLLM's Ray executor hands the driver's environment to
+    workers on every node): this host's processes choose their own."""
+    chosen = settings.raw(env)
     if chosen and _owner(chosen) is not None and not os.path.isdir(os.path.dirname(chosen)):
-        os.environ.pop(ENV)  # not ours to use: choose below
-    path = settings.get(ENV)
+        os.environ.pop(env)  # not ours to use: choose below
+    path = settings.get(env)
     if path:
         return path
-    folder = private_folder()
-    remove_stale(folder)
-    own = folder / f"stats-{os.getpid()}"
-    own.mkdir(mode=0o700, exist_ok=True)
-    path = str(own / "stats.json")
-    os.environ[ENV] = path
-    atexit.register(_retire, str(own))
+    own = private_folder_path() / f"stats-{os.getpid()}"
+    if not own.is_dir():
+        remove_stale(private_folder())
+        own.mkdir(mode=0o700, exist_ok=True)
+    if str(own) not in _retired_at_exit:
+        _retired_at_exit.add(str(own))
+        atexit.register(_retire, str(own))
+    path = str(own / name)
+    os.environ[env] = path
     return path
 
 
@@ -140,7 +151,7 @@ def attach(kv) -> None:
 
 
 def _owner(path: str) -> int | None:
-    """The process that chose a snapshot file of the private folder (``stats-<pid>/stats.json``), else None."""
+    """The process that chose a snapshot file of the private folder (``stats-<pid>/<name>``), else None."""
     folder = os.path.dirname(path)
     name = os.path.basename(folder)
     if os.path.dirname(folder) != str(private_folder_path()) or not name.startswith("stats-"):
