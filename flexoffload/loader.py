@@ -40,7 +40,7 @@ from vllm.utils.torch_utils import set_default_torch_dtype
 
 from vllm_vtensor import settings
 from vllm_vtensor.log import get_logger
-from vllm_vtensor.stats import write_json_atomic
+from vllm_vtensor.stats import server_gone, write_snapshot_json
 from vllm_vtensor.threads import move_to_helper_cores
 
 from . import aio
@@ -211,7 +211,7 @@ class FlexInferLoader(BaseModelLoader):
             "disk_bytes_per_forward": plan.disk_bytes_per_forward,
             "device": target.type, "device_weight_bytes": _device_bytes(model, self.streamer, target),
             "io_engine": self.io_engine, "head_packed": self.head_packed, "embed_rows": plan.embed_rows,
-            "head_runs": self.head_runs,
+            "head_runs": self.head_runs, "shard": self.shard,
             "auto": self.auto.as_dict() if self.auto else None})
         return model.eval()
 
@@ -698,9 +698,9 @@ _SNAPSHOT_INTERVAL_S = 0.2
 
 
 def _write_stats(path: str | None, data: dict) -> None:
-    """Merge ``data`` into the JSON snapshot at ``path`` (tests and benchmarks read it)."""
-    if path:
-        write_json_atomic(path, {**_read_stats(path), **data})
+    """Merge ``data`` into the JSON snapshot at ``path`` (/metrics, tests and benchmarks read it)."""
+    if path and not server_gone(path):
+        write_snapshot_json(path, {**_read_stats(path), **data})
 
 
 @dataclasses.dataclass
@@ -710,16 +710,26 @@ class _Reported:
     snapshot: dict = dataclasses.field(default_factory=dict)  # what the stats file holds
     trailing: threading.Timer | None = None  # the write due after a pass the interval skipped
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one writer at a time, latest last
+    failed: bool = False  # a write failed (logged once)
 
 
 def _write_snapshot(streamer: Streamer, stats_path: str, reported: _Reported) -> None:
+    """The running figures into the snapshot; best effort: a failed write is logged once, and the
+    forward passes go on."""
     s = streamer.stats
     with reported.lock:
-        if not reported.snapshot:
-            reported.snapshot.update(_read_stats(stats_path))
-        reported.snapshot.update(dataclasses.asdict(s), overlap=s.overlap, arena_locked=streamer.locked)
-        write_json_atomic(stats_path, reported.snapshot)
         reported.written = time.monotonic()
+        if server_gone(stats_path):
+            return
+        try:
+            if not reported.snapshot:
+                reported.snapshot.update(_read_stats(stats_path))
+            reported.snapshot.update(dataclasses.asdict(s), overlap=s.overlap, arena_locked=streamer.locked)
+            write_snapshot_json(stats_path, reported.snapshot)
+        except OSError:
+            if not reported.failed:
+                reported.failed = True
+                logger.warning("flexinfer: writing the figures to %s failed", stats_path, exc_info=True)
 
 
 def _write_trailing(streamer: Streamer, stats_path: str, reported: _Reported) -> None:

@@ -6,9 +6,7 @@ forward passes.  The API server reads them at scrape time, each rank's under the
 """
 from __future__ import annotations
 
-import glob
 import json
-import os
 import re
 import time
 
@@ -16,7 +14,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from vllm_vtensor import settings
 
-from .loader import STATS_ENV
+from .loader import STATS_ENV, rank_path
 
 # name -> (snapshot key, help). Gauges: the plan, fixed when the model is loaded, and the overlap.
 GAUGES = {
@@ -38,23 +36,29 @@ COUNTERS = {
     "vllm_flexinfer_io_seconds": ("io_seconds", "Time during which weight reads were in flight"),
     "vllm_flexinfer_wait_seconds": ("wait_seconds", "Time forward passes waited for weight reads"),
 }
-_RANK = re.compile(r"\.tp(\d+)of\d+\.json$")
+
+
+def _load(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def snapshots(path: str | None) -> dict[str, dict]:
-    """Each tensor-parallel rank's snapshot, by rank (``"0"`` for the named file); a rank whose file is
-    missing or being replaced is left out."""
-    if not path:
+    """Each tensor-parallel rank's snapshot, by rank: rank 0's (the named file) says how many ranks
+    there are (its ``shard``, ``tp0of<n>``; none without tensor parallelism), whose files are read
+    beside it (:func:`~flexoffload.loader.rank_path`). A file missing or being replaced is left out."""
+    first = _load(path) if path else None
+    if first is None:
         return {}
-    found = {"0": path, **{m.group(1): p for p in glob.glob(f"{glob.escape(os.path.splitext(path)[0])}.tp*of*.json")
-                           if (m := _RANK.search(p)) and m.group(1) != "0"}}
-    out = {}
-    for rank, p in sorted(found.items(), key=lambda kv: int(kv[0])):
-        try:
-            with open(p) as f:
-                out[rank] = json.load(f)
-        except (OSError, ValueError):
-            continue
+    found = re.fullmatch(r"tp0of(\d+)", first.get("shard") or "")
+    out = {"0": first}
+    for rank in range(1, int(found.group(1)) if found else 1):
+        snap = _load(rank_path(path, f"tp{rank}of{found.group(1)}"))
+        if snap is not None:
+            out[str(rank)] = snap
     return out
 
 

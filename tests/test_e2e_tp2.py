@@ -132,6 +132,9 @@ def test_ray_tp2_flexinfer_matches_vanilla(tiny_llama_path, vanilla_tp2, ray_clu
     _assert_same(got, vanilla_tp2)
     ranks = [json.loads(p.read_text()) for p in (stats, tmp_path / "flex.tp1of2.json")]
     assert len({r["store_path"] for r in ranks}) == 2, "each rank reads its own shard's store"
+    from flexoffload.metrics import snapshots
+
+    assert snapshots(str(stats)) == {"0": ranks[0], "1": ranks[1]}  # what /metrics reports, per tp_rank
     for r in ranks:
         assert r["head_streamed"] and r["forwards"] > 0 and r["bytes_streamed"] > 0
         assert r["resident_bytes"] + r["arena_bytes"] <= r["budget_bytes"] < r["weight_bytes"]

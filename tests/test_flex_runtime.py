@@ -395,8 +395,9 @@ def test_host_tier_tensors_are_copied_to_the_device_from_the_host_tier(store):
 
 
 def test_metrics_read_every_tensor_parallel_ranks_snapshot(tmp_path, monkeypatch):
-    """/metrics reports each rank's FlexInfer figures under its tp_rank (rank 0: the named file; rank r:
-    ``<name>.tp<r>of<n>.json``), counters as totals; a rank whose file is half-written is left out."""
+    """/metrics reports each rank's FlexInfer figures under its tp_rank (rank 0: the named file, which
+    says how many ranks run; rank r: ``<name>.tp<r>of<n>.json``), counters as totals; a rank whose file
+    is half-written, and files of another run's ranks, are left out."""
     import json
 
     from prometheus_client import CollectorRegistry, generate_latest
@@ -408,8 +409,9 @@ def test_metrics_read_every_tensor_parallel_ranks_snapshot(tmp_path, monkeypatch
     for rank, forwards in ((0, 7), (1, 7)):
         with open(rank_path(path, f"tp{rank}of3"), "w") as f:
             json.dump({"budget_bytes": 100 + rank, "forwards": forwards, "bytes_streamed": 10 * (rank + 1),
-                       "overlap": 0.5}, f)
+                       "overlap": 0.5, "shard": f"tp{rank}of3"}, f)
     (tmp_path / "flex.tp2of3.json").write_text('{"forwards": ')  # being written
+    (tmp_path / "flex.tp3of4.json").write_text('{"forwards": 1}')  # an earlier run's
     monkeypatch.setenv("FLEXOFFLOAD_STATS_FILE", path)
     monkeypatch.setattr(metrics, "_cached", (0.0, {}))
     registry = CollectorRegistry()
@@ -419,6 +421,9 @@ def test_metrics_read_every_tensor_parallel_ranks_snapshot(tmp_path, monkeypatch
     assert 'vllm_flexinfer_budget_bytes{tp_rank="1"} 101.0' in text
     assert 'vllm_flexinfer_disk_read_bytes_total{tp_rank="1"} 20.0' in text
     assert 'vllm_flexinfer_forwards_total{tp_rank="0"} 7.0' in text
-    assert 'tp_rank="2"' not in text
+    assert 'tp_rank="2"' not in text and 'tp_rank="3"' not in text
     assert "vllm_flexinfer_arena_bytes{" not in text  # not in the snapshot: no sample
-    assert metrics.snapshots(None) == {}
+    # without tensor parallelism (no shard) only the named file counts
+    with open(path, "w") as f:
+        json.dump({"budget_bytes": 5, "shard": ""}, f)
+    assert list(metrics.snapshots(path)) == ["0"] and metrics.snapshots(None) == {}

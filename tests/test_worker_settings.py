@@ -250,28 +250,51 @@ def test_stats_files_are_private_and_do_not_outlive_their_process(monkeypatch, t
     assert not os.path.exists(os.path.dirname(path))
 
 
-def test_a_worker_writing_while_its_server_exits_leaves_nothing(monkeypatch, tmp_path):
+@pytest.mark.parametrize("writer", ["vtensor", "flexinfer"])
+def test_a_worker_writing_while_its_server_exits_leaves_nothing(writer, monkeypatch, tmp_path):
     """The server removes its snapshot folder at exit while still alive; a worker's snapshot written
-    then (the owner still runs) must not leave a file behind: the write finds no folder."""
+    then (the owner still runs) must not leave a file behind, nor fail: the write finds no folder.
+    VTENSOR's figures and FlexInfer's (whose writes run in the forward pass) alike."""
     import os
     import tempfile
     import threading
     import time
 
+    from flexoffload import loader
+    from flexoffload.runtime import StreamStats
     from vllm_vtensor import stats
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setenv("VTENSOR_STATS_FILE", "")
+    monkeypatch.setenv("FLEXOFFLOAD_STATS_FILE", "")
     registered = []
     monkeypatch.setattr(stats.atexit, "register", lambda fn, *a: registered.append((fn, a)))
-    path = stats.ensure_stats_path()
-    figures = dataclasses.make_dataclass("Figures", [("resident_bytes", int)])
-    kv = SimpleNamespace(stats=lambda: figures(1))
+    if writer == "vtensor":
+        path = stats.ensure_stats_path()
+        figures = dataclasses.make_dataclass("Figures", [("resident_bytes", int)])
+        kv = SimpleNamespace(stats=lambda: figures(1))
+
+        def write():
+            stats._write_snapshot(kv, path)
+    else:
+        path = stats.ensure_private_file("FLEXOFFLOAD_STATS_FILE", "flexinfer.json")
+        streamer = SimpleNamespace(stats=StreamStats(forwards=3), locked=False)
+        failed = []
+
+        def write():
+            reported = loader._Reported(0.0)
+            loader._write_stats(path, {"budget_bytes": 1})
+            loader._write_snapshot(streamer, path, reported)
+            failed.append(reported.failed)
     stop = threading.Event()
+    errors = []
 
     def worker():
         while not stop.is_set():
-            stats._write_snapshot(kv, path)  # the owner (this process) stays alive throughout
+            try:
+                write()  # the owner (this process) stays alive throughout
+            except Exception as e:
+                errors.append(e)
 
     writers = [threading.Thread(target=worker) for _ in range(2)]
     for t in writers:
@@ -288,7 +311,9 @@ def test_a_worker_writing_while_its_server_exits_leaves_nothing(monkeypatch, tmp
         stop.set()
         for t in writers:
             t.join()
-    assert not os.path.exists(os.path.dirname(path))
+    assert not os.path.exists(os.path.dirname(path)) and not errors
+    if writer == "flexinfer":
+        assert failed and not any(failed)  # nothing to write to is no failure
 
 
 def test_kv_cache_groups_vtensor_cannot_map_are_refused_naming_them():

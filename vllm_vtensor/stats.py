@@ -216,18 +216,30 @@ def process_pss_bytes(snapshot: dict) -> int | None:
     return None
 
 
-def _write_snapshot(kv, path: str) -> None:
+def server_gone(path: str) -> bool:
+    """Whether ``path`` is a server's own snapshot file (:func:`ensure_private_file`) and the server is
+    gone or going (its folder removed): then nothing may be written that it would leave behind."""
     owner = _owner(path)
-    if owner is not None and not (_alive(owner) and os.path.isdir(os.path.dirname(path))):
-        return  # the server is gone or going: write nothing it would leave behind
+    return owner is not None and not (_alive(owner) and os.path.isdir(os.path.dirname(path)))
+
+
+def write_snapshot_json(path: str, data: dict) -> None:
+    """:func:`write_json_atomic`, where a server's own file whose folder went meanwhile (the server
+    exited) is not an error: there is nothing to write to."""
+    try:
+        write_json_atomic(path, data)
+    except FileNotFoundError:
+        if _owner(path) is None:
+            raise
+
+
+def _write_snapshot(kv, path: str) -> None:
+    if server_gone(path):
+        return
     data = dataclasses.asdict(kv.stats()) | process_memory()
     data["pid"] = os.getpid()
     data["time"] = time.time()
-    try:
-        write_json_atomic(path, data)
-    except FileNotFoundError:  # the server removed its folder as it exited: nothing to write to
-        if owner is None:
-            raise
+    write_snapshot_json(path, data)
 
 
 class _Publisher:
