@@ -83,33 +83,41 @@ def ray_cluster():
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    log = temp / "head.log"
     # a node started from a plain shell: this project's settings, which earlier tests may have left in
     # this process's environment, and the suite's core for this worker's engines (tests/conftest.py) would
     # win over the driver's in every worker (vLLM fills in only what a node does not set)
     node_env = {k: v for k, v in os.environ.items()
                 if not k.startswith(("VTENSOR_", "FLEXOFFLOAD_")) and k != "VLLM_CPU_OMP_THREADS_BIND"}
-    with open(log, "w") as out:
-        head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={_free_port()}",
-                                 f"--ray-client-server-port={_free_port()}",
-                                 f"--dashboard-agent-listen-port={_free_port()}",
-                                 "--num-cpus=2", f"--object-store-memory={100 << 20}", "--include-dashboard=false",
-                                 "--disable-usage-stats", f"--temp-dir={temp}"],
-                                stdout=out, stderr=subprocess.STDOUT, env={**node_env, **env})
+    head = None
     try:
-        deadline, address = time.monotonic() + 120, None
-        while address is None:
-            assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            found = re.search(r"--address='([^']+)'", log.read_text())
-            address = found and found.group(1)
-            time.sleep(1)
+        # the ports are chosen free, then released for Ray to bind: another process may take one meanwhile
+        # (GCS then fails to start), so a head that exits before giving its address is started again
+        for attempt in range(3):
+            log = temp / f"head-{attempt}.log"
+            with open(log, "w") as out:
+                head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={_free_port()}",
+                                         f"--ray-client-server-port={_free_port()}",
+                                         f"--dashboard-agent-listen-port={_free_port()}",
+                                         "--num-cpus=2", f"--object-store-memory={100 << 20}",
+                                         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                                        stdout=out, stderr=subprocess.STDOUT, env={**node_env, **env})
+            deadline, address = time.monotonic() + 120, None
+            while address is None and head.poll() is None:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                found = re.search(r"--address='([^']+)'", log.read_text())
+                address = found and found.group(1)
+                time.sleep(1)
+            if address is not None:
+                break
+        assert address is not None, log.read_text()[-3000:]
         yield {**env, "RAY_ADDRESS": address}
     finally:
-        head.terminate()  # --block: stopping the command stops the node it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
+        if head is not None:
+            head.terminate()  # --block: stopping the command stops the node it started
+            try:
+                head.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                head.kill()
         shutil.rmtree(temp, ignore_errors=True)
 
 
