@@ -686,7 +686,8 @@ def _give_back_freed_memory() -> None:
         pass
 
 
-def _read_stats(path: str) -> dict:
+def read_stats(path: str) -> dict:
+    """The JSON snapshot at ``path`` ({} if there is none, or it cannot be read)."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -700,7 +701,7 @@ _SNAPSHOT_INTERVAL_S = 0.2
 def _write_stats(path: str | None, data: dict) -> None:
     """Merge ``data`` into the JSON snapshot at ``path`` (/metrics, tests and benchmarks read it)."""
     if path and not server_gone(path):
-        write_snapshot_json(path, {**_read_stats(path), **data})
+        write_snapshot_json(path, {**read_stats(path), **data})
 
 
 @dataclasses.dataclass
@@ -723,7 +724,7 @@ def _write_snapshot(streamer: Streamer, stats_path: str, reported: _Reported) ->
             return
         try:
             if not reported.snapshot:
-                reported.snapshot.update(_read_stats(stats_path))
+                reported.snapshot.update(read_stats(stats_path))
             reported.snapshot.update(dataclasses.asdict(s), overlap=s.overlap, arena_locked=streamer.locked)
             write_snapshot_json(stats_path, reported.snapshot)
         except OSError:

@@ -6,7 +6,6 @@ forward passes.  The API server reads them at scrape time, each rank's under the
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 
@@ -14,7 +13,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from vllm_vtensor import settings
 
-from .loader import STATS_ENV, rank_path
+from .loader import STATS_ENV, read_stats, rank_path
 
 # name -> (snapshot key, help). Gauges: the plan, fixed when the model is loaded, and the overlap.
 GAUGES = {
@@ -38,26 +37,18 @@ COUNTERS = {
 }
 
 
-def _load(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def snapshots(path: str | None) -> dict[str, dict]:
     """Each tensor-parallel rank's snapshot, by rank: rank 0's (the named file) says how many ranks
     there are (its ``shard``, ``tp0of<n>``; none without tensor parallelism), whose files are read
     beside it (:func:`~flexoffload.loader.rank_path`). A file missing or being replaced is left out."""
-    first = _load(path) if path else None
-    if first is None:
+    first = read_stats(path) if path else {}
+    if not first:
         return {}
     found = re.fullmatch(r"tp0of(\d+)", first.get("shard") or "")
     out = {"0": first}
     for rank in range(1, int(found.group(1)) if found else 1):
-        snap = _load(rank_path(path, f"tp{rank}of{found.group(1)}"))
-        if snap is not None:
+        snap = read_stats(rank_path(path, f"tp{rank}of{found.group(1)}"))
+        if snap:
             out[str(rank)] = snap
     return out
 
