@@ -7,11 +7,11 @@ forward passes.  The API server reads them at scrape time, each rank's under the
 from __future__ import annotations
 
 import re
-import time
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from vllm_vtensor import settings
+from vllm_vtensor.metrics import ScrapeCache
 
 from .loader import STATS_ENV, read_stats, rank_path
 
@@ -53,15 +53,7 @@ def snapshots(path: str | None) -> dict[str, dict]:
     return out
 
 
-_cached: tuple[float, dict[str, dict]] = (0.0, {})
-
-
-def _read_cached(max_age: float = 0.1) -> dict[str, dict]:
-    global _cached
-    now = time.monotonic()
-    if now - _cached[0] > max_age:
-        _cached = (now, snapshots(settings.get(STATS_ENV)))
-    return _cached[1]
+_read_cached = ScrapeCache(lambda: snapshots(settings.get(STATS_ENV)))
 
 
 class _Collector:

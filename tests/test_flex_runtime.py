@@ -413,7 +413,7 @@ def test_metrics_read_every_tensor_parallel_ranks_snapshot(tmp_path, monkeypatch
     (tmp_path / "flex.tp2of3.json").write_text('{"forwards": ')  # being written
     (tmp_path / "flex.tp3of4.json").write_text('{"forwards": 1}')  # an earlier run's
     monkeypatch.setenv("FLEXOFFLOAD_STATS_FILE", path)
-    monkeypatch.setattr(metrics, "_cached", (0.0, {}))
+    metrics._read_cached.clear()
     registry = CollectorRegistry()
     registry.register(metrics._Collector())
     text = generate_latest(registry).decode()

@@ -197,7 +197,7 @@ def test_top_and_metrics_show_each_engine_on_the_pool(monkeypatch, capsys):
                                                                                           "3.0", "2"]
                    for line in out.splitlines()), out
         monkeypatch.setenv("VTENSOR_POOL", name)
-        monkeypatch.setattr(metrics, "_pool", (0.0, None))
+        metrics._pool_view.clear()
         monkeypatch.setattr(metrics, "_ledger", None)
         got = {m.name: m.samples[0].value for m in metrics._Collector().collect() if m.name.startswith("vllm_vtensor_pool")}
         assert got == {"vllm_vtensor_pool_bytes": POOL, "vllm_vtensor_pool_committed_bytes": 30 * MiB,

@@ -65,50 +65,44 @@ POOL_GAUGES = {
     "vllm_vtensor_pool_engine_want_bytes": "KV memory this server's engine could not get from the pool in its last step",
 }
 
+class ScrapeCache:
+    """``read()``'s value, read again at most every ``max_age`` seconds (one scrape asks for many figures)."""
+
+    def __init__(self, read, max_age: float = 0.1):
+        self._read, self._max_age = read, max_age
+        self.clear()
+
+    def clear(self) -> None:
+        self._at, self._value = float("-inf"), None
+
+    def __call__(self):
+        now = time.monotonic()
+        if now - self._at > self._max_age:
+            self._at, self._value = now, self._read()
+        return self._value
+
+
 _gauges = None
-_pool: tuple[float, object] = (0.0, None)
 _ledger = None  # the shared pool's ledger, opened at the first scrape that finds it
 
 
-def _pool_view(max_age: float = 0.1):
+def _read_pool_view():
     """The shared pool's ledger view (None without VTENSOR_POOL or while the pool is unreadable)."""
-    global _pool, _ledger
-    now = time.monotonic()
-    if now - _pool[0] > max_age:
-        view = None
-        try:
-            if _ledger is None:
-                from .shared_pool import open_from_settings
+    global _ledger
+    try:
+        if _ledger is None:
+            from .shared_pool import open_from_settings
 
-                _ledger = open_from_settings(None)
-            if _ledger is not None:
-                view = _ledger.view()
-        except Exception:  # a scrape never fails for it: the pool gauges read 0
-            logger.debug("vTensor: reading the shared pool failed", exc_info=True)
-        _pool = (now, view)
-    return _pool[1]
+            _ledger = open_from_settings(None)
+        return _ledger.view() if _ledger is not None else None
+    except Exception:  # a scrape never fails for it: the pool gauges read 0
+        logger.debug("vTensor: reading the shared pool failed", exc_info=True)
+        return None
 
 
-_snapshot: tuple[float, dict | None] = (0.0, None)
-
-
-def _read_cached(max_age: float = 0.1) -> dict | None:
-    global _snapshot
-    now = time.monotonic()
-    if now - _snapshot[0] > max_age:
-        _snapshot = (now, stats.read())
-    return _snapshot[1]
-
-
-_pss: tuple[float, int | None] = (0.0, None)
-
-
-def _pss_cached(snap: dict, max_age: float = 1.0) -> int | None:
-    global _pss
-    now = time.monotonic()
-    if now - _pss[0] > max_age:
-        _pss = (now, stats.process_pss_bytes(snap))
-    return _pss[1]
+_pool_view = ScrapeCache(_read_pool_view)
+_read_cached = ScrapeCache(stats.read)
+_pss_cached = ScrapeCache(lambda: stats.process_pss_bytes(_read_cached() or {}), max_age=1.0)
 
 
 class _Collector:
@@ -120,7 +114,7 @@ class _Collector:
         snap = _read_cached() or {}
         for name, (key, doc) in GAUGES.items():
             yield GaugeMetricFamily(name, doc, value=float(snap.get(key, 0)))
-        yield GaugeMetricFamily(*WORKER_PSS, value=float(_pss_cached(snap) or 0))
+        yield GaugeMetricFamily(*WORKER_PSS, value=float(_pss_cached() or 0))
         for name, (key, doc) in COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=float(snap.get(key, 0)))
         view = _pool_view()
