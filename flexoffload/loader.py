@@ -40,8 +40,7 @@ from vllm.utils.torch_utils import set_default_torch_dtype
 
 from vllm_vtensor import settings
 from vllm_vtensor.log import get_logger
-from vllm_vtensor.stats import server_gone, write_snapshot_json
-from vllm_vtensor.threads import move_to_helper_cores
+from vllm_vtensor.stats import Publisher, server_gone, write_snapshot_json
 
 from . import aio
 from .config import FlexConfig, FlexConfigError, check_model
@@ -707,53 +706,39 @@ def _write_stats(path: str | None, data: dict) -> None:
 @dataclasses.dataclass
 class _Reported:
     logged: float  # when the last log line was written
-    written: float = 0.0  # when the snapshot was last written
     snapshot: dict = dataclasses.field(default_factory=dict)  # what the stats file holds
-    trailing: threading.Timer | None = None  # the write due after a pass the interval skipped
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one writer at a time, latest last
     failed: bool = False  # a write failed (logged once)
 
 
-def _write_snapshot(streamer: Streamer, stats_path: str, reported: _Reported) -> None:
-    """The running figures into the snapshot; best effort: a failed write is logged once, and the
-    forward passes go on."""
+def _write_snapshot(stats_path: str, streamer: Streamer, reported: _Reported) -> None:
+    """The running figures into the snapshot (on the publisher's thread); best effort: a failed write is
+    logged once, and the forward passes go on."""
+    if server_gone(stats_path):
+        return
     s = streamer.stats
-    with reported.lock:
-        reported.written = time.monotonic()
-        if server_gone(stats_path):
-            return
-        try:
-            if not reported.snapshot:
-                reported.snapshot.update(read_stats(stats_path))
-            reported.snapshot.update(dataclasses.asdict(s), overlap=s.overlap, arena_locked=streamer.locked)
-            write_snapshot_json(stats_path, reported.snapshot)
-        except OSError:
-            if not reported.failed:
-                reported.failed = True
-                logger.warning("flexinfer: writing the figures to %s failed", stats_path, exc_info=True)
+    try:
+        if not reported.snapshot:
+            reported.snapshot.update(read_stats(stats_path))
+        reported.snapshot.update(dataclasses.asdict(s), overlap=s.overlap, arena_locked=streamer.locked)
+        write_snapshot_json(stats_path, reported.snapshot)
+    except OSError:
+        if not reported.failed:
+            reported.failed = True
+            logger.warning("flexinfer: writing the figures to %s failed", stats_path, exc_info=True)
 
 
-def _write_trailing(streamer: Streamer, stats_path: str, reported: _Reported) -> None:
-    move_to_helper_cores()
-    reported.trailing = None
-    _write_snapshot(streamer, stats_path, reported)
+# Writing the snapshot took 0.7 ms, 2% of a SmolLM2 forward pass on a 2-core machine: a helper thread writes
+# it, at most every 0.2 s, the figures after the latest pass last (those of the last passes before a pause are
+# there while the engine idles: /metrics reads them).
+_publisher = Publisher(_write_snapshot, _SNAPSHOT_INTERVAL_S, "flexinfer-stats")
 
 
 def _report(streamer: Streamer, stats_path: str | None, reported: _Reported) -> None:
-    """After each forward pass: the JSON snapshot (at most every 0.2 s: writing it took 0.7 ms, 2% of a
-    forward pass, on a 2-core machine; a pass the interval skips is written 0.2 s after the last write
-    by a timer, so the figures of the last passes before a pause are there while the engine idles:
-    /metrics reads them), and a log line every 10 s."""
+    """After each forward pass: the JSON snapshot handed to the publisher, and a log line every 10 s."""
     s = streamer.stats
     now = time.monotonic()
     if stats_path:
-        if now - reported.written >= _SNAPSHOT_INTERVAL_S:
-            _write_snapshot(streamer, stats_path, reported)
-        elif reported.trailing is None:
-            reported.trailing = threading.Timer(_SNAPSHOT_INTERVAL_S - (now - reported.written), _write_trailing,
-                                                (streamer, stats_path, reported))
-            reported.trailing.daemon = True
-            reported.trailing.start()
+        _publisher.request(stats_path, streamer, reported)
     if now - reported.logged > 10:
         reported.logged = now
         logger.info("flexinfer: %d forwards, %.1f MiB read from disk, %.1f MiB from the host tier, I/O %.2fs, "

@@ -86,12 +86,12 @@ def _iterations(text: str) -> float:
 
 def test_metrics_expose_flexinfer_streaming(server, client):
     """FlexInfer's figures in /metrics: the plan at 50% and running totals that count every forward
-    pass, the last ones before the engine idles included (written after the snapshot interval)."""
+    pass, the last ones before the engine idles included (written by the publisher after its interval)."""
     import time
 
     model = _model(client)
     client.completions.create(model=model, prompt="Once upon a time", max_tokens=4, temperature=0)
-    time.sleep(1.0)  # idle: the last passes' figures are written 0.2 s after the last snapshot
+    time.sleep(1.0)  # idle: the last passes' figures are written at most 0.2 s after the last snapshot
     text = server.metrics()
     before, steps_before = _flexinfer_figures(text), _iterations(text)
     client.completions.create(model=model, prompt="The capital of France is", max_tokens=12, temperature=0,

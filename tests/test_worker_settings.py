@@ -254,7 +254,7 @@ def test_stats_files_are_private_and_do_not_outlive_their_process(monkeypatch, t
 def test_a_worker_writing_while_its_server_exits_leaves_nothing(writer, monkeypatch, tmp_path):
     """The server removes its snapshot folder at exit while still alive; a worker's snapshot written
     then (the owner still runs) must not leave a file behind, nor fail: the write finds no folder.
-    VTENSOR's figures and FlexInfer's (whose writes run in the forward pass) alike."""
+    VTENSOR's figures and FlexInfer's alike."""
     import os
     import tempfile
     import threading
@@ -275,7 +275,7 @@ def test_a_worker_writing_while_its_server_exits_leaves_nothing(writer, monkeypa
         kv = SimpleNamespace(stats=lambda: figures(1))
 
         def write():
-            stats._write_snapshot(kv, path)
+            stats._write_snapshot(path, kv)
     else:
         path = stats.ensure_private_file("FLEXOFFLOAD_STATS_FILE", "flexinfer.json")
         streamer = SimpleNamespace(stats=StreamStats(forwards=3), locked=False)
@@ -284,7 +284,7 @@ def test_a_worker_writing_while_its_server_exits_leaves_nothing(writer, monkeypa
         def write():
             reported = loader._Reported(0.0)
             loader._write_stats(path, {"budget_bytes": 1})
-            loader._write_snapshot(streamer, path, reported)
+            loader._write_snapshot(path, streamer, reported)
             failed.append(reported.failed)
     stop = threading.Event()
     errors = []
@@ -381,7 +381,7 @@ def test_worker_memory_figures_name_one_process():
 
 def test_snapshots_asked_for_every_step_are_written_at_most_every_interval_the_last_state_last(monkeypatch, tmp_path):
     """Every step with requests starting or finishing asks for a snapshot; the publisher writes at most one
-    per ``_FORCED_INTERVAL_S`` (counting a KV space's figures holds its lock and the GIL the next step's
+    per interval (counting a KV space's figures holds its lock and the GIL the next step's
     block updates wait for), and what it writes last is the state after the last request."""
     import json
     import time
@@ -390,7 +390,6 @@ def test_snapshots_asked_for_every_step_are_written_at_most_every_interval_the_l
 
     path = str(tmp_path / "stats.json")
     monkeypatch.setenv("VTENSOR_STATS_FILE", path)
-    monkeypatch.setattr(stats, "_FORCED_INTERVAL_S", 0.05)
     figures = dataclasses.make_dataclass("Figures", [("step", int)])
     state = {"step": 0}
     counted = []
@@ -400,7 +399,7 @@ def test_snapshots_asked_for_every_step_are_written_at_most_every_interval_the_l
         return figures(state["step"])
 
     kv = SimpleNamespace(stats=count)
-    publisher = stats._Publisher()
+    publisher = stats.Publisher(stats._write_snapshot, 0.05, "vtensor-stats")
     monkeypatch.setattr(stats, "_publisher", publisher)
     start = time.monotonic()
     for step in range(1, 101):  # 100 steps of 2 ms

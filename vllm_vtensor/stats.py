@@ -176,7 +176,7 @@ def publish(kv, force: bool = False) -> None:
     if not path or (not force and now - _last_write < _MIN_INTERVAL_S):
         return
     _last_write = now
-    _publisher.request(kv, path)
+    _publisher.request(path, kv)
 
 
 def process_memory() -> dict[str, int]:
@@ -233,7 +233,7 @@ def write_snapshot_json(path: str, data: dict) -> None:
             raise
 
 
-def _write_snapshot(kv, path: str) -> None:
+def _write_snapshot(path: str, kv) -> None:
     if server_gone(path):
         return
     data = dataclasses.asdict(kv.stats()) | process_memory()
@@ -242,21 +242,26 @@ def _write_snapshot(kv, path: str) -> None:
     write_snapshot_json(path, data)
 
 
-class _Publisher:
-    """One helper thread per process that writes the latest requested snapshot, at most one every
-    ``_FORCED_INTERVAL_S`` (requests made meanwhile are written together, as the state after the last)."""
+class Publisher:
+    """One helper thread per process that writes the latest requested state of each file, at most one
+    write every ``interval`` seconds (requests made meanwhile are written together, as the state after the
+    last), off the compute cores: a step or forward pass only hands the request over.
 
-    def __init__(self):
+    ``write(path, *args)`` writes; an exception it raises is logged, and publishing goes on.  VTENSOR's
+    allocator figures and FlexInfer's streaming figures each have one."""
+
+    def __init__(self, write, interval: float, name: str):
+        self._write, self.interval, self._name = write, interval, name
         self._cond = threading.Condition()
-        self._pending: tuple | None = None
+        self._pending: dict[str, tuple] = {}  # path -> the latest arguments requested for it
         self._pid = None  # the process whose thread runs (a forked child starts its own)
 
-    def request(self, kv, path: str) -> None:
+    def request(self, path: str, *args) -> None:
         with self._cond:
-            self._pending = (kv, path)
+            self._pending[path] = args
             if self._pid != os.getpid():
                 self._pid = os.getpid()
-                threading.Thread(target=self._run, name="vtensor-stats", daemon=True).start()
+                threading.Thread(target=self._run, name=self._name, daemon=True).start()
             self._cond.notify()
 
     def _run(self) -> None:
@@ -264,19 +269,20 @@ class _Publisher:
         last = float("-inf")
         while True:
             with self._cond:
-                while self._pending is None:
+                while not self._pending:
                     self._cond.wait()
-            time.sleep(max(0.0, last + _FORCED_INTERVAL_S - time.monotonic()))  # requests coming meanwhile join it
+            time.sleep(max(0.0, last + self.interval - time.monotonic()))  # requests coming meanwhile join it
             with self._cond:
-                (kv, path), self._pending = self._pending, None
+                pending, self._pending = self._pending, {}
             last = time.monotonic()
-            try:
-                _write_snapshot(kv, path)
-            except Exception:  # figures are best effort; the engine goes on
-                get_logger(__name__).exception("vTensor: writing the allocator figures to %s failed", path)
+            for path, args in pending.items():
+                try:
+                    self._write(path, *args)
+                except Exception:  # figures are best effort; the engine goes on
+                    get_logger(__name__).exception("%s: writing the figures to %s failed", self._name, path)
 
 
-_publisher = _Publisher()
+_publisher = Publisher(_write_snapshot, _FORCED_INTERVAL_S, "vtensor-stats")
 
 
 def write_json_atomic(path: str, data: dict) -> None:
