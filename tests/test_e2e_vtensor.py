@@ -247,3 +247,41 @@ def test_preemption_under_a_small_budget(smollm2_path, tmp_path, reference, pref
         assert after["resident_bytes"] == after["cached_bytes"] + after["reserve_bytes"] <= after["budget_bytes"]
     else:
         assert after["resident_bytes"] == after["reserve_bytes"] <= 4 << 20
+
+
+def test_an_idle_engine_gives_its_prefix_cache_memory_back(smollm2_path, tmp_path, reference):
+    """`VTENSOR_IDLE_RELEASE_S`: while requests come the prefix cache keeps its blocks (later requests hit
+    them); once the engine has had none for that long, the cache is reset in the engine's thread and the
+    worker holds only its reserve. Work re-arms it: after the next requests (computed anew, no hit,
+    vanilla's tokens) and another idle period, their cached blocks go back too."""
+    ref = reference[0]["shared"]
+    stats = tmp_path / "stats.json"
+    os.environ["VTENSOR_IDLE_RELEASE_S"] = "3"
+    try:
+        llm = _engine(smollm2_path, stats, attention_backend="VTENSOR", kv_cache_memory_bytes=256 << 20)
+    finally:
+        del os.environ["VTENSOR_IDLE_RELEASE_S"]
+
+    def released():
+        return _stats(stats, timeout=15, until=lambda s: s["cached_bytes"] == 0 and s["lingering_bytes"] == 0)
+
+    rounds = []
+    for _ in range(2):
+        out = _ids(llm.chat(SHARED[:1], _params()))
+        alone = _stats(stats)  # its figures, before the other questions
+        out += _ids(llm.chat(SHARED[1:], _params()))
+        idle_from = time.monotonic()
+        kept = _stats(stats)  # settled (finished requests' memory lingered 1 s and went back)
+        gone = released()
+        rounds.append(dict(out=out, alone=alone, kept=kept, gone=gone, seconds=time.monotonic() - idle_from))
+    _shutdown(llm)
+    for r in rounds:
+        assert r["out"] == ref
+        assert r["kept"]["cached_bytes"] > 0  # kept while the engine was idle less than 3 s
+        assert r["kept"]["prefix_hit_bytes"] > r["alone"]["prefix_hit_bytes"]  # the later questions hit it
+        gone = r["gone"]
+        assert gone["cached_bytes"] == gone["parked_bytes"] == gone["mapped_bytes"] == 0
+        assert gone["resident_bytes"] == gone["reserve_bytes"] <= max(4 << 20, gone["chunk_bytes"])
+        assert 3 <= r["seconds"] <= 3 + 3, r["seconds"]  # the idle time, then one poll of the watcher and the reset
+    # after the reset the first question found nothing cached: computed anew, no hit
+    assert rounds[1]["alone"]["prefix_hit_bytes"] == rounds[0]["gone"]["prefix_hit_bytes"]

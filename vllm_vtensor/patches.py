@@ -275,21 +275,33 @@ def _patch_reset_prefix_cache() -> None:
 
 
 # -- 8. Engine core: a KV pool shared with other engines ---------------------
-def _patch_engine_core_pool() -> None:
+_ENGINE_CORE_BUILT: list = []  # hooks run in the engine core once its scheduler exists (patches 8 and 12)
+
+
+def _on_engine_core_built(hook) -> None:
+    """Run ``hook(core)`` in every engine core once it has built its scheduler: vLLM calls
+    ``_initialize_effective_attention_block_size`` right after (plugins load inside ``EngineCore.__init__``,
+    too late to wrap ``__init__`` itself in the engine core's own process). One wrapper for all hooks."""
     from vllm.v1.engine.core import EngineCore
 
+    if hook not in _ENGINE_CORE_BUILT:
+        _ENGINE_CORE_BUILT.append(hook)
+    _run_after(EngineCore, "_initialize_effective_attention_block_size",
+               lambda core, _: [h(core) for h in _ENGINE_CORE_BUILT])
+
+
+def _attach_pool(core) -> None:
     from . import settings
     from .worker import is_vtensor
 
-    def after(self, _) -> None:
-        if settings.get("VTENSOR_POOL") is not None and is_vtensor(self.vllm_config):
-            from .shared_pool import attach_engine
+    if settings.get("VTENSOR_POOL") is not None and is_vtensor(core.vllm_config):
+        from .shared_pool import attach_engine
 
-            self._vtensor_pool = attach_engine(self)
+        core._vtensor_pool = attach_engine(core)
 
-    # vLLM calls this right after building the scheduler (plugins load inside EngineCore.__init__, too late
-    # to wrap __init__ itself in the engine core's own process)
-    _run_after(EngineCore, "_initialize_effective_attention_block_size", after)
+
+def _patch_engine_core_pool() -> None:
+    _on_engine_core_built(_attach_pool)
 
 
 # -- 9. Ray executor on CPUs ---------------------------------------------------
@@ -359,6 +371,21 @@ def _patch_engine_config_check() -> None:
 
     _run_after(EngineArgs, "create_engine_config", after)
 
+
+
+# -- 12. Engine core: an idle engine gives its prefix cache's memory back ---------------------
+def _attach_idle_release(core) -> None:
+    from . import settings
+    from .worker import is_vtensor
+
+    if settings.get("VTENSOR_IDLE_RELEASE_S") is not None and is_vtensor(core.vllm_config):
+        from .idle import attach
+
+        core._vtensor_idle = attach(core)
+
+
+def _patch_engine_idle_release() -> None:
+    _on_engine_core_built(_attach_idle_release)
 
 PATCHES: tuple[Patch, ...] = (
     Patch(
@@ -482,6 +509,19 @@ PATCHES: tuple[Patch, ...] = (
         _patch_engine_config_check,
         remove_when="vLLM asks the selected attention backend and the model loader to validate the engine's "
                     "configuration when it is created (0010)",
+    ),
+    Patch(
+        "engine-idle-release",
+        "vllm.v1.engine.core:EngineCore._initialize_effective_attention_block_size",
+        "vLLM keeps the prefix cache's blocks for as long as the engine lives; an engine sharing its device may "
+        "rather hold no KV memory while idle. With VTENSOR_IDLE_RELEASE_S, once the engine core has built its "
+        "scheduler (the same wrapped method as engine-core-shared-pool), a helper thread watches it for idle "
+        "time and wakes its idle loop, and the core's _handle_client_request is wrapped on the instance to "
+        "reset the prefix cache in the engine's own thread (vllm_vtensor.idle). Without it nothing is wrapped.",
+        "0011-engine-core-idle-callbacks.diff",
+        _patch_engine_idle_release,
+        remove_when="vLLM's engine core runs callbacks after it has been idle for a given time (0011), or resets "
+                    "its prefix cache after an idle timeout itself",
     ),
 )
 

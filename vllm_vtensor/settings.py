@@ -122,6 +122,14 @@ SETTINGS: tuple[Setting, ...] = (
             "How long freed KV memory is kept for reuse before it is given back to the system (0: at once).",
             parse=_seconds, check=lambda v: 0 <= v <= MAX_LINGER_S,
             fix=f"give seconds from 0 (freed memory goes back at once) to {MAX_LINGER_S:.0f}"),
+    Setting("VTENSOR_IDLE_RELEASE_S", "env", "seconds", None,
+            "When the engine has had no request for this long, vLLM's prefix cache is reset and VTENSOR gives the "
+            "memory of the blocks it kept back (as `LLM.reset_prefix_cache()` does): an idle engine then holds only "
+            "the small reserve (`VTENSOR_PRECREATE_BYTES`). The next requests compute their prefixes anew. Unset: "
+            "cached blocks stay until vLLM evicts them or the cache is reset.",
+            parse=_seconds, check=lambda v: 0 < v <= MAX_LINGER_S,
+            fix=f"give seconds above 0 (up to {MAX_LINGER_S:.0f}), or leave it unset to keep the prefix cache",
+            default_text="unset"),
     Setting("VTENSOR_PRECREATE_BYTES", "env", "size", 4 << 20,
             "KV memory kept created and ready by a background thread, so new blocks do not wait for it; 0 turns "
             "creating memory ahead off (the reserve and the next step's expected growth alike).",
