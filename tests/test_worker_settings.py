@@ -45,6 +45,17 @@ def test_linger_seconds_outside_its_range_is_refused(monkeypatch, value):
     assert settings.get("VTENSOR_CHUNK_LINGER_S") == 2.5
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "1e10", "nan", "soon"])
+def test_idle_release_seconds_outside_its_range_are_refused(monkeypatch, value):
+    monkeypatch.setenv("VTENSOR_IDLE_RELEASE_S", value)
+    with pytest.raises(SettingError, match="VTENSOR_IDLE_RELEASE_S.*give seconds above 0.*leave it unset"):
+        settings.get("VTENSOR_IDLE_RELEASE_S")
+    monkeypatch.setenv("VTENSOR_IDLE_RELEASE_S", "30")
+    assert settings.get("VTENSOR_IDLE_RELEASE_S") == 30.0
+    monkeypatch.delenv("VTENSOR_IDLE_RELEASE_S")
+    assert settings.get("VTENSOR_IDLE_RELEASE_S") is None
+
+
 def test_a_stats_file_in_a_missing_folder_is_refused(monkeypatch, tmp_path):
     for name in ("VTENSOR_STATS_FILE", "FLEXOFFLOAD_STATS_FILE"):
         monkeypatch.setenv(name, str(tmp_path / "no-such-folder" / "stats.json"))
