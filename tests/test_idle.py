@@ -49,6 +49,9 @@ def test_one_reset_per_idle_period_in_the_engines_thread():
     assert 0.4 <= at - start <= 0.4 + 0.5, at - start  # the delay, from the watcher's first look
     assert thread is loop._thread  # in the engine's own thread, woken by the watcher
     assert loop.handled == [EngineCoreRequestType.WAKEUP]
+    loop.input_queue.put((EngineCoreRequestType.UTILITY, None))  # a utility call is no request: no new period
+    time.sleep(1.0)
+    assert len(loop.resets) == 1
 
 
 def test_work_postpones_the_reset_and_rearms_it():

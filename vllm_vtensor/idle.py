@@ -28,18 +28,18 @@ class IdleRelease:
     def __init__(self, core, after_s: float):
         from vllm.v1.engine import EngineCoreRequestType
 
-        wakeup = EngineCoreRequestType.WAKEUP
+        add = EngineCoreRequestType.ADD
         self.core, self.after_s = core, after_s
         self.releases = 0  # resets made (tests, logs)
         self._due = False  # the watcher asked the engine's thread to reset
         self._done = False  # reset since the engine last had work: nothing more to give back
-        self._requests = 0  # client requests handled (a request shorter than the watcher's interval counts)
+        self._requests = 0  # requests added (one shorter than the watcher's interval counts; utility calls do not)
         original = core._handle_client_request
 
         def handle_client_request(request_type, *args, **kwargs):
             if self._due:
                 self._release()
-            if request_type != wakeup:
+            if request_type == add:
                 self._requests += 1
             return original(request_type, *args, **kwargs)
 
