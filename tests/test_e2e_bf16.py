@@ -25,7 +25,13 @@ def _generate(model, **kw):
 
     llm = LLM(model=model, dtype="bfloat16", max_model_len=1024, enforce_eager=True, seed=0,
               kv_cache_memory_bytes=128 << 20, max_num_batched_tokens=64, **kw)
-    outs = llm.chat(CHATS, SamplingParams(temperature=0, max_tokens=24))
+    # The requests reach the scheduler together, whatever the machine's load: in bfloat16 a batch of other
+    # requests (the engine core starting on the first before the rest arrived) can round a token another way.
+    core = llm.llm_engine.engine_core
+    core.call_utility("pause_scheduler", "keep", False)
+    llm.enqueue_chat(CHATS, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    core.call_utility("resume_scheduler")
+    outs = sorted(llm.wait_for_completion(use_tqdm=False), key=lambda o: int(o.request_id.split("-")[0]))
     config = llm.llm_engine.vllm_config
     result = [list(o.outputs[0].token_ids) for o in outs], (config.cache_config.block_size, str(config.model_config.dtype))
     _shutdown(llm)
