@@ -70,13 +70,17 @@ def test_work_postpones_the_reset_and_rearms_it():
 
 
 def test_work_arriving_with_the_wakeup_is_not_raced():
-    """The watcher asked for a reset, but a request is running by the time the engine's thread handles the
-    wake-up: nothing is reset, and the next idle period counts anew."""
+    """The watcher asked for a reset, but a request came before the engine's thread handled the wake-up (it
+    may even have finished by then): the cache is kept for it, and the next idle period counts anew."""
     loop = IdleLoop()
     release = idle.IdleRelease(loop, after_s=60)  # its watcher stays out of the way
-    release._due, loop.busy = True, True
-    release._release()
-    assert loop.resets == [] and not release._due and not release._done
-    release._due, loop.busy = True, False
-    release._release()
+    release._due = release._requests
+    loop._handle_client_request(EngineCoreRequestType.ADD, None)  # came first; finished at once
+    loop._handle_client_request(EngineCoreRequestType.WAKEUP, None)
+    assert loop.resets == [] and release._due is None and not release._done
+    release._due, loop.busy = release._requests, True  # a request still running
+    loop._handle_client_request(EngineCoreRequestType.WAKEUP, None)
+    assert loop.resets == [] and release._due is None and not release._done
+    release._due, loop.busy = release._requests, False
+    loop._handle_client_request(EngineCoreRequestType.WAKEUP, None)
     assert len(loop.resets) == 1 and release._done

@@ -31,16 +31,16 @@ class IdleRelease:
         add = EngineCoreRequestType.ADD
         self.core, self.after_s = core, after_s
         self.releases = 0  # resets made (tests, logs)
-        self._due = False  # the watcher asked the engine's thread to reset
+        self._due: int | None = None  # the watcher asked the engine's thread to reset, having seen this many requests
         self._done = False  # reset since the engine last had work: nothing more to give back
         self._requests = 0  # requests added (one shorter than the watcher's interval counts; utility calls do not)
         original = core._handle_client_request
 
         def handle_client_request(request_type, *args, **kwargs):
-            if self._due:
-                self._release()
             if request_type == add:
-                self._requests += 1
+                self._requests += 1  # work came: a reset asked for before it is dropped (_release)
+            if self._due is not None:
+                self._release()
             return original(request_type, *args, **kwargs)
 
         core._handle_client_request = handle_client_request
@@ -65,17 +65,17 @@ class IdleRelease:
                 now = time.monotonic()
                 if idle_since is None:
                     idle_since = now
-                elif not (self._done or self._due) and now - idle_since >= self.after_s:
-                    self._due = True
+                elif not self._done and self._due is None and now - idle_since >= self.after_s:
+                    self._due = seen
                     self.core.input_queue.put_nowait((EngineCoreRequestType.WAKEUP, None))
             except Exception:
                 logger.exception("vTensor: watching the engine for idle time failed")
                 return
 
     def _release(self) -> None:
-        """In the engine's thread, before it handles the wake-up (or a request that came first)."""
-        self._due = False
-        if self._busy():
+        """In the engine's thread, as it handles the wake-up (or a request that came first)."""
+        seen, self._due = self._due, None
+        if seen != self._requests or self._busy():
             return  # work came in the meantime: the watcher starts counting again once it is done
         self._done = True
         if self.core.reset_prefix_cache():
