@@ -31,7 +31,7 @@ def _generate(model, **kw):
     core.call_utility("pause_scheduler", "keep", False)
     llm.enqueue_chat(CHATS, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
     core.call_utility("resume_scheduler")
-    outs = sorted(llm.wait_for_completion(use_tqdm=False), key=lambda o: int(o.request_id.split("-")[0]))
+    outs = llm.wait_for_completion(use_tqdm=False)  # in request order
     config = llm.llm_engine.vllm_config
     result = [list(o.outputs[0].token_ids) for o in outs], (config.cache_config.block_size, str(config.model_config.dtype))
     _shutdown(llm)

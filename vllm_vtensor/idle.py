@@ -28,7 +28,7 @@ class IdleRelease:
     def __init__(self, core, after_s: float):
         from vllm.v1.engine import EngineCoreRequestType
 
-        add = EngineCoreRequestType.ADD
+        add, self._wakeup = EngineCoreRequestType.ADD, (EngineCoreRequestType.WAKEUP, None)
         self.core, self.after_s = core, after_s
         self.releases = 0  # resets made (tests, logs)
         self._due: int | None = None  # the watcher asked the engine's thread to reset, having seen this many requests
@@ -51,8 +51,6 @@ class IdleRelease:
         return self.core.scheduler.has_requests()
 
     def _watch(self) -> None:
-        from vllm.v1.engine import EngineCoreRequestType
-
         move_to_helper_cores()
         interval = min(0.25, self.after_s / 4)
         idle_since, seen = None, self._requests
@@ -67,7 +65,7 @@ class IdleRelease:
                     idle_since = now
                 elif not self._done and self._due is None and now - idle_since >= self.after_s:
                     self._due = seen
-                    self.core.input_queue.put_nowait((EngineCoreRequestType.WAKEUP, None))
+                    self.core.input_queue.put_nowait(self._wakeup)
             except Exception:
                 logger.exception("vTensor: watching the engine for idle time failed")
                 return

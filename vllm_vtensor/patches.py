@@ -372,20 +372,19 @@ def _patch_engine_config_check() -> None:
     _run_after(EngineArgs, "create_engine_config", after)
 
 
-
 # -- 12. Engine core: an idle engine gives its prefix cache's memory back ---------------------
 def _attach_idle_release(core) -> None:
-    from . import settings
     from .worker import is_vtensor
 
-    if settings.get("VTENSOR_IDLE_RELEASE_S") is not None and is_vtensor(core.vllm_config):
-        from .idle import attach
+    if is_vtensor(core.vllm_config):
+        from .idle import attach  # reads VTENSOR_IDLE_RELEASE_S: None when unset
 
         core._vtensor_idle = attach(core)
 
 
 def _patch_engine_idle_release() -> None:
     _on_engine_core_built(_attach_idle_release)
+
 
 PATCHES: tuple[Patch, ...] = (
     Patch(
