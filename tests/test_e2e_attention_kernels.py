@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent("""
             setattr(module, name, counted)
     if __name__ == "__main__":
         kw = {"attention_backend": "VTENSOR"} if sys.argv[2] == "vtensor" else {}
-        llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
+        llm = LLM(model=sys.argv[1], dtype=sys.argv[3], max_model_len=512, enforce_eager=True, seed=0,
                   kv_cache_memory_bytes=32 << 20, block_size=32, max_num_batched_tokens=64,
                   enable_chunked_prefill=True, **kw)
         sp = SamplingParams(temperature=0, max_tokens=12, logprobs=0)  # the chosen token's logprob
@@ -56,7 +56,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(model, mode, kernel=None):
+def _run(model, mode, kernel=None, dtype="float32"):
     env = dict(os.environ)
     env.pop("VTENSOR_ATTENTION", None)
     if kernel:
@@ -64,7 +64,7 @@ def _run(model, mode, kernel=None):
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker in the script's process: kernel calls are counted
         if kernel == "triton":
             env["TRITON_INTERPRET"] = "1"
-    run = subprocess.run([sys.executable, "-c", SCRIPT, model, mode], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", SCRIPT, model, mode, dtype], capture_output=True, text=True,
                          timeout=1200, env=env)
     line = next((ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line, (run.stdout + run.stderr)[-3000:]
@@ -85,6 +85,18 @@ def test_vtensor_with_project_kernels_matches_vanilla(tiny_llama_path, vanilla, 
     assert len(diffs) == 8 * 12 and max(diffs) < 1e-3, max(diffs)
     assert got["calls"]["context"] > 0 and got["calls"]["decode"] > 0  # prefill/mixed steps, decode-only steps
     assert got["prefix_hit_bytes"] > 0  # the second round's prefixes were mapped from the cache
+
+
+def test_bf16_with_the_reference_kernel_matches_vanilla(tiny_llama_path):
+    """bf16: on a CPU with AMX vLLM's bf16 kernel ("amx") keeps each block in tiles, which this project's
+    kernels cannot address by strides; with them VTENSOR has vLLM write its strided "vec" layout instead
+    (elsewhere vLLM picks "vec" itself). Vanilla runs its own choice."""
+    vanilla = _run(tiny_llama_path, "vanilla", dtype="bfloat16")
+    got = _run(tiny_llama_path, "vtensor", "reference", dtype="bfloat16")
+    assert got["tokens"] == vanilla["tokens"]
+    diffs = [abs(a - b) for xs, ys in zip(got["logprobs"], vanilla["logprobs"]) for a, b in zip(xs, ys)]
+    assert len(diffs) == 8 * 12 and max(diffs) < 0.05, max(diffs)
+    assert got["calls"]["context"] > 0 and got["calls"]["decode"] > 0 and got["prefix_hit_bytes"] > 0
 
 
 def test_unknown_attention_kernel_is_refused_naming_the_choices(monkeypatch):

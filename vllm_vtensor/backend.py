@@ -47,6 +47,7 @@ from .policy import preferred_block_size
 _FIX = "Run it without --attention-backend VTENSOR (attention_backend=\"VTENSOR\")."
 ATTENTION_ENV = "VTENSOR_ATTENTION"
 ATTENTION_KERNELS = ("cpu", "triton", "reference")
+TILED_ISAS = ("amx",)  # vLLM CPU kernels whose KV blocks are tiles, not strided rows (see block_layout)
 CPU_BLOCK_MULTIPLE = 32  # vLLM's CPU attention backend takes blocks of a multiple of 32 tokens (MultipleOf(32))
 
 
@@ -254,19 +255,28 @@ def block_layout(isa: str, block_size: int, head_size: int, dtype: torch.dtype) 
 class VTensorCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     """vLLM's CPU metadata builder; with an fp8 KV cache VTENSOR's kernels read themselves (see
     :func:`own_fp8`), it is built as for the model dtype: vLLM's would refuse an fp8 kernel the CPU
-    lacks (AVX2), and VTENSOR's kernels use none of its scheduler metadata."""
+    lacks (AVX2), and VTENSOR's kernels use none of its scheduler metadata.
+
+    When VTENSOR's kernels read the cache (``$VTENSOR_ATTENTION`` other than ``cpu``) on a CPU with
+    AMX, bf16 layers get vLLM's ``vec`` kernel instead of its ``amx`` one: ``amx`` stores each block
+    in tiles, which VTENSOR's kernels cannot address by strides (:func:`block_layout`); ``vec`` writes
+    a strided layout, and vLLM's fallbacks (non-causal layers) read it as they would on a CPU without
+    AMX."""
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         cache = vllm_config.cache_config
-        dtype = cache.cache_dtype
-        if not own_fp8(dtype, attention_kernel()):
+        dtype, kernel = cache.cache_dtype, attention_kernel()
+        if not own_fp8(dtype, kernel):
             super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-            return
-        cache.cache_dtype = "auto"  # read by vLLM's __init__ alone; restored at once
-        try:
-            super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        finally:
-            cache.cache_dtype = dtype
+        else:
+            cache.cache_dtype = "auto"  # read by vLLM's __init__ alone; restored at once
+            try:
+                super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+            finally:
+                cache.cache_dtype = dtype
+        if kernel != "cpu" and self.isa in TILED_ISAS:
+            self.isa = "vec"
+            self._set_isa_to_layers(layer_names)
 
 
 class VTensorCPUBackend(CPUAttentionBackend):
