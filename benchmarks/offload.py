@@ -2,6 +2,7 @@
 
     python benchmarks/offload.py                       # 1.65 GB random llama (float32), budgets 25/50/75/100%
     python benchmarks/offload.py --model smollm2 --budgets 0.5 --configs flexinfer,vanilla --tokens 16
+    python benchmarks/offload.py --model smollm2 --dtype bfloat16   # bf16 weights in every engine (CPUs with AMX)
 
 Every run is held to its budget by a cgroup v1 memory limit, page cache included:
 once the engine has loaded and warmed up, the limit is set to ``budget + the
@@ -78,17 +79,21 @@ LLAMA_PY = Path(__file__).resolve().parents[1] / ".venv-llamacpp" / "bin" / "pyt
 LLAMA_CONVERT = LLAMA_PY.parents[1] / "share" / "convert_hf_to_gguf.py"
 
 
-def ensure_gguf(model: str) -> Path:
-    """The model as GGUF in float32 (the precision the vLLM runs use), converted once by llama.cpp's
+DTYPES = {"float32": ("f32", 4), "bfloat16": ("bf16", 2)}  # --dtype -> llama.cpp's GGUF type, bytes per weight
+
+
+def ensure_gguf(model: str, dtype: str = "float32") -> Path:
+    """The model as GGUF in ``dtype`` (the precision the vLLM runs use), converted once by llama.cpp's
     own converter (with this environment's torch and transformers) into the cache folder."""
     from vllm_vtensor.settings import cache_dir
 
-    out = cache_dir() / "gguf" / f"{Path(model).name}-f32.gguf"
+    outtype = DTYPES[dtype][0]
+    out = cache_dir() / "gguf" / f"{Path(model).name}-{outtype}.gguf"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
         env = {**os.environ, "PYTHONPATH": str(LLAMA_CONVERT.with_name("gguf-py"))}  # llama.cpp's own gguf package
-        subprocess.run([sys.executable, str(LLAMA_CONVERT), model, "--outtype", "f32", "--outfile", str(tmp)],
+        subprocess.run([sys.executable, str(LLAMA_CONVERT), model, "--outtype", outtype, "--outfile", str(tmp)],
                        check=True, env=env)
         tmp.rename(out)
     return out
@@ -100,7 +105,7 @@ def child(args) -> None:
 
     extra = json.loads(args.extra) if args.extra != "null" else None
     kw = dict(load_format="flexinfer", model_loader_extra_config=extra) if extra is not None else {}
-    llm = LLM(model=args.model, dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=512, enforce_eager=True, seed=0,
               kv_cache_memory_bytes=32 << 20, **kw)
     prompt = [{"role": "user", "content": "Tell me a long story about a lighthouse."}]
     llm.chat(prompt, SamplingParams(max_tokens=2))
@@ -205,7 +210,7 @@ def drop_page_cache() -> None:
 
 
 def run_child(tag: str, cgroup: str, model: str, extra: dict | None, limit: int | None, tokens: int, tmp,
-              env_extra: dict | None = None, **cgroup_kw) -> dict:
+              env_extra: dict | None = None, dtype: str = "float32", **cgroup_kw) -> dict:
     """One engine (``extra``: flexinfer's options, None for vLLM's own loader) from a cold page cache in
     cgroup ``cgroup`` (see run_in_cgroup): its limit, the cgroup's figures, tok/s (None when it
     failed) and flexinfer's stats snapshot."""
@@ -214,12 +219,12 @@ def run_child(tag: str, cgroup: str, model: str, extra: dict | None, limit: int 
         leftover.unlink(missing_ok=True)
     env = {**os.environ, **(env_extra or {}), "FLEXOFFLOAD_STATS_FILE": str(stats)}
     if isinstance(extra, str):  # llama.cpp
-        argv = [str(Path(__file__).with_name("llamacpp_child.py")), "--gguf", str(ensure_gguf(model)),
+        argv = [str(Path(__file__).with_name("llamacpp_child.py")), "--gguf", str(ensure_gguf(model, dtype)),
                 "--tokens", str(tokens), "--result", str(result)]
         cgroup_kw["python"] = str(LLAMA_PY)
     else:
         argv = [__file__, "--child", "--model", model, "--extra", json.dumps(extra), "--tokens", str(tokens),
-                "--result", str(result)]
+                "--result", str(result), "--dtype", dtype]
     drop_page_cache()
     if isinstance(limit, OwnOverhead):
         limit = functools.partial(limit, stats)
@@ -233,12 +238,12 @@ def run_child(tag: str, cgroup: str, model: str, extra: dict | None, limit: int 
     return row
 
 
-def run_config(model, cfg_name, fraction, limit, tokens, tmp) -> dict:
+def run_config(model, cfg_name, fraction, limit, tokens, tmp, dtype: str = "float32") -> dict:
     extra = CONFIGS[cfg_name]
     extra = extra if extra is None or isinstance(extra, str) else {"memory_budget": fraction, **extra}
     return {"config": cfg_name, "fraction": fraction,
             **run_child(f"{cfg_name}-{fraction}", f"{cfg_name}-{int(fraction * 100)}", model, extra, limit, tokens, tmp,
-                        env_extra=CONFIG_ENV.get(cfg_name))}
+                        env_extra=CONFIG_ENV.get(cfg_name), dtype=dtype)}
 
 
 @dataclasses.dataclass
@@ -278,14 +283,14 @@ def steady_overhead(probe: dict) -> int:
     return probe["needed_after_load_bytes"] - flexinfer_weights_held(probe["flexinfer"]) + HEADROOM
 
 
-def resolve_model(name: str) -> tuple[str, int]:
-    """bench-llama / smollm2 (built locally) or a model folder, and its weight bytes in float32."""
+def resolve_model(name: str, dtype: str = "float32") -> tuple[str, int]:
+    """bench-llama / smollm2 (built locally) or a model folder, and its weight bytes in ``dtype``."""
     from flexoffload.plan import checkpoint_tensors
     from vllm_vtensor.models import build_bench_llama, build_smollm2
 
     builders = {"bench-llama": build_bench_llama, "smollm2": build_smollm2}
     model = str(builders[name]()) if name in builders else name
-    return model, sum(t.nbytes for t in checkpoint_tensors(model, dtype_bytes=4))
+    return model, sum(t.nbytes for t in checkpoint_tensors(model, dtype_bytes=DTYPES[dtype][1]))
 
 
 def main(argv=None) -> int:
@@ -296,6 +301,8 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default=None,
                    help=f"comma-separated, of {', '.join(CONFIGS)} (default: all; llamacpp when its environment exists)")
     p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="the weights' precision in every engine (llama.cpp's GGUF converted to the same)")
     p.add_argument("--out", default=str(RESULTS / "offload-cpu.json"))
     p.add_argument("--recompute", metavar="JSON", help="re-derive the bound, table, ratios and plot from a "
                    "result file's recorded runs (written back to --out)")
@@ -318,7 +325,7 @@ def main(argv=None) -> int:
     if not cgroup.available():
         raise SystemExit("this benchmark needs root and the cgroup v1 memory controller at /sys/fs/cgroup/memory")
 
-    model, weight_bytes = resolve_model(args.model)
+    model, weight_bytes = resolve_model(args.model, args.dtype)
     budgets = [float(b) for b in args.budgets.split(",")]
     configs = args.configs.split(",") if args.configs else [
         c for c in CONFIGS if c not in LLAMA_CONFIGS or LLAMA_PY.exists()]
@@ -326,14 +333,15 @@ def main(argv=None) -> int:
         print("llama.cpp's environment is missing (bash benchmarks/llamacpp_setup.sh): running without it")
     if set(LLAMA_CONFIGS) & set(configs) and not LLAMA_PY.exists():
         raise SystemExit("the llamacpp configuration needs llama.cpp's environment: bash benchmarks/llamacpp_setup.sh")
-    gguf_bytes = ensure_gguf(model).stat().st_size if set(LLAMA_CONFIGS) & set(configs) else 0
+    gguf_bytes = ensure_gguf(model, args.dtype).stat().st_size if set(LLAMA_CONFIGS) & set(configs) else 0
     with tempfile.TemporaryDirectory() as tmp:
         # The engine's fixed overhead, after warm-up, from an unlimited flexinfer run at the smallest
         # budget: anonymous + shared + mapped memory minus its weights and buffers.  The first flexinfer
         # run writes the weight store.
-        base = run_config(model, "vanilla", 1.0, None, args.tokens, tmp)
-        run_config(model, "flexinfer", min(budgets), None, 2, tmp)  # writes the weight store
-        probe = run_config(model, "flexinfer", min(budgets), None, 2, tmp)
+        run = functools.partial(run_config, model, tmp=tmp, dtype=args.dtype)
+        base = run("vanilla", 1.0, None, args.tokens)
+        run("flexinfer", min(budgets), None, 2)  # writes the weight store
+        probe = run("flexinfer", min(budgets), None, 2)
         overhead = steady_overhead(probe)
         # At 100% the limit is what vanilla vLLM itself holds after loading: its CPU weight packing keeps
         # more than the weights (a packed copy of the tied lm_head beside the embedding, padded oneDNN
@@ -354,12 +362,12 @@ def main(argv=None) -> int:
             vllm_limit = int(fraction * weight_bytes) + overhead if fraction < 1 else max(full_limit, weight_bytes + overhead)
             for cfg in configs:
                 if cfg == "llamacpp":  # the same memory for weights, on top of its own overhead
-                    cfg_limit = OwnOverhead(int(fraction * gguf_bytes), ensure_gguf(model))
+                    cfg_limit = OwnOverhead(int(fraction * gguf_bytes), ensure_gguf(model, args.dtype))
                 elif isinstance(CONFIGS[cfg], dict) and fraction < 1:  # flexinfer, its ablations, mmap
                     cfg_limit = OwnOverhead(int(fraction * weight_bytes), store)
                 else:
                     cfg_limit = vllm_limit
-                row = run_config(model, cfg, fraction, cfg_limit, args.tokens, tmp)
+                row = run(cfg, fraction, cfg_limit, args.tokens)
                 rows.append(row)
                 partial.write_text(json.dumps(rows))  # survives a crash of this script
                 print(f"{cfg:>19} {fraction:>5.0%} limit {(row['limit_bytes'] or 0) / 2**20:7.0f} MiB: "
@@ -372,7 +380,7 @@ def main(argv=None) -> int:
             "weight_bytes": weight_bytes, "overhead_bytes": overhead, "limit_at_100_bytes": full_limit,
             "gguf_bytes": gguf_bytes,
             "disk_bytes_per_s_before": bw_before, "disk_bytes_per_s_after": bw_after,
-            "model": model, "baseline_unlimited": base, "budgets": budgets, "configs": configs}
+            "model": model, "dtype": args.dtype, "baseline_unlimited": base, "budgets": budgets, "configs": configs}
     _report(meta, rows, Path(args.out))
     return 0
 
@@ -407,7 +415,7 @@ def _apply_io_bound(meta: dict, rows: list[dict]) -> float:
 def _report(meta: dict, rows: list[dict], out: Path) -> None:
     """Print the table and the ratios, write JSON (meta + rows) and the PNG."""
     budgets, configs, weight_bytes = meta["budgets"], meta["configs"], meta["weight_bytes"]
-    title = f"{Path(meta['model']).name} float32 ({{:.0f}} MiB weights)"
+    title = f"{Path(meta['model']).name} {meta.get('dtype', 'float32')} ({{:.0f}} MiB weights)"
     bw = _apply_io_bound(meta, rows)
     fastest = meta["fastest_run_read_bytes_per_s"] or 0
     print(f"\n{title.format(weight_bytes / 2**20)}, engine overhead {meta['overhead_bytes'] / 2**20:.0f} MiB; "
