@@ -62,6 +62,7 @@ CONFIGS = {
     "flexinfer": {},
     "sync": {"prefetch_window": 0},
     "threads": {"io_engine": "threads"},
+    "gemv_onednn": {"gemv": "onednn"},  # one-token GEMMs through oneDNN, whatever choose_gemv would pick
     "no_balance": {"policy": "no_balance"},
     "attention_first": {"policy": "attention_first"},
     "ffn_first": {"policy": "ffn_first"},

@@ -9,6 +9,7 @@ from vllm_vtensor.settings import parse_bytes
 
 POLICIES = ("flexinfer", "attention_first", "ffn_first", "no_balance")
 IO_ENGINES = ("auto", "aio", "threads")  # auto: glibc's AIO on a CPU, reader threads on a GPU
+GEMVS = ("auto", "onednn", "linear", "mv")  # one-token GEMMs on streamed CPU weights (loader.GEMV_PATHS)
 BASELINES = ("mmap",)  # every layer tensor a view of the mmap'd store: the OS pages it in and out (llama.cpp's way)
 
 
@@ -36,6 +37,9 @@ class FlexConfig:
     # bytes, or "auto" (the free host memory less a margin); None: "auto" on CUDA, 0 on a CPU (there
     # the host is the device, and memory_budget already covers it)
     host_budget: str | int | float | None = None
+    # how one-token GEMMs on streamed weights run on a CPU: "auto" (the fastest of the others, timed at load),
+    # "onednn" (oneDNN's matmul), "linear" (PyTorch's F.linear), "mv" (torch.mv)
+    gemv: str = "auto"
 
     @classmethod
     def from_extra(cls, extra: dict | None) -> "FlexConfig":
@@ -51,10 +55,12 @@ class FlexConfig:
             raise FlexConfigError("prefetch_window must be >= 0 and io_threads >= 1")
         if cfg.io_engine not in IO_ENGINES:
             raise FlexConfigError(f"io_engine {cfg.io_engine!r} is not one of {IO_ENGINES}")
+        if cfg.gemv not in GEMVS:
+            raise FlexConfigError(f"gemv {cfg.gemv!r} is not one of {GEMVS}")
         if cfg.policy not in POLICIES + BASELINES:
             raise FlexConfigError(f"policy {cfg.policy!r} is not one of {POLICIES + BASELINES}")
         streaming_only = sorted(set(extra) & {"prefetch_window", "io_threads", "io_engine", "direct_io",
-                                             "lock_memory"})
+                                             "lock_memory", "gemv"})
         if cfg.policy == "mmap" and streaming_only:
             raise FlexConfigError(f"{streaming_only} apply to streamed weights; the mmap baseline (policy 'mmap') "
                                   "leaves paging to the OS: drop them, or pick a streaming policy")

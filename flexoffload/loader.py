@@ -47,7 +47,7 @@ from .config import FlexConfig, FlexConfigError, check_model
 from .memory import AutoBudget, auto_budget, free_host_share
 from .plan import BudgetError, assign_host_tier, classify, plan_for_budget
 from .runtime import HostTier, Streamer, Unit, mlock
-from .store import WeightStore, aligned, rehome, store_key
+from .store import WeightStore, aligned, aligned_buffer, rehome, store_key
 
 logger = get_logger(__name__)
 STATS_ENV = "FLEXOFFLOAD_STATS_FILE"  # read through vllm_vtensor.settings
@@ -64,6 +64,7 @@ class FlexInferLoader(BaseModelLoader):
         self.streamer: Streamer | None = None
         self.auto: AutoBudget | None = None  # what memory_budget "auto" found free
         self.io_engine: str | None = None  # "aio" or "threads" once something streams
+        self.gemv: str | None = None  # how one-token GEMMs on streamed CPU weights run (choose_gemv)
         self.head_packed = False  # the resident lm_head packed from the store (see _pack_head)
         self.head_runs = 0  # runs of rows a streamed lm_head is read and computed in (see _HeadInRuns)
 
@@ -209,8 +210,8 @@ class FlexInferLoader(BaseModelLoader):
             "host_bytes_per_forward": plan.host_streamed_bytes_per_forward,
             "disk_bytes_per_forward": plan.disk_bytes_per_forward,
             "device": target.type, "device_weight_bytes": _device_bytes(model, self.streamer, target),
-            "io_engine": self.io_engine, "head_packed": self.head_packed, "embed_rows": plan.embed_rows,
-            "head_runs": self.head_runs, "shard": self.shard,
+            "io_engine": self.io_engine, "gemv": self.gemv, "head_packed": self.head_packed,
+            "embed_rows": plan.embed_rows, "head_runs": self.head_runs, "shard": self.shard,
             "auto": self.auto.as_dict() if self.auto else None})
         return model.eval()
 
@@ -274,6 +275,19 @@ class FlexInferLoader(BaseModelLoader):
             head_unit = len(units)
             units.append(Unit("head", list(plan.head_names)))
         device = next(model.parameters()).device
+        first = next((store.index[n] for n in streamed if len(store.index[n].shape) == 2), None)
+        if device.type == "cpu" and first is not None and self.cfg.gemv != "auto":
+            self.gemv = self.cfg.gemv
+        elif device.type == "cpu" and first is not None:  # before the arena exists: timed in memory it will hold
+            scratch = aligned_buffer(min(plan.arena_bytes, GEMV_TIMING_BYTES))
+            memory = torch.frombuffer(scratch, dtype=torch.uint8)
+            self.gemv = choose_gemv(tuple(first.shape), first.torch_dtype, memory)
+            del memory
+            scratch.close()
+            logger.info("flexinfer: one-token GEMMs on streamed %s weights run through %s", first.torch_dtype,
+                        self.gemv)
+        if self.gemv:
+            _GEMV[first.torch_dtype] = self.gemv
         host = HostTier(store, sorted(host_names), self.cfg.lock_memory) if host_names else None
         self.io_engine = self._io_engine(device)
         streamer = (aio.AioStreamer if self.io_engine == "aio" else Streamer)(
@@ -657,12 +671,61 @@ def _onednn_dtypes() -> tuple[torch.dtype, ...]:
 _ONEDNN_DTYPES = _onednn_dtypes() if _ONEDNN_LINEAR else ()
 
 
+_GEMV: dict[torch.dtype, str] = {}  # dtype -> how one-token GEMMs on streamed weights run (choose_gemv)
+GEMV_TIMING_BYTES = 32 << 20
+GEMV_PATHS = {
+    "onednn": lambda x, w, b: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""),
+    "linear": F.linear,
+    "mv": lambda x, w, b: torch.mv(w, x[0]).unsqueeze(0) if b is None else (torch.mv(w, x[0]) + b).unsqueeze(0),
+}
+
+
+def choose_gemv(shape: tuple[int, int], dtype: torch.dtype, memory: torch.Tensor, timer=time.perf_counter) -> str:
+    """The fastest way on this CPU to multiply one token by a weight as it lies (a decode step at batch
+    1 over streamed weights): oneDNN's matmul, PyTorch's ``F.linear`` or ``torch.mv``, each timed over
+    weights of ``shape`` laid side by side in ``memory`` (bytes; the loader lends the stream arena's
+    share, up to :data:`GEMV_TIMING_BYTES`: more than the caches hold, as a weight just read is).
+    oneDNN (the default) is kept unless another is more than 10% faster: on AMD EPYC VMs oneDNN ran
+    1.7x ``F.linear`` at one token (float32); on an Intel Xeon with AMX ``F.linear`` ran 1.3-2x oneDNN
+    (float32) and ``torch.mv`` 1.3x (bf16)."""
+    default = "onednn" if _ONEDNN_LINEAR and dtype in _ONEDNN_DTYPES else "linear"
+    numel = shape[0] * shape[1]
+    values = memory[: memory.numel() // dtype.itemsize * dtype.itemsize].view(dtype)
+    count = values.numel() // numel
+    if count == 0:
+        return default
+    values[: count * numel].uniform_(-0.05, 0.05)  # no NaNs nor subnormals, which would time other paths
+    weights = list(values[: count * numel].view(count, *shape).unbind())
+    x = torch.empty(1, shape[1], dtype=dtype).uniform_(-1, 1)
+    took = {}
+    for name, fn in GEMV_PATHS.items():
+        if name == "onednn" and default != "onednn":
+            continue
+        try:
+            fn(x, weights[0], None)
+        except RuntimeError:  # a PyTorch without this path for ``dtype``
+            continue
+        best = float("inf")
+        for _ in range(3):
+            t0 = timer()
+            for w in weights:
+                fn(x, w, None)
+            best = min(best, timer() - t0)
+        took[name] = best
+    fastest = min(took, key=took.get)
+    return fastest if took[fastest] < 0.9 * took.get(default, float("inf")) else default
+
+
 def _live_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` on a CPU weight as it lies (nothing packed), through oneDNN's matmul where PyTorch
     has it (for the dtypes :func:`_onednn_dtypes` names): at decode sizes PyTorch's own path runs the
     GEMV on one core (MKL), oneDNN on all of them (float32, 2 cores: 1.7x at 1 token, 1.3x at 256;
-    vLLM's packed weights run the same kernels)."""
+    vLLM's packed weights run the same kernels).  One token at a time goes the way the ``gemv`` option
+    or :func:`choose_gemv` picked for its dtype."""
     global _ONEDNN_LINEAR
+    path = _GEMV.get(x.dtype) if x.dim() == 2 and x.shape[0] == 1 else None
+    if path is not None and path != "onednn" and x.dtype == weight.dtype:
+        return GEMV_PATHS[path](x, weight, bias)
     if _ONEDNN_LINEAR and x.dtype == weight.dtype and x.dtype in _ONEDNN_DTYPES:
         try:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

@@ -243,6 +243,11 @@ def test_config_validation():
         FlexConfig.from_extra({"memory_budget": 0.5, "io_engine": "uring"})
     with pytest.raises(FlexConfigError, match=r"\['io_engine'\] apply to streamed weights"):
         FlexConfig.from_extra({"memory_budget": 0.5, "policy": "mmap", "io_engine": "aio"})
+    with pytest.raises(FlexConfigError, match=r"gemv 'blas' is not one of \('auto', 'onednn', 'linear', 'mv'\)"):
+        FlexConfig.from_extra({"memory_budget": 0.5, "gemv": "blas"})
+    with pytest.raises(FlexConfigError, match=r"\['gemv'\] apply to streamed weights"):
+        FlexConfig.from_extra({"memory_budget": 0.5, "policy": "mmap", "gemv": "mv"})
+    assert FlexConfig.from_extra({"memory_budget": 0.5, "gemv": "mv"}).gemv == "mv"
     cfg = FlexConfig.from_extra({"memory_budget": 0.5})
     assert cfg.budget_bytes(1000) == 500 and FlexConfig.from_extra({"memory_budget": "25%"}).budget_bytes(1000) == 250
     assert FlexConfig.from_extra({"memory_budget": "800MB"}).budget_bytes(1) == 800_000_000

@@ -249,6 +249,11 @@ SETTINGS: tuple[Setting, ...] = (
             "copied into the stream arena instead of read from disk every forward pass: a size, a fraction of the "
             "weights, or `\"auto\"` (the free host memory less a margin). More than the host can spare is refused.",
             default_text="`auto` on CUDA; 0 on a CPU (the host is the device: `memory_budget` covers it)"),
+    Setting("gemv", "flexinfer option", "auto, onednn, linear or mv", "auto",
+            "On a CPU, how a decode step at batch 1 multiplies the token by a streamed weight: oneDNN's matmul "
+            "(`onednn`), PyTorch's `F.linear` (`linear`) or `torch.mv` (`mv`). `auto`: each is timed at load "
+            "over weights of a streamed tensor's shape in the stream arena's memory, and oneDNN's is kept unless "
+            "another is more than 10% faster (which wins differs by CPU and dtype)."),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
