@@ -124,21 +124,23 @@ def check_load_config(load_config, model_config=None) -> None:
 
 def check_model(model_config) -> None:
     """Refuse, naming the fix, a model whose weights FlexInfer cannot stream: a multimodal model (its
-    decoder is not ``model.model.layers``), quantized weights and a mixture of experts.  vLLM converts
-    the last two after loading (quantized weights to its kernels' layout, expert weights repacked for
-    its fused MoE kernels) from whole tensors, which a streamed tensor never is; and a decode step
-    touches only the experts its router picks, so streaming whole expert tensors every pass is not a
-    plan worth making."""
+    decoder is not ``model.model.layers``), quantized weights (vLLM converts them after loading, from
+    whole tensors, which a streamed tensor never is) and, off CPUs, a mixture of experts (on a CPU its
+    experts are read on demand into slots of vLLM's packed layout: flexoffload.experts)."""
+    from vllm.platforms import current_platform
+
     arch = ", ".join(getattr(model_config.hf_config, "architectures", None) or [model_config.model])
     refusal = refusal_for(arch, model_config.quantization, model_config.get_num_experts(),
-                          model_config.is_multimodal_model)
+                          model_config.is_multimodal_model, experts_in_slots=current_platform.is_cpu())
     if refusal:
         raise FlexConfigError(refusal)
 
 
-def refusal_for(arch: str, quantization: str | None, experts: int, multimodal: bool = False) -> str | None:
+def refusal_for(arch: str, quantization: str | None, experts: int, multimodal: bool = False,
+                experts_in_slots: bool = False) -> str | None:
     """Why FlexInfer will not stream this model, with the fix, or None (for :func:`check_model` and
-    ``python -m flexoffload.plan``)."""
+    ``python -m flexoffload.plan``).  ``experts_in_slots``: a mixture of experts runs with its experts
+    read on demand into slots (flexoffload.experts: vLLM's CPU MoE kernel)."""
     if multimodal:
         return (f"--load-format flexinfer streams text decoders whose layers are model.model.layers; {arch} is "
                 "multimodal (its decoder is nested under language_model), which it does not stream: load it "
@@ -147,10 +149,10 @@ def refusal_for(arch: str, quantization: str | None, experts: int, multimodal: b
         return (f"--load-format flexinfer streams unquantized weights (float32, bfloat16, float16); this model's "
                 f"weights are quantized ({quantization}), which it does not stream: load it without "
                 "--load-format flexinfer, or use an unquantized checkpoint")
-    if experts:
-        return (f"--load-format flexinfer streams dense decoder layers; {arch} is a mixture of experts "
-                f"({experts} experts per layer), which it does not stream: load it without "
-                "--load-format flexinfer")
+    if experts and not experts_in_slots:
+        return (f"{arch} is a mixture of experts ({experts} experts per layer): --load-format flexinfer reads "
+                "experts on demand only on CPUs (vLLM's CPU MoE kernel), and `python -m flexoffload.plan` does not "
+                "plan them: run it on a CPU, or load it without --load-format flexinfer")
     return None
 
 

@@ -42,7 +42,7 @@ from vllm_vtensor import settings
 from vllm_vtensor.log import get_logger
 from vllm_vtensor.stats import Publisher, server_gone, write_snapshot_json
 
-from . import aio
+from . import aio, experts
 from .config import FlexConfig, FlexConfigError, check_model
 from .memory import AutoBudget, auto_budget, free_host_share
 from .plan import BudgetError, assign_host_tier, classify, plan_for_budget
@@ -65,6 +65,7 @@ class FlexInferLoader(BaseModelLoader):
         self.auto: AutoBudget | None = None  # what memory_budget "auto" found free
         self.io_engine: str | None = None  # "aio" or "threads" once something streams
         self.gemv: str | None = None  # how one-token GEMMs on streamed CPU weights run (choose_gemv)
+        self.experts: experts.ExpertStats | None = None  # an MoE model's experts read into slots
         self.head_packed = False  # the resident lm_head packed from the store (see _pack_head)
         self.head_runs = 0  # runs of rows a streamed lm_head is read and computed in (see _HeadInRuns)
 
@@ -137,9 +138,25 @@ class FlexInferLoader(BaseModelLoader):
             self._fill(model, model_config, params, path, target, lambda n: n not in mapped)
             del params  # see below: no reference may outlive CPU weight packing
             return self._load_mmap_baseline(model, model_config, target, mapped, path)
+        moe = experts.moe_layers(model, params) if budget < weight_bytes else {}
+        expert_names = {n for layer in moe.values() for n in layer.names}
         try:
-            plan = plan_for_budget(tensors, budget, window=self.cfg.prefetch_window, policy=self.cfg.policy,
-                                   logits=model_config.runner_type != "pooling")
+            if moe:  # experts in slots per layer; the dense tensors planned in what the slots leave
+                least = experts.least_bytes(moe)
+                if budget < least:
+                    experts.assign_slots(moe, budget)  # refused, naming what the slots need
+                try:
+                    plan = plan_for_budget([t for t in tensors if t.name not in expert_names], budget - least,
+                                           window=self.cfg.prefetch_window, policy=self.cfg.policy,
+                                           logits=model_config.runner_type != "pooling")
+                except BudgetError as e:
+                    raise BudgetError(f"{e}; that is what memory_budget leaves after {least / 2**20:.1f} MiB of "
+                                      "expert slots (each MoE layer's top-k experts, which a step needs at "
+                                      "once)") from None
+                expert_bytes = experts.assign_slots(moe, budget - plan.resident_bytes - plan.arena_bytes)
+            else:
+                plan = plan_for_budget(tensors, budget, window=self.cfg.prefetch_window, policy=self.cfg.policy,
+                                       logits=model_config.runner_type != "pooling")
         except BudgetError as e:
             if self.auto is None:
                 raise
@@ -152,7 +169,7 @@ class FlexInferLoader(BaseModelLoader):
         logger.info("flexinfer plan (weights %.1f MiB):\n%s", weight_bytes / 2**20, plan.table())
         check_drafter(plan, self.vllm_config.speculative_config)
         streamed = [n for names in plan.streamed.values() for n in names] + (plan.head_names if plan.head_streamed else [])
-        partial = bool(streamed) or plan.embed_rows is not None  # the model is not held whole
+        partial = bool(streamed) or plan.embed_rows is not None or bool(moe)  # the model is not held whole
         # When anything streams on a CPU, the resident lm_head is packed from the store's pages as vLLM
         # packs it (see _pack_head); its unpacked weight is never loaded.
         packed_head = _packable_head(model, plan, target) if partial else None
@@ -176,6 +193,8 @@ class FlexInferLoader(BaseModelLoader):
         del params
         not_held = [n for n in (packed_head, plan.embed_rows) if n]
         _drop(model, streamed + list(kept) + not_held, target)
+        for layer in moe.values():  # the slots, empty: vLLM's MoE kernel is built over them
+            experts.make_slots(layer, store)
         _check_materialised(model)
         process_weights_after_loading(model, model_config, target)
         for name, data in kept.items():
@@ -186,17 +205,25 @@ class FlexInferLoader(BaseModelLoader):
         if table:
             _stream_embedding_rows(model, table, store)
         _give_back_freed_memory()  # the weights CPU packing replaced, before the arena is made
+        self._reported = _Reported(time.monotonic())
         if streamed:
             self._install(model, layers, plan, store, streamed)
+        if moe:
+            self.experts = self._reported.experts = experts.install(moe, store, self.cfg.io_threads)
+            if not streamed and self.stats_path:  # no layer hooks to publish the figures after each pass
+                path, reported = self.stats_path, self._reported
+                model.register_forward_hook(lambda *_: _publisher.request(path, None, reported))
         if target.type == "cuda":
             torch.cuda.empty_cache()  # the dropped tensors' device memory, back to the driver
         if self.cfg.lock_memory and target.type == "cpu":  # on CUDA resident weights are device memory
             locked = sum(mlock(p.data_ptr(), p.numel() * p.element_size()) for n, p in model.named_parameters()
                          if n in plan.resident and p.numel())
             logger.info("flexinfer: mlocked %d resident tensors", locked)
-        logger.info("flexinfer: loaded in %.1fs; resident %.1f MiB + arena %.1f MiB <= budget %.1f MiB; "
+        slot_bytes = expert_bytes if moe else 0
+        logger.info("flexinfer: loaded in %.1fs; resident %.1f MiB + arena %.1f MiB%s <= budget %.1f MiB; "
                     "streaming %.1f MiB per forward pass%s", time.perf_counter() - t0, plan.resident_bytes / 2**20,
-                    plan.arena_bytes / 2**20, budget / 2**20, plan.streamed_bytes_per_forward / 2**20,
+                    plan.arena_bytes / 2**20, f" + expert slots {slot_bytes / 2**20:.1f} MiB" if moe else "",
+                    budget / 2**20, plan.streamed_bytes_per_forward / 2**20,
                     f" ({self.io_engine} reads)" if streamed else "")
         model.flexinfer_plan = plan
         stats_path = self.stats_path
@@ -212,6 +239,8 @@ class FlexInferLoader(BaseModelLoader):
             "device": target.type, "device_weight_bytes": _device_bytes(model, self.streamer, target),
             "io_engine": self.io_engine, "gemv": self.gemv, "head_packed": self.head_packed,
             "embed_rows": plan.embed_rows, "head_runs": self.head_runs, "shard": self.shard,
+            "expert_slots": {m.prefix: m.slots for m in moe.values()} or None,
+            "expert_bytes": slot_bytes,
             "auto": self.auto.as_dict() if self.auto else None})
         return model.eval()
 
@@ -316,7 +345,7 @@ class FlexInferLoader(BaseModelLoader):
 
         stats_path = self.stats_path
         active: dict[int, object] = {}
-        reported = _Reported(time.monotonic())
+        reported = self._reported
 
         def pre(unit_idx):
             def hook(module, args):
@@ -770,19 +799,23 @@ def _write_stats(path: str | None, data: dict) -> None:
 class _Reported:
     logged: float  # when the last log line was written
     snapshot: dict = dataclasses.field(default_factory=dict)  # what the stats file holds
+    experts: experts.ExpertStats | None = None  # an MoE model's expert slots: hits, reads
     failed: bool = False  # a write failed (logged once)
 
 
-def _write_snapshot(stats_path: str, streamer: Streamer, reported: _Reported) -> None:
+def _write_snapshot(stats_path: str, streamer: Streamer | None, reported: _Reported) -> None:
     """The running figures into the snapshot (on the publisher's thread); best effort: a failed write is
     logged once, and the forward passes go on."""
     if server_gone(stats_path):
         return
-    s = streamer.stats
     try:
         if not reported.snapshot:
             reported.snapshot.update(read_stats(stats_path))
-        reported.snapshot.update(dataclasses.asdict(s), overlap=s.overlap, arena_locked=streamer.locked)
+        if streamer is not None:
+            s = streamer.stats
+            reported.snapshot.update(dataclasses.asdict(s), overlap=s.overlap, arena_locked=streamer.locked)
+        if reported.experts is not None:
+            reported.snapshot["experts"] = dataclasses.asdict(reported.experts)
         write_snapshot_json(stats_path, reported.snapshot)
     except OSError:
         if not reported.failed:

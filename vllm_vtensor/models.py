@@ -245,8 +245,9 @@ def build_tiny_llama(
 # Tiny random-weight models of real architectures (SmolLM2's tokenizer; the same sizes throughout): what
 # VTENSOR is tested on beyond llama. Gemma 2: sliding-window and full layers alternating, logit
 # soft-capping; Gemma 3: five sliding layers to one full, QK-norm; Qwen 3: full attention, QK-norm;
-# gpt-oss: sliding and full layers alternating, attention sinks, a mixture of experts (4, 2 per token).
-ARCHITECTURES = ("gemma2", "gemma3", "qwen3", "gpt_oss")
+# gpt-oss: sliding and full layers alternating, attention sinks, a mixture of experts (4, 2 per token);
+# Qwen 3 MoE: full attention, QK-norm, a mixture of 8 experts of 512 (2 per token) in every layer.
+ARCHITECTURES = ("gemma2", "gemma3", "qwen3", "gpt_oss", "qwen3_moe")
 
 
 def build_tiny_model(arch: str, cache: str | os.PathLike | None = None, *, sliding_window: int = 64,
@@ -286,6 +287,11 @@ def build_tiny_model(arch: str, cache: str | os.PathLike | None = None, *, slidi
                                            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
                                                         for i in range(num_layers)])
         model_cls = transformers.GptOssForCausalLM
+    elif arch == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(**common, num_local_experts=8, num_experts_per_tok=2,
+                                             moe_intermediate_size=512, decoder_sparse_step=1, norm_topk_prob=True,
+                                             initializer_range=0.1)  # routers that pick different experts
+        model_cls = transformers.Qwen3MoeForCausalLM
     else:
         config = transformers.Qwen3Config(**common)
         model_cls = transformers.Qwen3ForCausalLM

@@ -1,0 +1,338 @@
+"""Experts of a mixture-of-experts model read on demand, into a few slots per layer (CPU).
+
+A decode step runs only the experts its router picks (gpt-oss-20b: 4 of 32 per layer), so an MoE
+layer's experts are not streamed whole every pass: each layer keeps ``slots`` experts in vLLM's own
+packed layout (the buffers vLLM's CPU MoE kernel reads, ``slots`` experts long instead of all of
+them), and the experts a step needs that are not there are read from the weight store after routing,
+packed into the least recently used slots, and the kernel is handed slot ids instead of expert ids.
+
+vLLM's CPU kernel packs every expert on its own (``prepack_moe_weight`` keeps the tensor's shape, and
+expert ``e`` packed alone equals slice ``e`` of the whole tensor packed; checked by
+tests/test_flexinfer_experts.py), so an expert is packed straight into its slot.  When a step needs
+more distinct experts than a layer has slots (a prefill of many tokens), the kernel runs once per
+group of at most ``slots`` experts, each token's other experts weighted 0 in that run, and the runs
+are summed: every token still gets exactly its experts' weighted sum.
+
+The slot buffers are the layer's parameters (so vLLM's kernel, built over them, reads them); the
+expert biases (gpt-oss) stay resident whole, and their slots are filled beside the weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+
+import torch
+
+from vllm_vtensor.log import get_logger
+
+from .store import ALIGN, WeightStore, aligned, aligned_buffer
+
+logger = get_logger("flexoffload.experts")
+
+EXPERT_TENSORS = ("w13_weight", "w2_weight")  # [E, 2I, H] and [E, H, I], as vLLM's FusedMoE loads them
+EXPERT_BIASES = ("w13_bias", "w2_bias")  # [E, 2I] and [E, H] (gpt-oss)
+
+
+@dataclasses.dataclass
+class ExpertStats:
+    hits: int = 0  # expert uses found in a slot
+    misses: int = 0  # experts read from the store into a slot
+    bytes_read: int = 0
+    read_seconds: float = 0.0
+    groups: int = 0  # kernel runs beyond one per layer call (steps needing more experts than slots)
+
+
+class Staging:
+    """Page-aligned buffers the experts read from the store land in before they are packed into slots:
+    room for ``count`` experts of the largest layer (a step's top-k misses of a layer are read at once,
+    on ``io_threads`` reader threads), shared by every layer (layers run one after another)."""
+
+    def __init__(self, store: WeightStore, layers: list["MoELayer"], io_threads: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from vllm_vtensor.threads import move_to_helper_cores
+
+        self.store = store
+        self.count = max(min(m.num_experts, m.top_k) for m in layers)
+        self.bytes = staging_bytes(layers)
+        self.buffer = aligned_buffer(self.bytes)
+        self._raw = torch.frombuffer(self.buffer, dtype=torch.uint8)
+        self._pads: dict[tuple, torch.Tensor] = {}
+        self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flexinfer-experts",
+                                       initializer=move_to_helper_cores)
+
+    def pad(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A zeroed buffer an expert is padded in (one per shape; vLLM pads every layer alike)."""
+        key = (shape, dtype)
+        if key not in self._pads:
+            self._pads[key] = torch.zeros(shape, dtype=dtype)
+        return self._pads[key]
+
+    def read(self, reads: list[tuple[int, int, int]]) -> None:
+        """``(file offset, bytes, staging offset)`` reads, at once: ``O_DIRECT`` where the store reads so and
+        the piece is aligned (no page cache to count twice), buffered otherwise."""
+        view = memoryview(self.buffer)
+
+        def one(read):
+            offset, size, at = read
+            direct = self.store.direct_io and offset % ALIGN == 0 and size % ALIGN == 0 and at % ALIGN == 0
+            fd = self.store.fd if direct else self.store.row_fd
+            done = 0
+            while done < size:
+                n = os.preadv(fd, [view[at + done : at + size]], offset + done)
+                if n <= 0:
+                    raise OSError(f"short read of an expert from {self.store.path}: {done} of {size} bytes")
+                done += n
+
+        for f in [self.pool.submit(one, r) for r in reads]:
+            f.result()
+
+    def tensor(self, at: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape) * dtype.itemsize
+        return self._raw[at : at + n].view(dtype).view(shape)
+
+
+class ExpertSlots:
+    """One MoE layer's experts: ``slots`` of them packed in the layer's own parameters, the rest in the
+    store, read when the router picks them."""
+
+    def __init__(self, layer: "MoELayer", store: WeightStore, staging: Staging, stats: ExpertStats):
+        experts = layer.module.quant_method.moe_kernel.fused_experts
+        if getattr(experts, "_use_zentorch", False) or not hasattr(experts, "isa"):
+            raise RuntimeError(f"flexinfer reads experts into slots of vLLM's CPU MoE kernel, not "
+                               f"{type(experts).__name__}: load this model without --load-format flexinfer")
+        self.module, self.store, self.staging, self.stats = layer.module, store, staging, stats
+        self.isa = experts.isa
+        self.slots = self.module.w13_weight.shape[0]
+        self.num_experts = layer.num_experts
+        self.entries = {t: store.index[f"{layer.prefix}.{t}"] for t in EXPERT_TENSORS}
+        self.sizes = {t: e.nbytes // layer.num_experts for t, e in self.entries.items()}
+        self.biases = layer.biases  # the whole [E, ...] biases, resident
+        self.inter = self.entries["w2_weight"].shape[2]
+        self.padded = self.module.w2_weight.shape[2]  # the intermediate size vLLM's kernel runs (padded)
+        self.expert_of = [-1] * self.slots  # slot -> expert held
+        self.slot_of: dict[int, int] = {}  # expert -> slot
+        self.used = [0] * self.slots  # slot -> when last used (LRU)
+        self.clock = 0
+        self._pad13 = self._pad2 = None  # vLLM pads the intermediate size for its kernel: staged padded
+        if self.padded != self.inter:
+            w13, w2 = self.entries["w13_weight"], self.entries["w2_weight"]
+            self._pad13 = staging.pad((1, 2 * self.padded, w13.shape[2]), w13.torch_dtype)
+            self._pad2 = staging.pad((1, w2.shape[1], self.padded), w2.torch_dtype)
+
+    # -- slots -----------------------------------------------------------------
+    def _read(self, misses: list[tuple[int, int]]) -> None:
+        """Read the ``(expert, slot)`` misses from the store at once, then pack each into its slot."""
+        t0 = time.perf_counter()
+        reads, at, staged = [], 0, []
+        for expert, slot in misses:
+            parts = {}
+            for t, e in self.entries.items():
+                size = self.sizes[t]
+                reads.append((e.offset + expert * size, size, at))
+                parts[t] = self.staging.tensor(at, (1, *e.shape[1:]), e.torch_dtype)
+                at += aligned(size)
+            staged.append((expert, slot, parts))
+        self.staging.read(reads)
+        for expert, slot, parts in staged:
+            w13, w2 = parts["w13_weight"], parts["w2_weight"]
+            if self._pad13 is not None:  # gate rows, then up rows at the padded offset, as vLLM pads
+                self._pad13[0, : self.inter] = w13[0, : self.inter]
+                self._pad13[0, self.padded : self.padded + self.inter] = w13[0, self.inter :]
+                self._pad2[0, :, : self.inter] = w2[0]
+                w13, w2 = self._pad13, self._pad2
+            torch.ops._C.prepack_moe_weight(w13, self.module.w13_weight.data[slot : slot + 1], self.isa)
+            torch.ops._C.prepack_moe_weight(w2, self.module.w2_weight.data[slot : slot + 1], self.isa)
+            if "w13_bias" in self.biases:
+                b = self.biases["w13_bias"][expert]
+                self.module.w13_bias.data[slot, : self.inter] = b[: self.inter]
+                self.module.w13_bias.data[slot, self.padded : self.padded + self.inter] = b[self.inter :]
+            if "w2_bias" in self.biases:
+                self.module.w2_bias.data[slot] = self.biases["w2_bias"][expert]
+        self.stats.bytes_read += sum(size for _, size, _ in reads)
+        self.stats.misses += len(misses)
+        self.stats.read_seconds += time.perf_counter() - t0
+
+    def load(self, experts: list[int]) -> None:
+        """Make ``experts`` (at most ``slots`` of them) resident, evicting the least recently used others;
+        the misses are read ``staging.count`` at a time."""
+        self.clock += 1
+        wanted = set(experts)
+        misses = []
+        for e in experts:
+            s = self.slot_of.get(e)
+            if s is not None:
+                self.stats.hits += 1
+                self.used[s] = self.clock
+                continue
+            s = min((s for s in range(self.slots) if self.expert_of[s] not in wanted and self.used[s] < self.clock),
+                    key=lambda s: self.used[s])
+            old = self.expert_of[s]
+            if old >= 0:
+                del self.slot_of[old]
+            self.expert_of[s], self.slot_of[e], self.used[s] = e, s, self.clock
+            misses.append((e, s))
+        for i in range(0, len(misses), self.staging.count):
+            self._read(misses[i : i + self.staging.count])
+
+    # -- the kernel call -------------------------------------------------------
+    def apply(self, original, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None,
+              **kwargs):
+        """vLLM's ``quant_method.apply`` over the slots: the step's experts made resident, the kernel
+        handed slot ids; in groups of at most ``slots`` experts when a step needs more, each run over the
+        tokens routed to one of its experts (their other experts weighted 0), the runs summed in float32."""
+        needed = torch.unique(topk_ids).tolist()
+        lookup = torch.zeros(self.num_experts, dtype=topk_ids.dtype)
+        if len(needed) <= self.slots:
+            self.load(needed)
+            lookup[needed] = torch.tensor([self.slot_of[e] for e in needed], dtype=topk_ids.dtype)
+            return original(layer=layer, x=x, topk_weights=topk_weights, topk_ids=lookup[topk_ids],
+                            shared_experts=shared_experts, shared_experts_input=shared_experts_input, **kwargs)
+        if shared_experts is not None:
+            raise RuntimeError("flexinfer's expert slots do not run shared experts in groups; raise memory_budget "
+                               "so each MoE layer holds all its experts")
+        out = torch.zeros(x.shape, dtype=torch.float32)
+        for i in range(0, len(needed), self.slots):
+            group = needed[i : i + self.slots]
+            self.load(group)
+            lookup.zero_()
+            lookup[group] = torch.tensor([self.slot_of[e] for e in group], dtype=topk_ids.dtype)
+            inside = torch.zeros(self.num_experts, dtype=torch.bool)
+            inside[group] = True
+            routed = inside[topk_ids]
+            rows = routed.any(dim=1).nonzero().squeeze(1)
+            weights = torch.where(routed[rows], topk_weights[rows], torch.zeros((), dtype=topk_weights.dtype))
+            part = original(layer=layer, x=x[rows], topk_weights=weights, topk_ids=lookup[topk_ids[rows]],
+                            shared_experts=None, shared_experts_input=None, **kwargs)
+            out.index_add_(0, rows, part.float())
+            self.stats.groups += i > 0
+        return out.to(x.dtype)
+
+
+# -- planning and wiring (the loader's side) -----------------------------------------------------------
+PAD = 32  # vLLM's CPU MoE kernels pad the intermediate size to a multiple of this (SwiGLU-OAI's excepted)
+
+
+@dataclasses.dataclass
+class MoELayer:
+    prefix: str  # the MoE module's name
+    module: torch.nn.Module
+    num_experts: int
+    top_k: int
+    part_bytes: tuple[int, int]  # one expert's w13 and w2, as stored
+    inter: int  # the intermediate size, as stored
+    bias_bytes: int  # the whole expert biases, kept resident
+    names: tuple[str, ...]  # the expert tensors' parameter names
+    slots: int = 0
+    biases: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # whole, resident
+
+    @property
+    def expert_bytes(self) -> int:
+        """One slot: an expert as vLLM's kernel holds it (padded; at most that where it is not)."""
+        return sum(self.part_bytes) * (-(-self.inter // PAD) * PAD) // self.inter
+
+    @property
+    def least_bytes(self) -> int:
+        """The fewest slots a step can run in (its top-k experts at once), with the resident biases."""
+        return min(self.num_experts, self.top_k) * self.expert_bytes + self.bias_bytes
+
+
+def staging_bytes(layers: list[MoELayer]) -> int:
+    """:class:`Staging`'s memory: a layer's top-k experts as read (each part page-aligned), and one expert
+    padded where vLLM pads."""
+    count = max(min(m.num_experts, m.top_k) for m in layers)
+    padded = max((m.expert_bytes for m in layers if m.inter % PAD), default=0)
+    return count * max(sum(aligned(b) for b in m.part_bytes) for m in layers) + padded
+
+
+def least_bytes(layers: dict[str, MoELayer]) -> int:
+    """What the experts need at the least: every layer's top-k slots, the biases and the staging."""
+    return sum(m.least_bytes for m in layers.values()) + staging_bytes(list(layers.values()))
+
+
+def moe_layers(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]) -> dict[str, MoELayer]:
+    """The model's MoE layers whose experts run on vLLM's CPU kernel (unquantized), by module name."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    out = {}
+    for prefix, module in model.named_modules():
+        if not isinstance(module, RoutedExperts):
+            continue
+        if getattr(module, "expert_map", None) is not None:
+            from .config import FlexConfigError
+
+            raise FlexConfigError("--load-format flexinfer reads experts into slots per rank without expert "
+                                  "parallelism: drop --enable-expert-parallel (tensor parallelism shards each "
+                                  "expert instead)")
+        names = tuple(f"{prefix}.{t}" for t in EXPERT_TENSORS + EXPERT_BIASES if f"{prefix}.{t}" in params)
+        if not all(f"{prefix}.{t}" in names for t in EXPERT_TENSORS):
+            raise RuntimeError(f"flexinfer found an MoE layer {prefix} without {EXPERT_TENSORS}: please report this")
+        w13, w2 = (params[f"{prefix}.{t}"] for t in EXPERT_TENSORS)
+        experts = w13.shape[0]
+        size = lambda p: p.numel() * p.element_size()  # noqa: E731
+        out[prefix] = MoELayer(prefix, module, experts, module.top_k, (size(w13) // experts, size(w2) // experts),
+                               w2.shape[2], sum(size(params[n]) for n in names if n.rpartition(".")[2] in EXPERT_BIASES),
+                               names)
+    return out
+
+
+def assign_slots(layers: dict[str, MoELayer], room: int) -> int:
+    """Slots per layer in ``room`` bytes: every layer its top-k experts, then one more expert per layer in
+    turn while room is left (the same in every layer, give or take one), at most all of a layer's.
+    Returns the bytes the experts take (slots, biases, staging)."""
+    from .plan import BudgetError
+
+    order = list(layers.values())
+    least = least_bytes(layers)
+    if room < least:
+        raise BudgetError(f"the MoE layers' experts need {least / 2**20:.1f} MiB beside the other weights "
+                          f"(each layer's top-k experts at once) and {room / 2**20:.1f} MiB is left for them: "
+                          "raise memory_budget")
+    room -= least
+    for layer in order:
+        layer.slots = min(layer.num_experts, layer.top_k)
+    grew = True
+    while grew:
+        grew = False
+        for layer in order:
+            if layer.slots < layer.num_experts and room >= layer.expert_bytes:
+                layer.slots += 1
+                room -= layer.expert_bytes
+                grew = True
+    return sum(m.slots * m.expert_bytes + m.bias_bytes for m in order) + staging_bytes(order)
+
+
+def make_slots(layer: MoELayer, store: WeightStore) -> None:
+    """Point the layer's expert parameters at empty slots (vLLM pads and packs them, and builds its kernel
+    over them, as it would the whole tensors) and read its biases whole."""
+    from .store import rehome
+
+    for name in layer.names:
+        tensor = name.rpartition(".")[2]
+        p = getattr(layer.module, tensor)
+        if tensor in EXPERT_BIASES:
+            e = store.index[name]
+            whole = torch.empty(tuple(e.shape), dtype=e.torch_dtype)
+            if os.preadv(store.row_fd, [whole.view(torch.uint8).reshape(-1).numpy()], e.offset) != e.nbytes:
+                raise OSError(f"short read of {name} from {store.path}")
+            layer.biases[tensor] = whole
+        rehome(p, torch.zeros((layer.slots, *p.shape[1:]), dtype=p.dtype))
+
+
+def install(layers: dict[str, MoELayer], store: WeightStore, io_threads: int) -> ExpertStats:
+    """After vLLM built its MoE kernels over the slots: each layer's ``quant_method.apply`` runs over them."""
+    stats = ExpertStats()
+    staging = Staging(store, list(layers.values()), io_threads)
+    seen = set()
+    for layer in layers.values():
+        method = layer.module.quant_method
+        if id(method) in seen:
+            raise RuntimeError("flexinfer found MoE layers sharing one quant_method: please report this")
+        seen.add(id(method))
+        method.apply = functools.partial(ExpertSlots(layer, store, staging, stats).apply, method.apply)
+    logger.info("flexinfer: %d MoE layers hold %s of their experts in slots; the others are read when routed to",
+                len(layers), " or ".join(sorted({f"{m.slots} of {m.num_experts}" for m in layers.values()})))
+    return stats
