@@ -111,12 +111,26 @@ def child(args) -> None:
     prompt = [{"role": "user", "content": "Tell me a long story about a lighthouse."}]
     llm.chat(prompt, SamplingParams(max_tokens=2))
     loaded_then_wait_for_go(args.result)
+    before = _experts_read()
     t0 = time.perf_counter()
     out = llm.chat(prompt, SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True))
     elapsed = time.perf_counter() - t0
     n = len(out[0].outputs[0].token_ids)
-    Path(args.result).write_text(json.dumps({"tokens": n, "seconds": elapsed, "tok_s": n / elapsed}))
+    result = {"tokens": n, "seconds": elapsed, "tok_s": n / elapsed}
+    if before is not None:  # a mixture of experts: the experts read while timed (the prompt's prefill too)
+        time.sleep(0.5)  # the snapshot is written at most every 0.2 s
+        result["expert_bytes_read"] = _experts_read() - before
+    Path(args.result).write_text(json.dumps(result))
     llm.llm_engine.engine_core.shutdown()
+
+
+def _experts_read() -> int | None:
+    """Bytes of experts a FlexInfer engine has read into its slots so far (None: no expert slots)."""
+    try:
+        experts = json.loads(Path(os.environ["FLEXOFFLOAD_STATS_FILE"]).read_text()).get("experts")
+    except (KeyError, OSError, ValueError):
+        return None
+    return experts["bytes_read"] if experts else None
 
 
 def run_in_cgroup(name: str, limit, argv: list[str], env: dict, result: Path,
@@ -273,8 +287,9 @@ HEADROOM = 64 << 20  # run-to-run noise (allocator, page cache of small files) m
 
 def flexinfer_weights_held(stats: dict) -> int:
     """Bytes of weights a flexinfer engine holds in memory, from its stats snapshot: resident tensors,
-    the stream arena and the host tier (none of them for the mmap baseline)."""
-    return stats.get("resident_bytes", 0) + stats.get("arena_bytes", 0) + stats.get("host_bytes", 0)
+    the stream arena, the host tier and a mixture of experts' slots (none of them for the mmap baseline)."""
+    return (stats.get("resident_bytes", 0) + stats.get("arena_bytes", 0) + stats.get("host_bytes", 0)
+            + stats.get("expert_bytes", 0))
 
 
 def steady_overhead(probe: dict) -> int:
@@ -285,11 +300,11 @@ def steady_overhead(probe: dict) -> int:
 
 
 def resolve_model(name: str, dtype: str = "float32") -> tuple[str, int]:
-    """bench-llama / smollm2 (built locally) or a model folder, and its weight bytes in ``dtype``."""
+    """bench-llama / bench-moe / smollm2 (built locally) or a model folder, and its weight bytes in ``dtype``."""
     from flexoffload.plan import checkpoint_tensors
-    from vllm_vtensor.models import build_bench_llama, build_smollm2
+    from vllm_vtensor.models import build_bench_llama, build_bench_moe, build_smollm2
 
-    builders = {"bench-llama": build_bench_llama, "smollm2": build_smollm2}
+    builders = {"bench-llama": build_bench_llama, "bench-moe": build_bench_moe, "smollm2": build_smollm2}
     model = str(builders[name]()) if name in builders else name
     return model, sum(t.nbytes for t in checkpoint_tensors(model, dtype_bytes=DTYPES[dtype][1]))
 
@@ -297,7 +312,8 @@ def resolve_model(name: str, dtype: str = "float32") -> tuple[str, int]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="bench-llama",
-                   help="bench-llama (1.65 GB random-weight llama, the default), smollm2, or a model folder")
+                   help="bench-llama (1.65 GB random-weight llama, the default), bench-moe (1.1 GB random-weight "
+                        "Qwen 3 MoE), smollm2, or a model folder")
     p.add_argument("--budgets", default="0.25,0.5,0.75,1.0")
     p.add_argument("--configs", default=None,
                    help=f"comma-separated, of {', '.join(CONFIGS)} (default: all; llamacpp when its environment exists)")
@@ -405,6 +421,8 @@ def _apply_io_bound(meta: dict, rows: list[dict]) -> float:
     resident = next((r["tok_s"] for r in rows if r["config"] == "flexinfer" and r["fraction"] == 1.0), None)
     for row in rows:
         streamed = (row.get("flexinfer") or {}).get("streamed_bytes_per_forward")
+        if row.get("expert_bytes_read") is not None and row.get("tokens"):  # and the experts read per token
+            streamed = (streamed or 0) + row["expert_bytes_read"] / row["tokens"]
         row["io_bound_tok_s"] = bw / streamed if streamed else None
         row["roof_tok_s"] = row["io_bound_tok_s"] if not (streamed and resident) else min(row["io_bound_tok_s"], resident)
     meta["disk_bytes_per_s"] = bw

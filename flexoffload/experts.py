@@ -71,9 +71,10 @@ class Staging:
             self._pads[key] = torch.zeros(shape, dtype=dtype)
         return self._pads[key]
 
-    def read(self, reads: list[tuple[int, int, int]]) -> None:
-        """``(file offset, bytes, staging offset)`` reads, at once: ``O_DIRECT`` where the store reads so and
-        the piece is aligned (no page cache to count twice), buffered otherwise."""
+    def read(self, reads: list[tuple[int, int, int]]) -> list:
+        """Start ``(file offset, bytes, staging offset)`` reads on the reader threads, in order: ``O_DIRECT``
+        where the store reads so and the piece is aligned (no page cache to count twice), buffered
+        otherwise; returns their futures."""
         view = memoryview(self.buffer)
 
         def one(read):
@@ -87,8 +88,7 @@ class Staging:
                     raise OSError(f"short read of an expert from {self.store.path}: {done} of {size} bytes")
                 done += n
 
-        for f in [self.pool.submit(one, r) for r in reads]:
-            f.result()
+        return [self.pool.submit(one, r) for r in reads]
 
     def tensor(self, at: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         n = math.prod(shape) * dtype.itemsize
@@ -125,7 +125,8 @@ class ExpertSlots:
 
     # -- slots -----------------------------------------------------------------
     def _read(self, misses: list[tuple[int, int]]) -> None:
-        """Read the ``(expert, slot)`` misses from the store at once, then pack each into its slot."""
+        """Read the ``(expert, slot)`` misses from the store, all queued at once, and pack each into its
+        slot as soon as its reads are done (packing one while the next is read)."""
         t0 = time.perf_counter()
         reads, at, staged = [], 0, []
         for expert, slot in misses:
@@ -136,8 +137,10 @@ class ExpertSlots:
                 parts[t] = self.staging.tensor(at, (1, *e.shape[1:]), e.torch_dtype)
                 at += aligned(size)
             staged.append((expert, slot, parts))
-        self.staging.read(reads)
-        for expert, slot, parts in staged:
+        pending = self.staging.read(reads)
+        for i, (expert, slot, parts) in enumerate(staged):
+            for f in pending[i * len(self.entries) : (i + 1) * len(self.entries)]:
+                f.result()
             w13, w2 = parts["w13_weight"], parts["w2_weight"]
             if self._pad13 is not None:  # gate rows, then up rows at the padded offset, as vLLM pads
                 self._pad13[0, : self.inter] = w13[0, : self.inter]

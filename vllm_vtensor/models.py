@@ -311,6 +311,33 @@ def build_bench_llama(cache: str | os.PathLike | None = None, *, force: bool = F
     return build_tiny_llama(cache, force=force, **BENCH_LLAMA)
 
 
+# The offload benchmark's mixture of experts: a random-weight Qwen 3 MoE of 1.1 GB in float32 (12 layers,
+# hidden 768, 6 heads of 128 (2 KV heads), 16 experts of 512 in every layer, 4 per token, SmolLM2's
+# tied vocabulary). Weights drawn with a standard deviation of 0.1, so that routers pick different
+# experts from token to token (at 0.02 the model repeats one token, and one set of experts).
+BENCH_MOE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=6, num_key_value_heads=2, head_dim=128,
+                 num_local_experts=16, num_experts_per_tok=4, moe_intermediate_size=512, intermediate_size=2048,
+                 decoder_sparse_step=1, norm_topk_prob=True, initializer_range=0.1, max_position_embeddings=4096,
+                 tie_word_embeddings=True)
+
+
+def build_bench_moe(cache: str | os.PathLike | None = None, *, force: bool = False) -> Path:
+    """The 1.1 GB (float32) random-weight Qwen 3 MoE the offload benchmark streams (:data:`BENCH_MOE`)."""
+    import transformers
+
+    root = cache_dir(cache)
+    final = root / "bench-qwen3_moe-l12-e16-k4-seed0"
+    hint = "python -m vllm_vtensor.models bench-moe --force"
+    if not force and (final / _COMPLETE).exists():
+        return verify_model_dir(final, hint, model_type="qwen3_moe")
+    tok = transformers.AutoTokenizer.from_pretrained(settings.get("VTENSOR_TOKENIZER") or build_smollm2(cache))
+    config = transformers.Qwen3MoeConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **BENCH_MOE)
+    config.dtype = "bfloat16"
+    _save_random(transformers.Qwen3MoeForCausalLM, config, tok, 0, root, final, force)
+    return verify_model_dir(final, hint, model_type="qwen3_moe")
+
+
 # Real models' shapes, for vLLM's ``load_format="dummy"`` (random weights made on the device; no
 # weight files, no download): the folder holds config.json only, and requests go by token ids
 # (``skip_tokenizer_init=True``), so no tokenizer of these vocabularies is needed either.
@@ -367,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--force", action="store_true")
     b = sub.add_parser("bench-llama", help="write the 1.65 GB random-weight llama of benchmarks/offload.py")
     b.add_argument("--force", action="store_true")
+    e = sub.add_parser("bench-moe", help="write the 1.1 GB random-weight Qwen 3 MoE of benchmarks/offload.py")
+    e.add_argument("--force", action="store_true")
     c = sub.add_parser("shape", help="write the config.json of a real model's shape (for load_format=dummy); print its folder")
     c.add_argument("shape", choices=sorted(SHAPES))
     v = sub.add_parser("verify", help="check a model folder")
@@ -381,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             path = build_tiny_model(args.arch, args.cache_dir, force=args.force)
         elif args.cmd == "bench-llama":
             path = build_bench_llama(args.cache_dir, force=args.force)
+        elif args.cmd == "bench-moe":
+            path = build_bench_moe(args.cache_dir, force=args.force)
         elif args.cmd == "shape":
             path = build_shape_config(args.shape, args.cache_dir)
         else:
