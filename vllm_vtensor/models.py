@@ -245,7 +245,8 @@ def build_tiny_llama(
 # Tiny random-weight models of real architectures (SmolLM2's tokenizer; the same sizes throughout): what
 # VTENSOR is tested on beyond llama. Gemma 2: sliding-window and full layers alternating, logit
 # soft-capping; Gemma 3: five sliding layers to one full, QK-norm; Qwen 3: full attention, QK-norm;
-# gpt-oss: sliding and full layers alternating, attention sinks, a mixture of experts (4, 2 per token);
+# gpt-oss: sliding and full layers alternating, attention sinks, a mixture of experts (4, 2 per token),
+# an lm_head of its own;
 # Qwen 3 MoE: full attention, QK-norm, a mixture of 8 experts of 512 (2 per token) in every layer.
 ARCHITECTURES = ("gemma2", "gemma3", "qwen3", "gpt_oss", "qwen3_moe")
 
@@ -258,7 +259,10 @@ def build_tiny_model(arch: str, cache: str | os.PathLike | None = None, *, slidi
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}: use one of {', '.join(ARCHITECTURES)}")
     root = cache_dir(cache)
-    final = root / f"tiny-{arch}-l{num_layers}-swa{sliding_window}-seed{seed}"
+    # vLLM's gpt-oss has an lm_head of its own, never tied to the embedding table: tied, the checkpoint
+    # has none for it, and every logit is equal (the model "predicts" token 0 whatever it reads)
+    tied = arch != "gpt_oss"
+    final = root / f"tiny-{arch}-l{num_layers}-swa{sliding_window}-seed{seed}{'' if tied else '-untied'}"
     hint = f"python -m vllm_vtensor.models tiny-model {arch} --force"
     if not force and (final / _COMPLETE).exists():
         return verify_model_dir(final, hint, model_type=arch)
@@ -269,7 +273,7 @@ def build_tiny_model(arch: str, cache: str | os.PathLike | None = None, *, slidi
     common = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=num_layers,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                  tie_word_embeddings=True)
+                  tie_word_embeddings=tied)
     if arch == "gemma2":
         config = transformers.Gemma2Config(**common, sliding_window=sliding_window, query_pre_attn_scalar=64,
                                            attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
@@ -283,7 +287,7 @@ def build_tiny_model(arch: str, cache: str | os.PathLike | None = None, *, slidi
         model_cls = transformers.Gemma3ForCausalLM
     elif arch == "gpt_oss":
         config = transformers.GptOssConfig(**common, sliding_window=sliding_window, num_local_experts=4,
-                                           num_experts_per_tok=2,
+                                           num_experts_per_tok=2, initializer_range=0.1,
                                            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
                                                         for i in range(num_layers)])
         model_cls = transformers.GptOssForCausalLM
