@@ -10,8 +10,9 @@ vLLM's CPU kernel packs every expert on its own (``prepack_moe_weight`` keeps th
 expert ``e`` packed alone equals slice ``e`` of the whole tensor packed; checked by
 tests/test_flexinfer_experts.py), so an expert is packed straight into its slot.  When a step needs
 more distinct experts than a layer has slots (a prefill of many tokens), the kernel runs once per
-group of at most ``slots`` experts, each token's other experts weighted 0 in that run, and the runs
-are summed: every token still gets exactly its experts' weighted sum.
+group of at most ``slots`` experts over the tokens routed to one of them (their other experts weighted
+0 in that run), and the runs are summed in float32: every token gets its experts' weighted sum (in
+bf16 rounded once more than in one kernel run).
 
 The slot buffers are the layer's parameters (so vLLM's kernel, built over them, reads them); the
 expert biases (gpt-oss) stay resident whole, and their slots are filled beside the weights.
@@ -194,9 +195,6 @@ class ExpertSlots:
             lookup[needed] = torch.tensor([self.slot_of[e] for e in needed], dtype=topk_ids.dtype)
             return original(layer=layer, x=x, topk_weights=topk_weights, topk_ids=lookup[topk_ids],
                             shared_experts=shared_experts, shared_experts_input=shared_experts_input, **kwargs)
-        if shared_experts is not None:
-            raise RuntimeError("flexinfer's expert slots do not run shared experts in groups; raise memory_budget "
-                               "so each MoE layer holds all its experts")
         out = torch.zeros(x.shape, dtype=torch.float32)
         for i in range(0, len(needed), self.slots):
             group = needed[i : i + self.slots]
@@ -208,8 +206,10 @@ class ExpertSlots:
             routed = inside[topk_ids]
             rows = routed.any(dim=1).nonzero().squeeze(1)
             weights = torch.where(routed[rows], topk_weights[rows], torch.zeros((), dtype=topk_weights.dtype))
+            first = i == 0  # shared experts (on their own input, every token) run once, with the first group
             part = original(layer=layer, x=x[rows], topk_weights=weights, topk_ids=lookup[topk_ids[rows]],
-                            shared_experts=None, shared_experts_input=None, **kwargs)
+                            shared_experts=shared_experts if first else None,
+                            shared_experts_input=shared_experts_input if first else None, **kwargs)
             out.index_add_(0, rows, part.float())
             self.stats.groups += i > 0
         return out.to(x.dtype)

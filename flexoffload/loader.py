@@ -134,6 +134,10 @@ class FlexInferLoader(BaseModelLoader):
         path = self.cfg.store_dir() / f"{store_key(model_config.model, model_config.dtype, list(params), self.shard)}.bin"
         self.store_path = path  # in the stats snapshot
         if self.cfg.policy == "mmap":
+            if experts.moe_layers(model, params):
+                raise FlexConfigError("the mmap baseline (policy 'mmap') maps whole tensors, which vLLM repacks "
+                                      "for its MoE kernel into memory of its own: use another policy for a "
+                                      "mixture of experts")
             mapped = [n for n, p in params.items() if p.dim() >= 2]
             self._fill(model, model_config, params, path, target, lambda n: n not in mapped)
             del params  # see below: no reference may outlive CPU weight packing
