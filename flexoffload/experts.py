@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import time
 
 import torch
@@ -80,14 +79,10 @@ class Staging:
 
         def one(read):
             offset, size, at = read
-            direct = self.store.direct_io and offset % ALIGN == 0 and size % ALIGN == 0 and at % ALIGN == 0
-            fd = self.store.fd if direct else self.store.row_fd
-            done = 0
-            while done < size:
-                n = os.preadv(fd, [view[at + done : at + size]], offset + done)
-                if n <= 0:
-                    raise OSError(f"short read of an expert from {self.store.path}: {done} of {size} bytes")
-                done += n
+            direct = offset % ALIGN == 0 and size % ALIGN == 0 and at % ALIGN == 0
+            done = self.store.read_range(offset, view[at : at + size], direct)
+            if done != size:
+                raise OSError(f"short read of an expert from {self.store.path}: {done} of {size} bytes")
 
         return [self.pool.submit(one, r) for r in reads]
 
@@ -105,14 +100,14 @@ class ExpertSlots:
         if getattr(experts, "_use_zentorch", False) or not hasattr(experts, "isa"):
             raise RuntimeError(f"flexinfer reads experts into slots of vLLM's CPU MoE kernel, not "
                                f"{type(experts).__name__}: load this model without --load-format flexinfer")
-        self.module, self.store, self.staging, self.stats = layer.module, store, staging, stats
+        self.module, self.staging, self.stats = layer.module, staging, stats
         self.isa = experts.isa
         self.slots = self.module.w13_weight.shape[0]
         self.num_experts = layer.num_experts
         self.entries = {t: store.index[f"{layer.prefix}.{t}"] for t in EXPERT_TENSORS}
-        self.sizes = {t: e.nbytes // layer.num_experts for t, e in self.entries.items()}
+        self.sizes = dict(zip(EXPERT_TENSORS, layer.part_bytes))
         self.biases = layer.biases  # the whole [E, ...] biases, resident
-        self.inter = self.entries["w2_weight"].shape[2]
+        self.inter = layer.inter
         self.padded = self.module.w2_weight.shape[2]  # the intermediate size vLLM's kernel runs (padded)
         self.expert_of = [-1] * self.slots  # slot -> expert held
         self.slot_of: dict[int, int] = {}  # expert -> slot
@@ -318,10 +313,8 @@ def make_slots(layer: MoELayer, store: WeightStore) -> None:
         p = getattr(layer.module, tensor)
         if tensor in EXPERT_BIASES:
             e = store.index[name]
-            whole = torch.empty(tuple(e.shape), dtype=e.torch_dtype)
-            if os.preadv(store.row_fd, [whole.view(torch.uint8).reshape(-1).numpy()], e.offset) != e.nbytes:
-                raise OSError(f"short read of {name} from {store.path}")
-            layer.biases[tensor] = whole
+            layer.biases[tensor] = whole = torch.empty(tuple(e.shape), dtype=e.torch_dtype)
+            store.read_tensor(name, whole)
         rehome(p, torch.zeros((layer.slots, *p.shape[1:]), dtype=p.dtype))
 
 

@@ -65,7 +65,6 @@ class FlexInferLoader(BaseModelLoader):
         self.auto: AutoBudget | None = None  # what memory_budget "auto" found free
         self.io_engine: str | None = None  # "aio" or "threads" once something streams
         self.gemv: str | None = None  # how one-token GEMMs on streamed CPU weights run (choose_gemv)
-        self.experts: experts.ExpertStats | None = None  # an MoE model's experts read into slots
         self.head_packed = False  # the resident lm_head packed from the store (see _pack_head)
         self.head_runs = 0  # runs of rows a streamed lm_head is read and computed in (see _HeadInRuns)
 
@@ -213,7 +212,7 @@ class FlexInferLoader(BaseModelLoader):
         if streamed:
             self._install(model, layers, plan, store, streamed)
         if moe:
-            self.experts = self._reported.experts = experts.install(moe, store, self.cfg.io_threads)
+            self._reported.experts = experts.install(moe, store, self.cfg.io_threads)
             if not streamed and self.stats_path:  # no layer hooks to publish the figures after each pass
                 path, reported = self.stats_path, self._reported
                 model.register_forward_hook(lambda *_: _publisher.request(path, None, reported))
@@ -261,12 +260,9 @@ class FlexInferLoader(BaseModelLoader):
             raise FlexConfigError(f"the weight store {path} lacks {sorted(missing)[:3]}...: delete it to rebuild")
         for name, p in params.items():
             if wanted(name):
-                e = store.index[name]
                 rehome(p, torch.empty(p.shape, dtype=p.dtype, device=target))
                 host = p.data if target.type == "cpu" else torch.empty(p.shape, dtype=p.dtype)
-                dst = memoryview(host.view(torch.uint8).reshape(-1).numpy())
-                if os.preadv(store.row_fd, [dst], e.offset) != e.nbytes:
-                    raise OSError(f"short read of {name} from {path}")
+                store.read_tensor(name, host)
                 if host is not p.data:
                     p.data.copy_(host)
         store.close()

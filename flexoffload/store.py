@@ -159,19 +159,33 @@ class WeightStore:
                           f"delete {path} and {path.with_suffix('.json')} and the next load rebuilds them")
         return cls(path, index, direct_io)
 
-    def read_into(self, name: str, buf: memoryview) -> int:
-        """Read tensor ``name`` into ``buf`` (page-aligned, at least ``padded`` bytes); return bytes read."""
-        e = self.index[name]
-        view = buf[: e.padded]
+    def read_range(self, offset: int, view: memoryview, direct: bool = True) -> int:
+        """Read up to ``len(view)`` bytes at ``offset`` into ``view``, stopping at the file's end; through the
+        store's own descriptor (``O_DIRECT`` where it reads so: ``view``, ``offset`` and the length aligned)
+        when ``direct``, else the buffered one.  Returns the bytes read."""
+        fd = self.fd if direct else self.row_fd
         done = 0
-        while done < e.padded:
-            n = os.preadv(self.fd, [view[done:]], e.offset + done)
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
             if n <= 0:
                 break
             done += n
+        return done
+
+    def read_into(self, name: str, buf: memoryview) -> int:
+        """Read tensor ``name`` into ``buf`` (page-aligned, at least ``padded`` bytes); return bytes read."""
+        e = self.index[name]
+        done = self.read_range(e.offset, buf[: e.padded])
         if done < e.nbytes:
             raise OSError(f"short read of {name} from {self.path}: {done} of {e.nbytes} bytes (file damaged?)")
         return e.nbytes
+
+    def read_tensor(self, name: str, dst: torch.Tensor) -> None:
+        """Tensor ``name`` whole into ``dst`` (contiguous CPU memory of its size; a buffered read)."""
+        e = self.index[name]
+        done = self.read_range(e.offset, memoryview(dst.view(torch.uint8).reshape(-1).numpy()), direct=False)
+        if done != e.nbytes:
+            raise OSError(f"short read of {name} from {self.path}: {done} of {e.nbytes} bytes (file damaged?)")
 
     def row_runs(self, name: str, max_bytes: int) -> list[tuple[str, int, int]]:
         """Split 2-D tensor ``name`` into runs of whole rows of at most ``max_bytes`` (fewer if its rows
