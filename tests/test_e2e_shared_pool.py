@@ -44,11 +44,22 @@ def two_engines(smollm2_path):
     kw = dict(model=smollm2_path, dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
               kv_cache_memory_bytes=64 << 20, attention_backend="VTENSOR", enable_prefix_caching=True)
     with environment(VTENSOR_POOL=name, VTENSOR_POOL_BYTES=str(POOL_BYTES)):
-        engines = LLM(**kw), LLM(**kw)
-    ledger = open_pool(name, None, None)
-    yield engines, ledger
-    del engines
+        a, b, ledger, slots = start_a_and_b(name, lambda: LLM(**kw))
+    yield (a, b), ledger, slots
+    del a, b
     ledger.path.unlink(missing_ok=True)
+
+
+def start_a_and_b(name: str, make) -> tuple:
+    """Engines A and B made by ``make()`` on pool ``name`` (set in the environment): A, B, the ledger and
+    their slots, told apart by the order they joined (not by process ids: those wrap around at pid_max,
+    32768 in a container)."""
+    a = make()
+    ledger = open_pool(name, None, None)
+    (slot_a,) = (e.slot for e in ledger.view().engines)
+    b = make()
+    (slot_b,) = (e.slot for e in ledger.view().engines if e.slot != slot_a)
+    return a, b, ledger, (slot_a, slot_b)
 
 
 class Sampler:
@@ -70,12 +81,12 @@ class Sampler:
         return self.samples
 
 
-def a_then_b(a, b, ledger, prompts, sp, want, pool_bytes) -> tuple[list, int, int]:
+def a_then_b(a, b, ledger, slots, prompts, sp, want, pool_bytes) -> tuple[list, int, int]:
     """Engine A runs ``prompts``, then engine B while A idles, the pool sampled throughout. Both give ``want``;
     both were preempted (the pool, not their ceilings, ran out); the pool was never passed; once B wanted
     memory, idle A gave its cached blocks back (to <= 5% of its peak) within 5 s of B's first memory. Returns the samples and
     A's and B's slots."""
-    slot_a, slot_b = (e.slot for e in sorted(ledger.view().engines, key=lambda e: e.engine_pid))
+    slot_a, slot_b = slots
     sampler = Sampler(ledger)
     got_a = [o.outputs[0].token_ids for o in a.generate(prompts, sp)]
     time.sleep(0.3)
@@ -103,11 +114,11 @@ def a_then_b(a, b, ledger, prompts, sp, want, pool_bytes) -> tuple[list, int, in
 def test_two_engines_share_one_pool(two_engines, vanilla_llm, capsys):
     from vllm import SamplingParams
 
-    (a, b), ledger = two_engines
+    (a, b), ledger, slots = two_engines
     sp = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     want = [o.outputs[0].token_ids for o in vanilla_llm.generate(prompts, sp)]
-    samples, slot_a, slot_b = a_then_b(a, b, ledger, prompts, sp, want, POOL_BYTES)
+    samples, slot_a, slot_b = a_then_b(a, b, ledger, slots, prompts, sp, want, POOL_BYTES)
     assert max(s[1][slot_a].committed for s in samples if slot_a in s[1]) > POOL_BYTES * 0.8  # A alone had most
     assert max(s[1][slot_b].committed for s in samples if slot_b in s[1]) > POOL_BYTES * 0.8  # then B did
 

@@ -15,9 +15,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("vllm", reason="needs vLLM")
 
 from test_e2e_cuda import CHUNK, ENGINE  # noqa: E402
-from test_e2e_shared_pool import a_then_b, environment  # noqa: E402
+from test_e2e_shared_pool import a_then_b, environment, start_a_and_b  # noqa: E402
 
-from vllm_vtensor.ledger import open_pool  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.gpu]
 
@@ -44,12 +43,10 @@ def test_two_engines_share_one_pool_on_a_gpu(model):
 
     name = f"cuda-{uuid.uuid4().hex[:8]}"
     with environment(VTENSOR_POOL=name, VTENSOR_POOL_BYTES=str(POOL_BYTES), VTENSOR_ATTENTION="vllm"):
-        a = LLM(model=model, attention_backend="VTENSOR", **KW)
-        b = LLM(model=model, attention_backend="VTENSOR", **KW)
-    ledger = open_pool(name, None, None)
+        a, b, ledger, slots = start_a_and_b(name, lambda: LLM(model=model, attention_backend="VTENSOR", **KW))
     try:
         assert ledger.view().device == f"cuda:{torch.cuda.current_device()}"
-        a_then_b(a, b, ledger, prompts, sp, want, POOL_BYTES)
+        a_then_b(a, b, ledger, slots, prompts, sp, want, POOL_BYTES)
     finally:
         del a, b
         ledger.path.unlink(missing_ok=True)
