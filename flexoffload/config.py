@@ -151,8 +151,8 @@ def refusal_for(arch: str, quantization: str | None, experts: int, multimodal: b
                 "--load-format flexinfer, or use an unquantized checkpoint")
     if experts and not experts_in_slots:
         return (f"{arch} is a mixture of experts ({experts} experts per layer): --load-format flexinfer reads "
-                "experts on demand only on CPUs (vLLM's CPU MoE kernel), and `python -m flexoffload.plan` does not "
-                "plan them: run it on a CPU, or load it without --load-format flexinfer")
+                "experts on demand only on CPUs (vLLM's CPU MoE kernel): run it on a CPU, or load it without "
+                "--load-format flexinfer")
     return None
 
 

@@ -303,6 +303,26 @@ def assign_slots(layers: dict[str, MoELayer], room: int) -> int:
     return sum(m.slots * m.expert_bytes + m.bias_bytes for m in order) + staging_bytes(order)
 
 
+def plan_with_slots(tensors: list, layers: dict[str, MoELayer], budget: int, **plan_kw):
+    """The plan for an MoE model: every layer's top-k slots first (a step needs them at once), the other
+    tensors (``tensors``, the experts left out) planned in what they leave, then more slots in what that
+    plan leaves (:func:`assign_slots`). The slots are recorded in the plan (``Plan.experts``)."""
+    from .plan import BudgetError, SlotTier, plan_for_budget
+
+    least = least_bytes(layers)
+    if budget < least:
+        assign_slots(layers, budget)  # refused, naming what the slots need
+    try:
+        plan = plan_for_budget(tensors, budget - least, **plan_kw)
+    except BudgetError as e:
+        raise BudgetError(f"{e}; that is what memory_budget leaves after {least / 2**20:.1f} MiB of expert slots "
+                          "(each MoE layer's top-k experts, which a step needs at once)") from None
+    plan.budget = budget
+    plan.expert_bytes = assign_slots(layers, budget - plan.resident_bytes - plan.arena_bytes)
+    plan.experts = {m.prefix: SlotTier(m.slots, m.num_experts, m.top_k, sum(m.part_bytes)) for m in layers.values()}
+    return plan
+
+
 def make_slots(layer: MoELayer, store: WeightStore) -> None:
     """Point the layer's expert parameters at empty slots (vLLM pads and packs them, and builds its kernel
     over them, as it would the whole tensors) and read its biases whole."""

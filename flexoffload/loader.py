@@ -145,18 +145,9 @@ class FlexInferLoader(BaseModelLoader):
         expert_names = {n for layer in moe.values() for n in layer.names}
         try:
             if moe:  # experts in slots per layer; the dense tensors planned in what the slots leave
-                least = experts.least_bytes(moe)
-                if budget < least:
-                    experts.assign_slots(moe, budget)  # refused, naming what the slots need
-                try:
-                    plan = plan_for_budget([t for t in tensors if t.name not in expert_names], budget - least,
-                                           window=self.cfg.prefetch_window, policy=self.cfg.policy,
-                                           logits=model_config.runner_type != "pooling")
-                except BudgetError as e:
-                    raise BudgetError(f"{e}; that is what memory_budget leaves after {least / 2**20:.1f} MiB of "
-                                      "expert slots (each MoE layer's top-k experts, which a step needs at "
-                                      "once)") from None
-                expert_bytes = experts.assign_slots(moe, budget - plan.resident_bytes - plan.arena_bytes)
+                plan = experts.plan_with_slots([t for t in tensors if t.name not in expert_names], moe, budget,
+                                               window=self.cfg.prefetch_window, policy=self.cfg.policy,
+                                               logits=model_config.runner_type != "pooling")
             else:
                 plan = plan_for_budget(tensors, budget, window=self.cfg.prefetch_window, policy=self.cfg.policy,
                                        logits=model_config.runner_type != "pooling")
@@ -222,7 +213,7 @@ class FlexInferLoader(BaseModelLoader):
             locked = sum(mlock(p.data_ptr(), p.numel() * p.element_size()) for n, p in model.named_parameters()
                          if n in plan.resident and p.numel())
             logger.info("flexinfer: mlocked %d resident tensors", locked)
-        slot_bytes = expert_bytes if moe else 0
+        slot_bytes = plan.expert_bytes
         logger.info("flexinfer: loaded in %.1fs; resident %.1f MiB + arena %.1f MiB%s <= budget %.1f MiB; "
                     "streaming %.1f MiB per forward pass%s", time.perf_counter() - t0, plan.resident_bytes / 2**20,
                     plan.arena_bytes / 2**20, f" + expert slots {slot_bytes / 2**20:.1f} MiB" if moe else "",

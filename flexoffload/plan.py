@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import struct
 import sys
@@ -77,6 +78,21 @@ def classify(name: str, nbytes: int, ndim: int) -> TensorInfo:
     return TensorInfo(name, nbytes, layer, "small")
 
 
+@dataclass(frozen=True)
+class SlotTier:
+    """An MoE layer's experts in slots (flexoffload.experts): the others are read when routed to."""
+    slots: int
+    experts: int
+    top_k: int
+    read_bytes: int  # one expert as read from the weight store
+
+    @property
+    def misses_per_token(self) -> float:
+        """Experts read per decoded token if the router picks uniformly at random (the worst case for a
+        cache of experts: a trained router's favourites stay in the slots)."""
+        return self.top_k * (self.experts - self.slots) / self.experts
+
+
 @dataclass
 class Plan:
     budget: int
@@ -93,6 +109,9 @@ class Plan:
     host_budget: int = 0
     embed_rows: str | None = None  # an embedding table only looked up, read by rows from the store (see above)
     head_chunk_bytes: int = 0  # a streamed head is read and computed in runs of rows of at most this size
+    experts: dict[str, SlotTier] = field(default_factory=dict)  # an MoE model's layers: experts in slots
+    expert_bytes: int = 0  # memory the expert slots take (slots, resident biases, staging)
+    unrouted_bytes: int = 0  # of ``sizes``, experts held whole (the model fits) that a token's router skips
 
     @property
     def resident_bytes(self) -> int:
@@ -112,8 +131,9 @@ class Plan:
 
     @property
     def touched_bytes(self) -> int:
-        """Weight bytes a forward pass reads (an embedding table read by rows: a few rows of it)."""
-        return self.total_bytes - (self.sizes[self.embed_rows] if self.embed_rows else 0)
+        """Weight bytes a forward pass reads (an embedding table read by rows: a few rows of it; of experts held
+        whole, those its router picks)."""
+        return self.total_bytes - (self.sizes[self.embed_rows] if self.embed_rows else 0) - self.unrouted_bytes
 
     @property
     def host_bytes(self) -> int:
@@ -132,14 +152,21 @@ class Plan:
     def disk_bytes_per_forward(self) -> int:
         return self.streamed_bytes_per_forward - self.host_streamed_bytes_per_forward
 
+    @property
+    def expert_reads_per_token(self) -> float:
+        """Expert bytes read from the store per decoded token under uniform routing."""
+        return sum(e.misses_per_token * e.read_bytes for e in self.experts.values())
+
     def predicted_tokens_per_s(self, disk_bytes_per_s: float, mem_bytes_per_s: float,
                                host_bytes_per_s: float | None = None) -> float:
         """Decode bound: each link carries its bytes at its bandwidth, overlapped: t >= the slowest of
         weights touched / memory bandwidth, disk bytes / disk bandwidth, host-tier bytes / host-to-device
-        bandwidth (``host_bytes_per_s``; on a CPU a copy at memory bandwidth)."""
-        t = max(self.touched_bytes / mem_bytes_per_s, self.disk_bytes_per_forward / disk_bytes_per_s,
+        bandwidth (``host_bytes_per_s``; on a CPU a copy at memory bandwidth). An MoE model's expert reads
+        add to that: an expert is read only once its layer's router picked it."""
+        touched = self.touched_bytes + sum(e.top_k * e.read_bytes for e in self.experts.values())
+        t = max(touched / mem_bytes_per_s, self.disk_bytes_per_forward / disk_bytes_per_s,
                 self.host_streamed_bytes_per_forward / (host_bytes_per_s or mem_bytes_per_s))
-        return 1.0 / t
+        return 1.0 / (t + self.expert_reads_per_token / disk_bytes_per_s)
 
     def table(self, disk_bps: float | None = None, mem_bps: float | None = None,
               host_bps: float | None = None) -> str:
@@ -147,7 +174,9 @@ class Plan:
         lines = [
             f"policy {self.policy}, budget {self.budget / mib:.1f} MiB, prefetch window {self.window} layers",
             f"  resident weights {self.resident_bytes / mib:.1f} MiB + stream arena {self.arena_bytes / mib:.1f} MiB "
-            f"= {(self.resident_bytes + self.arena_bytes) / mib:.1f} MiB of {self.total_bytes / mib:.1f} MiB weights",
+            + (f"+ expert slots {self.expert_bytes / mib:.1f} MiB " if self.experts else "")
+            + f"= {(self.resident_bytes + self.arena_bytes + self.expert_bytes) / mib:.1f} MiB of "
+            f"{(self.total_bytes + sum(e.experts * e.read_bytes for e in self.experts.values())) / mib:.1f} MiB weights",
             f"  host tier {self.host_bytes / mib:.1f} MiB of a {self.host_budget / mib:.1f} MiB host budget",
             (f"  head ({'lm_head' if self.embed_rows else 'embedding/lm_head'}) "
              f"{'streamed' if self.head_streamed else 'resident'}"
@@ -158,6 +187,13 @@ class Plan:
             f"{self.disk_bytes_per_forward / mib:.1f} from disk)",
             f"  {'layer':>5} {'resident MiB':>13} {'host MiB':>9} {'disk MiB':>9}  streamed tensors (* from the host tier)",
         ]
+        if self.experts:
+            tiers = list(self.experts.values())
+            slots = sorted({e.slots for e in tiers})
+            lines.insert(4, f"  experts: {len(tiers)} MoE layers keep {'-'.join(map(str, sorted({slots[0], slots[-1]})))} of "
+                            f"{max(e.experts for e in tiers)} experts in slots ({self.expert_bytes / mib:.1f} MiB with "
+                            f"staging and biases), read the others when routed to: "
+                            f"{self.expert_reads_per_token / mib:.1f} MiB per token if routing is uniform")
         if self.embed_rows:
             lines.insert(4, f"  embedding table ({self.sizes[self.embed_rows] / mib:.1f} MiB) not held: lookups read "
                             "its rows from the store")
@@ -379,29 +415,75 @@ def make_plan(tensors: list[TensorInfo], budget: int, *, window: int = DEFAULT_W
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "U8": 1}
 
 
-def checkpoint_tensors(model_dir: str | Path, dtype_bytes: int | None = None) -> list[TensorInfo]:
-    """Tensor table from a folder's safetensors headers (sizes converted to ``dtype_bytes`` per element)."""
-    out = []
+def _headers(model_dir: str | Path, dtype_bytes: int | None):
+    """(name, shape, bytes) of every tensor in a folder's safetensors headers (bytes at ``dtype_bytes`` per
+    element, or as stored)."""
     for path in sorted(Path(model_dir).glob("*.safetensors")):
         with open(path, "rb") as f:
             (hlen,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(hlen))
         for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            numel = 1
-            for d in meta["shape"]:
-                numel *= d
-            elt = dtype_bytes or _DTYPE_BYTES.get(meta["dtype"], 2)
-            out.append(classify(name, numel * elt, len(meta["shape"])))
+            if name != "__metadata__":
+                yield name, meta["shape"], math.prod(meta["shape"]) * (dtype_bytes or _DTYPE_BYTES.get(meta["dtype"], 2))
+
+
+def checkpoint_tensors(model_dir: str | Path, dtype_bytes: int | None = None) -> list[TensorInfo]:
+    """Tensor table from a folder's safetensors headers (sizes converted to ``dtype_bytes`` per element)."""
+    out = [classify(name, nbytes, len(shape)) for name, shape, nbytes in _headers(model_dir, dtype_bytes)]
     if not out:
         raise BudgetError(f"no safetensors weights in {model_dir}: flexinfer streams safetensors checkpoints only")
     return out
 
 
+# an expert's projections, one tensor each (Qwen MoE, DeepSeek, OLMoE: gate/up/down_proj; Mixtral: w1/w3/w2), or
+# all of a layer's experts in one tensor per projection (gpt-oss: gate_up_proj [E, H, 2I], down_proj [E, I, H])
+_EXPERT = re.compile(r"(.*layers\.\d+\..*\.experts)\.(?:\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight|"
+                     r"(gate_up_proj|down_proj)(_bias)?)$")
+_TOP_K = ("num_experts_per_tok", "experts_per_token", "moe_topk", "top_k")
+
+
+def checkpoint_experts(model_dir: str | Path, dtype_bytes: int | None = None) -> tuple[dict, set[str]]:
+    """An MoE checkpoint's layers as :class:`flexoffload.experts.MoELayer` (sizes at ``dtype_bytes`` per
+    element; the top-k from config.json), and the names of the expert tensors; ({}, set()) for a dense one."""
+    found: dict[str, dict] = {}
+    for name, shape, nbytes in _headers(model_dir, dtype_bytes):
+        m = _EXPERT.fullmatch(name)
+        if m is None:
+            continue
+        prefix, part, fused, bias = m.groups()
+        layer = found.setdefault(prefix, {"experts": set(), "w13": 0, "w2": 0, "bias": 0, "inter": 0, "names": set()})
+        layer["names"].add(name)
+        if bias:
+            layer["bias"] += nbytes
+            continue
+        down = (part or fused) in ("down_proj", "w2")
+        layer["w2" if down else "w13"] += nbytes
+        if fused:
+            layer["experts"] |= set(range(shape[0]))
+        else:
+            layer["experts"].add(int(name[len(prefix) + 1:].split(".", 1)[0]))
+        if down:
+            layer["inter"] = shape[1]  # [H, I] one expert's, [E, I, H] all of them
+    if not found:
+        return {}, set()
+    from .experts import MoELayer
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    text = config.get("text_config") or config
+    top_k = next((text[k] for k in _TOP_K if text.get(k)), None)
+    if top_k is None:
+        raise BudgetError(f"{model_dir}/config.json names no experts per token ({' or '.join(_TOP_K)})")
+    layers = {}
+    for prefix, f in found.items():
+        e = len(f["experts"])
+        layers[prefix] = MoELayer(prefix, None, e, top_k, (f["w13"] // e, f["w2"] // e), f["inter"], f["bias"],
+                                  tuple(sorted(f["names"])))
+    return layers, {n for f in found.values() for n in f["names"]}
+
+
 def checkpoint_refusal(model_dir: str | Path) -> str | None:
-    """What the loader would refuse this checkpoint for (a multimodal model, quantized weights, a mixture
-    of experts), read from its config.json, or None."""
+    """What the loader would refuse this checkpoint for (a multimodal model, quantized weights), read from
+    its config.json, or None (a mixture of experts is planned with its experts in slots, as on CPUs)."""
     from .config import refusal_for
 
     path = Path(model_dir) / "config.json"
@@ -411,7 +493,8 @@ def checkpoint_refusal(model_dir: str | Path) -> str | None:
     experts = next((text[k] for k in ("num_experts", "moe_num_experts", "n_routed_experts", "num_local_experts")
                     if text.get(k)), 0)
     arch = ", ".join(config.get("architectures") or [str(model_dir)])
-    return refusal_for(arch, quant, max(experts) if isinstance(experts, list) else experts, "vision_config" in config)
+    return refusal_for(arch, quant, max(experts) if isinstance(experts, list) else experts, "vision_config" in config,
+                       experts_in_slots=True)
 
 
 def measure_disk_bandwidth(path: Path, nbytes: int = 256 << 20) -> float:
@@ -493,7 +576,17 @@ def main(argv=None) -> int:
         print(f"memory_budget auto: {auto.describe()}")
     budget = FlexConfig(memory_budget=_cli_size(args.budget)).budget_bytes(sum(t.nbytes for t in tensors), room)
     try:
-        plan = plan_for_budget(tensors, budget, window=args.window, policy=args.policy)
+        moe, expert_names = checkpoint_experts(args.model, args.dtype_bytes)
+        if moe and budget < sum(t.nbytes for t in tensors):
+            from .experts import plan_with_slots
+
+            print("experts in slots, read when routed to: as on CPUs (on CUDA --load-format flexinfer refuses a "
+                  "mixture of experts)")
+            plan = plan_with_slots([t for t in tensors if t.name not in expert_names], moe, budget,
+                                   window=args.window, policy=args.policy)
+        else:
+            plan = plan_for_budget(tensors, budget, window=args.window, policy=args.policy)
+            plan.unrouted_bytes = sum((m.num_experts - m.top_k) * sum(m.part_bytes) for m in moe.values())
         host = FlexConfig(memory_budget=1.0, host_budget=_cli_size(args.host_budget)).host_budget_bytes(
             sum(t.nbytes for t in tensors), free_host=None)
         assign_host_tier(plan, host)

@@ -307,8 +307,9 @@ def test_the_loader_picks_its_read_engine_by_device_and_names_the_fix_where_it_c
 
 
 def test_the_plan_command_prints_a_plan_and_refuses_what_the_loader_refuses(tmp_path, capsys):
-    """`python -m flexoffload.plan`: a plan for a dense checkpoint; for a mixture of experts or quantized
-    weights, the loader's refusal (exit status 1) instead of a plan it would never run."""
+    """`python -m flexoffload.plan`: a plan for a dense checkpoint and for a mixture of experts (its experts
+    in slots); for quantized weights or a multimodal model, the loader's refusal (exit status 1) instead of a
+    plan it would never run."""
     import json
     import os
 
@@ -320,8 +321,9 @@ def test_the_plan_command_prints_a_plan_and_refuses_what_the_loader_refuses(tmp_
     assert main([str(dense), *rates]) == 0
     assert "predicted decode bound" in capsys.readouterr().out
 
-    assert main([str(build_tiny_model("gpt_oss")), *rates]) == 1
-    assert "GptOssForCausalLM is a mixture of experts (4 experts per layer)" in capsys.readouterr().err
+    assert main([str(build_tiny_model("gpt_oss")), *rates]) == 0
+    out = capsys.readouterr().out
+    assert "experts: 6 MoE layers keep" in out and "of 4 experts in slots" in out and "predicted decode bound" in out
 
     quantized = tmp_path / "awq"
     quantized.mkdir()
@@ -357,3 +359,92 @@ def test_a_drafter_sharing_a_streamed_lm_head_is_refused_naming_the_fix():
     check_drafter(resident, SimpleNamespace(method="eagle3"))
     for ok in (None, SimpleNamespace(method="ngram"), SimpleNamespace(method="draft_model")):
         check_drafter(streamed, ok)
+
+
+def test_an_moe_checkpoint_is_read_as_layers_of_experts():
+    """Per-expert tensors (Qwen 3 MoE) and all experts in one tensor per projection (gpt-oss, with biases):
+    each layer's experts, top-k, one expert's bytes and intermediate size, as vLLM's MoE layer holds them."""
+    from flexoffload.plan import checkpoint_experts
+    from vllm_vtensor.models import build_tiny_llama, build_tiny_model
+
+    layers, names = checkpoint_experts(build_tiny_model("qwen3_moe"), 4)
+    assert len(layers) == 6 and len(names) == 6 * 8 * 3
+    m = layers["model.layers.3.mlp.experts"]
+    assert (m.num_experts, m.top_k, m.part_bytes, m.inter, m.bias_bytes) == (8, 2, (2 * 512 * 256 * 4, 256 * 512 * 4),
+                                                                             512, 0)
+    layers, names = checkpoint_experts(build_tiny_model("gpt_oss"), 4)
+    m = layers["model.layers.0.mlp.experts"]
+    assert len(layers) == 6 and len(names) == 6 * 4
+    assert (m.num_experts, m.top_k, m.part_bytes, m.inter, m.bias_bytes) == (4, 2, (256 * 1024 * 4, 512 * 256 * 4),
+                                                                             512, (4 * 1024 + 4 * 256) * 4)
+    assert checkpoint_experts(build_tiny_llama(), 4) == ({}, set())
+
+
+@settings(max_examples=40, deadline=None)
+@given(frac=st.floats(0.3, 0.99), layers=st.integers(1, 6), experts=st.integers(2, 16), k=st.integers(1, 4))
+def test_expert_slots_and_the_dense_plan_share_the_budget(frac, layers, experts, k):
+    """Every layer gets at least its top-k slots and the layers' slots differ by at most one; the dense plan,
+    the slots (with staging) and the arena fit the budget together; no expert is in the dense plan; a
+    budget below the slots' minimum is refused naming it."""
+    from flexoffload.experts import MoELayer, plan_with_slots
+
+    dense = llama_table(n=layers, ffn=MiB // 4, attn=MiB // 4, head=2 * MiB)
+    moe = {f"model.layers.{i}.mlp.experts": MoELayer(f"model.layers.{i}.mlp.experts", None, experts, k,
+                                                     (MiB // 2, MiB // 4), 512, 0, ()) for i in range(layers)}
+    total = sum(t.nbytes for t in dense) + layers * experts * 3 * MiB // 4
+    budget = int(frac * total)
+    try:
+        plan = plan_with_slots(dense, moe, budget, window=1)
+    except BudgetError as e:
+        assert "expert slots" in str(e) or "the MoE layers' experts need" in str(e)
+        return
+    slots = [t.slots for t in plan.experts.values()]
+    assert min(slots) >= min(k, experts) and max(slots) - min(slots) <= 1 and max(slots) <= experts
+    assert plan.resident_bytes + plan.arena_bytes + plan.expert_bytes <= budget
+    assert plan.budget == budget and set(plan.sizes) == {t.name for t in dense}
+    if min(slots) < experts:  # a layer reads experts: what is left is less than one more slot per layer
+        assert budget - plan.resident_bytes - plan.arena_bytes - plan.expert_bytes < layers * 3 * MiB // 4
+
+
+def test_uniform_routing_misses_are_what_an_lru_of_slots_sees():
+    """The planner's expert reads per token (top-k x (E - slots) / E) against an LRU cache of slots fed
+    uniformly random routing, evicting as ExpertSlots does (never an expert the same step needs)."""
+    import random
+    from collections import OrderedDict
+
+    from flexoffload.plan import SlotTier
+
+    rng = random.Random(0)
+    for experts, k, slots in ((16, 4, 5), (16, 4, 11), (8, 2, 2), (32, 4, 9)):
+        lru, misses, steps = OrderedDict(), 0, 20000
+        for _ in range(steps):
+            step = rng.sample(range(experts), k)
+            for e in step:
+                if e in lru:
+                    lru.move_to_end(e)
+                    continue
+                misses += 1
+                if len(lru) == slots:  # the least recently used slot this step does not need
+                    del lru[next(old for old in lru if old not in step)]
+                lru[e] = None
+        assert misses / steps == pytest.approx(SlotTier(slots, experts, k, 1).misses_per_token, rel=0.03)
+
+
+def test_the_plan_of_an_moe_checkpoint_counts_the_experts_a_token_reads(capsys):
+    """The predicted decode bound of a mixture of experts: only the routed experts are touched (held whole at
+    100%), the experts missing from the slots are read after routing; so it rises with the budget."""
+    from flexoffload.plan import main
+    from vllm_vtensor.models import build_tiny_model
+
+    model = str(build_tiny_model("qwen3_moe"))
+    bounds, reads = [], []
+    for budget in ("0.5", "0.75", "1.0"):
+        assert main([model, "--budget", budget, "--disk-gbps", "1", "--mem-gbps", "10"]) == 0
+        out = capsys.readouterr().out
+        bounds.append(float(out.split("predicted decode bound: ")[1].split()[0]))
+        reads.append(float(out.split("read the others when routed to: ")[1].split()[0]) if "experts:" in out else None)
+    assert reads[0] > reads[1] >= 0 and reads[2] is None  # at 100% the model is held whole: no slots
+    assert bounds == sorted(bounds) and bounds[0] < bounds[-1]
+    # whole at 100%: 2 of the 8 experts touched per layer, at memory bandwidth
+    dense = sum(t.nbytes for t in checkpoint_tensors(model, 4)) - 6 * 8 * 3 * 512 * 256 * 4
+    assert bounds[-1] == pytest.approx(10e9 / (dense + 6 * 2 * 3 * 512 * 256 * 4), rel=0.01)
