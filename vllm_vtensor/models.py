@@ -158,12 +158,18 @@ def build_smollm2(cache: str | os.PathLike | None = None, *, force: bool = False
     return verify_model_dir(final, hint)
 
 
-def _save_random(model_cls, config, tok, seed: int, root: Path, final: Path, replace: bool = False) -> None:
-    """A ``model_cls`` of ``config`` with seeded random weights, in bf16, saved with ``tok`` at ``final``."""
+def _save_random(model_cls, config, tok, seed: int, root: Path, final: Path, replace: bool = False,
+                 embed_std: float | None = None) -> None:
+    """A ``model_cls`` of ``config`` with seeded random weights, in bf16, saved with ``tok`` at ``final``
+    (the embedding table drawn with ``embed_std`` where given)."""
     import torch
 
     torch.manual_seed(seed)
-    model = model_cls(config).to(torch.bfloat16)
+    model = model_cls(config)
+    if embed_std is not None:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, embed_std)
+    model = model.to(torch.bfloat16)
     with tempfile.TemporaryDirectory(dir=root) as work:
         out = Path(work) / "out"
         model.save_pretrained(out)
@@ -255,14 +261,19 @@ def build_tiny_model(arch: str, cache: str | os.PathLike | None = None, *, slidi
                      num_layers: int = 6, seed: int = 0, force: bool = False,
                      tokenizer: str | os.PathLike | None = None) -> Path:
     """A random-weight model of architecture ``arch`` (one of :data:`ARCHITECTURES`), 4 heads of 64 (2 KV
-    heads), hidden 256, ``num_layers`` layers; deterministic for a seed."""
+    heads), hidden 256, ``num_layers`` layers; deterministic for a seed.
+
+    Weights are drawn with a standard deviation of 0.1 (Gemma's embedding table 0.005), so that greedy
+    decoding picks different tokens from step to step and a comparison of tokens tests something: at
+    transformers' 0.02, Qwen 3 repeats one token whatever it reads, and Gemma 2 and 3 two or three
+    (Gemma scales its embeddings by sqrt(hidden): a larger table's tied logits repeat the input token)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}: use one of {', '.join(ARCHITECTURES)}")
     root = cache_dir(cache)
     # vLLM's gpt-oss has an lm_head of its own, never tied to the embedding table: tied, the checkpoint
     # has none for it, and every logit is equal (the model "predicts" token 0 whatever it reads)
     tied = arch != "gpt_oss"
-    final = root / f"tiny-{arch}-l{num_layers}-swa{sliding_window}-seed{seed}{'' if tied else '-untied'}"
+    final = root / f"tiny-{arch}-l{num_layers}-swa{sliding_window}-seed{seed}{'' if tied else '-untied'}-std0.1"
     hint = f"python -m vllm_vtensor.models tiny-model {arch} --force"
     if not force and (final / _COMPLETE).exists():
         return verify_model_dir(final, hint, model_type=arch)
@@ -273,7 +284,7 @@ def build_tiny_model(arch: str, cache: str | os.PathLike | None = None, *, slidi
     common = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=num_layers,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                  tie_word_embeddings=tied)
+                  tie_word_embeddings=tied, initializer_range=0.1)
     if arch == "gemma2":
         config = transformers.Gemma2Config(**common, sliding_window=sliding_window, query_pre_attn_scalar=64,
                                            attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
@@ -287,20 +298,19 @@ def build_tiny_model(arch: str, cache: str | os.PathLike | None = None, *, slidi
         model_cls = transformers.Gemma3ForCausalLM
     elif arch == "gpt_oss":
         config = transformers.GptOssConfig(**common, sliding_window=sliding_window, num_local_experts=4,
-                                           num_experts_per_tok=2, initializer_range=0.1,
+                                           num_experts_per_tok=2,
                                            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
                                                         for i in range(num_layers)])
         model_cls = transformers.GptOssForCausalLM
     elif arch == "qwen3_moe":
         config = transformers.Qwen3MoeConfig(**common, num_local_experts=8, num_experts_per_tok=2,
-                                             moe_intermediate_size=512, decoder_sparse_step=1, norm_topk_prob=True,
-                                             initializer_range=0.1)  # routers that pick different experts
+                                             moe_intermediate_size=512, decoder_sparse_step=1, norm_topk_prob=True)
         model_cls = transformers.Qwen3MoeForCausalLM
     else:
         config = transformers.Qwen3Config(**common)
         model_cls = transformers.Qwen3ForCausalLM
     config.dtype = "bfloat16"
-    _save_random(model_cls, config, tok, seed, root, final, force)
+    _save_random(model_cls, config, tok, seed, root, final, force, embed_std=0.005 if arch.startswith("gemma") else None)
     return verify_model_dir(final, hint, model_type=arch)
 
 
