@@ -63,6 +63,7 @@ CONFIGS = {
     "sync": {"prefetch_window": 0},
     "threads": {"io_engine": "threads"},
     "gemv_onednn": {"gemv": "onednn"},  # one-token GEMMs through oneDNN, whatever choose_gemv would pick
+    "no_expert_prefetch": {"expert_prefetch": False},  # a mixture of experts read only once routed to
     "no_balance": {"policy": "no_balance"},
     "attention_first": {"policy": "attention_first"},
     "ffn_first": {"policy": "ffn_first"},
@@ -111,7 +112,7 @@ def child(args) -> None:
     prompt = [{"role": "user", "content": "Tell me a long story about a lighthouse."}]
     llm.chat(prompt, SamplingParams(max_tokens=2))
     loaded_then_wait_for_go(args.result)
-    before = _experts_read()
+    before = _experts()
     t0 = time.perf_counter()
     out = llm.chat(prompt, SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True))
     elapsed = time.perf_counter() - t0
@@ -119,18 +120,22 @@ def child(args) -> None:
     result = {"tokens": n, "seconds": elapsed, "tok_s": n / elapsed}
     if before is not None:  # a mixture of experts: the experts read while timed (the prompt's prefill too)
         time.sleep(0.5)  # the snapshot is written at most every 0.2 s
-        result["expert_bytes_read"] = _experts_read() - before
+        after = _experts()
+        delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("bytes_read", "misses", "ahead", "ahead_used")}
+        result["expert_bytes_read"] = delta["bytes_read"]  # reads ahead the router did not pick included
+        reads = delta["misses"] - delta["ahead_used"] + delta["ahead"]  # every read: a miss now, or ahead
+        result["expert_bytes_needed"] = delta["bytes_read"] * delta["misses"] // reads if reads else 0
+        result["experts_ahead"], result["experts_ahead_used"] = delta["ahead"], delta["ahead_used"]
     Path(args.result).write_text(json.dumps(result))
     llm.llm_engine.engine_core.shutdown()
 
 
-def _experts_read() -> int | None:
-    """Bytes of experts a FlexInfer engine has read into its slots so far (None: no expert slots)."""
+def _experts() -> dict | None:
+    """A FlexInfer engine's expert figures so far (bytes read, misses, reads ahead; None: no expert slots)."""
     try:
-        experts = json.loads(Path(os.environ["FLEXOFFLOAD_STATS_FILE"]).read_text()).get("experts")
+        return json.loads(Path(os.environ["FLEXOFFLOAD_STATS_FILE"]).read_text()).get("experts") or None
     except (KeyError, OSError, ValueError):
         return None
-    return experts["bytes_read"] if experts else None
 
 
 def run_in_cgroup(name: str, limit, argv: list[str], env: dict, result: Path,
@@ -421,8 +426,9 @@ def _apply_io_bound(meta: dict, rows: list[dict]) -> float:
     resident = next((r["tok_s"] for r in rows if r["config"] == "flexinfer" and r["fraction"] == 1.0), None)
     for row in rows:
         streamed = (row.get("flexinfer") or {}).get("streamed_bytes_per_forward")
-        if row.get("expert_bytes_read") is not None and row.get("tokens"):  # and the experts read per token
-            streamed = (streamed or 0) + row["expert_bytes_read"] / row["tokens"]
+        needed = row.get("expert_bytes_needed", row.get("expert_bytes_read"))  # the experts each token's router picked
+        if needed is not None and row.get("tokens"):  # and not in a slot, per token (reads ahead not picked: not)
+            streamed = (streamed or 0) + needed / row["tokens"]
         row["io_bound_tok_s"] = bw / streamed if streamed else None
         row["roof_tok_s"] = row["io_bound_tok_s"] if not (streamed and resident) else min(row["io_bound_tok_s"], resident)
     meta["disk_bytes_per_s"] = bw

@@ -40,6 +40,9 @@ class FlexConfig:
     # how one-token GEMMs on streamed weights run on a CPU: "auto" (the fastest of the others, timed at load),
     # "onednn" (oneDNN's matmul), "linear" (PyTorch's F.linear), "mv" (torch.mv)
     gemv: str = "auto"
+    # a mixture of experts on a CPU: read the next MoE layer's likely experts (its router applied to this
+    # layer's input) while this layer computes
+    expert_prefetch: bool = True
 
     @classmethod
     def from_extra(cls, extra: dict | None) -> "FlexConfig":
@@ -60,7 +63,7 @@ class FlexConfig:
         if cfg.policy not in POLICIES + BASELINES:
             raise FlexConfigError(f"policy {cfg.policy!r} is not one of {POLICIES + BASELINES}")
         streaming_only = sorted(set(extra) & {"prefetch_window", "io_threads", "io_engine", "direct_io",
-                                             "lock_memory", "gemv"})
+                                             "lock_memory", "gemv", "expert_prefetch"})
         if cfg.policy == "mmap" and streaming_only:
             raise FlexConfigError(f"{streaming_only} apply to streamed weights; the mmap baseline (policy 'mmap') "
                                   "leaves paging to the OS: drop them, or pick a streaming policy")

@@ -6,6 +6,12 @@ packed layout (the buffers vLLM's CPU MoE kernel reads, ``slots`` experts long i
 them), and the experts a step needs that are not there are read from the weight store after routing,
 packed into the least recently used slots, and the kernel is handed slot ids instead of expert ids.
 
+Reading ahead (``expert_prefetch``): once a layer's experts are in place, the next MoE layer's router is
+applied to this layer's input, and the experts it would pick that are not in the next layer's slots are
+read while this layer (and the next one's attention) compute; the next layer packs those the router
+then picks from where they landed instead of reading them. The residual stream changes little from one
+layer to the next, so the guess is often right (the snapshot counts reads ahead and those used).
+
 vLLM's CPU kernel packs every expert on its own (``prepack_moe_weight`` keeps the tensor's shape, and
 expert ``e`` packed alone equals slice ``e`` of the whole tensor packed; checked by
 tests/test_flexinfer_experts.py), so an expert is packed straight into its slot.  When a step needs
@@ -34,6 +40,7 @@ logger = get_logger("flexoffload.experts")
 
 EXPERT_TENSORS = ("w13_weight", "w2_weight")  # [E, 2I, H] and [E, H, I], as vLLM's FusedMoE loads them
 EXPERT_BIASES = ("w13_bias", "w2_bias")  # [E, 2I] and [E, H] (gpt-oss)
+ROUTERS = ("gate", "router")  # the router's name beside the experts (Qwen, Mixtral, DeepSeek; gpt-oss)
 
 
 @dataclasses.dataclass
@@ -43,12 +50,15 @@ class ExpertStats:
     bytes_read: int = 0
     read_seconds: float = 0.0
     groups: int = 0  # kernel runs beyond one per layer call (steps needing more experts than slots)
+    ahead: int = 0  # experts read ahead, the next layer's router applied to this layer's input
+    ahead_used: int = 0  # of which its router then picked (read while the layers before computed)
 
 
 class Staging:
     """Page-aligned buffers the experts read from the store land in before they are packed into slots:
     room for ``count`` experts of the largest layer (a step's top-k misses of a layer are read at once,
-    on ``io_threads`` reader threads), shared by every layer (layers run one after another)."""
+    on ``io_threads`` reader threads), shared by every layer (layers run one after another); and as much
+    again for the experts read ahead for the next layer, where layers read ahead."""
 
     def __init__(self, store: WeightStore, layers: list["MoELayer"], io_threads: int):
         from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +68,9 @@ class Staging:
         self.store = store
         self.count = max(min(m.num_experts, m.top_k) for m in layers)
         self.bytes = staging_bytes(layers)
+        self.ahead_at = region_bytes(layers)  # where the reads ahead land (past the step's own)
+        self._ahead: tuple[ExpertSlots, dict] | None = None  # the layer read ahead for: expert -> (parts, futures)
+        self._ahead_futures: list = []
         self.buffer = aligned_buffer(self.bytes)
         self._raw = torch.frombuffer(self.buffer, dtype=torch.uint8)
         self._pads: dict[tuple, torch.Tensor] = {}
@@ -90,6 +103,21 @@ class Staging:
         n = math.prod(shape) * dtype.itemsize
         return self._raw[at : at + n].view(dtype).view(shape)
 
+    def ahead_for(self, layer: "ExpertSlots", staged: dict) -> None:
+        self._ahead = (layer, staged)
+
+    def take(self, layer: "ExpertSlots") -> dict:
+        """The experts read ahead for ``layer`` (expert -> (parts, futures)); those read for another
+        layer (the pass went elsewhere) are dropped."""
+        ahead, self._ahead = self._ahead, None
+        return ahead[1] if ahead is not None and ahead[0] is layer else {}
+
+    def free_ahead(self) -> None:
+        """Before new reads ahead reuse their room: the last ones done (a wrong guess's too)."""
+        for f in self._ahead_futures:
+            f.result()
+        self._ahead_futures = []
+
 
 class ExpertSlots:
     """One MoE layer's experts: ``slots`` of them packed in the layer's own parameters, the rest in the
@@ -113,6 +141,8 @@ class ExpertSlots:
         self.slot_of: dict[int, int] = {}  # expert -> slot
         self.used = [0] * self.slots  # slot -> when last used (LRU)
         self.clock = 0
+        self.next: ExpertSlots | None = None  # the next MoE layer, whose experts this one reads ahead
+        self.router = layer.router if layer.reads_ahead else None  # this layer's router (vLLM's gate module)
         self._pad13 = self._pad2 = None  # vLLM pads the intermediate size for its kernel: staged padded
         if self.padded != self.inter:
             w13, w2 = self.entries["w13_weight"], self.entries["w2_weight"]
@@ -120,44 +150,46 @@ class ExpertSlots:
             self._pad2 = staging.pad((1, w2.shape[1], self.padded), w2.torch_dtype)
 
     # -- slots -----------------------------------------------------------------
-    def _read(self, misses: list[tuple[int, int]]) -> None:
-        """Read the ``(expert, slot)`` misses from the store, all queued at once, and pack each into its
-        slot as soon as its reads are done (packing one while the next is read)."""
-        t0 = time.perf_counter()
-        reads, at, staged = [], 0, []
-        for expert, slot in misses:
-            parts = {}
+    def _stage(self, experts: list[int], at: int) -> dict:
+        """Start reading ``experts`` into the staging buffer from ``at`` on (all queued at once): expert ->
+        (its parts, as views of where they land; the futures of their reads)."""
+        reads, staged = [], {}
+        for expert in experts:
+            parts, first = {}, len(reads)
             for t, e in self.entries.items():
                 size = self.sizes[t]
                 reads.append((e.offset + expert * size, size, at))
                 parts[t] = self.staging.tensor(at, (1, *e.shape[1:]), e.torch_dtype)
                 at += aligned(size)
-            staged.append((expert, slot, parts))
+            staged[expert] = (parts, (first, len(reads)))
         pending = self.staging.read(reads)
-        for i, (expert, slot, parts) in enumerate(staged):
-            for f in pending[i * len(self.entries) : (i + 1) * len(self.entries)]:
-                f.result()
-            w13, w2 = parts["w13_weight"], parts["w2_weight"]
-            if self._pad13 is not None:  # gate rows, then up rows at the padded offset, as vLLM pads
-                self._pad13[0, : self.inter] = w13[0, : self.inter]
-                self._pad13[0, self.padded : self.padded + self.inter] = w13[0, self.inter :]
-                self._pad2[0, :, : self.inter] = w2[0]
-                w13, w2 = self._pad13, self._pad2
-            torch.ops._C.prepack_moe_weight(w13, self.module.w13_weight.data[slot : slot + 1], self.isa)
-            torch.ops._C.prepack_moe_weight(w2, self.module.w2_weight.data[slot : slot + 1], self.isa)
-            if "w13_bias" in self.biases:
-                b = self.biases["w13_bias"][expert]
-                self.module.w13_bias.data[slot, : self.inter] = b[: self.inter]
-                self.module.w13_bias.data[slot, self.padded : self.padded + self.inter] = b[self.inter :]
-            if "w2_bias" in self.biases:
-                self.module.w2_bias.data[slot] = self.biases["w2_bias"][expert]
         self.stats.bytes_read += sum(size for _, size, _ in reads)
-        self.stats.misses += len(misses)
-        self.stats.read_seconds += time.perf_counter() - t0
+        return {expert: (parts, pending[a:b]) for expert, (parts, (a, b)) in staged.items()}
 
-    def load(self, experts: list[int]) -> None:
-        """Make ``experts`` (at most ``slots`` of them) resident, evicting the least recently used others;
-        the misses are read ``staging.count`` at a time."""
+    def _pack(self, expert: int, slot: int, parts: dict, futures: list) -> None:
+        """Pack an expert into its slot once its reads are done (padded as vLLM pads)."""
+        for f in futures:
+            f.result()
+        w13, w2 = parts["w13_weight"], parts["w2_weight"]
+        if self._pad13 is not None:  # gate rows, then up rows at the padded offset, as vLLM pads
+            self._pad13[0, : self.inter] = w13[0, : self.inter]
+            self._pad13[0, self.padded : self.padded + self.inter] = w13[0, self.inter :]
+            self._pad2[0, :, : self.inter] = w2[0]
+            w13, w2 = self._pad13, self._pad2
+        torch.ops._C.prepack_moe_weight(w13, self.module.w13_weight.data[slot : slot + 1], self.isa)
+        torch.ops._C.prepack_moe_weight(w2, self.module.w2_weight.data[slot : slot + 1], self.isa)
+        if "w13_bias" in self.biases:
+            b = self.biases["w13_bias"][expert]
+            self.module.w13_bias.data[slot, : self.inter] = b[: self.inter]
+            self.module.w13_bias.data[slot, self.padded : self.padded + self.inter] = b[self.inter :]
+        if "w2_bias" in self.biases:
+            self.module.w2_bias.data[slot] = self.biases["w2_bias"][expert]
+
+    def load(self, experts: list[int], ahead: dict | None = None) -> None:
+        """Make ``experts`` (at most ``slots`` of them) resident, evicting the least recently used others:
+        those read ahead (``ahead``: expert -> (parts, futures)) packed first, their reads started a layer
+        ago; the others read ``staging.count`` at a time, each packed while the next is read."""
+        t0 = time.perf_counter()
         self.clock += 1
         wanted = set(experts)
         misses = []
@@ -174,8 +206,38 @@ class ExpertSlots:
                 del self.slot_of[old]
             self.expert_of[s], self.slot_of[e], self.used[s] = e, s, self.clock
             misses.append((e, s))
-        for i in range(0, len(misses), self.staging.count):
-            self._read(misses[i : i + self.staging.count])
+        ahead = ahead or {}
+        now = [(e, s) for e, s in misses if e not in ahead]
+        for e, s in misses:
+            if e in ahead:
+                self._pack(e, s, *ahead[e])
+        for i in range(0, len(now), self.staging.count):
+            batch = now[i : i + self.staging.count]
+            staged = self._stage([e for e, _ in batch], 0)
+            for e, s in batch:
+                self._pack(e, s, *staged[e])
+        self.stats.misses += len(misses)
+        self.stats.ahead_used += len(misses) - len(now)
+        self.stats.read_seconds += time.perf_counter() - t0 if misses else 0.0
+
+    def _read_next(self, x: torch.Tensor) -> None:
+        if self.next is not None and self.next.router is not None:
+            self.next.read_ahead(x)  # while this layer computes
+
+    def read_ahead(self, x: torch.Tensor) -> None:
+        """Guess this layer's experts for the tokens ``x`` (the previous layer's input): its router applied
+        to them, the experts with the most weight over the tokens; start reading those not in a slot."""
+        out = self.router(x)
+        logits = (out[0] if isinstance(out, tuple) else out).float()
+        score = logits[0] if logits.shape[0] == 1 else logits.softmax(-1).sum(0)
+        guess = torch.topk(score, min(self.num_experts, self.staging.count)).indices.tolist()
+        want = [e for e in guess if e not in self.slot_of]
+        self.staging.free_ahead()
+        if want:
+            staged = self._stage(want, self.staging.ahead_at)
+            self.staging._ahead_futures = [f for _, futures in staged.values() for f in futures]
+            self.staging.ahead_for(self, staged)
+            self.stats.ahead += len(want)
 
     # -- the kernel call -------------------------------------------------------
     def apply(self, original, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None,
@@ -185,15 +247,21 @@ class ExpertSlots:
         tokens routed to one of its experts (their other experts weighted 0), the runs summed in float32."""
         needed = torch.unique(topk_ids).tolist()
         lookup = torch.zeros(self.num_experts, dtype=topk_ids.dtype)
+        ahead = self.staging.take(self)
         if len(needed) <= self.slots:
-            self.load(needed)
+            self.load(needed, ahead)
             lookup[needed] = torch.tensor([self.slot_of[e] for e in needed], dtype=topk_ids.dtype)
+            self._read_next(x)
             return original(layer=layer, x=x, topk_weights=topk_weights, topk_ids=lookup[topk_ids],
                             shared_experts=shared_experts, shared_experts_input=shared_experts_input, **kwargs)
         out = torch.zeros(x.shape, dtype=torch.float32)
+        # the experts read ahead in the first group (their room is reused once it ran), then those in slots
+        needed.sort(key=lambda e: (e not in ahead, e not in self.slot_of))
         for i in range(0, len(needed), self.slots):
             group = needed[i : i + self.slots]
-            self.load(group)
+            self.load(group, ahead if i == 0 else None)
+            if i == 0:
+                self._read_next(x)
             lookup.zero_()
             lookup[group] = torch.tensor([self.slot_of[e] for e in group], dtype=topk_ids.dtype)
             inside = torch.zeros(self.num_experts, dtype=torch.bool)
@@ -224,6 +292,8 @@ class MoELayer:
     inter: int  # the intermediate size, as stored
     bias_bytes: int  # the whole expert biases, kept resident
     names: tuple[str, ...]  # the expert tensors' parameter names
+    router: torch.nn.Module | None = None  # the layer's router (vLLM's gate), where one is found
+    reads_ahead: bool = False  # the previous MoE layer reads this one's likely experts ahead
     slots: int = 0
     biases: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # whole, resident
 
@@ -238,12 +308,16 @@ class MoELayer:
         return min(self.num_experts, self.top_k) * self.expert_bytes + self.bias_bytes
 
 
+def region_bytes(layers: list[MoELayer]) -> int:
+    """Room for a layer's top-k experts as read (each part page-aligned), for the largest layer."""
+    return max(min(m.num_experts, m.top_k) for m in layers) * max(sum(aligned(b) for b in m.part_bytes) for m in layers)
+
+
 def staging_bytes(layers: list[MoELayer]) -> int:
-    """:class:`Staging`'s memory: a layer's top-k experts as read (each part page-aligned), and one expert
-    padded where vLLM pads."""
-    count = max(min(m.num_experts, m.top_k) for m in layers)
+    """:class:`Staging`'s memory: a layer's top-k experts as read, as much again where layers read ahead,
+    and one expert padded where vLLM pads."""
     padded = max((m.expert_bytes for m in layers if m.inter % PAD), default=0)
-    return count * max(sum(aligned(b) for b in m.part_bytes) for m in layers) + padded
+    return region_bytes(layers) * (2 if any(m.reads_ahead for m in layers) else 1) + padded
 
 
 def least_bytes(layers: dict[str, MoELayer]) -> int:
@@ -251,8 +325,10 @@ def least_bytes(layers: dict[str, MoELayer]) -> int:
     return sum(m.least_bytes for m in layers.values()) + staging_bytes(list(layers.values()))
 
 
-def moe_layers(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]) -> dict[str, MoELayer]:
-    """The model's MoE layers whose experts run on vLLM's CPU kernel (unquantized), by module name."""
+def moe_layers(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], read_ahead: bool = False
+               ) -> dict[str, MoELayer]:
+    """The model's MoE layers whose experts run on vLLM's CPU kernel (unquantized), by module name, in
+    order; with ``read_ahead``, each one after the first whose router is found is read ahead for."""
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 
     out = {}
@@ -271,9 +347,11 @@ def moe_layers(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]) ->
         w13, w2 = (params[f"{prefix}.{t}"] for t in EXPERT_TENSORS)
         experts = w13.shape[0]
         size = lambda p: p.numel() * p.element_size()  # noqa: E731
+        parent = model.get_submodule(prefix.rpartition(".")[0])
+        router = next((r for r in (getattr(parent, n, None) for n in ROUTERS) if isinstance(r, torch.nn.Module)), None)
         out[prefix] = MoELayer(prefix, module, experts, module.top_k, (size(w13) // experts, size(w2) // experts),
                                w2.shape[2], sum(size(params[n]) for n in names if n.rpartition(".")[2] in EXPERT_BIASES),
-                               names)
+                               names, router, reads_ahead=read_ahead and bool(out) and router is not None)
     return out
 
 
@@ -342,13 +420,17 @@ def install(layers: dict[str, MoELayer], store: WeightStore, io_threads: int) ->
     """After vLLM built its MoE kernels over the slots: each layer's ``quant_method.apply`` runs over them."""
     stats = ExpertStats()
     staging = Staging(store, list(layers.values()), io_threads)
-    seen = set()
+    seen, before = set(), None
     for layer in layers.values():
         method = layer.module.quant_method
         if id(method) in seen:
             raise RuntimeError("flexinfer found MoE layers sharing one quant_method: please report this")
         seen.add(id(method))
-        method.apply = functools.partial(ExpertSlots(layer, store, staging, stats).apply, method.apply)
+        slots = ExpertSlots(layer, store, staging, stats)
+        method.apply = functools.partial(slots.apply, method.apply)
+        if before is not None:
+            before.next = slots
+        before = slots
     logger.info("flexinfer: %d MoE layers hold %s of their experts in slots; the others are read when routed to",
                 len(layers), " or ".join(sorted({f"{m.slots} of {m.num_experts}" for m in layers.values()})))
     return stats

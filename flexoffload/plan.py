@@ -49,6 +49,7 @@ from pathlib import Path
 _LAYER = re.compile(r"layers\.(\d+)\.")
 _ATTN = ("self_attn", "attention")
 _FFN = ("mlp", "feed_forward")
+_ROUTER = (".gate.weight", ".router.weight")  # an MoE layer's router
 
 
 class BudgetError(ValueError):
@@ -69,7 +70,7 @@ def classify(name: str, nbytes: int, ndim: int) -> TensorInfo:
         kind = "head" if ndim >= 2 else "small"
         return TensorInfo(name, nbytes, None, kind)
     layer = int(m.group(1))
-    if ndim < 2:
+    if ndim < 2 or name.endswith(_ROUTER):  # a router is small, and read a layer ahead (flexoffload.experts)
         return TensorInfo(name, nbytes, layer, "small")
     if any(k in name for k in _ATTN):
         return TensorInfo(name, nbytes, layer, "attn")
@@ -442,11 +443,16 @@ _EXPERT = re.compile(r"(.*layers\.\d+\..*\.experts)\.(?:\d+\.(gate_proj|up_proj|
 _TOP_K = ("num_experts_per_tok", "experts_per_token", "moe_topk", "top_k")
 
 
-def checkpoint_experts(model_dir: str | Path, dtype_bytes: int | None = None) -> tuple[dict, set[str]]:
+def checkpoint_experts(model_dir: str | Path, dtype_bytes: int | None = None,
+                       read_ahead: bool = True) -> tuple[dict, set[str]]:
     """An MoE checkpoint's layers as :class:`flexoffload.experts.MoELayer` (sizes at ``dtype_bytes`` per
-    element; the top-k from config.json), and the names of the expert tensors; ({}, set()) for a dense one."""
+    element; the top-k from config.json; with ``read_ahead``, each after the first with a router is read
+    ahead for, as the loader's ``expert_prefetch``), and the names of the expert tensors; ({}, set()) for a
+    dense one."""
     found: dict[str, dict] = {}
+    names = set()
     for name, shape, nbytes in _headers(model_dir, dtype_bytes):
+        names.add(name)
         m = _EXPERT.fullmatch(name)
         if m is None:
             continue
@@ -474,10 +480,11 @@ def checkpoint_experts(model_dir: str | Path, dtype_bytes: int | None = None) ->
     if top_k is None:
         raise BudgetError(f"{model_dir}/config.json names no experts per token ({' or '.join(_TOP_K)})")
     layers = {}
-    for prefix, f in found.items():
+    for prefix, f in sorted(found.items(), key=lambda kv: _layer_of(kv[0])):
         e = len(f["experts"])
+        router = any(f"{prefix.rpartition('.')[0]}{r}" in names for r in _ROUTER)
         layers[prefix] = MoELayer(prefix, None, e, top_k, (f["w13"] // e, f["w2"] // e), f["inter"], f["bias"],
-                                  tuple(sorted(f["names"])))
+                                  tuple(sorted(f["names"])), reads_ahead=read_ahead and bool(layers) and router)
     return layers, {n for f in found.values() for n in f["names"]}
 
 
@@ -555,6 +562,9 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=None,
                    help=f"layers read ahead (default {DEFAULT_WINDOW}, fewer where the budget cannot hold the buffers)")
     p.add_argument("--policy", default="flexinfer")
+    p.add_argument("--no-expert-prefetch", action="store_true",
+                   help="a mixture of experts: plan without the staging buffer of the experts read ahead "
+                        "(flexinfer option expert_prefetch false)")
     p.add_argument("--disk-gbps", type=float, default=None, help="disk read bandwidth (default: measured)")
     p.add_argument("--mem-gbps", type=float, default=None, help="memory bandwidth (default: measured)")
     args = p.parse_args(argv)
@@ -576,7 +586,7 @@ def main(argv=None) -> int:
         print(f"memory_budget auto: {auto.describe()}")
     budget = FlexConfig(memory_budget=_cli_size(args.budget)).budget_bytes(sum(t.nbytes for t in tensors), room)
     try:
-        moe, expert_names = checkpoint_experts(args.model, args.dtype_bytes)
+        moe, expert_names = checkpoint_experts(args.model, args.dtype_bytes, not args.no_expert_prefetch)
         if moe and budget < sum(t.nbytes for t in tensors):
             from .experts import plan_with_slots
 

@@ -4,7 +4,8 @@ vLLM's packed layout and reads the others from the weight store when its router 
 tokens equal vanilla vLLM's and logprobs match, at a budget where the dense weights stay resident
 and at one where the lm_head streams too; experts were read on demand (misses), prefills that
 needed more experts than a layer's slots ran in groups, and the slots, resident weights and stream
-arena fit the budget. Budgets below what the slots and the dense weights need, and the mmap
+arena fit the budget; with `expert_prefetch`, experts read ahead for the next layer were then picked
+by its router. Budgets below what the slots and the dense weights need, and the mmap
 baseline, are refused naming the fix."""
 from __future__ import annotations
 
@@ -51,15 +52,16 @@ def vanilla(moe_model):
     return out
 
 
-@pytest.mark.parametrize("fraction, head_streamed", [(0.6, False), (0.5, True)])
-def test_experts_read_on_demand_give_vanillas_tokens(fraction, head_streamed, moe_model, vanilla, tmp_path):
+@pytest.mark.parametrize("fraction, head_streamed, prefetch", [(0.6, False, False), (0.5, True, True)])
+def test_experts_read_on_demand_give_vanillas_tokens(fraction, head_streamed, prefetch, moe_model, vanilla, tmp_path):
     from vllm import LLM
 
     stats_path = tmp_path / "flex.json"
     os.environ["FLEXOFFLOAD_STATS_FILE"] = str(stats_path)
     try:
         llm = LLM(model=moe_model, **ENGINE, load_format="flexinfer",
-                  model_loader_extra_config={"memory_budget": fraction, "cache_dir": str(tmp_path / "store")})
+                  model_loader_extra_config={"memory_budget": fraction, "cache_dir": str(tmp_path / "store"),
+                                             "expert_prefetch": prefetch})
         tokens, logprobs = _run(llm)
         _shutdown(llm)
     finally:
@@ -76,11 +78,15 @@ def test_experts_read_on_demand_give_vanillas_tokens(fraction, head_streamed, mo
     experts = stats["experts"]
     assert experts["misses"] > 0 and experts["bytes_read"] > 0 and experts["hits"] > 0, experts
     assert experts["groups"] > 0, experts  # prefills needing more experts than a layer's slots
+    if prefetch:  # the next layer's router guessed from this layer's input: some guesses were then picked
+        assert 0 < experts["ahead_used"] <= min(experts["ahead"], experts["misses"]), experts
+    else:
+        assert experts["ahead"] == experts["ahead_used"] == 0, experts
 
 
 @pytest.mark.parametrize("extra, message", [
     ({"memory_budget": 0.1}, "each layer's top-k experts at once) and"),  # not even the slots fit
-    ({"memory_budget": 0.18}, "MiB of expert slots (each MoE layer's top-k experts"),  # the dense minimum not
+    ({"memory_budget": 0.21}, "MiB of expert slots (each MoE layer's top-k experts"),  # the dense minimum not
     ({"memory_budget": 0.5, "policy": "mmap"}, "use another policy for a mixture of experts"),
 ])
 def test_budgets_and_policies_it_cannot_run_are_refused_naming_the_fix(extra, message, moe_model):

@@ -378,6 +378,21 @@ def test_an_moe_checkpoint_is_read_as_layers_of_experts():
     assert (m.num_experts, m.top_k, m.part_bytes, m.inter, m.bias_bytes) == (4, 2, (256 * 1024 * 4, 512 * 256 * 4),
                                                                              512, (4 * 1024 + 4 * 256) * 4)
     assert checkpoint_experts(build_tiny_llama(), 4) == ({}, set())
+    # every layer after the first is read ahead for (its router applied to the layer before's input)
+    assert [m.reads_ahead for m in layers.values()] == [False] + [True] * 5
+    assert not any(m.reads_ahead for m in checkpoint_experts(build_tiny_model("gpt_oss"), 4, False)[0].values())
+
+
+def test_routers_stay_resident_and_gate_projections_do_not():
+    """An MoE router (Qwen/Mixtral/DeepSeek's ``gate``, gpt-oss's ``router``) is small and read a layer ahead:
+    always resident; a dense FFN's gate projection is an FFN tensor like the others."""
+    from flexoffload.plan import classify
+
+    assert classify("model.layers.3.mlp.gate.weight", 8 * 256 * 4, 2).kind == "small"
+    assert classify("model.layers.3.mlp.router.weight", 8 * 256 * 4, 2).kind == "small"
+    assert classify("model.layers.3.block_sparse_moe.gate.weight", 8 * 256 * 4, 2).kind == "small"
+    assert classify("model.layers.3.mlp.gate_proj.weight", MiB, 2).kind == "ffn"
+    assert classify("model.layers.3.mlp.gate_up_proj.weight", MiB, 2).kind == "ffn"
 
 
 @settings(max_examples=40, deadline=None)

@@ -254,6 +254,12 @@ SETTINGS: tuple[Setting, ...] = (
             "(`onednn`), PyTorch's `F.linear` (`linear`) or `torch.mv` (`mv`). `auto`: each is timed at load "
             "over weights of a streamed tensor's shape in the stream arena's memory, and oneDNN's is kept unless "
             "another is more than 10% faster (which wins differs by CPU and dtype)."),
+    Setting("expert_prefetch", "flexinfer option", "bool", True,
+            "A mixture of experts on a CPU: once an MoE layer's experts are in their slots, apply the next MoE "
+            "layer's router to this layer's input and start reading the experts it picks that are not in the "
+            "next layer's slots, while this layer computes (one more staging buffer of a layer's top-k experts). "
+            "The snapshot's `experts` counts the reads ahead (`ahead`) and those the router then picked "
+            "(`ahead_used`)."),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
