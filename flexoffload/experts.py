@@ -113,9 +113,10 @@ class Staging:
         return ahead[1] if ahead is not None and ahead[0] is layer else {}
 
     def free_ahead(self) -> None:
-        """Before new reads ahead reuse their room: the last ones done (a wrong guess's too)."""
-        for f in self._ahead_futures:
-            f.result()
+        """Before new reads ahead reuse their room: the last ones done or cancelled (a wrong guess's)."""
+        from concurrent.futures import wait
+
+        wait(self._ahead_futures)
         self._ahead_futures = []
 
 
@@ -207,13 +208,21 @@ class ExpertSlots:
             self.expert_of[s], self.slot_of[e], self.used[s] = e, s, self.clock
             misses.append((e, s))
         ahead = ahead or {}
+        missed = {e for e, _ in misses}
+        for e, (_, futures) in ahead.items():
+            if e not in missed:  # a wrong guess: its reads not started yet are not made
+                for f, size in zip(futures, self.sizes.values()):
+                    if f.cancel():
+                        self.stats.bytes_read -= size
         now = [(e, s) for e, s in misses if e not in ahead]
+        batches = [now[i : i + self.staging.count] for i in range(0, len(now), self.staging.count)]
+        staged = self._stage([e for e, _ in batches[0]], 0) if batches else {}  # queued behind those read ahead
         for e, s in misses:
             if e in ahead:
                 self._pack(e, s, *ahead[e])
-        for i in range(0, len(now), self.staging.count):
-            batch = now[i : i + self.staging.count]
-            staged = self._stage([e for e, _ in batch], 0)
+        for i, batch in enumerate(batches):
+            if i:
+                staged = self._stage([e for e, _ in batch], 0)
             for e, s in batch:
                 self._pack(e, s, *staged[e])
         self.stats.misses += len(misses)
