@@ -356,12 +356,25 @@ def moe_layers(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], re
         w13, w2 = (params[f"{prefix}.{t}"] for t in EXPERT_TENSORS)
         experts = w13.shape[0]
         size = lambda p: p.numel() * p.element_size()  # noqa: E731
-        parent = model.get_submodule(prefix.rpartition(".")[0])
-        router = next((r for r in (getattr(parent, n, None) for n in ROUTERS) if isinstance(r, torch.nn.Module)), None)
+        router = _router(model, prefix, experts)
         out[prefix] = MoELayer(prefix, module, experts, module.top_k, (size(w13) // experts, size(w2) // experts),
                                w2.shape[2], sum(size(params[n]) for n in names if n.rpartition(".")[2] in EXPERT_BIASES),
                                names, router, reads_ahead=read_ahead and bool(out) and router is not None)
     return out
+
+
+def _router(model: torch.nn.Module, prefix: str, experts: int) -> torch.nn.Module | None:
+    """An MoE layer's router: vLLM's gate module (one logit per expert) beside its experts (vLLM's MoE
+    runner holds it where the model passes it: Qwen) or in the MoE block above (gpt-oss); None if not
+    found."""
+    parts = prefix.split(".")
+    for n in (len(parts) - 1, len(parts) - 2):
+        owner = model.get_submodule(".".join(parts[:n]))
+        for name in ROUTERS:
+            r = getattr(owner, name, None)
+            if isinstance(r, torch.nn.Module) and getattr(r, "output_size", None) == experts:
+                return r
+    return None
 
 
 def assign_slots(layers: dict[str, MoELayer], room: int) -> int:
