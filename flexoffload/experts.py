@@ -70,7 +70,7 @@ class Staging:
         self.bytes = staging_bytes(layers)
         self.ahead_at = region_bytes(layers)  # where the reads ahead land (past the step's own)
         self._ahead: tuple[ExpertSlots, dict] | None = None  # the layer read ahead for: expert -> (parts, futures)
-        self._ahead_futures: list = []
+        self._ahead_reads: list = []  # the futures of the last reads ahead, until their room is reused
         self.buffer = aligned_buffer(self.bytes)
         self._raw = torch.frombuffer(self.buffer, dtype=torch.uint8)
         self._pads: dict[tuple, torch.Tensor] = {}
@@ -104,7 +104,9 @@ class Staging:
         return self._raw[at : at + n].view(dtype).view(shape)
 
     def ahead_for(self, layer: "ExpertSlots", staged: dict) -> None:
+        """Hold the reads ahead for ``layer`` (expert -> (parts, futures)) until it takes them."""
         self._ahead = (layer, staged)
+        self._ahead_reads = [f for _, futures in staged.values() for f in futures]
 
     def take(self, layer: "ExpertSlots") -> dict:
         """The experts read ahead for ``layer`` (expert -> (parts, futures)); those read for another
@@ -116,8 +118,8 @@ class Staging:
         """Before new reads ahead reuse their room: the last ones done or cancelled (a wrong guess's)."""
         from concurrent.futures import wait
 
-        wait(self._ahead_futures)
-        self._ahead_futures = []
+        wait(self._ahead_reads)
+        self._ahead_reads = []
 
 
 class ExpertSlots:
@@ -243,9 +245,7 @@ class ExpertSlots:
         want = [e for e in guess if e not in self.slot_of]
         self.staging.free_ahead()
         if want:
-            staged = self._stage(want, self.staging.ahead_at)
-            self.staging._ahead_futures = [f for _, futures in staged.values() for f in futures]
-            self.staging.ahead_for(self, staged)
+            self.staging.ahead_for(self, self._stage(want, self.staging.ahead_at))
             self.stats.ahead += len(want)
 
     # -- the kernel call -------------------------------------------------------
@@ -332,6 +332,13 @@ def staging_bytes(layers: list[MoELayer]) -> int:
 def least_bytes(layers: dict[str, MoELayer]) -> int:
     """What the experts need at the least: every layer's top-k slots, the biases and the staging."""
     return sum(m.least_bytes for m in layers.values()) + staging_bytes(list(layers.values()))
+
+
+def has_experts(model: torch.nn.Module) -> bool:
+    """Whether the model has MoE layers (vLLM's routed experts)."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    return any(isinstance(m, RoutedExperts) for m in model.modules())
 
 
 def moe_layers(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], read_ahead: bool = False

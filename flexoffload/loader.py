@@ -133,7 +133,7 @@ class FlexInferLoader(BaseModelLoader):
         path = self.cfg.store_dir() / f"{store_key(model_config.model, model_config.dtype, list(params), self.shard)}.bin"
         self.store_path = path  # in the stats snapshot
         if self.cfg.policy == "mmap":
-            if experts.moe_layers(model, params):
+            if experts.has_experts(model):
                 raise FlexConfigError("the mmap baseline (policy 'mmap') maps whole tensors, which vLLM repacks "
                                       "for its MoE kernel into memory of its own: use another policy for a "
                                       "mixture of experts")

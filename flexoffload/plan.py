@@ -416,23 +416,39 @@ def make_plan(tensors: list[TensorInfo], budget: int, *, window: int = DEFAULT_W
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "U8": 1}
 
 
-def _headers(model_dir: str | Path, dtype_bytes: int | None):
-    """(name, shape, bytes) of every tensor in a folder's safetensors headers (bytes at ``dtype_bytes`` per
-    element, or as stored)."""
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(path, "rb") as f:
-            (hlen,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(hlen))
-        for name, meta in header.items():
-            if name != "__metadata__":
-                yield name, meta["shape"], math.prod(meta["shape"]) * (dtype_bytes or _DTYPE_BYTES.get(meta["dtype"], 2))
+@dataclass
+class Checkpoint:
+    """A folder's safetensors headers and config.json, read once: (name, shape, dtype) of every tensor."""
+
+    path: Path
+    headers: list[tuple[str, list[int], str]]
+    config: dict
+
+    @classmethod
+    def of(cls, model_dir: str | Path | Checkpoint) -> Checkpoint:
+        if isinstance(model_dir, Checkpoint):
+            return model_dir
+        path, headers = Path(model_dir), []
+        for file in sorted(path.glob("*.safetensors")):
+            with open(file, "rb") as f:
+                (hlen,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(hlen))
+            headers += [(name, meta["shape"], meta["dtype"]) for name, meta in header.items() if name != "__metadata__"]
+        config = path / "config.json"
+        return cls(path, headers, json.loads(config.read_text()) if config.exists() else {})
+
+    def sizes(self, dtype_bytes: int | None):
+        """(name, shape, bytes) of every tensor (bytes at ``dtype_bytes`` per element, or as stored)."""
+        for name, shape, dtype in self.headers:
+            yield name, shape, math.prod(shape) * (dtype_bytes or _DTYPE_BYTES.get(dtype, 2))
 
 
-def checkpoint_tensors(model_dir: str | Path, dtype_bytes: int | None = None) -> list[TensorInfo]:
+def checkpoint_tensors(model_dir: str | Path | Checkpoint, dtype_bytes: int | None = None) -> list[TensorInfo]:
     """Tensor table from a folder's safetensors headers (sizes converted to ``dtype_bytes`` per element)."""
-    out = [classify(name, nbytes, len(shape)) for name, shape, nbytes in _headers(model_dir, dtype_bytes)]
+    ckpt = Checkpoint.of(model_dir)
+    out = [classify(name, nbytes, len(shape)) for name, shape, nbytes in ckpt.sizes(dtype_bytes)]
     if not out:
-        raise BudgetError(f"no safetensors weights in {model_dir}: flexinfer streams safetensors checkpoints only")
+        raise BudgetError(f"no safetensors weights in {ckpt.path}: flexinfer streams safetensors checkpoints only")
     return out
 
 
@@ -443,15 +459,16 @@ _EXPERT = re.compile(r"(.*layers\.\d+\..*\.experts)\.(?:\d+\.(gate_proj|up_proj|
 _TOP_K = ("num_experts_per_tok", "experts_per_token", "moe_topk", "top_k")
 
 
-def checkpoint_experts(model_dir: str | Path, dtype_bytes: int | None = None,
+def checkpoint_experts(model_dir: str | Path | Checkpoint, dtype_bytes: int | None = None,
                        read_ahead: bool = True) -> tuple[dict, set[str]]:
     """An MoE checkpoint's layers as :class:`flexoffload.experts.MoELayer` (sizes at ``dtype_bytes`` per
     element; the top-k from config.json; with ``read_ahead``, each after the first with a router is read
     ahead for, as the loader's ``expert_prefetch``), and the names of the expert tensors; ({}, set()) for a
     dense one."""
+    ckpt = Checkpoint.of(model_dir)
     found: dict[str, dict] = {}
     names = set()
-    for name, shape, nbytes in _headers(model_dir, dtype_bytes):
+    for name, shape, nbytes in ckpt.sizes(dtype_bytes):
         names.add(name)
         m = _EXPERT.fullmatch(name)
         if m is None:
@@ -474,11 +491,10 @@ def checkpoint_experts(model_dir: str | Path, dtype_bytes: int | None = None,
         return {}, set()
     from .experts import MoELayer
 
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    text = config.get("text_config") or config
+    text = ckpt.config.get("text_config") or ckpt.config
     top_k = next((text[k] for k in _TOP_K if text.get(k)), None)
     if top_k is None:
-        raise BudgetError(f"{model_dir}/config.json names no experts per token ({' or '.join(_TOP_K)})")
+        raise BudgetError(f"{ckpt.path}/config.json names no experts per token ({' or '.join(_TOP_K)})")
     layers = {}
     for prefix, f in sorted(found.items(), key=lambda kv: _layer_of(kv[0])):
         e = len(f["experts"])
@@ -488,18 +504,18 @@ def checkpoint_experts(model_dir: str | Path, dtype_bytes: int | None = None,
     return layers, {n for f in found.values() for n in f["names"]}
 
 
-def checkpoint_refusal(model_dir: str | Path) -> str | None:
+def checkpoint_refusal(model_dir: str | Path | Checkpoint) -> str | None:
     """What the loader would refuse this checkpoint for (a multimodal model, quantized weights), read from
     its config.json, or None (a mixture of experts is planned with its experts in slots, as on CPUs)."""
     from .config import refusal_for
 
-    path = Path(model_dir) / "config.json"
-    config = json.loads(path.read_text()) if path.exists() else {}
+    ckpt = Checkpoint.of(model_dir)
+    config = ckpt.config
     text = config.get("text_config") or config
     quant = (config.get("quantization_config") or text.get("quantization_config") or {}).get("quant_method")
     experts = next((text[k] for k in ("num_experts", "moe_num_experts", "n_routed_experts", "num_local_experts")
                     if text.get(k)), 0)
-    arch = ", ".join(config.get("architectures") or [str(model_dir)])
+    arch = ", ".join(config.get("architectures") or [str(ckpt.path)])
     return refusal_for(arch, quant, max(experts) if isinstance(experts, list) else experts, "vision_config" in config,
                        experts_in_slots=True)
 
@@ -570,8 +586,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     disk = args.disk_gbps * 1e9 if args.disk_gbps else measure_disk_bandwidth(next(Path(args.model).glob("*.safetensors")))
     mem = args.mem_gbps * 1e9 if args.mem_gbps else measure_memory_bandwidth()
-    tensors = checkpoint_tensors(args.model, args.dtype_bytes)
-    refusal = checkpoint_refusal(args.model)
+    ckpt = Checkpoint.of(args.model)
+    tensors = checkpoint_tensors(ckpt, args.dtype_bytes)
+    refusal = checkpoint_refusal(ckpt)
     if refusal:
         print(f"error: {refusal}", file=sys.stderr)
         return 1
@@ -586,7 +603,7 @@ def main(argv=None) -> int:
         print(f"memory_budget auto: {auto.describe()}")
     budget = FlexConfig(memory_budget=_cli_size(args.budget)).budget_bytes(sum(t.nbytes for t in tensors), room)
     try:
-        moe, expert_names = checkpoint_experts(args.model, args.dtype_bytes, not args.no_expert_prefetch)
+        moe, expert_names = checkpoint_experts(ckpt, args.dtype_bytes, not args.no_expert_prefetch)
         if moe and budget < sum(t.nbytes for t in tensors):
             from .experts import plan_with_slots
 
