@@ -8,9 +8,11 @@ packed into the least recently used slots, and the kernel is handed slot ids ins
 
 Reading ahead (``expert_prefetch``): once a layer's experts are in place, the next MoE layer's router is
 applied to this layer's input, and the experts it would pick that are not in the next layer's slots are
-read while this layer (and the next one's attention) compute; the next layer packs those the router
-then picks from where they landed instead of reading them. The residual stream changes little from one
-layer to the next, so the guess is often right (the snapshot counts reads ahead and those used).
+read and packed into the next layer's least recently used slots by the reader threads while this layer
+(and the next one's attention) compute; the next layer finds those its router then picks in their
+slots, and a wrong guess whose reader has not started is dropped (its slot keeps the expert it held).
+The residual stream changes little from one layer to the next, so the guess is often right (the
+snapshot counts reads ahead and those used).
 
 vLLM's CPU kernel packs every expert on its own (``prepack_moe_weight`` keeps the tensor's shape, and
 expert ``e`` packed alone equals slice ``e`` of the whole tensor packed; checked by
@@ -61,6 +63,7 @@ class Staging:
     again for the experts read ahead for the next layer, where layers read ahead."""
 
     def __init__(self, store: WeightStore, layers: list["MoELayer"], io_threads: int):
+        import threading
         from concurrent.futures import ThreadPoolExecutor
 
         from vllm_vtensor.threads import move_to_helper_cores
@@ -69,11 +72,11 @@ class Staging:
         self.count = max(min(m.num_experts, m.top_k) for m in layers)
         self.bytes = staging_bytes(layers)
         self.ahead_at = region_bytes(layers)  # where the reads ahead land (past the step's own)
-        self._ahead: tuple[ExpertSlots, dict] | None = None  # the layer read ahead for: expert -> (parts, futures)
-        self._ahead_reads: list = []  # the futures of the last reads ahead, until their room is reused
+        self._ahead: list = []  # the futures of the last reads ahead, until their room is reused
         self.buffer = aligned_buffer(self.bytes)
         self._raw = torch.frombuffer(self.buffer, dtype=torch.uint8)
         self._pads: dict[tuple, torch.Tensor] = {}
+        self.pad_lock = threading.Lock()  # one padded expert at a time (the compute thread or a reader's)
         self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flexinfer-experts",
                                        initializer=move_to_helper_cores)
 
@@ -84,42 +87,33 @@ class Staging:
             self._pads[key] = torch.zeros(shape, dtype=dtype)
         return self._pads[key]
 
+    def read_one(self, read: tuple[int, int, int]) -> None:
+        """Read ``(file offset, bytes, staging offset)``: ``O_DIRECT`` where the store reads so and the piece
+        is aligned (no page cache to count twice), buffered otherwise."""
+        offset, size, at = read
+        direct = offset % ALIGN == 0 and size % ALIGN == 0 and at % ALIGN == 0
+        done = self.store.read_range(offset, memoryview(self.buffer)[at : at + size], direct)
+        if done != size:
+            raise OSError(f"short read of an expert from {self.store.path}: {done} of {size} bytes")
+
     def read(self, reads: list[tuple[int, int, int]]) -> list:
-        """Start ``(file offset, bytes, staging offset)`` reads on the reader threads, in order: ``O_DIRECT``
-        where the store reads so and the piece is aligned (no page cache to count twice), buffered
-        otherwise; returns their futures."""
-        view = memoryview(self.buffer)
-
-        def one(read):
-            offset, size, at = read
-            direct = offset % ALIGN == 0 and size % ALIGN == 0 and at % ALIGN == 0
-            done = self.store.read_range(offset, view[at : at + size], direct)
-            if done != size:
-                raise OSError(f"short read of an expert from {self.store.path}: {done} of {size} bytes")
-
-        return [self.pool.submit(one, r) for r in reads]
+        """Start reads on the reader threads, in order; returns their futures."""
+        return [self.pool.submit(self.read_one, r) for r in reads]
 
     def tensor(self, at: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         n = math.prod(shape) * dtype.itemsize
         return self._raw[at : at + n].view(dtype).view(shape)
 
-    def ahead_for(self, layer: "ExpertSlots", staged: dict) -> None:
-        """Hold the reads ahead for ``layer`` (expert -> (parts, futures)) until it takes them."""
-        self._ahead = (layer, staged)
-        self._ahead_reads = [f for _, futures in staged.values() for f in futures]
-
-    def take(self, layer: "ExpertSlots") -> dict:
-        """The experts read ahead for ``layer`` (expert -> (parts, futures)); those read for another
-        layer (the pass went elsewhere) are dropped."""
-        ahead, self._ahead = self._ahead, None
-        return ahead[1] if ahead is not None and ahead[0] is layer else {}
+    def hold_ahead(self, futures: list) -> None:
+        """The reads ahead now in flight into the second region (waited for before it is reused)."""
+        self._ahead = futures
 
     def free_ahead(self) -> None:
         """Before new reads ahead reuse their room: the last ones done or cancelled (a wrong guess's)."""
         from concurrent.futures import wait
 
-        wait(self._ahead_reads)
-        self._ahead_reads = []
+        wait(self._ahead)
+        self._ahead = []
 
 
 class ExpertSlots:
@@ -145,6 +139,7 @@ class ExpertSlots:
         self.used = [0] * self.slots  # slot -> when last used (LRU)
         self.clock = 0
         self.next: ExpertSlots | None = None  # the next MoE layer, whose experts this one reads ahead
+        self._ahead: dict[int, tuple] = {}  # expert read ahead -> (its slot, the expert it held, its use, future)
         self.router = layer.router if layer.reads_ahead else None  # this layer's router (vLLM's gate module)
         self._pad13 = self._pad2 = None  # vLLM pads the intermediate size for its kernel: staged padded
         if self.padded != self.inter:
@@ -153,21 +148,26 @@ class ExpertSlots:
             self._pad2 = staging.pad((1, w2.shape[1], self.padded), w2.torch_dtype)
 
     # -- slots -----------------------------------------------------------------
+    def _layout(self, expert: int, at: int) -> tuple[list, dict, int]:
+        """An expert's reads into the staging buffer from ``at`` on ((file offset, bytes, staging offset) per
+        part), its parts as views of where they land, and where the next one goes."""
+        reads, parts = [], {}
+        for t, e in self.entries.items():
+            size = self.sizes[t]
+            reads.append((e.offset + expert * size, size, at))
+            parts[t] = self.staging.tensor(at, (1, *e.shape[1:]), e.torch_dtype)
+            at += aligned(size)
+        return reads, parts, at
+
     def _stage(self, experts: list[int], at: int) -> dict:
         """Start reading ``experts`` into the staging buffer from ``at`` on (all queued at once): expert ->
         (its parts, as views of where they land; the futures of their reads)."""
-        reads, staged = [], {}
+        staged = {}
         for expert in experts:
-            parts, first = {}, len(reads)
-            for t, e in self.entries.items():
-                size = self.sizes[t]
-                reads.append((e.offset + expert * size, size, at))
-                parts[t] = self.staging.tensor(at, (1, *e.shape[1:]), e.torch_dtype)
-                at += aligned(size)
-            staged[expert] = (parts, (first, len(reads)))
-        pending = self.staging.read(reads)
-        self.stats.bytes_read += sum(size for _, size, _ in reads)
-        return {expert: (parts, pending[a:b]) for expert, (parts, (a, b)) in staged.items()}
+            reads, parts, at = self._layout(expert, at)
+            staged[expert] = (parts, self.staging.read(reads))
+            self.stats.bytes_read += sum(size for _, size, _ in reads)
+        return staged
 
     def _pack(self, expert: int, slot: int, parts: dict, futures: list) -> None:
         """Pack an expert into its slot once its reads are done (padded as vLLM pads)."""
@@ -175,12 +175,13 @@ class ExpertSlots:
             f.result()
         w13, w2 = parts["w13_weight"], parts["w2_weight"]
         if self._pad13 is not None:  # gate rows, then up rows at the padded offset, as vLLM pads
-            self._pad13[0, : self.inter] = w13[0, : self.inter]
-            self._pad13[0, self.padded : self.padded + self.inter] = w13[0, self.inter :]
-            self._pad2[0, :, : self.inter] = w2[0]
-            w13, w2 = self._pad13, self._pad2
-        torch.ops._C.prepack_moe_weight(w13, self.module.w13_weight.data[slot : slot + 1], self.isa)
-        torch.ops._C.prepack_moe_weight(w2, self.module.w2_weight.data[slot : slot + 1], self.isa)
+            with self.staging.pad_lock:
+                self._pad13[0, : self.inter] = w13[0, : self.inter]
+                self._pad13[0, self.padded : self.padded + self.inter] = w13[0, self.inter :]
+                self._pad2[0, :, : self.inter] = w2[0]
+                self._prepack(self._pad13, self._pad2, slot)
+        else:
+            self._prepack(w13, w2, slot)
         if "w13_bias" in self.biases:
             b = self.biases["w13_bias"][expert]
             self.module.w13_bias.data[slot, : self.inter] = b[: self.inter]
@@ -188,48 +189,56 @@ class ExpertSlots:
         if "w2_bias" in self.biases:
             self.module.w2_bias.data[slot] = self.biases["w2_bias"][expert]
 
-    def load(self, experts: list[int], ahead: dict | None = None) -> None:
+    def _prepack(self, w13: torch.Tensor, w2: torch.Tensor, slot: int) -> None:
+        torch.ops._C.prepack_moe_weight(w13, self.module.w13_weight.data[slot : slot + 1], self.isa)
+        torch.ops._C.prepack_moe_weight(w2, self.module.w2_weight.data[slot : slot + 1], self.isa)
+
+    def load(self, experts: list[int]) -> None:
         """Make ``experts`` (at most ``slots`` of them) resident, evicting the least recently used others:
-        those read ahead (``ahead``: expert -> (parts, futures)) packed first, their reads started a layer
-        ago; the others read ``staging.count`` at a time, each packed while the next is read."""
+        those read ahead are in their slots once their readers packed them; the others are read
+        ``staging.count`` at a time, each packed while the next is read."""
         t0 = time.perf_counter()
         self.clock += 1
         wanted = set(experts)
-        misses = []
+        ahead = self._cancel_ahead(wanted)
+        missed = [e for e in experts if e not in self.slot_of]
+        batches = [missed[i : i + self.staging.count] for i in range(0, len(missed), self.staging.count)]
+        staged = self._stage(batches[0], 0) if batches else {}  # read while those read ahead are packed
+        for _, _, _, future in ahead.values():
+            future.result()
         for e in experts:
-            s = self.slot_of.get(e)
-            if s is not None:
-                self.stats.hits += 1
-                self.used[s] = self.clock
-                continue
-            s = min((s for s in range(self.slots) if self.expert_of[s] not in wanted and self.used[s] < self.clock),
-                    key=lambda s: self.used[s])
-            old = self.expert_of[s]
-            if old >= 0:
-                del self.slot_of[old]
-            self.expert_of[s], self.slot_of[e], self.used[s] = e, s, self.clock
-            misses.append((e, s))
-        ahead = ahead or {}
-        missed = {e for e, _ in misses}
-        for e, (_, futures) in ahead.items():
-            if e not in missed:  # a wrong guess: its reads not started yet are not made
-                for f, size in zip(futures, self.sizes.values()):
-                    if f.cancel():
-                        self.stats.bytes_read -= size
-        now = [(e, s) for e, s in misses if e not in ahead]
-        batches = [now[i : i + self.staging.count] for i in range(0, len(now), self.staging.count)]
-        staged = self._stage([e for e, _ in batches[0]], 0) if batches else {}  # queued behind those read ahead
-        for e, s in misses:
-            if e in ahead:
-                self._pack(e, s, *ahead[e])
+            if e in self.slot_of:
+                self.stats.hits += e not in ahead
+                self.used[self.slot_of[e]] = self.clock
         for i, batch in enumerate(batches):
             if i:
-                staged = self._stage([e for e, _ in batch], 0)
-            for e, s in batch:
+                staged = self._stage(batch, 0)
+            for e in batch:
+                s = min((s for s in range(self.slots) if self.expert_of[s] not in wanted and self.used[s] < self.clock),
+                        key=lambda s: self.used[s])
+                old = self.expert_of[s]
+                if old >= 0:
+                    del self.slot_of[old]
+                self.expert_of[s], self.slot_of[e], self.used[s] = e, s, self.clock
                 self._pack(e, s, *staged[e])
-        self.stats.misses += len(misses)
-        self.stats.ahead_used += len(misses) - len(now)
-        self.stats.read_seconds += time.perf_counter() - t0 if misses else 0.0
+        used = len(ahead.keys() & wanted)
+        self.stats.misses += len(missed) + used
+        self.stats.ahead_used += used
+        self.stats.read_seconds += time.perf_counter() - t0 if missed or ahead else 0.0
+
+    def _cancel_ahead(self, wanted: set[int]) -> dict:
+        """Settle the experts read ahead for this layer: a wrong guess whose reader has not started is not
+        made (its slot keeps the expert it held). Returns the others (expert -> (slot, the expert it held,
+        its use, future)), to be waited for before their slots are packed or run."""
+        ahead, self._ahead = self._ahead, {}
+        for e, (s, old, old_used, future) in list(ahead.items()):
+            if e not in wanted and future.cancel():
+                self.stats.bytes_read -= sum(self.sizes.values())
+                del self.slot_of[e], ahead[e]
+                self.expert_of[s], self.used[s] = old, old_used
+                if old >= 0:
+                    self.slot_of[old] = s
+        return ahead
 
     def _read_next(self, x: torch.Tensor) -> None:
         if self.next is not None and self.next.router is not None:
@@ -237,16 +246,36 @@ class ExpertSlots:
 
     def read_ahead(self, x: torch.Tensor) -> None:
         """Guess this layer's experts for the tokens ``x`` (the previous layer's input): its router applied
-        to them, the experts with the most weight over the tokens; start reading those not in a slot."""
+        to them, the experts with the most weight over the tokens; those not in a slot are read into the
+        least recently used slots of the others, each packed by its reader once read."""
         out = self.router(x)
         logits = (out[0] if isinstance(out, tuple) else out).float()
         score = logits[0] if logits.shape[0] == 1 else logits.softmax(-1).sum(0)
         guess = torch.topk(score, min(self.num_experts, self.staging.count)).indices.tolist()
+        for _, _, _, future in self._cancel_ahead(set(guess)).values():  # of a pass that went elsewhere
+            future.result()
         want = [e for e in guess if e not in self.slot_of]
         self.staging.free_ahead()
-        if want:
-            self.staging.ahead_for(self, self._stage(want, self.staging.ahead_at))
-            self.stats.ahead += len(want)
+        if not want:
+            return
+        free = sorted((s for s in range(self.slots) if self.expert_of[s] not in guess), key=lambda s: self.used[s])
+        at = self.staging.ahead_at
+        for e, s in zip(want, free):
+            old = self.expert_of[s]
+            if old >= 0:
+                del self.slot_of[old]
+            reads, parts, at = self._layout(e, at)
+            self._ahead[e] = (s, old, self.used[s], self.staging.pool.submit(self._read_and_pack, e, s, reads, parts))
+            self.expert_of[s], self.slot_of[e], self.used[s] = e, s, self.clock
+        self.staging.hold_ahead([future for *_, future in self._ahead.values()])
+        self.stats.ahead += len(want)
+        self.stats.bytes_read += len(want) * sum(self.sizes.values())
+
+    def _read_and_pack(self, expert: int, slot: int, reads: list, parts: dict) -> None:
+        """A reader thread's: one expert read ahead and packed into its slot (the layer is not running)."""
+        for r in reads:
+            self.staging.read_one(r)
+        self._pack(expert, slot, parts, [])
 
     # -- the kernel call -------------------------------------------------------
     def apply(self, original, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None,
@@ -256,19 +285,19 @@ class ExpertSlots:
         tokens routed to one of its experts (their other experts weighted 0), the runs summed in float32."""
         needed = torch.unique(topk_ids).tolist()
         lookup = torch.zeros(self.num_experts, dtype=topk_ids.dtype)
-        ahead = self.staging.take(self)
         if len(needed) <= self.slots:
-            self.load(needed, ahead)
+            self.load(needed)
             lookup[needed] = torch.tensor([self.slot_of[e] for e in needed], dtype=topk_ids.dtype)
             self._read_next(x)
             return original(layer=layer, x=x, topk_weights=topk_weights, topk_ids=lookup[topk_ids],
                             shared_experts=shared_experts, shared_experts_input=shared_experts_input, **kwargs)
         out = torch.zeros(x.shape, dtype=torch.float32)
-        # the experts read ahead in the first group (their room is reused once it ran), then those in slots
-        needed.sort(key=lambda e: (e not in ahead, e not in self.slot_of))
+        # the experts read ahead in the first group (those not in it are not made if not yet started), then
+        # those in slots
+        needed.sort(key=lambda e: (e not in self._ahead, e not in self.slot_of))
         for i in range(0, len(needed), self.slots):
             group = needed[i : i + self.slots]
-            self.load(group, ahead if i == 0 else None)
+            self.load(group)
             if i == 0:
                 self._read_next(x)
             lookup.zero_()

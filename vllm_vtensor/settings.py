@@ -256,8 +256,9 @@ SETTINGS: tuple[Setting, ...] = (
             "another is more than 10% faster (which wins differs by CPU and dtype)."),
     Setting("expert_prefetch", "flexinfer option", "bool", True,
             "A mixture of experts on a CPU: once an MoE layer's experts are in their slots, apply the next MoE "
-            "layer's router to this layer's input and start reading the experts it picks that are not in the "
-            "next layer's slots, while this layer computes (one more staging buffer of a layer's top-k experts). "
+            "layer's router to this layer's input; the experts it picks that are not in the next layer's slots are "
+            "read and packed into that layer's least recently used slots by the reader threads while this layer "
+            "computes (one more staging buffer of a layer's top-k experts). "
             "The snapshot's `experts` counts the reads ahead (`ahead`) and those the router then picked "
             "(`ahead_used`)."),
 )
