@@ -729,10 +729,16 @@ def _ahead(kv, *, blocks=16, slots=4, per_slot=8, precreate=4):
 
 
 def _mapped_ahead(kv, req, timeout=10.0) -> bool:
-    """Whether ``req``'s next chunk gets mapped ahead (waits for the helper thread up to ``timeout``)."""
-    deadline = time.monotonic() + timeout
+    """Whether ``req``'s next chunk gets mapped ahead (waits for the helper thread up to ``timeout``). The
+    helper maps only chunks the pool has made already; one not made yet when it looked (its creating
+    thread slowed by a busy machine) is asked for again by the next decode step, as here every 50 ms."""
+    deadline = asked = time.monotonic()
+    deadline += timeout
     while kv._reqs[req].ahead is None and time.monotonic() < deadline:
         time.sleep(0.002)
+        if time.monotonic() - asked > 0.05:
+            kv.expect_growth({req: 1})
+            asked = time.monotonic()
     return kv._reqs[req].ahead is not None
 
 
