@@ -64,6 +64,7 @@ CONFIGS = {
     "threads": {"io_engine": "threads"},
     "gemv_onednn": {"gemv": "onednn"},  # one-token GEMMs through oneDNN, whatever choose_gemv would pick
     "no_expert_prefetch": {"expert_prefetch": False},  # a mixture of experts read only once routed to
+    "packed_as_read": {"packed_experts": False},  # a mixture of experts packed for vLLM's kernel after each read
     "no_balance": {"policy": "no_balance"},
     "attention_first": {"policy": "attention_first"},
     "ffn_first": {"policy": "ffn_first"},

@@ -43,6 +43,9 @@ class FlexConfig:
     # a mixture of experts on a CPU: read the next MoE layer's likely experts (its router applied to this
     # layer's input) while this layer computes
     expert_prefetch: bool = True
+    # a mixture of experts on a CPU: read experts from a copy of them packed for vLLM's kernel (made once,
+    # beside the weight store) straight into their slots, instead of packing each one as it is read
+    packed_experts: bool = True
 
     @classmethod
     def from_extra(cls, extra: dict | None) -> "FlexConfig":
@@ -63,7 +66,8 @@ class FlexConfig:
         if cfg.policy not in POLICIES + BASELINES:
             raise FlexConfigError(f"policy {cfg.policy!r} is not one of {POLICIES + BASELINES}")
         streaming_only = sorted(set(extra) & {"prefetch_window", "io_threads", "io_engine", "direct_io",
-                                             "lock_memory", "gemv", "expert_prefetch"})
+                                             "lock_memory", "gemv", "expert_prefetch",
+                                             "packed_experts"})
         if cfg.policy == "mmap" and streaming_only:
             raise FlexConfigError(f"{streaming_only} apply to streamed weights; the mmap baseline (policy 'mmap') "
                                   "leaves paging to the OS: drop them, or pick a streaming policy")

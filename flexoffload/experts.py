@@ -8,11 +8,9 @@ packed into the least recently used slots, and the kernel is handed slot ids ins
 
 Reading ahead (``expert_prefetch``): once a layer's experts are in place, the next MoE layer's router is
 applied to this layer's input, and the experts it would pick that are not in the next layer's slots are
-read and packed into the next layer's least recently used slots by the reader threads while this layer
-(and the next one's attention) compute; the next layer finds those its router then picks in their
-slots, and a wrong guess whose reader has not started is dropped (its slot keeps the expert it held).
-The residual stream changes little from one layer to the next, so the guess is often right (the
-snapshot counts reads ahead and those used).
+read while this layer (and the next one's attention) compute; the next layer packs those the router
+then picks from where they landed instead of reading them. The residual stream changes little from one
+layer to the next, so the guess is often right (the snapshot counts reads ahead and those used).
 
 vLLM's CPU kernel packs every expert on its own (``prepack_moe_weight`` keeps the tensor's shape, and
 expert ``e`` packed alone equals slice ``e`` of the whole tensor packed; checked by
@@ -54,6 +52,13 @@ class ExpertStats:
     groups: int = 0  # kernel runs beyond one per layer call (steps needing more experts than slots)
     ahead: int = 0  # experts read ahead, the next layer's router applied to this layer's input
     ahead_used: int = 0  # of which its router then picked (read while the layers before computed)
+    packed: bool = False  # experts read from a store of them packed for vLLM's kernel (packed_experts)
+
+
+def _address(view: memoryview) -> int:
+    import numpy as np
+
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data
 
 
 class Staging:
@@ -63,7 +68,6 @@ class Staging:
     again for the experts read ahead for the next layer, where layers read ahead."""
 
     def __init__(self, store: WeightStore, layers: list["MoELayer"], io_threads: int):
-        import threading
         from concurrent.futures import ThreadPoolExecutor
 
         from vllm_vtensor.threads import move_to_helper_cores
@@ -72,11 +76,11 @@ class Staging:
         self.count = max(min(m.num_experts, m.top_k) for m in layers)
         self.bytes = staging_bytes(layers)
         self.ahead_at = region_bytes(layers)  # where the reads ahead land (past the step's own)
-        self._ahead: list = []  # the futures of the last reads ahead, until their room is reused
+        self._ahead: tuple[ExpertSlots, dict] | None = None  # the layer read ahead for: expert -> (parts, futures)
+        self._ahead_reads: list = []  # the futures of the last reads ahead, until their room is reused
         self.buffer = aligned_buffer(self.bytes)
         self._raw = torch.frombuffer(self.buffer, dtype=torch.uint8)
         self._pads: dict[tuple, torch.Tensor] = {}
-        self.pad_lock = threading.Lock()  # one padded expert at a time (the compute thread or a reader's)
         self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flexinfer-experts",
                                        initializer=move_to_helper_cores)
 
@@ -87,40 +91,52 @@ class Staging:
             self._pads[key] = torch.zeros(shape, dtype=dtype)
         return self._pads[key]
 
-    def read_one(self, read: tuple[int, int, int]) -> None:
-        """Read ``(file offset, bytes, staging offset)``: ``O_DIRECT`` where the store reads so and the piece
-        is aligned (no page cache to count twice), buffered otherwise."""
-        offset, size, at = read
-        direct = offset % ALIGN == 0 and size % ALIGN == 0 and at % ALIGN == 0
-        done = self.store.read_range(offset, memoryview(self.buffer)[at : at + size], direct)
-        if done != size:
-            raise OSError(f"short read of an expert from {self.store.path}: {done} of {size} bytes")
+    def read(self, reads: list[tuple[WeightStore, int, memoryview]]) -> list:
+        """Start ``(store, file offset, destination)`` reads on the reader threads, in order: ``O_DIRECT``
+        where the store reads so and the piece is aligned (no page cache to count twice), buffered
+        otherwise; returns their futures."""
 
-    def read(self, reads: list[tuple[int, int, int]]) -> list:
-        """Start reads on the reader threads, in order; returns their futures."""
-        return [self.pool.submit(self.read_one, r) for r in reads]
+        def one(read):
+            store, offset, view = read
+            direct = offset % ALIGN == 0 and len(view) % ALIGN == 0 and _address(view) % ALIGN == 0
+            done = store.read_range(offset, view, direct)
+            if done != len(view):
+                raise OSError(f"short read of an expert from {store.path}: {done} of {len(view)} bytes")
+
+        return [self.pool.submit(one, r) for r in reads]
+
+    def view(self, at: int, size: int) -> memoryview:
+        return memoryview(self.buffer)[at : at + size]
 
     def tensor(self, at: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         n = math.prod(shape) * dtype.itemsize
         return self._raw[at : at + n].view(dtype).view(shape)
 
-    def hold_ahead(self, futures: list) -> None:
-        """The reads ahead now in flight into the second region (waited for before it is reused)."""
-        self._ahead = futures
+    def ahead_for(self, layer: "ExpertSlots", staged: dict) -> None:
+        """Hold the reads ahead for ``layer`` (expert -> (parts, futures)) until it takes them."""
+        self._ahead = (layer, staged)
+        self._ahead_reads = [f for _, futures in staged.values() for f in futures]
+
+    def take(self, layer: "ExpertSlots") -> dict:
+        """The experts read ahead for ``layer`` (expert -> (parts, futures)); those read for another
+        layer (the pass went elsewhere) are dropped."""
+        ahead, self._ahead = self._ahead, None
+        return ahead[1] if ahead is not None and ahead[0] is layer else {}
 
     def free_ahead(self) -> None:
         """Before new reads ahead reuse their room: the last ones done or cancelled (a wrong guess's)."""
         from concurrent.futures import wait
 
-        wait(self._ahead)
-        self._ahead = []
+        wait(self._ahead_reads)
+        self._ahead_reads = []
 
 
 class ExpertSlots:
     """One MoE layer's experts: ``slots`` of them packed in the layer's own parameters, the rest in the
     store, read when the router picks them."""
 
-    def __init__(self, layer: "MoELayer", store: WeightStore, staging: Staging, stats: ExpertStats):
+    def __init__(self, layer: "MoELayer", store: WeightStore, staging: Staging, stats: ExpertStats,
+                 packed: WeightStore | None = None):
         experts = layer.module.quant_method.moe_kernel.fused_experts
         if getattr(experts, "_use_zentorch", False) or not hasattr(experts, "isa"):
             raise RuntimeError(f"flexinfer reads experts into slots of vLLM's CPU MoE kernel, not "
@@ -129,7 +145,9 @@ class ExpertSlots:
         self.isa = experts.isa
         self.slots = self.module.w13_weight.shape[0]
         self.num_experts = layer.num_experts
-        self.entries = {t: store.index[f"{layer.prefix}.{t}"] for t in EXPERT_TENSORS}
+        self.source = packed or store  # experts read from a store of them packed for the kernel, where one is
+        self.packed = packed is not None
+        self.entries = {t: self.source.index[f"{layer.prefix}.{t}"] for t in EXPERT_TENSORS}
         self.sizes = dict(zip(EXPERT_TENSORS, layer.part_bytes))
         self.biases = layer.biases  # the whole [E, ...] biases, resident
         self.inter = layer.inter
@@ -139,49 +157,69 @@ class ExpertSlots:
         self.used = [0] * self.slots  # slot -> when last used (LRU)
         self.clock = 0
         self.next: ExpertSlots | None = None  # the next MoE layer, whose experts this one reads ahead
-        self._ahead: dict[int, tuple] = {}  # expert read ahead -> (its slot, the expert it held, its use, future)
         self.router = layer.router if layer.reads_ahead else None  # this layer's router (vLLM's gate module)
         self._pad13 = self._pad2 = None  # vLLM pads the intermediate size for its kernel: staged padded
         if self.padded != self.inter:
             w13, w2 = self.entries["w13_weight"], self.entries["w2_weight"]
             self._pad13 = staging.pad((1, 2 * self.padded, w13.shape[2]), w13.torch_dtype)
             self._pad2 = staging.pad((1, w2.shape[1], self.padded), w2.torch_dtype)
+        self._slot_memory = {}  # packed: the slots' page-aligned memory, which experts are read straight into
+        if self.packed:
+            from .store import rehome
+
+            for t in EXPERT_TENSORS:
+                p = getattr(self.module, t)
+                buf = aligned_buffer(p.numel() * p.element_size())
+                rehome(p, torch.frombuffer(buf, dtype=p.dtype, count=p.numel()).view(p.shape))
+                self._slot_memory[t] = memoryview(buf)
 
     # -- slots -----------------------------------------------------------------
-    def _layout(self, expert: int, at: int) -> tuple[list, dict, int]:
-        """An expert's reads into the staging buffer from ``at`` on ((file offset, bytes, staging offset) per
-        part), its parts as views of where they land, and where the next one goes."""
-        reads, parts = [], {}
-        for t, e in self.entries.items():
-            size = self.sizes[t]
-            reads.append((e.offset + expert * size, size, at))
-            parts[t] = self.staging.tensor(at, (1, *e.shape[1:]), e.torch_dtype)
-            at += aligned(size)
-        return reads, parts, at
-
     def _stage(self, experts: list[int], at: int) -> dict:
         """Start reading ``experts`` into the staging buffer from ``at`` on (all queued at once): expert ->
         (its parts, as views of where they land; the futures of their reads)."""
-        staged = {}
+        reads, staged = [], {}
         for expert in experts:
-            reads, parts, at = self._layout(expert, at)
-            staged[expert] = (parts, self.staging.read(reads))
-            self.stats.bytes_read += sum(size for _, size, _ in reads)
-        return staged
+            parts, first = {}, len(reads)
+            for t, e in self.entries.items():
+                size = self.sizes[t]
+                reads.append((self.source, e.offset + expert * size, self.staging.view(at, size)))
+                parts[t] = self.staging.tensor(at, (1, *e.shape[1:]), e.torch_dtype)
+                at += aligned(size)
+            staged[expert] = (parts, (first, len(reads)))
+        pending = self.staging.read(reads)
+        self.stats.bytes_read += sum(len(view) for *_, view in reads)
+        return {expert: (parts, pending[a:b]) for expert, (parts, (a, b)) in staged.items()}
 
-    def _pack(self, expert: int, slot: int, parts: dict, futures: list) -> None:
-        """Pack an expert into its slot once its reads are done (padded as vLLM pads)."""
+    def _read_to_slot(self, expert: int, slot: int) -> list:
+        """Packed: start reading ``expert`` straight into ``slot``; returns the reads' futures."""
+        reads = []
+        for t, e in self.entries.items():
+            size = self.sizes[t]
+            reads.append((self.source, e.offset + expert * size, self._slot_memory[t][slot * size : (slot + 1) * size]))
+        self.stats.bytes_read += sum(self.sizes.values())
+        return self.staging.read(reads)
+
+    def _pack(self, expert: int, slot: int, parts: dict | None, futures: list) -> None:
+        """Pack an expert into its slot once its reads are done (padded as vLLM pads); one read packed
+        already is copied (``parts``) or is there (read into the slot: ``parts`` None)."""
         for f in futures:
             f.result()
+        if self.packed:
+            for t, part in (parts or {}).items():
+                getattr(self.module, t).data[slot].copy_(part[0])
+            self._biases(expert, slot)
+            return
         w13, w2 = parts["w13_weight"], parts["w2_weight"]
         if self._pad13 is not None:  # gate rows, then up rows at the padded offset, as vLLM pads
-            with self.staging.pad_lock:
-                self._pad13[0, : self.inter] = w13[0, : self.inter]
-                self._pad13[0, self.padded : self.padded + self.inter] = w13[0, self.inter :]
-                self._pad2[0, :, : self.inter] = w2[0]
-                self._prepack(self._pad13, self._pad2, slot)
-        else:
-            self._prepack(w13, w2, slot)
+            self._pad13[0, : self.inter] = w13[0, : self.inter]
+            self._pad13[0, self.padded : self.padded + self.inter] = w13[0, self.inter :]
+            self._pad2[0, :, : self.inter] = w2[0]
+            w13, w2 = self._pad13, self._pad2
+        torch.ops._C.prepack_moe_weight(w13, self.module.w13_weight.data[slot : slot + 1], self.isa)
+        torch.ops._C.prepack_moe_weight(w2, self.module.w2_weight.data[slot : slot + 1], self.isa)
+        self._biases(expert, slot)
+
+    def _biases(self, expert: int, slot: int) -> None:
         if "w13_bias" in self.biases:
             b = self.biases["w13_bias"][expert]
             self.module.w13_bias.data[slot, : self.inter] = b[: self.inter]
@@ -189,56 +227,54 @@ class ExpertSlots:
         if "w2_bias" in self.biases:
             self.module.w2_bias.data[slot] = self.biases["w2_bias"][expert]
 
-    def _prepack(self, w13: torch.Tensor, w2: torch.Tensor, slot: int) -> None:
-        torch.ops._C.prepack_moe_weight(w13, self.module.w13_weight.data[slot : slot + 1], self.isa)
-        torch.ops._C.prepack_moe_weight(w2, self.module.w2_weight.data[slot : slot + 1], self.isa)
-
-    def load(self, experts: list[int]) -> None:
+    def load(self, experts: list[int], ahead: dict | None = None) -> None:
         """Make ``experts`` (at most ``slots`` of them) resident, evicting the least recently used others:
-        those read ahead are in their slots once their readers packed them; the others are read
-        ``staging.count`` at a time, each packed while the next is read."""
+        those read ahead (``ahead``: expert -> (parts, futures)) packed first, their reads started a layer
+        ago; the others read ``staging.count`` at a time, each packed while the next is read, or, from a
+        store of packed experts, straight into their slots."""
         t0 = time.perf_counter()
         self.clock += 1
         wanted = set(experts)
-        ahead = self._cancel_ahead(wanted)
-        missed = [e for e in experts if e not in self.slot_of]
-        batches = [missed[i : i + self.staging.count] for i in range(0, len(missed), self.staging.count)]
-        staged = self._stage(batches[0], 0) if batches else {}  # read while those read ahead are packed
-        for _, _, _, future in ahead.values():
-            future.result()
+        misses = []
         for e in experts:
-            if e in self.slot_of:
-                self.stats.hits += e not in ahead
-                self.used[self.slot_of[e]] = self.clock
+            s = self.slot_of.get(e)
+            if s is not None:
+                self.stats.hits += 1
+                self.used[s] = self.clock
+                continue
+            s = min((s for s in range(self.slots) if self.expert_of[s] not in wanted and self.used[s] < self.clock),
+                    key=lambda s: self.used[s])
+            old = self.expert_of[s]
+            if old >= 0:
+                del self.slot_of[old]
+            self.expert_of[s], self.slot_of[e], self.used[s] = e, s, self.clock
+            misses.append((e, s))
+        ahead = ahead or {}
+        missed = {e for e, _ in misses}
+        for e, (_, futures) in ahead.items():
+            if e not in missed:  # a wrong guess: its reads not started yet are not made
+                for f, size in zip(futures, self.sizes.values()):
+                    if f.cancel():
+                        self.stats.bytes_read -= size
+        now = [(e, s) for e, s in misses if e not in ahead]
+        # packed: straight into their slots, all at once (queued behind those read ahead)
+        into_slots = [(e, s, self._read_to_slot(e, s)) for e, s in now] if self.packed else []
+        now = [] if self.packed else now
+        batches = [now[i : i + self.staging.count] for i in range(0, len(now), self.staging.count)]
+        staged = self._stage([e for e, _ in batches[0]], 0) if batches else {}  # queued behind those read ahead
+        for e, s in misses:
+            if e in ahead:
+                self._pack(e, s, *ahead[e])
         for i, batch in enumerate(batches):
             if i:
-                staged = self._stage(batch, 0)
-            for e in batch:
-                s = min((s for s in range(self.slots) if self.expert_of[s] not in wanted and self.used[s] < self.clock),
-                        key=lambda s: self.used[s])
-                old = self.expert_of[s]
-                if old >= 0:
-                    del self.slot_of[old]
-                self.expert_of[s], self.slot_of[e], self.used[s] = e, s, self.clock
+                staged = self._stage([e for e, _ in batch], 0)
+            for e, s in batch:
                 self._pack(e, s, *staged[e])
-        used = len(ahead.keys() & wanted)
-        self.stats.misses += len(missed) + used
-        self.stats.ahead_used += used
-        self.stats.read_seconds += time.perf_counter() - t0 if missed or ahead else 0.0
-
-    def _cancel_ahead(self, wanted: set[int]) -> dict:
-        """Settle the experts read ahead for this layer: a wrong guess whose reader has not started is not
-        made (its slot keeps the expert it held). Returns the others (expert -> (slot, the expert it held,
-        its use, future)), to be waited for before their slots are packed or run."""
-        ahead, self._ahead = self._ahead, {}
-        for e, (s, old, old_used, future) in list(ahead.items()):
-            if e not in wanted and future.cancel():
-                self.stats.bytes_read -= sum(self.sizes.values())
-                del self.slot_of[e], ahead[e]
-                self.expert_of[s], self.used[s] = old, old_used
-                if old >= 0:
-                    self.slot_of[old] = s
-        return ahead
+        for e, s, futures in into_slots:
+            self._pack(e, s, None, futures)
+        self.stats.misses += len(misses)
+        self.stats.ahead_used += sum(e in ahead for e, _ in misses)
+        self.stats.read_seconds += time.perf_counter() - t0 if misses else 0.0
 
     def _read_next(self, x: torch.Tensor) -> None:
         if self.next is not None and self.next.router is not None:
@@ -246,36 +282,16 @@ class ExpertSlots:
 
     def read_ahead(self, x: torch.Tensor) -> None:
         """Guess this layer's experts for the tokens ``x`` (the previous layer's input): its router applied
-        to them, the experts with the most weight over the tokens; those not in a slot are read into the
-        least recently used slots of the others, each packed by its reader once read."""
+        to them, the experts with the most weight over the tokens; start reading those not in a slot."""
         out = self.router(x)
         logits = (out[0] if isinstance(out, tuple) else out).float()
         score = logits[0] if logits.shape[0] == 1 else logits.softmax(-1).sum(0)
         guess = torch.topk(score, min(self.num_experts, self.staging.count)).indices.tolist()
-        for _, _, _, future in self._cancel_ahead(set(guess)).values():  # of a pass that went elsewhere
-            future.result()
         want = [e for e in guess if e not in self.slot_of]
         self.staging.free_ahead()
-        if not want:
-            return
-        free = sorted((s for s in range(self.slots) if self.expert_of[s] not in guess), key=lambda s: self.used[s])
-        at = self.staging.ahead_at
-        for e, s in zip(want, free):
-            old = self.expert_of[s]
-            if old >= 0:
-                del self.slot_of[old]
-            reads, parts, at = self._layout(e, at)
-            self._ahead[e] = (s, old, self.used[s], self.staging.pool.submit(self._read_and_pack, e, s, reads, parts))
-            self.expert_of[s], self.slot_of[e], self.used[s] = e, s, self.clock
-        self.staging.hold_ahead([future for *_, future in self._ahead.values()])
-        self.stats.ahead += len(want)
-        self.stats.bytes_read += len(want) * sum(self.sizes.values())
-
-    def _read_and_pack(self, expert: int, slot: int, reads: list, parts: dict) -> None:
-        """A reader thread's: one expert read ahead and packed into its slot (the layer is not running)."""
-        for r in reads:
-            self.staging.read_one(r)
-        self._pack(expert, slot, parts, [])
+        if want:
+            self.staging.ahead_for(self, self._stage(want, self.staging.ahead_at))
+            self.stats.ahead += len(want)
 
     # -- the kernel call -------------------------------------------------------
     def apply(self, original, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None,
@@ -285,19 +301,19 @@ class ExpertSlots:
         tokens routed to one of its experts (their other experts weighted 0), the runs summed in float32."""
         needed = torch.unique(topk_ids).tolist()
         lookup = torch.zeros(self.num_experts, dtype=topk_ids.dtype)
+        ahead = self.staging.take(self)
         if len(needed) <= self.slots:
-            self.load(needed)
+            self.load(needed, ahead)
             lookup[needed] = torch.tensor([self.slot_of[e] for e in needed], dtype=topk_ids.dtype)
             self._read_next(x)
             return original(layer=layer, x=x, topk_weights=topk_weights, topk_ids=lookup[topk_ids],
                             shared_experts=shared_experts, shared_experts_input=shared_experts_input, **kwargs)
         out = torch.zeros(x.shape, dtype=torch.float32)
-        # the experts read ahead in the first group (those not in it are not made if not yet started), then
-        # those in slots
-        needed.sort(key=lambda e: (e not in self._ahead, e not in self.slot_of))
+        # the experts read ahead in the first group (their room is reused once it ran), then those in slots
+        needed.sort(key=lambda e: (e not in ahead, e not in self.slot_of))
         for i in range(0, len(needed), self.slots):
             group = needed[i : i + self.slots]
-            self.load(group)
+            self.load(group, ahead if i == 0 else None)
             if i == 0:
                 self._read_next(x)
             lookup.zero_()
@@ -474,17 +490,82 @@ def make_slots(layer: MoELayer, store: WeightStore) -> None:
         rehome(p, torch.zeros((layer.slots, *p.shape[1:]), dtype=p.dtype))
 
 
-def install(layers: dict[str, MoELayer], store: WeightStore, io_threads: int) -> ExpertStats:
-    """After vLLM built its MoE kernels over the slots: each layer's ``quant_method.apply`` runs over them."""
+def packed_store(store: WeightStore, layers: list[MoELayer], isa: str) -> WeightStore | None:
+    """The layers' experts in vLLM's packed layout for ``isa``, in a file beside the weight store (made
+    once, from the store, one expert at a time): an expert is then read straight into its slot and never
+    packed while the model runs (packing one took as long as reading it from memory twice). None where
+    vLLM pads the experts (padded ones are larger than stored) or an expert's part is not a whole number
+    of pages (``O_DIRECT`` into a slot)."""
+    import json
+    import os
+
+    from .store import _COMPLETE
+
+    if any(m.expert_bytes != sum(m.part_bytes) or any(b % ALIGN for b in m.part_bytes) for m in layers):
+        return None
+    path = store.path.with_name(f"{store.path.stem}.experts-{isa}.bin")
+    meta = path.with_suffix(".json")
+    st = os.stat(store.path)
+    source = [st.st_size, st.st_mtime_ns]  # the store it was made from
+    if path.exists() and meta.exists():
+        info = json.loads(meta.read_text())
+        if info.get(_COMPLETE) and info.get("source") == source:
+            return WeightStore.open(path, store.direct_io)
+    t0 = time.perf_counter()
+    names = [f"{m.prefix}.{t}" for m in layers for t in EXPERT_TENSORS]
+    entries = {n: store.index[n] for n in names}
+    index, size = WeightStore._layout({n: torch.empty(e.shape, dtype=e.torch_dtype, device="meta")
+                                       for n, e in entries.items()})
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, max(size, ALIGN))
+        except OSError as e:
+            raise OSError(f"cannot make {path}, the experts packed for vLLM's kernel ({size / 2**30:.2f} GiB): {e}; "
+                          "free disk space, point the \"cache_dir\" option at a disk that has it, or set the "
+                          "flexinfer option packed_experts false (experts then packed as they are read)") from e
+        largest = max(e.nbytes // e.shape[0] for e in entries.values())
+        buf = aligned_buffer(largest)
+        for n, e in entries.items():
+            per = e.nbytes // e.shape[0]
+            one = torch.frombuffer(buf, dtype=e.torch_dtype, count=per // e.torch_dtype.itemsize).view(1, *e.shape[1:])
+            out = torch.empty_like(one)
+            for x in range(e.shape[0]):
+                done = store.read_range(e.offset + x * per, memoryview(buf)[:per])
+                if done != per:
+                    raise OSError(f"short read of {n} from {store.path}: {done} of {per} bytes (file damaged?)")
+                torch.ops._C.prepack_moe_weight(one, out, isa)
+                os.pwrite(fd, out.view(torch.uint8).reshape(-1).numpy(), index[n]["offset"] + x * per)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # written back: no page cache left for a limit to find
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    meta.write_text(json.dumps({"tensors": index, _COMPLETE: True, "source": source}))
+    logger.info("flexinfer: packed %d MoE layers' experts for vLLM's %s kernel into %s (%.2f GiB, %.1f s)",
+                len(layers), isa, path, size / 2**30, time.perf_counter() - t0)
+    return WeightStore.open(path, store.direct_io)
+
+
+def install(layers: dict[str, MoELayer], store: WeightStore, io_threads: int, packed: bool = True) -> ExpertStats:
+    """After vLLM built its MoE kernels over the slots: each layer's ``quant_method.apply`` runs over them;
+    with ``packed``, the experts are read from a store of them packed for the kernel (made if missing)."""
     stats = ExpertStats()
     staging = Staging(store, list(layers.values()), io_threads)
+    isa = getattr(next(iter(layers.values())).module.quant_method.moe_kernel.fused_experts, "isa", None)
+    source = packed_store(store, list(layers.values()), isa) if packed and isa else None
+    stats.packed = source is not None
     seen, before = set(), None
     for layer in layers.values():
         method = layer.module.quant_method
         if id(method) in seen:
             raise RuntimeError("flexinfer found MoE layers sharing one quant_method: please report this")
         seen.add(id(method))
-        slots = ExpertSlots(layer, store, staging, stats)
+        slots = ExpertSlots(layer, store, staging, stats, source)
         method.apply = functools.partial(slots.apply, method.apply)
         if before is not None:
             before.next = slots

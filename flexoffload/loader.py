@@ -203,7 +203,7 @@ class FlexInferLoader(BaseModelLoader):
         if streamed:
             self._install(model, layers, plan, store, streamed)
         if moe:
-            self._reported.experts = experts.install(moe, store, self.cfg.io_threads)
+            self._reported.experts = experts.install(moe, store, self.cfg.io_threads, self.cfg.packed_experts)
             if not streamed and self.stats_path:  # no layer hooks to publish the figures after each pass
                 path, reported = self.stats_path, self._reported
                 model.register_forward_hook(lambda *_: _publisher.request(path, None, reported))

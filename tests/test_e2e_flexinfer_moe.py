@@ -5,7 +5,7 @@ tokens equal vanilla vLLM's and logprobs match, at a budget where the dense weig
 and at one where the lm_head streams too; experts were read on demand (misses), prefills that
 needed more experts than a layer's slots ran in groups, and the slots, resident weights and stream
 arena fit the budget; with `expert_prefetch`, experts read ahead for the next layer were then picked
-by its router. Budgets below what the slots and the dense weights need, and the mmap
+by its router; with `packed_experts`, experts were read from a store of them packed for vLLM's kernel. Budgets below what the slots and the dense weights need, and the mmap
 baseline, are refused naming the fix."""
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def vanilla(moe_model):
 
 @pytest.mark.parametrize("fraction, head_streamed, prefetch", [(0.6, False, False), (0.5, True, True)])
 def test_experts_read_on_demand_give_vanillas_tokens(fraction, head_streamed, prefetch, moe_model, vanilla, tmp_path):
+    packed = prefetch  # experts packed as read, or read from a store of them packed for the kernel
     from vllm import LLM
 
     stats_path = tmp_path / "flex.json"
@@ -61,7 +62,7 @@ def test_experts_read_on_demand_give_vanillas_tokens(fraction, head_streamed, pr
     try:
         llm = LLM(model=moe_model, **ENGINE, load_format="flexinfer",
                   model_loader_extra_config={"memory_budget": fraction, "cache_dir": str(tmp_path / "store"),
-                                             "expert_prefetch": prefetch})
+                                             "expert_prefetch": prefetch, "packed_experts": packed})
         tokens, logprobs = _run(llm)
         _shutdown(llm)
     finally:
@@ -78,6 +79,7 @@ def test_experts_read_on_demand_give_vanillas_tokens(fraction, head_streamed, pr
     experts = stats["experts"]
     assert experts["misses"] > 0 and experts["bytes_read"] > 0 and experts["hits"] > 0, experts
     assert experts["groups"] > 0, experts  # prefills needing more experts than a layer's slots
+    assert experts["packed"] == packed, experts
     if prefetch:  # the next layer's router guessed from this layer's input: some guesses were then picked
         assert 0 < experts["ahead_used"] <= min(experts["ahead"], experts["misses"]), experts
     else:

@@ -256,11 +256,16 @@ SETTINGS: tuple[Setting, ...] = (
             "another is more than 10% faster (which wins differs by CPU and dtype)."),
     Setting("expert_prefetch", "flexinfer option", "bool", True,
             "A mixture of experts on a CPU: once an MoE layer's experts are in their slots, apply the next MoE "
-            "layer's router to this layer's input; the experts it picks that are not in the next layer's slots are "
-            "read and packed into that layer's least recently used slots by the reader threads while this layer "
-            "computes (one more staging buffer of a layer's top-k experts). "
+            "layer's router to this layer's input and start reading the experts it picks that are not in the "
+            "next layer's slots, while this layer computes (one more staging buffer of a layer's top-k experts). "
             "The snapshot's `experts` counts the reads ahead (`ahead`) and those the router then picked "
             "(`ahead_used`)."),
+    Setting("packed_experts", "flexinfer option", "bool", True,
+            "A mixture of experts on a CPU: read each expert from a copy of the experts already packed for vLLM's "
+            "MoE kernel straight into its slot, instead of packing it after each read (packing an expert took as "
+            "long as reading it from memory twice). The copy is made once, at the first start, beside the weight "
+            "store (as large as the experts; used where no expert is padded and each is whole pages, else experts "
+            "are packed as read)."),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
