@@ -85,6 +85,7 @@ def test_architecture_tokens_equal_vanilla(arch, tmp_path):
         assert out == ref_mixed
         assert set(flex["expert_slots"].values()) == {2} and flex["experts"]["misses"] > 0, flex
         assert flex["experts"]["ahead_used"] > 0, flex  # its router (in the MoE block, not beside the experts) found
+        assert flex["experts"]["packed"], flex  # read packed for the kernel, the biases filled beside
         return
     # FlexInfer at half the weights (layers and the lm_head streamed, the head in runs of rows) and at 95%
     # (the lm_head resident, packed for oneDNN from the store, layers streamed)
