@@ -535,6 +535,7 @@ def packed_store(store: WeightStore, layers: list[MoELayer], isa: str) -> Weight
                           "flexinfer option packed_experts false (experts then packed as they are read)") from e
         largest = max(e.nbytes // e.shape[0] for e in entries.values())
         buf = aligned_buffer(largest)
+        unsynced = 0
         for n, e in entries.items():
             per = e.nbytes // e.shape[0]
             one = torch.frombuffer(buf, dtype=e.torch_dtype, count=per // e.torch_dtype.itemsize).view(1, *e.shape[1:])
@@ -545,15 +546,22 @@ def packed_store(store: WeightStore, layers: list[MoELayer], isa: str) -> Weight
                     raise OSError(f"short read of {n} from {store.path}: {done} of {per} bytes (file damaged?)")
                 torch.ops._C.prepack_moe_weight(one, out, isa)
                 os.pwrite(fd, out.view(torch.uint8).reshape(-1).numpy(), index[n]["offset"] + x * per)
+                unsynced += per
+                if unsynced >= 64 << 20:  # written back and dropped as it goes: a memory limit never holds it
+                    os.fdatasync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    unsynced = 0
         os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # written back: no page cache left for a limit to find
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
     os.replace(tmp, path)
-    meta.write_text(json.dumps({"tensors": index, _COMPLETE: True, "source": source}))
+    tmp_meta = meta.with_name(f"{meta.name}.{os.getpid()}.tmp")
+    tmp_meta.write_text(json.dumps({"tensors": index, _COMPLETE: True, "source": source}))
+    os.replace(tmp_meta, meta)  # whole or not at all, for an engine starting beside this one
     logger.info("flexinfer: packed %d MoE layers' experts for vLLM's %s kernel into %s (%.2f GiB, %.1f s)",
                 len(layers), isa, path, size / 2**30, time.perf_counter() - t0)
     return WeightStore.open(path, store.direct_io)
