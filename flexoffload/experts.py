@@ -38,6 +38,7 @@ import functools
 import math
 import time
 
+import numpy as np
 import torch
 
 from vllm_vtensor.log import get_logger
@@ -64,8 +65,6 @@ class ExpertStats:
 
 
 def _address(view: memoryview) -> int:
-    import numpy as np
-
     return np.frombuffer(view, dtype=np.uint8).ctypes.data
 
 
@@ -558,10 +557,7 @@ def packed_store(store: WeightStore, layers: list[MoELayer], isa: str) -> Weight
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
-    os.replace(tmp, path)
-    tmp_meta = meta.with_name(f"{meta.name}.{os.getpid()}.tmp")
-    tmp_meta.write_text(json.dumps({"tensors": index, _COMPLETE: True, "source": source}))
-    os.replace(tmp_meta, meta)  # whole or not at all, for an engine starting beside this one
+    WeightStore._publish(tmp, path, index, source=source)
     logger.info("flexinfer: packed %d MoE layers' experts for vLLM's %s kernel into %s (%.2f GiB, %.1f s)",
                 len(layers), isa, path, size / 2**30, time.perf_counter() - t0)
     return WeightStore.open(path, store.direct_io)

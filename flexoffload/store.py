@@ -82,9 +82,14 @@ class WeightStore:
         return index, offset
 
     @staticmethod
-    def _publish(tmp: Path, path: Path, index: dict) -> None:
+    def _publish(tmp: Path, path: Path, index: dict, **extra) -> None:
+        """Put the written file in place, then its index (with ``extra`` fields), each whole or not at all
+        for an engine starting beside this one."""
         os.replace(tmp, path)
-        path.with_suffix(".json").write_text(json.dumps({"tensors": index, _COMPLETE: True}))
+        meta = path.with_suffix(".json")
+        tmp_meta = meta.with_name(f"{meta.name}.{os.getpid()}.tmp")
+        tmp_meta.write_text(json.dumps({"tensors": index, _COMPLETE: True, **extra}))
+        os.replace(tmp_meta, meta)
 
     @classmethod
     def write(cls, path: Path, tensors: dict[str, torch.Tensor]) -> None:
