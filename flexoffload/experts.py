@@ -72,7 +72,8 @@ class Staging:
     """Page-aligned buffers the experts read from the store land in before they are packed into slots:
     room for ``count`` experts of the largest layer (a step's top-k misses of a layer are read at once,
     on ``io_threads`` reader threads), shared by every layer (layers run one after another); and as much
-    again for the experts read ahead for the next layer, where layers read ahead."""
+    again for the experts read ahead for the next layer, where layers read ahead. Experts read packed
+    (:attr:`MoELayer.packed`) go straight into their slots: only those read ahead land here."""
 
     def __init__(self, store: WeightStore, layers: list["MoELayer"], io_threads: int):
         from concurrent.futures import ThreadPoolExecutor
@@ -82,11 +83,11 @@ class Staging:
         self.store = store
         self.count = max(min(m.num_experts, m.top_k) for m in layers)
         self.bytes = staging_bytes(layers)
-        self.ahead_at = region_bytes(layers)  # where the reads ahead land (past the step's own)
+        self.ahead_at = 0 if all(m.packed for m in layers) else region_bytes(layers)  # past the step's own
         self._ahead: tuple[ExpertSlots, dict] | None = None  # the layer read ahead for: expert -> (parts, futures)
         self._ahead_reads: list = []  # the futures of the last reads ahead, until their room is reused
-        self.buffer = aligned_buffer(self.bytes)
-        self._raw = torch.frombuffer(self.buffer, dtype=torch.uint8)
+        self.buffer = aligned_buffer(self.bytes) if self.bytes else None
+        self._raw = torch.frombuffer(self.buffer, dtype=torch.uint8) if self.bytes else None
         self._pads: dict[tuple, torch.Tensor] = {}
         self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flexinfer-experts",
                                        initializer=move_to_helper_cores)
@@ -138,18 +139,24 @@ class Staging:
         self._ahead_reads = []
 
 
+def kernel_isa(module: torch.nn.Module) -> str:
+    """The instruction set of vLLM's CPU MoE kernel built over ``module``'s experts (what their slots are
+    packed for); another kernel is refused."""
+    experts = module.quant_method.moe_kernel.fused_experts
+    if getattr(experts, "_use_zentorch", False) or not hasattr(experts, "isa"):
+        raise RuntimeError(f"flexinfer reads experts into slots of vLLM's CPU MoE kernel, not "
+                           f"{type(experts).__name__}: load this model without --load-format flexinfer")
+    return experts.isa
+
+
 class ExpertSlots:
     """One MoE layer's experts: ``slots`` of them packed in the layer's own parameters, the rest in the
     store, read when the router picks them."""
 
     def __init__(self, layer: "MoELayer", store: WeightStore, staging: Staging, stats: ExpertStats,
                  packed: WeightStore | None = None):
-        experts = layer.module.quant_method.moe_kernel.fused_experts
-        if getattr(experts, "_use_zentorch", False) or not hasattr(experts, "isa"):
-            raise RuntimeError(f"flexinfer reads experts into slots of vLLM's CPU MoE kernel, not "
-                               f"{type(experts).__name__}: load this model without --load-format flexinfer")
         self.module, self.staging, self.stats = layer.module, staging, stats
-        self.isa = experts.isa
+        self.isa = kernel_isa(layer.module)
         self.slots = self.module.w13_weight.shape[0]
         self.num_experts = layer.num_experts
         self.source = packed or store  # experts read from a store of them packed for the kernel, where one is
@@ -355,6 +362,7 @@ class MoELayer:
     names: tuple[str, ...]  # the expert tensors' parameter names
     router: torch.nn.Module | None = None  # the layer's router (vLLM's gate), where one is found
     reads_ahead: bool = False  # the previous MoE layer reads this one's likely experts ahead
+    packed: bool = False  # read from the experts packed once for vLLM's kernel (packed_experts; see packable)
     slots: int = 0
     biases: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # whole, resident
 
@@ -375,10 +383,28 @@ def region_bytes(layers: list[MoELayer]) -> int:
 
 
 def staging_bytes(layers: list[MoELayer]) -> int:
-    """:class:`Staging`'s memory: a layer's top-k experts as read, as much again where layers read ahead,
-    and one expert padded where vLLM pads."""
+    """:class:`Staging`'s memory: a layer's top-k experts as read (none where they are read packed,
+    straight into their slots), as much again where layers read ahead, and one expert padded where vLLM
+    pads."""
     padded = max((m.expert_bytes for m in layers if m.inter % PAD), default=0)
-    return region_bytes(layers) * (2 if any(m.reads_ahead for m in layers) else 1) + padded
+    regions = (not all(m.packed for m in layers)) + any(m.reads_ahead for m in layers)
+    return region_bytes(layers) * regions + padded
+
+
+def packable(layers) -> bool:
+    """Whether the layers' experts can be packed once for vLLM's kernel and read straight into their
+    slots: no expert padded by vLLM (a padded one is larger than stored) and every part whole pages
+    (``O_DIRECT`` into a slot)."""
+    return all(m.expert_bytes == sum(m.part_bytes) and not any(b % ALIGN for b in m.part_bytes) for m in layers)
+
+
+def mark_packed(layers: dict[str, MoELayer], packed: bool) -> dict[str, MoELayer]:
+    """With ``packed`` (the packed_experts option), the layers read from the experts packed once, where
+    they can be (:func:`packable`); they then need no staging for the experts read when routed to."""
+    use = packed and packable(layers.values())
+    for m in layers.values():
+        m.packed = use
+    return layers
 
 
 def least_bytes(layers: dict[str, MoELayer]) -> int:
@@ -393,10 +419,11 @@ def has_experts(model: torch.nn.Module) -> bool:
     return any(isinstance(m, RoutedExperts) for m in model.modules())
 
 
-def moe_layers(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], read_ahead: bool = False
-               ) -> dict[str, MoELayer]:
+def moe_layers(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], read_ahead: bool = False,
+               packed: bool = False) -> dict[str, MoELayer]:
     """The model's MoE layers whose experts run on vLLM's CPU kernel (unquantized), by module name, in
-    order; with ``read_ahead``, each one after the first whose router is found is read ahead for."""
+    order; with ``read_ahead``, each one after the first whose router is found is read ahead for; with
+    ``packed``, read from the experts packed once where they can be (:func:`mark_packed`)."""
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 
     out = {}
@@ -419,7 +446,7 @@ def moe_layers(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], re
         out[prefix] = MoELayer(prefix, module, experts, module.top_k, (size(w13) // experts, size(w2) // experts),
                                w2.shape[2], sum(size(params[n]) for n in names if n.rpartition(".")[2] in EXPERT_BIASES),
                                names, router, reads_ahead=read_ahead and bool(out) and router is not None)
-    return out
+    return mark_packed(out, packed)
 
 
 def _router(model: torch.nn.Module, prefix: str, experts: int) -> torch.nn.Module | None:
@@ -508,7 +535,7 @@ def packed_store(store: WeightStore, layers: list[MoELayer], isa: str) -> Weight
 
     from .store import _COMPLETE
 
-    if any(m.expert_bytes != sum(m.part_bytes) or any(b % ALIGN for b in m.part_bytes) for m in layers):
+    if not packable(layers):
         return None
     path = store.path.with_name(f"{store.path.stem}.experts-{isa}.bin")
     meta = path.with_suffix(".json")
@@ -563,13 +590,14 @@ def packed_store(store: WeightStore, layers: list[MoELayer], isa: str) -> Weight
     return WeightStore.open(path, store.direct_io)
 
 
-def install(layers: dict[str, MoELayer], store: WeightStore, io_threads: int, packed: bool = True) -> ExpertStats:
+def install(layers: dict[str, MoELayer], store: WeightStore, io_threads: int) -> ExpertStats:
     """After vLLM built its MoE kernels over the slots: each layer's ``quant_method.apply`` runs over them;
-    with ``packed``, the experts are read from a store of them packed for the kernel (made if missing)."""
+    layers marked ``packed`` read their experts from a store of them packed for the kernel (made if
+    missing)."""
     stats = ExpertStats()
-    staging = Staging(store, list(layers.values()), io_threads)
-    isa = getattr(next(iter(layers.values())).module.quant_method.moe_kernel.fused_experts, "isa", None)
-    source = packed_store(store, list(layers.values()), isa) if packed and isa else None
+    order = list(layers.values())
+    staging = Staging(store, order, io_threads)
+    source = packed_store(store, order, kernel_isa(order[0].module)) if all(m.packed for m in order) else None
     stats.packed = source is not None
     seen, before = set(), None
     for layer in layers.values():

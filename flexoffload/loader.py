@@ -141,7 +141,7 @@ class FlexInferLoader(BaseModelLoader):
             self._fill(model, model_config, params, path, target, lambda n: n not in mapped)
             del params  # see below: no reference may outlive CPU weight packing
             return self._load_mmap_baseline(model, model_config, target, mapped, path)
-        moe = experts.moe_layers(model, params, self.cfg.expert_prefetch) if budget < weight_bytes else {}
+        moe = experts.moe_layers(model, params, self.cfg.expert_prefetch, self.cfg.packed_experts) if budget < weight_bytes else {}
         expert_names = {n for layer in moe.values() for n in layer.names}
         try:
             if moe:  # experts in slots per layer; the dense tensors planned in what the slots leave
@@ -203,7 +203,7 @@ class FlexInferLoader(BaseModelLoader):
         if streamed:
             self._install(model, layers, plan, store, streamed)
         if moe:
-            self._reported.experts = experts.install(moe, store, self.cfg.io_threads, self.cfg.packed_experts)
+            self._reported.experts = experts.install(moe, store, self.cfg.io_threads)
             if not streamed and self.stats_path:  # no layer hooks to publish the figures after each pass
                 path, reported = self.stats_path, self._reported
                 model.register_forward_hook(lambda *_: _publisher.request(path, None, reported))

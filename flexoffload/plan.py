@@ -460,11 +460,12 @@ _TOP_K = ("num_experts_per_tok", "experts_per_token", "moe_topk", "top_k")
 
 
 def checkpoint_experts(model_dir: str | Path | Checkpoint, dtype_bytes: int | None = None,
-                       read_ahead: bool = True) -> tuple[dict, set[str]]:
+                       read_ahead: bool = True, packed: bool = True) -> tuple[dict, set[str]]:
     """An MoE checkpoint's layers as :class:`flexoffload.experts.MoELayer` (sizes at ``dtype_bytes`` per
     element; the top-k from config.json; with ``read_ahead``, each after the first with a router is read
-    ahead for, as the loader's ``expert_prefetch``), and the names of the expert tensors; ({}, set()) for a
-    dense one."""
+    ahead for, as the loader's ``expert_prefetch``; with ``packed``, read from the experts packed once where
+    they can be, as its ``packed_experts``), and the names of the expert tensors; ({}, set()) for a dense
+    one."""
     ckpt = Checkpoint.of(model_dir)
     found: dict[str, dict] = {}
     names = set()
@@ -489,7 +490,7 @@ def checkpoint_experts(model_dir: str | Path | Checkpoint, dtype_bytes: int | No
             layer["inter"] = shape[1]  # [H, I] one expert's, [E, I, H] all of them
     if not found:
         return {}, set()
-    from .experts import MoELayer
+    from .experts import MoELayer, mark_packed
 
     text = ckpt.config.get("text_config") or ckpt.config
     top_k = next((text[k] for k in _TOP_K if text.get(k)), None)
@@ -501,7 +502,7 @@ def checkpoint_experts(model_dir: str | Path | Checkpoint, dtype_bytes: int | No
         router = any(f"{prefix.rpartition('.')[0]}{r}" in names for r in _ROUTER)
         layers[prefix] = MoELayer(prefix, None, e, top_k, (f["w13"] // e, f["w2"] // e), f["inter"], f["bias"],
                                   tuple(sorted(f["names"])), reads_ahead=read_ahead and bool(layers) and router)
-    return layers, {n for f in found.values() for n in f["names"]}
+    return mark_packed(layers, packed), {n for f in found.values() for n in f["names"]}
 
 
 def checkpoint_refusal(model_dir: str | Path | Checkpoint) -> str | None:
@@ -581,6 +582,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-expert-prefetch", action="store_true",
                    help="a mixture of experts: plan without the staging buffer of the experts read ahead "
                         "(flexinfer option expert_prefetch false)")
+    p.add_argument("--no-packed-experts", action="store_true",
+                   help="a mixture of experts: plan the staging buffer of the experts packed as they are read "
+                        "(flexinfer option packed_experts false)")
     p.add_argument("--disk-gbps", type=float, default=None, help="disk read bandwidth (default: measured)")
     p.add_argument("--mem-gbps", type=float, default=None, help="memory bandwidth (default: measured)")
     args = p.parse_args(argv)
@@ -603,7 +607,8 @@ def main(argv=None) -> int:
         print(f"memory_budget auto: {auto.describe()}")
     budget = FlexConfig(memory_budget=_cli_size(args.budget)).budget_bytes(sum(t.nbytes for t in tensors), room)
     try:
-        moe, expert_names = checkpoint_experts(ckpt, args.dtype_bytes, not args.no_expert_prefetch)
+        moe, expert_names = checkpoint_experts(ckpt, args.dtype_bytes, not args.no_expert_prefetch,
+                                                 not args.no_packed_experts)
         if moe and budget < sum(t.nbytes for t in tensors):
             from .experts import plan_with_slots
 

@@ -81,7 +81,7 @@ def test_architecture_tokens_equal_vanilla(arch, tmp_path):
     assert after["preemptions"] > 0 and after["mapped_bytes"] == 0
 
     if arch == "gpt_oss":  # a mixture of experts: FlexInfer keeps 2 of each layer's 4 experts in slots
-        out, flex = _flexinfer(model, tmp_path / "flex-moe.json", 0.92)
+        out, flex = _flexinfer(model, tmp_path / "flex-moe.json", 0.9)
         assert out == ref_mixed
         assert set(flex["expert_slots"].values()) == {2} and flex["experts"]["misses"] > 0, flex
         assert flex["experts"]["ahead_used"] > 0, flex  # its router (in the MoE block, not beside the experts) found

@@ -381,6 +381,9 @@ def test_an_moe_checkpoint_is_read_as_layers_of_experts():
     # every layer after the first is read ahead for (its router applied to the layer before's input)
     assert [m.reads_ahead for m in layers.values()] == [False] + [True] * 5
     assert not any(m.reads_ahead for m in checkpoint_experts(build_tiny_model("gpt_oss"), 4, False)[0].values())
+    # read packed once (whole pages, none padded: 512 is a multiple of vLLM's 32), unless told otherwise
+    assert all(m.packed for m in layers.values())
+    assert not any(m.packed for m in checkpoint_experts(build_tiny_model("gpt_oss"), 4, True, False)[0].values())
 
 
 def test_routers_stay_resident_and_gate_projections_do_not():
@@ -396,16 +399,18 @@ def test_routers_stay_resident_and_gate_projections_do_not():
 
 
 @settings(max_examples=40, deadline=None)
-@given(frac=st.floats(0.3, 0.99), layers=st.integers(1, 6), experts=st.integers(2, 16), k=st.integers(1, 4))
-def test_expert_slots_and_the_dense_plan_share_the_budget(frac, layers, experts, k):
+@given(frac=st.floats(0.3, 0.99), layers=st.integers(1, 6), experts=st.integers(2, 16), k=st.integers(1, 4),
+       packed=st.booleans())
+def test_expert_slots_and_the_dense_plan_share_the_budget(frac, layers, experts, k, packed):
     """Every layer gets at least its top-k slots and the layers' slots differ by at most one; the dense plan,
     the slots (with staging) and the arena fit the budget together; no expert is in the dense plan; a
     budget below the slots' minimum is refused naming it."""
-    from flexoffload.experts import MoELayer, plan_with_slots
+    from flexoffload.experts import MoELayer, mark_packed, plan_with_slots
 
     dense = llama_table(n=layers, ffn=MiB // 4, attn=MiB // 4, head=2 * MiB)
     moe = {f"model.layers.{i}.mlp.experts": MoELayer(f"model.layers.{i}.mlp.experts", None, experts, k,
                                                      (MiB // 2, MiB // 4), 512, 0, ()) for i in range(layers)}
+    mark_packed(moe, packed)  # read straight into their slots: no staging for the misses
     total = sum(t.nbytes for t in dense) + layers * experts * 3 * MiB // 4
     budget = int(frac * total)
     try:

@@ -56,6 +56,24 @@ def test_a_padded_layer_counts_its_slots_padded_and_a_padding_buffer():
     assert experts.staging_bytes([layer]) == 2 * 2 * 4096 + 3 * 64 * 16
 
 
+def test_experts_read_packed_need_staging_only_for_those_read_ahead():
+    whole_pages = {n: _layer(n, part_bytes=(2 * 4096, 4096), inter=64) for n in ("a", "b")}
+    region = 2 * 3 * 4096  # a layer's top-k experts as read
+    assert experts.staging_bytes(list(whole_pages.values())) == region  # the step's misses, not packed
+    experts.mark_packed(whole_pages, True)
+    assert all(m.packed for m in whole_pages.values()) and experts.staging_bytes(list(whole_pages.values())) == 0
+    whole_pages["b"].reads_ahead = True
+    assert experts.staging_bytes(list(whole_pages.values())) == region  # only the room read ahead into
+    assert experts.least_bytes(whole_pages) == 2 * 2 * 3 * 4096 + region
+    experts.mark_packed(whole_pages, False)
+    assert experts.staging_bytes(list(whole_pages.values())) == 2 * region
+    for unpackable in (_layer("c", part_bytes=(2 * 48 * 16, 48 * 16), inter=48),  # padded by vLLM
+                       _layer("d", part_bytes=(2 * 4096, 2048), inter=64)):  # a part not whole pages
+        layers = {"a": _layer("a", part_bytes=(2 * 4096, 4096), inter=64), unpackable.prefix: unpackable}
+        experts.mark_packed(layers, True)  # all or none: the packed file holds every layer's experts
+        assert not any(m.packed for m in layers.values())
+
+
 
 def _slots_over_a_store(tmp_path, packed, inter, layers_n=2, experts_n=6, slots=3, top_k=2, hidden=64, seed=0):
     """``layers_n`` MoE layers whose experts are in a weight store on disk, each with ``slots`` slots in a
@@ -76,7 +94,7 @@ def _slots_over_a_store(tmp_path, packed, inter, layers_n=2, experts_n=6, slots=
     padded = -(-inter // experts.PAD) * experts.PAD  # as vLLM's kernel holds it
     part_bytes = (2 * inter * hidden * 4, hidden * inter * 4)
     moe = [experts.MoELayer(f"l{i}", None, experts_n, top_k, part_bytes, inter, 0, (), reads_ahead=i > 0,
-                            slots=slots) for i in range(layers_n)]
+                            packed=packed, slots=slots) for i in range(layers_n)]
     source = experts.packed_store(store, moe, "vec") if packed else None
     assert (source is not None) == packed, "these shapes are packed whole pages"
     staging, stats, layers, before = experts.Staging(store, moe, io_threads=2), experts.ExpertStats(), [], None
