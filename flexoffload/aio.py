@@ -100,8 +100,9 @@ class Lanes:
         """Start glibc's reader threads from the helper cores (a thread inherits the cores of the thread
         that starts it, and glibc starts one when a read finds no idle one): one read per lane, each
         blocked on a pipe until all are queued, makes glibc start a thread per lane now.  The first
-        streamer of a process also caps glibc's threads at its lanes, so none is ever started later
-        from the computing thread, on its cores."""
+        streamer of a process also caps glibc's threads at its lanes, so none is started later from
+        the computing thread, on its cores, while they run (glibc ends a reader woken with no work
+        left, a race under load; the next read then starts one again where it is queued)."""
         global _initialised
         with _init_lock:
             if not _initialised:  # takes effect before glibc's first request only
