@@ -83,7 +83,7 @@ class Staging:
         self.store = store
         self.count = max(min(m.num_experts, m.top_k) for m in layers)
         self.bytes = staging_bytes(layers)
-        self.ahead_at = 0 if all(m.packed for m in layers) else region_bytes(layers)  # past the step's own
+        self.ahead_at = 0 if all_packed(layers) else region_bytes(layers)  # past the step's own
         self._ahead: tuple[ExpertSlots, dict] | None = None  # the layer read ahead for: expert -> (parts, futures)
         self._ahead_reads: list = []  # the futures of the last reads ahead, until their room is reused
         self.buffer = aligned_buffer(self.bytes) if self.bytes else None
@@ -387,7 +387,7 @@ def staging_bytes(layers: list[MoELayer]) -> int:
     straight into their slots), as much again where layers read ahead, and one expert padded where vLLM
     pads."""
     padded = max((m.expert_bytes for m in layers if m.inter % PAD), default=0)
-    regions = (not all(m.packed for m in layers)) + any(m.reads_ahead for m in layers)
+    regions = (not all_packed(layers)) + any(m.reads_ahead for m in layers)
     return region_bytes(layers) * regions + padded
 
 
@@ -396,6 +396,11 @@ def packable(layers) -> bool:
     slots: no expert padded by vLLM (a padded one is larger than stored) and every part whole pages
     (``O_DIRECT`` into a slot)."""
     return all(m.expert_bytes == sum(m.part_bytes) and not any(b % ALIGN for b in m.part_bytes) for m in layers)
+
+
+def all_packed(layers) -> bool:
+    """Whether the layers read their experts packed (:func:`mark_packed` marks all of them or none)."""
+    return all(m.packed for m in layers)
 
 
 def mark_packed(layers: dict[str, MoELayer], packed: bool) -> dict[str, MoELayer]:
@@ -597,10 +602,10 @@ def install(layers: dict[str, MoELayer], store: WeightStore, io_threads: int) ->
     stats = ExpertStats()
     order = list(layers.values())
     staging = Staging(store, order, io_threads)
-    source = packed_store(store, order, kernel_isa(order[0].module)) if all(m.packed for m in order) else None
+    source = packed_store(store, order, kernel_isa(order[0].module)) if all_packed(order) else None
     stats.packed = source is not None
     seen, before = set(), None
-    for layer in layers.values():
+    for layer in order:
         method = layer.module.quant_method
         if id(method) in seen:
             raise RuntimeError("flexinfer found MoE layers sharing one quant_method: please report this")

@@ -141,7 +141,9 @@ class FlexInferLoader(BaseModelLoader):
             self._fill(model, model_config, params, path, target, lambda n: n not in mapped)
             del params  # see below: no reference may outlive CPU weight packing
             return self._load_mmap_baseline(model, model_config, target, mapped, path)
-        moe = experts.moe_layers(model, params, self.cfg.expert_prefetch, self.cfg.packed_experts) if budget < weight_bytes else {}
+        moe = {}
+        if budget < weight_bytes:
+            moe = experts.moe_layers(model, params, self.cfg.expert_prefetch, self.cfg.packed_experts)
         expert_names = {n for layer in moe.values() for n in layer.names}
         try:
             if moe:  # experts in slots per layer; the dense tensors planned in what the slots leave
