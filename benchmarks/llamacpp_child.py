@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from child_protocol import loaded_then_wait_for_go
+from child_protocol import disk_activity, disk_counters, loaded_then_wait_for_go
 
 PROMPT = [{"role": "user", "content": "Tell me a long story about a lighthouse."}]
 
@@ -33,10 +33,12 @@ def main() -> None:
     prompt = _chat_prompt(llm)
     decode(llm, prompt, 2)  # warm-up: every layer touched once
     loaded_then_wait_for_go(args.result)
+    disk = disk_counters(args.gguf)
     t0 = time.perf_counter()
     n = decode(llm, prompt, args.tokens)
     elapsed = time.perf_counter() - t0
-    Path(args.result).write_text(json.dumps({"tokens": n, "seconds": elapsed, "tok_s": n / elapsed}))
+    Path(args.result).write_text(json.dumps({"tokens": n, "seconds": elapsed, "tok_s": n / elapsed,
+                                             **disk_activity(disk, disk_counters(args.gguf))}))
 
 
 def _chat_prompt(llm) -> list[int]:

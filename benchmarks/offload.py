@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 
 import cgroup
-from child_protocol import loaded_then_wait_for_go
+from child_protocol import disk_activity, disk_counters, loaded_then_wait_for_go
 from flexoffload.plan import DEFAULT_WINDOW
 
 RESULTS = Path(__file__).parent / "results"
@@ -114,11 +114,12 @@ def child(args) -> None:
     llm.chat(prompt, SamplingParams(max_tokens=2))
     loaded_then_wait_for_go(args.result)
     before = _experts()
+    disk = disk_counters(args.model)
     t0 = time.perf_counter()
     out = llm.chat(prompt, SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True))
     elapsed = time.perf_counter() - t0
     n = len(out[0].outputs[0].token_ids)
-    result = {"tokens": n, "seconds": elapsed, "tok_s": n / elapsed}
+    result = {"tokens": n, "seconds": elapsed, "tok_s": n / elapsed, **disk_activity(disk, disk_counters(args.model))}
     if before is not None:  # a mixture of experts: the experts read while timed (the prompt's prefill too)
         time.sleep(0.5)  # the snapshot is written at most every 0.2 s
         after = _experts()
@@ -456,6 +457,8 @@ def _report(meta: dict, rows: list[dict], out: Path) -> None:
             v = None if r is None else (r.get(BOUNDS[cfg]) if cfg in BOUNDS else r["tok_s"])
             cells.append(f"{v:>9.2f}" if v else f"{'OOM' if cfg not in BOUNDS and r else '-':>9}")
         print(f"{cfg:>19}" + "".join(cells))
+    for line in _disk_lines(rows, budgets, configs):
+        print(line)
     ratios = _ratios(rows, budgets)
     for line in ratios["lines"]:
         print(line)
@@ -464,6 +467,29 @@ def _report(meta: dict, rows: list[dict], out: Path) -> None:
     _plot(rows, budgets, configs, out.with_suffix(".png"), title.format(weight_bytes / 2**20))
     out.with_suffix(".partial.json").unlink(missing_ok=True)
     print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def _disk_lines(rows, budgets, configs) -> list[str]:
+    """The disk during each timed decode (the kernel's counters for the device holding the weights): MiB
+    read per token and the share of the decode it was busy, the rest being time no read was in flight
+    (each row gets ``disk_read_bytes_per_token`` and ``disk_busy_fraction``)."""
+    lines = []
+    for r in rows:
+        if r.get("disk_busy_s") is not None and r.get("tokens") and r.get("seconds"):
+            r["disk_read_bytes_per_token"] = r["disk_read_bytes"] / r["tokens"]
+            r["disk_busy_fraction"] = min(1.0, r["disk_busy_s"] / r["seconds"])
+    for cfg in configs:
+        cells = []
+        for b in budgets:
+            r = next((r for r in rows if r["fraction"] == b and r["config"] == cfg), None)
+            ok = r is not None and "disk_busy_fraction" in r
+            cells.append(f"{r['disk_read_bytes_per_token'] / 2**20:>6.0f} {r['disk_busy_fraction']:>4.0%}" if ok
+                         else f"{'-':>11}")
+        if any(c.strip() != "-" for c in cells):
+            lines.append(f"{cfg:>19}" + "".join(f"{c:>12}" for c in cells))
+    if lines:
+        lines.insert(0, "\ndisk during the decode: MiB read per token, share of the time busy")
+    return lines
 
 
 def _ratios(rows, budgets) -> dict:

@@ -46,3 +46,26 @@ def test_without_a_run_at_100_percent_the_roof_is_the_io_bound():
     offload._apply_io_bound(meta, rows)
     assert meta["compute_roof_tok_s"] is None
     assert all(r["roof_tok_s"] == r["io_bound_tok_s"] for r in rows)
+
+
+def test_the_disk_figures_are_per_token_and_a_share_of_the_decode(tmp_path):
+    import child_protocol
+
+    stats = tmp_path / "diskstats"
+    dev = __import__("os").stat(tmp_path).st_dev
+    major, minor = __import__("os").major(dev), __import__("os").minor(dev)
+    line = "{} {} sdx 10 0 {} 5 0 0 0 0 0 {} 0 0 0 0 0 0 0"
+    stats.write_text(line.format(major, minor, 2048, 1500) + "\n")
+    before = child_protocol.disk_counters(str(tmp_path), str(stats))
+    assert before == {"read_bytes": 2048 * 512, "busy_s": 1.5}
+    stats.write_text(line.format(major, minor, 2048 + 4096, 2250) + "\n")
+    activity = child_protocol.disk_activity(before, child_protocol.disk_counters(str(tmp_path), str(stats)))
+    assert activity == {"disk_read_bytes": 4096 * 512, "disk_busy_s": 0.75}
+    stats.write_text("1 2 other 0 0 0 0 0 0 0 0 0 0 0\n")
+    assert child_protocol.disk_counters(str(tmp_path), str(stats)) is None  # not a device the kernel counts
+    assert child_protocol.disk_activity(before, None) == {}
+    rows = [{"config": "flexinfer", "fraction": 0.5, "tokens": 4, "seconds": 1.5, "tok_s": 2.7, **activity},
+            {"config": "llamacpp", "fraction": 0.5, "tokens": 4, "seconds": 2.0, "tok_s": 2.0}]
+    lines = offload._disk_lines(rows, [0.5], ["flexinfer", "llamacpp"])
+    assert rows[0]["disk_read_bytes_per_token"] == 4096 * 512 / 4 and rows[0]["disk_busy_fraction"] == 0.5
+    assert len(lines) == 2 and "50%" in lines[1] and "disk_busy_fraction" not in rows[1]
