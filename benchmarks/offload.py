@@ -37,7 +37,8 @@ rate flexinfer's own read path reaches with no compute, measured before and afte
 the runs (each flexinfer row also records the rate its reads ran at).  The roof is the lower of
 the I/O bound and the compute roof, flexinfer's own rate at 100% (the same model computed with
 nothing streamed): where the compute takes longer than the reads, no engine reaches the I/O bound.
-Needs root.
+Each timed decode also records the kernel's counters for the disk holding the weights
+(``/proc/diskstats``): bytes read per token and the share of the decode the disk was busy.  Needs root.
 Prints a table, writes JSON and a PNG to benchmarks/results/.
 """
 from __future__ import annotations
