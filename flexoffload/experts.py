@@ -28,6 +28,9 @@ slots are page-aligned memory); those read ahead land in the staging buffer, pac
 copied into their slots. Where vLLM pads the experts, or an expert is not whole pages, they are packed
 as read.
 
+A token decoded alone whose experts are not all in runs the kernel over those that are while the others
+are read, then over those (:meth:`ExpertSlots._apply_beside_reads`).
+
 The slot buffers are the layer's parameters (so vLLM's kernel, built over them, reads them); the
 expert biases (gpt-oss) stay resident whole, and their slots are filled beside the weights.
 """
@@ -59,6 +62,7 @@ class ExpertStats:
     bytes_read: int = 0
     read_seconds: float = 0.0
     groups: int = 0  # kernel runs beyond one per layer call (steps needing more experts than slots)
+    beside_reads: int = 0  # batch-1 steps whose experts in slots were computed while the others were read
     ahead: int = 0  # experts read ahead, the next layer's router applied to this layer's input
     ahead_used: int = 0  # of which its router then picked (read while the layers before computed)
     packed: bool = False  # experts read from a store of them packed for vLLM's kernel (packed_experts)
@@ -246,6 +250,12 @@ class ExpertSlots:
         those read ahead (``ahead``: expert -> (parts, futures)) packed first, their reads started a layer
         ago; the others read ``staging.count`` at a time, each packed while the next is read, or, from a
         store of packed experts, straight into their slots."""
+        self._finish(self._start(experts, ahead))
+
+    def _start(self, experts: list[int], ahead: dict | None, pack_arrived: bool = False) -> tuple:
+        """:meth:`load`'s first half: slots chosen, wrong guesses' reads not started cancelled, the misses'
+        reads started (with ``pack_arrived``, those read ahead that are in packed into their slots now);
+        returns what :meth:`_finish` waits for and packs."""
         t0 = time.perf_counter()
         self.clock += 1
         wanted = set(experts)
@@ -276,8 +286,21 @@ class ExpertSlots:
         now = [] if self.packed else now
         batches = [now[i : i + self.staging.count] for i in range(0, len(now), self.staging.count)]
         staged = self._stage([e for e, _ in batches[0]], 0) if batches else {}  # queued behind those read ahead
+        packed_now = set()
+        if pack_arrived:  # those read ahead whose reads are done: into their slots now
+            for e, s in misses:
+                if e in ahead and all(f.done() for f in ahead[e][1]):
+                    self._pack(e, s, *ahead[e])
+                    packed_now.add(e)
+        self.stats.read_seconds += time.perf_counter() - t0 if misses else 0.0
+        return misses, ahead, into_slots, batches, staged, packed_now
+
+    def _finish(self, started: tuple) -> None:
+        """:meth:`load`'s second half: the misses packed into their slots as their reads finish."""
+        t0 = time.perf_counter()
+        misses, ahead, into_slots, batches, staged, packed_now = started
         for e, s in misses:
-            if e in ahead:
+            if e in ahead and e not in packed_now:
                 self._pack(e, s, *ahead[e])
         for i, batch in enumerate(batches):
             if i:
@@ -316,6 +339,9 @@ class ExpertSlots:
         needed = torch.unique(topk_ids).tolist()
         lookup = torch.zeros(self.num_experts, dtype=topk_ids.dtype)
         ahead = self.staging.take(self)
+        if topk_ids.shape[0] == 1 and len(needed) <= self.slots and not set(needed) <= self.slot_of.keys():
+            return self._apply_beside_reads(original, layer, x, topk_weights, topk_ids, needed, ahead,
+                                            shared_experts, shared_experts_input, **kwargs)
         if len(needed) <= self.slots:
             self.load(needed, ahead)
             lookup[needed] = torch.tensor([self.slot_of[e] for e in needed], dtype=topk_ids.dtype)
@@ -344,6 +370,32 @@ class ExpertSlots:
             out.index_add_(0, rows, part.float())
             self.stats.groups += i > 0
         return out.to(x.dtype)
+
+    def _apply_beside_reads(self, original, layer, x, topk_weights, topk_ids, needed, ahead, shared_experts,
+                            shared_experts_input, **kwargs):
+        """One token (a decode step at batch 1) whose experts are not all in: the kernel runs over those
+        that are (in a slot, or read ahead and arrived) while the others are read, then over those; the
+        two runs summed in float32 (the kernel runs as many expert products as in one run)."""
+        started = self._start(needed, ahead, pack_arrived=True)
+        misses, packed_now = started[0], started[5]
+        lookup = torch.zeros(self.num_experts, dtype=topk_ids.dtype)
+        lookup[needed] = torch.tensor([self.slot_of[e] for e in needed], dtype=topk_ids.dtype)
+        waiting = {e for e, _ in misses} - packed_now
+        later = torch.tensor([e in waiting for e in topk_ids[0].tolist()])
+        slots = lookup[topk_ids]
+        out, cols = None, torch.arange(topk_ids.shape[1])  # the kernel never runs over no expert (it divides by k)
+        if later.any() and not later.all():
+            now = (~later).nonzero().squeeze(1)
+            out = original(layer=layer, x=x, topk_weights=topk_weights[:, now], topk_ids=slots[:, now],
+                           shared_experts=shared_experts, shared_experts_input=shared_experts_input, **kwargs)
+            shared_experts = shared_experts_input = None  # run once, with the first
+            self.stats.beside_reads += 1
+            cols = later.nonzero().squeeze(1)
+        self._finish(started)
+        self._read_next(x)
+        rest = original(layer=layer, x=x, topk_weights=topk_weights[:, cols], topk_ids=slots[:, cols],
+                        shared_experts=shared_experts, shared_experts_input=shared_experts_input, **kwargs)
+        return rest if out is None else (out.float() + rest.float()).to(x.dtype)
 
 
 # -- planning and wiring (the loader's side) -----------------------------------------------------------

@@ -3,7 +3,8 @@ experts, 2 per token, float32): below the model's size each MoE layer holds a fe
 vLLM's packed layout and reads the others from the weight store when its router picks them. Greedy
 tokens equal vanilla vLLM's and logprobs match, at a budget where the dense weights stay resident
 and at one where the lm_head streams too; experts were read on demand (misses), prefills that
-needed more experts than a layer's slots ran in groups, and the slots, resident weights and stream
+needed more experts than a layer's slots ran in groups, a token decoded alone computed its experts in
+slots while the others were read, and the slots, resident weights and stream
 arena fit the budget; with `expert_prefetch`, experts read ahead for the next layer were then picked
 by its router; with `packed_experts`, experts were read from a store of them packed for vLLM's kernel. Budgets below what the slots and the dense weights need, and the mmap
 baseline, are refused naming the fix."""
@@ -29,7 +30,9 @@ def _run(llm):
     from vllm import SamplingParams
 
     prompts = [{"prompt_token_ids": [10 + (i * 97 + k * 13) % 40000 for k in range(30 + 40 * i)]} for i in range(4)]
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24, logprobs=1), use_tqdm=False)
+    params = SamplingParams(temperature=0.0, max_tokens=24, logprobs=1)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    outs += llm.generate(prompts[1:2], params, use_tqdm=False)  # alone: decode steps at batch 1
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     logprobs = [[d[t].logprob for t, d in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
     return tokens, logprobs
@@ -79,6 +82,7 @@ def test_experts_read_on_demand_give_vanillas_tokens(fraction, head_streamed, pr
     experts = stats["experts"]
     assert experts["misses"] > 0 and experts["bytes_read"] > 0 and experts["hits"] > 0, experts
     assert experts["groups"] > 0, experts  # prefills needing more experts than a layer's slots
+    assert experts["beside_reads"] > 0, experts  # a token alone: experts in slots computed while others were read
     assert experts["packed"] == packed, experts
     if prefetch:  # the next layer's router guessed from this layer's input: some guesses were then picked
         assert 0 < experts["ahead_used"] <= min(experts["ahead"], experts["misses"]), experts

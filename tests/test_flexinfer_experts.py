@@ -172,3 +172,42 @@ def test_the_packed_experts_are_made_once_and_remade_for_a_new_store(tmp_path):
 def test_padded_experts_are_packed_as_read():
     layer = _layer("a", part_bytes=(2 * 48 * 16 * 4, 48 * 16 * 4), inter=48)
     assert experts.packed_store(None, [layer], "vec") is None
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_token_computes_its_experts_in_slots_while_the_others_are_read_and_gets_the_whole_sum(tmp_path, packed):
+    """At batch 1 the kernel runs over the experts already in (in a slot, or read ahead and arrived)
+    while the others are read, then over those: the sum is what vLLM's kernel gives over all the
+    experts packed whole."""
+    import random
+
+    from vllm import _custom_ops as ops
+
+    moe, (first, second), stats, whole = _slots_over_a_store(tmp_path, packed, 32)
+
+    def kernel(w13, w2, x, topk_weights, topk_ids):
+        out = torch.empty_like(x)
+        ops.cpu_fused_moe(out, x, w13, w2, None, None, topk_weights, topk_ids.to(torch.int32), "silu", "vec")
+        return out
+
+    def original(layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
+        assert shared_experts is None and shared_experts_input is None
+        return kernel(layer.w13_weight.data, layer.w2_weight.data, x, topk_weights, topk_ids)
+
+    packed_whole = {}
+    for name, w in whole.items():
+        packed_whole[name] = torch.empty_like(w)
+        torch.ops._C.prepack_moe_weight(w, packed_whole[name], "vec")
+    rng, g = random.Random(1), torch.Generator().manual_seed(1)
+    for step in range(30):
+        x = torch.randn(1, 64, generator=g) * 0.1
+        moe[1].logits = torch.zeros(1, 6)
+        moe[1].logits[0, rng.sample(range(6), 2)] = torch.tensor([2.0, 1.0])
+        for layer, name in ((first, "l0"), (second, "l1")):
+            ids = torch.tensor([rng.sample(range(6), 2)], dtype=torch.int32)
+            weights = torch.softmax(torch.randn(1, 2, generator=g), -1)
+            got = layer.apply(original, layer.module, x, weights, ids)
+            want = kernel(packed_whole[f"{name}.w13_weight"], packed_whole[f"{name}.w2_weight"], x, weights, ids)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            assert set(ids[0].tolist()) <= set(layer.slot_of)
+    assert stats.beside_reads > 0 and stats.misses > 0 and stats.ahead_used > 0, stats
