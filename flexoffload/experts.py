@@ -337,11 +337,11 @@ class ExpertSlots:
         handed slot ids; in groups of at most ``slots`` experts when a step needs more, each run over the
         tokens routed to one of its experts (their other experts weighted 0), the runs summed in float32."""
         needed = torch.unique(topk_ids).tolist()
-        lookup = torch.zeros(self.num_experts, dtype=topk_ids.dtype)
         ahead = self.staging.take(self)
         if topk_ids.shape[0] == 1 and len(needed) <= self.slots and not set(needed) <= self.slot_of.keys():
             return self._apply_beside_reads(original, layer, x, topk_weights, topk_ids, needed, ahead,
                                             shared_experts, shared_experts_input, **kwargs)
+        lookup = torch.zeros(self.num_experts, dtype=topk_ids.dtype)
         if len(needed) <= self.slots:
             self.load(needed, ahead)
             lookup[needed] = torch.tensor([self.slot_of[e] for e in needed], dtype=topk_ids.dtype)
@@ -382,18 +382,18 @@ class ExpertSlots:
         lookup[needed] = torch.tensor([self.slot_of[e] for e in needed], dtype=topk_ids.dtype)
         waiting = {e for e, _ in misses} - packed_now
         later = torch.tensor([e in waiting for e in topk_ids[0].tolist()])
-        slots = lookup[topk_ids]
+        slot_ids = lookup[topk_ids]
         out, cols = None, torch.arange(topk_ids.shape[1])  # the kernel never runs over no expert (it divides by k)
         if later.any() and not later.all():
             now = (~later).nonzero().squeeze(1)
-            out = original(layer=layer, x=x, topk_weights=topk_weights[:, now], topk_ids=slots[:, now],
+            out = original(layer=layer, x=x, topk_weights=topk_weights[:, now], topk_ids=slot_ids[:, now],
                            shared_experts=shared_experts, shared_experts_input=shared_experts_input, **kwargs)
             shared_experts = shared_experts_input = None  # run once, with the first
             self.stats.beside_reads += 1
             cols = later.nonzero().squeeze(1)
         self._finish(started)
         self._read_next(x)
-        rest = original(layer=layer, x=x, topk_weights=topk_weights[:, cols], topk_ids=slots[:, cols],
+        rest = original(layer=layer, x=x, topk_weights=topk_weights[:, cols], topk_ids=slot_ids[:, cols],
                         shared_experts=shared_experts, shared_experts_input=shared_experts_input, **kwargs)
         return rest if out is None else (out.float() + rest.float()).to(x.dtype)
 
