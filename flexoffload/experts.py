@@ -72,6 +72,17 @@ def _address(view: memoryview) -> int:
     return np.frombuffer(view, dtype=np.uint8).ctypes.data
 
 
+@dataclasses.dataclass
+class _Loading:
+    """What :meth:`ExpertSlots._start` started and :meth:`ExpertSlots._finish` completes."""
+    misses: list  # (expert, slot) of the experts not in a slot
+    ahead: dict  # expert -> (parts, futures): those read ahead for this layer
+    into_slots: list  # packed: (expert, slot, futures) read straight into their slots
+    batches: list  # not packed: the misses not read ahead, staging.count at a time
+    staged: dict  # the first batch's reads, started
+    packed_now: set  # those read ahead that had arrived, already in their slots
+
+
 class Staging:
     """Page-aligned buffers the experts read from the store land in before they are packed into slots:
     room for ``count`` experts of the largest layer (a step's top-k misses of a layer are read at once,
@@ -252,7 +263,7 @@ class ExpertSlots:
         store of packed experts, straight into their slots."""
         self._finish(self._start(experts, ahead))
 
-    def _start(self, experts: list[int], ahead: dict | None, pack_arrived: bool = False) -> tuple:
+    def _start(self, experts: list[int], ahead: dict | None, pack_arrived: bool = False) -> "_Loading":
         """:meth:`load`'s first half: slots chosen, wrong guesses' reads not started cancelled, the misses'
         reads started (with ``pack_arrived``, those read ahead that are in packed into their slots now);
         returns what :meth:`_finish` waits for and packs."""
@@ -293,21 +304,21 @@ class ExpertSlots:
                     self._pack(e, s, *ahead[e])
                     packed_now.add(e)
         self.stats.read_seconds += time.perf_counter() - t0 if misses else 0.0
-        return misses, ahead, into_slots, batches, staged, packed_now
+        return _Loading(misses, ahead, into_slots, batches, staged, packed_now)
 
-    def _finish(self, started: tuple) -> None:
+    def _finish(self, started: "_Loading") -> None:
         """:meth:`load`'s second half: the misses packed into their slots as their reads finish."""
         t0 = time.perf_counter()
-        misses, ahead, into_slots, batches, staged, packed_now = started
+        misses, ahead, staged = started.misses, started.ahead, started.staged
         for e, s in misses:
-            if e in ahead and e not in packed_now:
+            if e in ahead and e not in started.packed_now:
                 self._pack(e, s, *ahead[e])
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(started.batches):
             if i:
                 staged = self._stage([e for e, _ in batch], 0)
             for e, s in batch:
                 self._pack(e, s, *staged[e])
-        for e, s, futures in into_slots:
+        for e, s, futures in started.into_slots:
             self._pack(e, s, None, futures)
         self.stats.misses += len(misses)
         self.stats.ahead_used += sum(e in ahead for e, _ in misses)
@@ -338,15 +349,14 @@ class ExpertSlots:
         tokens routed to one of its experts (their other experts weighted 0), the runs summed in float32."""
         needed = torch.unique(topk_ids).tolist()
         ahead = self.staging.take(self)
-        if topk_ids.shape[0] == 1 and len(needed) <= self.slots and not set(needed) <= self.slot_of.keys():
+        if topk_ids.shape[0] == 1 and len(needed) <= self.slots:  # all in already: one run, as below
             return self._apply_beside_reads(original, layer, x, topk_weights, topk_ids, needed, ahead,
                                             shared_experts, shared_experts_input, **kwargs)
-        lookup = torch.zeros(self.num_experts, dtype=topk_ids.dtype)
         if len(needed) <= self.slots:
             self.load(needed, ahead)
-            lookup[needed] = torch.tensor([self.slot_of[e] for e in needed], dtype=topk_ids.dtype)
             self._read_next(x)
-            return original(layer=layer, x=x, topk_weights=topk_weights, topk_ids=lookup[topk_ids],
+            return original(layer=layer, x=x, topk_weights=topk_weights,
+                            topk_ids=self._lookup(needed, topk_ids.dtype)[topk_ids],
                             shared_experts=shared_experts, shared_experts_input=shared_experts_input, **kwargs)
         out = torch.zeros(x.shape, dtype=torch.float32)
         # the experts read ahead in the first group (their room is reused once it ran), then those in slots
@@ -356,8 +366,7 @@ class ExpertSlots:
             self.load(group, ahead if i == 0 else None)
             if i == 0:
                 self._read_next(x)
-            lookup.zero_()
-            lookup[group] = torch.tensor([self.slot_of[e] for e in group], dtype=topk_ids.dtype)
+            lookup = self._lookup(group, topk_ids.dtype)
             inside = torch.zeros(self.num_experts, dtype=torch.bool)
             inside[group] = True
             routed = inside[topk_ids]
@@ -371,18 +380,21 @@ class ExpertSlots:
             self.stats.groups += i > 0
         return out.to(x.dtype)
 
+    def _lookup(self, experts: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """Expert id -> the slot holding it, for ``experts`` (0 for the others), to index ``topk_ids`` with."""
+        lookup = torch.zeros(self.num_experts, dtype=dtype)
+        lookup[experts] = torch.tensor([self.slot_of[e] for e in experts], dtype=dtype)
+        return lookup
+
     def _apply_beside_reads(self, original, layer, x, topk_weights, topk_ids, needed, ahead, shared_experts,
                             shared_experts_input, **kwargs):
         """One token (a decode step at batch 1) whose experts are not all in: the kernel runs over those
         that are (in a slot, or read ahead and arrived) while the others are read, then over those; the
         two runs summed in float32 (the kernel runs as many expert products as in one run)."""
         started = self._start(needed, ahead, pack_arrived=True)
-        misses, packed_now = started[0], started[5]
-        lookup = torch.zeros(self.num_experts, dtype=topk_ids.dtype)
-        lookup[needed] = torch.tensor([self.slot_of[e] for e in needed], dtype=topk_ids.dtype)
-        waiting = {e for e, _ in misses} - packed_now
+        waiting = {e for e, _ in started.misses} - started.packed_now
         later = torch.tensor([e in waiting for e in topk_ids[0].tolist()])
-        slot_ids = lookup[topk_ids]
+        slot_ids = self._lookup(needed, topk_ids.dtype)[topk_ids]
         out, cols = None, torch.arange(topk_ids.shape[1])  # the kernel never runs over no expert (it divides by k)
         if later.any() and not later.all():
             now = (~later).nonzero().squeeze(1)
